@@ -1,0 +1,160 @@
+"""Where a Stable Diffusion model comes from: a ModelScope hub id, a local diffusers folder or a
+single-file checkpoint. Everything here ends in a diffusers ``StableDiffusionPipeline``."""
+
+import glob
+import json
+import os
+import re
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .constants import (DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION, HUB_CONFIG_PATTERNS,
+                        HUB_IGNORE_PATTERNS, MODEL_INDEX, PICKLE_SUFFIXES)
+
+REQUIRED_COMPONENTS = ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler')
+_HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
+_DTYPES = {
+    'fp16': torch.float16, 'float16': torch.float16, 'half': torch.float16,
+    'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16,
+    'fp32': torch.float32, 'float32': torch.float32, 'float': torch.float32,
+}
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """ModelScope's convention: 'gpu' (falls back to the CPU when CUDA is absent), 'gpu:1', 'cuda:1', 'cpu'."""
+    if isinstance(device, torch.device):
+        return device
+    if device is None:
+        device = 'gpu'
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a str like 'gpu', 'cpu' or 'cuda:1', got {type(device).__name__}")
+    from modelscope.utils.device import create_device
+    try:
+        return create_device(device)
+    except AssertionError as err:  # modelscope asserts on the device string
+        raise ValueError(f"device={device!r} is not valid: use 'gpu', 'gpu:N', 'cuda:N' or 'cpu'.") from err
+
+
+def resolve_dtype(torch_dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
+    """fp16 on CUDA, fp32 elsewhere, unless the caller says otherwise."""
+    if torch_dtype is None:
+        return torch.float16 if device.type == 'cuda' else torch.float32
+    if isinstance(torch_dtype, torch.dtype):
+        return torch_dtype
+    if isinstance(torch_dtype, str) and torch_dtype.lower().replace('torch.', '') in _DTYPES:
+        return _DTYPES[torch_dtype.lower().replace('torch.', '')]
+    raise ValueError(f'torch_dtype={torch_dtype!r} is not supported: use torch.float16, torch.bfloat16, '
+                     f"torch.float32 or one of {sorted(_DTYPES)}.")
+
+
+def is_hub_id(model: str) -> bool:
+    return bool(_HUB_ID.match(model)) and not os.path.exists(model)
+
+
+def resolve_model_dir(model: str, revision: Optional[str] = None, local_files_only: bool = False,
+                      allow_patterns: Optional[Sequence[str]] = None, cache_dir: Optional[str] = None) -> str:
+    """A local folder as is; a ModelScope hub id through ModelScope's download cache
+    (``cache_dir``, by default ``MODELSCOPE_CACHE``). With ``local_files_only`` the hub is never asked."""
+    if os.path.isdir(model):
+        return model
+    if not is_hub_id(model):
+        raise FileNotFoundError(
+            f'model={model!r}: no such file or folder. Pass a ModelScope model id such as '
+            f"'{DEFAULT_MODEL_ID}', a diffusers model folder, or a .safetensors checkpoint file.")
+    from modelscope.hub.snapshot_download import snapshot_download
+    try:
+        return snapshot_download(
+            model, revision=revision, local_files_only=local_files_only, cache_dir=cache_dir,
+            allow_file_pattern=list(allow_patterns) if allow_patterns else None,
+            ignore_file_pattern=None if allow_patterns else HUB_IGNORE_PATTERNS)
+    except Exception as err:  # the hub client's cache-miss error type differs across modelscope versions
+        if local_files_only:
+            raise FileNotFoundError(
+                f'model={model!r} (revision {revision!r}) is not in the ModelScope cache '
+                f"({cache_dir or os.environ.get('MODELSCOPE_CACHE', '~/.cache/modelscope')}) and local_files_only=True: "
+                'download it once with network access, or pass a local folder.') from err
+        raise
+
+
+def check_safetensors(path: str) -> None:
+    """Read the header only: a truncated or garbled download fails here with the file named."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework='pt') as f:
+            f.keys()
+    except SafetensorError as err:
+        raise ValueError(f'{path} is not a valid safetensors file ({err}). The download is probably '
+                         'incomplete: delete the file and download it again.') from err
+
+
+def check_model_dir(path: str) -> None:
+    """A diffusers Stable Diffusion folder, or a clear error saying what is missing."""
+    index_path = os.path.join(path, MODEL_INDEX)
+    if not os.path.isfile(index_path):
+        raise ValueError(
+            f'model={path!r} is not a Stable Diffusion model folder: {MODEL_INDEX} is missing. Expected the '
+            f"diffusers layout ({MODEL_INDEX}, {'/, '.join(REQUIRED_COMPONENTS)}/), as written by "
+            "save_pretrained() or the trainers' output_dir; for a single checkpoint pass the .safetensors file.")
+    with open(index_path, encoding='utf-8') as f:
+        index = json.load(f)
+    missing = [name for name in REQUIRED_COMPONENTS
+               if name not in index or not os.path.isdir(os.path.join(path, name))]
+    if missing:
+        raise ValueError(f'model={path!r} is not a complete Stable Diffusion model: missing {missing}.')
+    for weights in glob.glob(os.path.join(path, '*', '*.safetensors')):
+        check_safetensors(weights)
+
+
+def load_pipeline(model, *, revision: Optional[str] = None, torch_dtype=None, device=None,
+                  config: Optional[str] = None, allow_pickle: bool = False,
+                  load_safety_checker: bool = True, local_files_only: bool = False):
+    """Hub id, folder, single file or an existing diffusers pipeline → ``StableDiffusionPipeline``
+    on ``device`` in ``torch_dtype``."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(torch_dtype, device)
+    if isinstance(model, DiffusionPipeline):
+        pipe = StableDiffusionPipeline(**{k: v for k, v in model.components.items()
+                                          if k in StableDiffusionPipeline._optional_components
+                                          or k in REQUIRED_COMPONENTS},
+                                       requires_safety_checker=False)
+    elif not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f'model must be a hub id, a folder or a file path (str), got {type(model).__name__}')
+    elif os.path.isfile(model):
+        pipe = _load_single_file(os.fspath(model), config, allow_pickle, dtype, local_files_only)
+    else:
+        path = resolve_model_dir(os.fspath(model), revision, local_files_only)
+        check_model_dir(path)
+        extra = {} if load_safety_checker else {'safety_checker': None, 'requires_safety_checker': False}
+        pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **extra)
+    return pipe.to(device, dtype)
+
+
+def _load_single_file(path: str, config: Optional[str], allow_pickle: bool, dtype, local_files_only: bool):
+    """An original (LDM-layout) checkpoint such as ``v1-5-pruned-emaonly.safetensors``. Component configs
+    and the tokenizer come from ``config`` (a diffusers folder or hub id), by default the SD1.5 repo on
+    ModelScope, of which only the small json/txt files are fetched."""
+    from diffusers import StableDiffusionPipeline
+
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise ValueError(
+                f'model={path!r} is a pickle checkpoint, and loading pickle can run arbitrary code. Use the '
+                '.safetensors version of the checkpoint (e.g. v1-5-pruned-emaonly.safetensors), or pass '
+                'allow_pickle=True if you trust this file.')
+    elif suffix == '.safetensors':
+        check_safetensors(path)
+    else:
+        raise ValueError(f'model={path!r}: single-file checkpoints must be .safetensors '
+                         f'(or, with allow_pickle=True, one of {PICKLE_SUFFIXES}).')
+    if config is None:
+        config_dir = resolve_model_dir(DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION, local_files_only,
+                                       allow_patterns=HUB_CONFIG_PATTERNS)
+    else:
+        config_dir = resolve_model_dir(config, None, local_files_only, allow_patterns=HUB_CONFIG_PATTERNS)
+    return StableDiffusionPipeline.from_single_file(
+        path, config=config_dir, torch_dtype=dtype, local_files_only=True,
+        safety_checker=None, requires_safety_checker=False)

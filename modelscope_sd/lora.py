@@ -1,0 +1,93 @@
+"""LoRA adapters on the pipeline side: find, load (diffusers/peft or kohya/A1111 files), weigh, fuse."""
+
+import glob
+import numbers
+import os
+from typing import List, Sequence, Tuple, Union
+
+from .constants import LORA_WEIGHT_NAME, PICKLE_SUFFIXES
+from .loading import check_safetensors, is_hub_id, resolve_model_dir
+
+LEGACY_WEIGHT_NAMES = ('pytorch_lora_weights.bin',)  # ModelScope's old trainer wrote this pickle
+
+
+def locate_adapter(path: str) -> Tuple[str, str]:
+    """``lora_dir`` (a folder, a .safetensors file or a ModelScope hub id) → (folder, weight file name)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f'lora_dir must be a path or a list of paths, got {type(path).__name__}')
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        folder, name = os.path.split(os.path.abspath(path))
+    elif os.path.isdir(path) or is_hub_id(path):
+        folder = resolve_model_dir(path)
+        name = _pick_weight_file(folder)
+    else:
+        raise FileNotFoundError(f'lora_dir={path!r}: no such file or folder.')
+    if name.endswith(PICKLE_SUFFIXES):
+        raise ValueError(f'lora_dir={path!r} holds a pickle file ({name}), which can run code when loaded. '
+                         'Convert it to .safetensors, or retrain with this package\'s trainer.')
+    check_safetensors(os.path.join(folder, name))
+    return folder, name
+
+
+def _pick_weight_file(folder: str) -> str:
+    if os.path.isfile(os.path.join(folder, LORA_WEIGHT_NAME)):
+        return LORA_WEIGHT_NAME
+    candidates = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, '*.safetensors')))
+    if len(candidates) == 1:
+        return candidates[0]
+    legacy = [n for n in LEGACY_WEIGHT_NAMES if os.path.isfile(os.path.join(folder, n))]
+    if legacy:
+        return legacy[0]
+    if not candidates:
+        raise FileNotFoundError(f'lora_dir={folder!r} holds no LoRA adapter: expected {LORA_WEIGHT_NAME} '
+                                '(or one .safetensors file). Point lora_dir at a training output_dir.')
+    raise ValueError(f'lora_dir={folder!r} holds several .safetensors files {candidates}: '
+                     'pass the path of the one to load.')
+
+
+def check_scales(scales, adapters: Sequence[str]) -> List[float]:
+    """One number for all adapters, or one per adapter."""
+    if isinstance(scales, numbers.Real) and not isinstance(scales, bool):
+        return [float(scales)] * len(adapters)
+    if (isinstance(scales, (list, tuple)) and len(scales) == len(adapters)
+            and all(isinstance(s, numbers.Real) and not isinstance(s, bool) for s in scales)):
+        return [float(s) for s in scales]
+    raise ValueError(f'lora_scale={scales!r} must be a number or a list of {len(adapters)} numbers '
+                     f'(one per adapter in lora_dir).')
+
+
+def load_adapters(pipe, lora_dir, lora_scale: Union[float, Sequence[float]] = 1.0, fuse: bool = False) -> List[str]:
+    """Load each adapter of ``lora_dir`` under its own name and weigh them; ``fuse`` merges them into the
+    base weights (no per-step LoRA cost, scales fixed). Returns the adapter names, empty when fused."""
+    if lora_dir is None:
+        return []
+    paths = list(lora_dir) if isinstance(lora_dir, (list, tuple)) else [lora_dir]
+    if not paths:
+        raise ValueError('lora_dir is an empty list: pass a path, a list of paths, or None.')
+    names = [f'lora_{i}' for i in range(len(paths))]
+    scales = check_scales(lora_scale, names)
+    for name, path in zip(names, paths):
+        folder, weight_name = locate_adapter(path)
+        try:
+            pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name=name)
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ValueError(f'lora_dir={path!r} could not be loaded into this model: {err}. An adapter only '
+                             'fits the base model family it was trained on (SD1.x here).') from err
+        if not _has_adapter(pipe, name):
+            raise ValueError(f'lora_dir={path!r}: {weight_name} holds no LoRA weights for this model '
+                             '(no UNet or text-encoder keys matched).')
+    pipe.set_adapters(names, adapter_weights=scales)
+    if fuse:
+        pipe.fuse_lora(adapter_names=names)
+        pipe.unload_lora_weights()  # the deltas are in the base weights now
+        return []
+    return names
+
+
+def _has_adapter(pipe, name: str) -> bool:
+    return any(name in getattr(model, 'peft_config', {}) for model in (pipe.unet, pipe.text_encoder))
+
+
+def set_scales(pipe, adapters: Sequence[str], scales: Union[float, Sequence[float]]) -> None:
+    pipe.set_adapters(list(adapters), adapter_weights=check_scales(scales, adapters))

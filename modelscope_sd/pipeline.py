@@ -1,0 +1,262 @@
+"""The ModelScope text-to-image pipeline: ModelScope inputs → one diffusers call → ``output_imgs``."""
+
+import difflib
+import numbers
+import secrets
+from typing import Any, Dict, List, Optional, Union
+
+import numpy as np
+import torch
+from modelscope.outputs import OutputKeys
+from modelscope.pipelines.base import Pipeline
+
+from . import lora as lora_utils
+from .loading import load_pipeline, resolve_device
+from .schedulers import make_scheduler
+
+# Every per-call option, with diffusers' names, and its default. 'text' (ModelScope) and 'prompt'
+# (diffusers) are the same thing and are mapped in `_gather_options`.
+CALL_DEFAULTS: Dict[str, Any] = {
+    'prompt': None,
+    'negative_prompt': None,
+    'num_inference_steps': 50,
+    'guidance_scale': 7.5,
+    'height': None,  # None: the model's own size (512 for SD1.5)
+    'width': None,
+    'num_images_per_prompt': 1,
+    'eta': 0.0,
+    'seed': None,
+    'generator': None,
+    'latents': None,
+    'scheduler': None,  # None: the model's own scheduler (PNDM for SD1.5)
+    'clip_skip': None,
+    'lora_scale': None,  # None: the scales given when the adapters were loaded
+    'progress_bar': None,  # None: the pipeline's setting
+}
+_MAX_SEED = 2**63 - 1
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def to_bgr_uint8(images: np.ndarray) -> List[np.ndarray]:
+    """diffusers' float RGB in [0, 1] → OpenCV's uint8 BGR, rounded as diffusers' ``numpy_to_pil`` does."""
+    return [np.ascontiguousarray((img * 255).round().astype(np.uint8)[..., ::-1]) for img in images]
+
+
+class StableDiffusionText2ImagePipeline(Pipeline):
+    """Stable Diffusion v1.x text-to-image for ModelScope, on current diffusers.
+
+    Args:
+        model: ModelScope hub id, diffusers model folder, single-file ``.safetensors`` checkpoint,
+            or a diffusers ``DiffusionPipeline``.
+        device: 'gpu' (default; the CPU when CUDA is absent), 'gpu:N', 'cuda:N' or 'cpu'.
+        torch_dtype: default fp16 on CUDA, fp32 on the CPU. ``torch_type`` (ModelScope's name) is an alias.
+        model_revision: hub revision when ``model`` is a hub id and this class is built directly.
+        config: for single files, the diffusers folder or hub id holding the component configs.
+        allow_pickle: allow ``.ckpt``/``.bin`` single files (they can run code when loaded).
+        load_safety_checker: load the model's safety checker when it has one.
+        local_files_only: resolve hub ids from the ModelScope cache only, never asking the hub.
+        progress_bar: show a tqdm bar over the denoising steps (each call can override it).
+        lora_dir: a LoRA adapter (folder or file, diffusers/peft or kohya/A1111 format), or a list of them.
+        lora_scale: the adapter weight, or one weight per adapter.
+        fuse_lora: merge the adapters into the weights once, for speed (scales are then fixed).
+    """
+
+    def __init__(self, model, device: str = 'gpu', torch_dtype=None, torch_type=None,
+                 model_revision: Optional[str] = None, config: Optional[str] = None,
+                 allow_pickle: bool = False, load_safety_checker: bool = True,
+                 local_files_only: bool = False, progress_bar: bool = True,
+                 lora_dir=None, lora_scale: Union[float, List[float]] = 1.0, fuse_lora: bool = False,
+                 trust_remote_code: bool = False, **kwargs):
+        if kwargs:
+            raise ValueError(_unknown_message('pipeline argument', kwargs, [
+                'device', 'torch_dtype', 'model_revision', 'config', 'allow_pickle', 'load_safety_checker',
+                'local_files_only', 'progress_bar', 'lora_dir', 'lora_scale', 'fuse_lora']))
+        if torch_type is not None and torch_dtype is not None:
+            raise ValueError('Pass torch_dtype or its alias torch_type, not both.')
+        # ModelScope's Pipeline.__init__ would build a ModelScope Model from configuration.json (and import
+        # torchvision); the diffusers pipeline is our model, so only the attributes callers read are set.
+        self.device_name = device
+        self.device = resolve_device(device)
+        self.trust_remote_code = trust_remote_code
+        self.sd = load_pipeline(
+            model, revision=model_revision, torch_dtype=torch_dtype if torch_type is None else torch_type,
+            device=self.device, config=config, allow_pickle=allow_pickle,
+            load_safety_checker=load_safety_checker, local_files_only=local_files_only)
+        self.model = self.sd
+        self.models = [self.sd]
+        self.has_multiple_models = False
+        self.preprocessor = None
+        self.framework = 'pytorch'
+        self._model_prepare = True
+        self.progress_bar = progress_bar
+        self._base_scheduler = self.sd.scheduler
+        self._schedulers: Dict[str, Any] = {}
+        self.adapters = lora_utils.load_adapters(self.sd, lora_dir, lora_scale, fuse=fuse_lora)
+        self.lora_scales = lora_utils.check_scales(lora_scale, self.adapters) if self.adapters else []
+        self.lora_fused = fuse_lora and lora_dir is not None
+
+    # ModelScope callers
+    def __call__(self, input: Union[str, List[str], Dict[str, Any], List[Dict[str, Any]]] = None,
+                 **kwargs) -> Union[Dict[str, Any], List[Dict[str, Any]]]:
+        """``pipe('a cat')``, ``pipe(['a cat', 'a dog'])``, ``pipe({'text': 'a cat', 'seed': 1})`` or
+        ``pipe({'text': ...}, num_inference_steps=20)``. A list of dicts gives a list of outputs."""
+        if isinstance(input, list) and input and all(isinstance(item, dict) for item in input):
+            return [self(item, **kwargs) for item in input]
+        options = self._gather_options(input, kwargs)
+        self.check_inputs(**options)
+        return self._generate(**options)
+
+    @staticmethod
+    def _gather_options(input, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        """The one place where ModelScope's input (a prompt, a list of prompts or ``{'text': ...}``)
+        and keyword arguments become diffusers' argument names."""
+        options = dict(input) if isinstance(input, dict) else {} if input is None else {'prompt': input}
+        if isinstance(input, dict) and 'text' in options:
+            if 'prompt' in options:
+                raise ValueError("Give the prompt once: as 'text' (ModelScope) or 'prompt' (diffusers), not both.")
+            options['prompt'] = options.pop('text')
+        for key, value in kwargs.items():
+            key = 'prompt' if key == 'text' else key
+            if key in options and key != 'prompt':
+                raise ValueError(f'{key!r} is given both in the input dict and as a keyword argument.')
+            if key == 'prompt' and options.get('prompt') is not None:
+                raise ValueError('The prompt is given both as input and as a keyword argument.')
+            options[key] = value
+        unknown = {k: v for k, v in options.items() if k not in CALL_DEFAULTS}
+        if unknown:
+            raise ValueError(_unknown_message('option', unknown, ['text'] + list(CALL_DEFAULTS)))
+        return {**CALL_DEFAULTS, **options}
+
+    def check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
+                     num_images_per_prompt, eta, seed, generator, latents, scheduler, clip_skip,
+                     lora_scale, progress_bar) -> None:
+        """Every user-facing option, checked once, with what was given and what is allowed."""
+        if prompt is None:
+            raise ValueError("The prompt is missing: call pipe('a photo of a cat') or pipe({'text': '...'}).")
+        if isinstance(prompt, list):
+            if not prompt or not all(isinstance(p, str) for p in prompt):
+                raise TypeError(f'text must be a str or a non-empty list of str, got {prompt!r:.80}')
+        elif not isinstance(prompt, str):
+            raise TypeError(f'text must be a str or a list of str, got {type(prompt).__name__}')
+        if negative_prompt is not None:
+            if isinstance(negative_prompt, list):
+                n_prompts = len(prompt) if isinstance(prompt, list) else 1
+                if len(negative_prompt) != n_prompts or not all(isinstance(p, str) for p in negative_prompt):
+                    raise ValueError(f'negative_prompt as a list needs one str per prompt ({n_prompts}), '
+                                     f'got {negative_prompt!r:.80}')
+            elif not isinstance(negative_prompt, str):
+                raise TypeError(f'negative_prompt must be a str or a list of str, got {type(negative_prompt).__name__}')
+        for name, value in (('height', height), ('width', width)):
+            if value is None:
+                continue
+            if not _is_int(value):
+                raise TypeError(f'{name} must be an int, got {value!r} ({type(value).__name__})')
+            if value <= 0 or value % 8:
+                raise ValueError(f'{name}={value} must be a positive multiple of 8 (e.g. 512, 576, 768).')
+        _check_int('num_inference_steps', num_inference_steps, minimum=1)
+        _check_int('num_images_per_prompt', num_images_per_prompt, minimum=1)
+        _check_number('guidance_scale', guidance_scale, minimum=0.0)
+        _check_number('eta', eta, minimum=0.0)
+        if seed is not None:
+            _check_int('seed', seed, minimum=0, maximum=_MAX_SEED)
+            if generator is not None:
+                raise ValueError('Pass seed or generator, not both.')
+        if generator is not None and not (isinstance(generator, torch.Generator) or (
+                isinstance(generator, list) and all(isinstance(g, torch.Generator) for g in generator))):
+            raise TypeError(f'generator must be a torch.Generator or a list of them, got {type(generator).__name__}')
+        if latents is not None and not isinstance(latents, torch.Tensor):
+            raise TypeError(f'latents must be a torch.Tensor, got {type(latents).__name__}')
+        if clip_skip is not None:
+            layers = self.sd.text_encoder.config.num_hidden_layers
+            _check_int('clip_skip', clip_skip, minimum=0, maximum=layers - 1)
+        if lora_scale is not None:
+            if self.lora_fused:
+                raise ValueError('lora_scale cannot change per call: the adapters were fused (fuse_lora=True). '
+                                 'Build the pipeline with fuse_lora=False to vary the scale.')
+            if not self.adapters:
+                raise ValueError('lora_scale was given but no LoRA is loaded: build the pipeline with lora_dir=...')
+            lora_utils.check_scales(lora_scale, self.adapters)
+        if progress_bar is not None and not isinstance(progress_bar, bool):
+            raise TypeError(f'progress_bar must be True or False, got {progress_bar!r}')
+        if scheduler is not None:
+            self._scheduler(scheduler)  # raises on unknown names
+
+    def _scheduler(self, name):
+        if name is None:
+            return self._base_scheduler
+        if not isinstance(name, str):
+            return make_scheduler(name, self._base_scheduler.config)
+        if name not in self._schedulers:
+            self._schedulers[name] = make_scheduler(name, self._base_scheduler.config)
+        return self._schedulers[name]
+
+    def _generators(self, seed: Optional[int], count: int):
+        """Image i of a call gets seed + i on a CPU generator, so any image can be re-made alone and the
+        same seed gives the same picture on every device."""
+        if seed is None:
+            seed = secrets.randbelow(2**32)
+        seeds = [seed + i for i in range(count)]
+        return [torch.Generator('cpu').manual_seed(s) for s in seeds], seeds
+
+    @torch.inference_mode()
+    def _generate(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
+                  num_images_per_prompt, eta, seed, generator, latents, scheduler, clip_skip, lora_scale,
+                  progress_bar) -> Dict[str, Any]:
+        # 1. batch and randomness
+        n_images = (len(prompt) if isinstance(prompt, list) else 1) * num_images_per_prompt
+        seeds = None
+        if generator is None:
+            generator, seeds = self._generators(seed, n_images)
+        # 2. scheduler, progress bar and adapter weights for this call
+        self.sd.scheduler = self._scheduler(scheduler)
+        self.sd.set_progress_bar_config(disable=not (self.progress_bar if progress_bar is None else progress_bar))
+        if lora_scale is not None:
+            lora_utils.set_scales(self.sd, self.adapters, lora_scale)
+        try:
+            # 3. diffusers does the denoising
+            result = self.sd(
+                prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale, height=height, width=width,
+                num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
+                clip_skip=clip_skip, output_type='np')
+        finally:
+            if lora_scale is not None:
+                lora_utils.set_scales(self.sd, self.adapters, self.lora_scales)
+        # 4. OpenCV-ready images
+        output = {OutputKeys.OUTPUT_IMGS: to_bgr_uint8(result.images)}
+        if seeds is not None:
+            output['seeds'] = seeds
+        if result.nsfw_content_detected is not None:
+            output['nsfw_content_detected'] = list(result.nsfw_content_detected)
+        return output
+
+
+def _check_int(name, value, minimum=None, maximum=None):
+    if not _is_int(value):
+        raise TypeError(f'{name} must be an int, got {value!r} ({type(value).__name__})')
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        allowed = f'>= {minimum}' if maximum is None else f'between {minimum} and {maximum}'
+        raise ValueError(f'{name}={value} is out of range: it must be {allowed}.')
+
+
+def _check_number(name, value, minimum):
+    if not _is_number(value):
+        raise TypeError(f'{name} must be a number, got {value!r} ({type(value).__name__})')
+    if value < minimum:
+        raise ValueError(f'{name}={value} must be >= {minimum}.')
+
+
+def _unknown_message(kind: str, unknown: Dict[str, Any], allowed: List[str]) -> str:
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), allowed, n=1)
+        parts.append(f"{key!r}" + (f" (did you mean '{close[0]}'?)" if close else ''))
+    return f"Unknown {kind}{'s' if len(parts) > 1 else ''} {', '.join(parts)}. Allowed: {', '.join(allowed)}."
+

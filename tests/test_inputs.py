@@ -1,0 +1,64 @@
+"""Every bad input gets one error naming the argument, the value and what is allowed."""
+
+import pytest
+
+
+@pytest.mark.parametrize('call, error, words', [
+    (lambda p: p(), ValueError, ['prompt is missing']),
+    (lambda p: p({'num_inference_steps': 2}), ValueError, ['prompt is missing']),
+    (lambda p: p(123), TypeError, ['text', 'int']),
+    (lambda p: p([]), TypeError, ['text', 'non-empty list']),
+    (lambda p: p(['a', 3]), TypeError, ['text']),
+    (lambda p: p({'text': 'a', 'prompt': 'b'}), ValueError, ["'text'", "'prompt'"]),
+    (lambda p: p('a', height=30), ValueError, ['height=30', 'multiple of 8']),
+    (lambda p: p('a', width=0), ValueError, ['width=0', 'positive']),
+    (lambda p: p('a', width=-64), ValueError, ['width=-64']),
+    (lambda p: p('a', height='512'), TypeError, ['height', 'int']),
+    (lambda p: p('a', height=512.0), TypeError, ['height', 'float']),
+    (lambda p: p('a', num_inference_steps=0), ValueError, ['num_inference_steps=0', '>= 1']),
+    (lambda p: p('a', num_inference_steps=2.5), TypeError, ['num_inference_steps', 'int']),
+    (lambda p: p('a', num_inference_steps=True), TypeError, ['num_inference_steps', 'bool']),
+    (lambda p: p('a', guidance_scale=-1), ValueError, ['guidance_scale=-1', '>= 0']),
+    (lambda p: p('a', guidance_scale='high'), TypeError, ['guidance_scale', 'number']),
+    (lambda p: p('a', num_images_per_prompt=0), ValueError, ['num_images_per_prompt=0']),
+    (lambda p: p('a', eta=-0.5), ValueError, ['eta=-0.5']),
+    (lambda p: p('a', seed=-1), ValueError, ['seed=-1']),
+    (lambda p: p('a', seed='42'), TypeError, ['seed', 'str']),
+    (lambda p: p('a', seed=1, generator=__import__('torch').Generator()), ValueError, ['seed or generator']),
+    (lambda p: p('a', generator=5), TypeError, ['generator']),
+    (lambda p: p('a', scheduler='eular'), ValueError, ["scheduler='eular'", "did you mean 'euler'", 'ddim']),
+    (lambda p: p('a', scheduler=3), TypeError, ['scheduler']),
+    (lambda p: p({'text': 'a', 'num_inference_step': 2}), ValueError,
+     ["'num_inference_step'", "did you mean 'num_inference_steps'"]),
+    (lambda p: p('a', guidence_scale=2), ValueError, ["'guidence_scale'", 'guidance_scale']),
+    (lambda p: p('a', negative_prompt=3), TypeError, ['negative_prompt']),
+    (lambda p: p(['a', 'b'], negative_prompt=['x']), ValueError, ['negative_prompt', 'one str per prompt']),
+    (lambda p: p('a', clip_skip=5), ValueError, ['clip_skip=5']),
+    (lambda p: p('a', lora_scale=0.5), ValueError, ['lora_scale', 'no LoRA is loaded']),
+    (lambda p: p('a', progress_bar='no'), TypeError, ['progress_bar']),
+    (lambda p: p({'text': 'a', 'seed': 1}, seed=2), ValueError, ["'seed'", 'both']),
+])
+def test_bad_call_input(sd_pipe, call, error, words):
+    with pytest.raises(error) as info:
+        call(sd_pipe)
+    message = str(info.value).lower()
+    for word in words:
+        assert word.lower() in message, f'{word!r} not in {message!r}'
+
+
+def test_unknown_pipeline_argument_is_refused(tiny_model_dir):
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    with pytest.raises(ValueError, match="'lora_scal'.*lora_scale"):
+        StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', lora_scal=0.5)
+
+
+def test_bad_torch_dtype_is_refused(tiny_model_dir):
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    with pytest.raises(ValueError, match="torch_dtype='float8'"):
+        StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', torch_dtype='float8')
+
+
+def test_bad_device_is_refused(tiny_model_dir):
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    with pytest.raises(ValueError, match="device='tpu'"):
+        StableDiffusionText2ImagePipeline(tiny_model_dir, device='tpu')

@@ -1,0 +1,101 @@
+"""Model sources and their failures: folders, files, dtypes."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from modelscope_sd import StableDiffusionText2ImagePipeline
+from modelscope_sd.loading import resolve_device, resolve_dtype
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match='no such file or folder'):
+        StableDiffusionText2ImagePipeline(str(tmp_path / 'nope'), device='cpu')
+
+
+def test_folder_that_is_not_a_sd_model(tmp_path):
+    (tmp_path / 'readme.txt').write_text('hello')
+    with pytest.raises(ValueError, match='not a Stable Diffusion model folder: model_index.json is missing'):
+        StableDiffusionText2ImagePipeline(str(tmp_path), device='cpu')
+
+
+def test_folder_missing_a_component(tiny_model_dir, tmp_path):
+    folder = tmp_path / 'model'
+    shutil.copytree(tiny_model_dir, folder)
+    shutil.rmtree(folder / 'vae')
+    with pytest.raises(ValueError, match=r"missing \['vae'\]"):
+        StableDiffusionText2ImagePipeline(str(folder), device='cpu')
+
+
+def test_corrupt_safetensors_names_the_file(tiny_model_dir, tmp_path):
+    folder = tmp_path / 'model'
+    shutil.copytree(tiny_model_dir, folder)
+    weights = folder / 'unet' / 'diffusion_pytorch_model.safetensors'
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted download
+    with pytest.raises(ValueError, match='diffusion_pytorch_model.safetensors is not a valid safetensors file'):
+        StableDiffusionText2ImagePipeline(str(folder), device='cpu')
+
+
+def test_pickle_single_file_is_refused_with_the_safetensors_alternative(tmp_path):
+    ckpt = tmp_path / 'v1-5-pruned-emaonly.ckpt'
+    torch.save({'state_dict': {}}, ckpt)
+    with pytest.raises(ValueError, match=r'pickle.*\.safetensors.*allow_pickle=True'):
+        StableDiffusionText2ImagePipeline(str(ckpt), device='cpu')
+
+
+def test_unknown_single_file_suffix(tmp_path):
+    weights = tmp_path / 'model.onnx'
+    weights.write_bytes(b'x')
+    with pytest.raises(ValueError, match='must be .safetensors'):
+        StableDiffusionText2ImagePipeline(str(weights), device='cpu')
+
+
+def test_device_convention():
+    assert resolve_device('cpu') == torch.device('cpu')
+    if not torch.cuda.is_available():
+        assert resolve_device('gpu') == torch.device('cpu')  # ModelScope's fallback
+
+
+def test_dtype_defaults_and_names():
+    assert resolve_dtype(None, torch.device('cuda', 0)) == torch.float16
+    assert resolve_dtype(None, torch.device('cpu')) == torch.float32
+    assert resolve_dtype('bf16', torch.device('cpu')) == torch.bfloat16
+    assert resolve_dtype(torch.float16, torch.device('cpu')) == torch.float16
+
+
+def test_torch_dtype_override_on_cpu(tiny_model_dir):
+    pipe = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', torch_dtype='bf16')
+    assert pipe.sd.unet.dtype == torch.bfloat16
+
+
+def test_without_safety_checker(tiny_model_dir):
+    pipe = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', load_safety_checker=False,
+                                             progress_bar=False)
+    out = pipe('a', num_inference_steps=1, seed=0)
+    assert pipe.sd.safety_checker is None and 'nsfw_content_detected' not in out
+
+
+def test_single_file_checkpoint_matches_the_folder(tiny_single_file, tiny_model_dir, sd_pipe):
+    pipe = StableDiffusionText2ImagePipeline(tiny_single_file, config=tiny_model_dir, device='cpu', progress_bar=False)
+    from_file = pipe('a cat', seed=0, num_inference_steps=2)['output_imgs'][0]
+    from_folder = sd_pipe('a cat', seed=0, num_inference_steps=2)['output_imgs'][0]
+    assert abs(from_file.astype(int) - from_folder.astype(int)).max() <= 1
+
+
+def test_single_file_through_modelscope_with_configs_from_the_sd15_repo(tiny_single_file, cached_model, fake_hub):
+    """Without config=, component configs and tokenizer come from AI-ModelScope/stable-diffusion-v1-5."""
+    import modelscope_sd
+    from modelscope.pipelines import pipeline
+    from modelscope.utils.constant import Tasks
+    pipe = pipeline(task=Tasks.text_to_image_synthesis, model=tiny_single_file, device='cpu',
+                    pipeline_name=modelscope_sd.PIPELINE_NAME)
+    assert pipe('a cat', seed=0, num_inference_steps=1)['output_imgs'][0].shape == (32, 32, 3)
+
+
+def test_corrupt_single_file(tmp_path):
+    weights = tmp_path / 'v1-5-pruned-emaonly.safetensors'
+    weights.write_bytes(b'\x00' * 64)
+    with pytest.raises(ValueError, match='not a valid safetensors file'):
+        StableDiffusionText2ImagePipeline(str(weights), device='cpu')

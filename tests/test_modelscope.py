@@ -1,0 +1,110 @@
+"""ModelScope integration: the model card's snippet, registration, hub ids, local folders."""
+
+import json
+import os
+import shutil
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+BUILTIN_MODULE = 'modelscope.pipelines.multi_modal.diffusers_wrapped.stable_diffusion.stable_diffusion_pipeline'
+MODEL_CARD_SNIPPET = textwrap.dedent('''
+    import cv2, modelscope_sd                      # importing registers our pipeline
+    from modelscope.pipelines import pipeline
+    from modelscope.utils.constant import Tasks
+    pipe = pipeline(task=Tasks.text_to_image_synthesis,
+                    model='AI-ModelScope/stable-diffusion-v1-5', model_revision='v1.0.0')
+    output = pipe({'text': '飞流直下三千尺,油画'})
+    cv2.imwrite('result.png', output['output_imgs'][0])
+''')
+
+
+def test_model_card_snippet_word_for_word(cached_model, fake_hub, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(MODEL_CARD_SNIPPET, 'model_card_snippet', 'exec'), namespace)
+    import cv2
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    assert type(namespace['pipe']) is StableDiffusionText2ImagePipeline
+    image = cv2.imread(str(tmp_path / 'result.png'))
+    assert image.shape == (32, 32, 3) and image.std() > 0
+    assert 'torchvision' not in sys.modules
+    assert BUILTIN_MODULE not in sys.modules  # ModelScope's own SD pipeline was never imported
+    # resolved through the (fake) hub's API against the cached snapshot, nothing downloaded again
+    assert any('/openapi/v1/models/AI-ModelScope/stable-diffusion-v1-5' in r for r in fake_hub.requests)
+    assert fake_hub.downloads() == []
+
+
+def test_builtin_pipeline_type_resolves_to_our_module():
+    import modelscope_sd
+    from modelscope.pipelines.builder import PIPELINES
+    from modelscope.utils.import_utils import LazyImportModule
+    from modelscope_sd.constants import BUILTIN_PIPELINE_NAME, PIPELINE_NAME, TASK
+    index = LazyImportModule.get_ast_index()['index']
+    for name in (BUILTIN_PIPELINE_NAME, PIPELINE_NAME):
+        assert PIPELINES.get(name, group_key=TASK) is modelscope_sd.StableDiffusionText2ImagePipeline
+        assert index[('PIPELINES', TASK, name)]['module'] == 'modelscope_sd.pipeline'
+
+
+def test_local_folder_with_configuration_json(tiny_model_dir):
+    import modelscope_sd
+    from modelscope.pipelines import pipeline
+    from modelscope.utils.constant import Tasks
+    pipe = pipeline(task=Tasks.text_to_image_synthesis, model=tiny_model_dir, device='cpu')
+    assert isinstance(pipe, modelscope_sd.StableDiffusionText2ImagePipeline)
+    out = pipe({'text': 'a cat', 'num_inference_steps': 2, 'seed': 0})
+    assert out['output_imgs'][0].shape == (32, 32, 3)
+
+
+def test_local_folder_without_configuration_json_via_pipeline_name(tiny_model_dir, tmp_path):
+    import modelscope_sd
+    from modelscope.pipelines import pipeline
+    from modelscope.utils.constant import Tasks
+    folder = tmp_path / 'plain-diffusers'
+    shutil.copytree(tiny_model_dir, folder)
+    os.remove(folder / 'configuration.json')
+    pipe = pipeline(task=Tasks.text_to_image_synthesis, model=str(folder), device='cpu',
+                    pipeline_name=modelscope_sd.PIPELINE_NAME)
+    assert isinstance(pipe, modelscope_sd.StableDiffusionText2ImagePipeline)
+
+
+def test_extra_pipeline_kwargs_reach_our_class(tiny_model_dir):
+    """ModelScope passes every extra keyword through; typos must fail, not vanish."""
+    import modelscope_sd  # noqa: F401
+    from modelscope.pipelines import pipeline
+    from modelscope.utils.constant import Tasks
+    with pytest.raises(ValueError, match="'lora_dri'.*lora_dir"):
+        pipeline(task=Tasks.text_to_image_synthesis, model=tiny_model_dir, device='cpu', lora_dri='x')
+
+
+def test_hub_download_into_an_empty_cache(fake_hub, tmp_path):
+    """A cold cache downloads the repo through the hub API, then serves it offline."""
+    from modelscope_sd.loading import resolve_model_dir
+    cache = str(tmp_path / 'cold')
+    before = len(fake_hub.downloads())
+    path = resolve_model_dir('AI-ModelScope/stable-diffusion-v1-5', 'v1.0.0', cache_dir=cache)
+    assert path.startswith(cache)
+    assert os.path.isfile(os.path.join(path, 'unet', 'diffusion_pytorch_model.safetensors'))
+    assert len(fake_hub.downloads()) - before >= 10
+    requests = len(fake_hub.requests)
+    assert resolve_model_dir('AI-ModelScope/stable-diffusion-v1-5', 'v1.0.0', local_files_only=True,
+                             cache_dir=cache) == path
+    assert len(fake_hub.requests) == requests  # offline: the hub was not asked
+
+
+def test_offline_mode_without_cache_names_the_fix(fake_hub, tmp_path):
+    from modelscope_sd.loading import resolve_model_dir
+    with pytest.raises(FileNotFoundError, match='not in the ModelScope cache.*local_files_only=True'):
+        resolve_model_dir('AI-ModelScope/stable-diffusion-v1-5', 'v1.0.0', local_files_only=True,
+                          cache_dir=str(tmp_path / 'empty'))
+
+
+def test_our_class_resolves_hub_ids_itself_offline(cached_model, fake_hub):
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    requests = len(fake_hub.requests)
+    pipe = StableDiffusionText2ImagePipeline('AI-ModelScope/stable-diffusion-v1-5', model_revision='v1.0.0',
+                                             device='cpu', local_files_only=True, progress_bar=False)
+    assert len(fake_hub.requests) == requests
+    assert pipe('a', num_inference_steps=1, seed=0)['output_imgs'][0].shape == (32, 32, 3)

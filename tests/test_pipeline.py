@@ -1,0 +1,98 @@
+"""Generation on the tiny model: same pixels as vanilla diffusers, reproducible seeds, batch shapes."""
+
+import numpy as np
+import pytest
+import torch
+from modelscope.outputs import OutputKeys
+
+FAST = dict(num_inference_steps=3, guidance_scale=7.5)
+
+
+def _vanilla_bgr(vanilla_pipe, scheduler=None, seed=0, **kwargs):
+    if scheduler is not None:
+        vanilla_pipe.scheduler = scheduler
+    images = vanilla_pipe(generator=[torch.Generator('cpu').manual_seed(seed)], output_type='np', **kwargs).images
+    return (images[0] * 255).round().astype(np.uint8)[..., ::-1]
+
+
+@pytest.mark.parametrize('scheduler', [None, 'euler', 'dpm++_2m_karras', 'ddim'])
+def test_images_equal_vanilla_diffusers(sd_pipe, vanilla_pipe, scheduler):
+    from modelscope_sd.schedulers import make_scheduler
+    base = vanilla_pipe.scheduler
+    vanilla_sched = make_scheduler(scheduler, base.config) if scheduler else None
+    try:
+        expected = _vanilla_bgr(vanilla_pipe, vanilla_sched, prompt='飞流直下三千尺,油画', **FAST)
+    finally:
+        vanilla_pipe.scheduler = base
+    out = sd_pipe({'text': '飞流直下三千尺,油画', 'seed': 0, 'scheduler': scheduler, **FAST})
+    got = out[OutputKeys.OUTPUT_IMGS][0]
+    assert got.dtype == np.uint8 and got.shape == expected.shape == (32, 32, 3)
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_same_seed_same_pixels_other_seed_differs(sd_pipe):
+    a = sd_pipe('a cat', seed=7, **FAST)[OutputKeys.OUTPUT_IMGS][0]
+    b = sd_pipe('a cat', seed=7, **FAST)[OutputKeys.OUTPUT_IMGS][0]
+    c = sd_pipe('a cat', seed=8, **FAST)[OutputKeys.OUTPUT_IMGS][0]
+    assert np.array_equal(a, b)
+    assert np.abs(a.astype(int) - c.astype(int)).max() > 5
+
+
+def test_image_i_of_a_batch_is_seed_plus_i(sd_pipe):
+    batch = sd_pipe(['a cat', 'a dog'], seed=3, num_images_per_prompt=2, **FAST)
+    assert batch['seeds'] == [3, 4, 5, 6]
+    assert len(batch[OutputKeys.OUTPUT_IMGS]) == 4
+    # image 2 is the first image of 'a dog' with seed 5
+    alone = sd_pipe('a dog', seed=5, **FAST)[OutputKeys.OUTPUT_IMGS][0]
+    assert np.abs(batch[OutputKeys.OUTPUT_IMGS][2].astype(int) - alone.astype(int)).max() <= 1
+
+
+def test_no_seed_draws_one_and_reports_it(sd_pipe):
+    out = sd_pipe('a cat', **FAST)
+    again = sd_pipe('a cat', seed=out['seeds'][0], **FAST)
+    assert np.array_equal(out[OutputKeys.OUTPUT_IMGS][0], again[OutputKeys.OUTPUT_IMGS][0])
+
+
+def test_options_in_dict_and_keywords_mean_the_same(sd_pipe):
+    a = sd_pipe({'text': 'a cat', 'seed': 1, 'height': 48, 'width': 40, **FAST})
+    b = sd_pipe('a cat', seed=1, height=48, width=40, **FAST)
+    assert a[OutputKeys.OUTPUT_IMGS][0].shape == (48, 40, 3)
+    assert np.array_equal(a[OutputKeys.OUTPUT_IMGS][0], b[OutputKeys.OUTPUT_IMGS][0])
+
+
+def test_negative_prompt_changes_the_image(sd_pipe):
+    plain = sd_pipe('a cat', seed=1, **FAST)[OutputKeys.OUTPUT_IMGS][0]
+    negative = sd_pipe('a cat', seed=1, negative_prompt='blurry', **FAST)[OutputKeys.OUTPUT_IMGS][0]
+    assert np.abs(plain.astype(int) - negative.astype(int)).max() > 0
+
+
+def test_list_of_dicts_gives_list_of_outputs(sd_pipe):
+    outs = sd_pipe([{'text': 'a cat', 'seed': 1}, {'text': 'a dog', 'seed': 2}], **FAST)
+    assert isinstance(outs, list) and len(outs) == 2
+    assert all(len(o[OutputKeys.OUTPUT_IMGS]) == 1 for o in outs)
+
+
+def test_safety_checker_reports_nsfw_flags(sd_pipe):
+    out = sd_pipe('a cat', seed=0, **FAST)
+    assert out['nsfw_content_detected'] == [False]
+
+
+def test_scheduler_choice_is_per_call(sd_pipe):
+    before = sd_pipe('a cat', seed=2, **FAST)[OutputKeys.OUTPUT_IMGS][0]
+    euler = sd_pipe('a cat', seed=2, scheduler='Euler a', **FAST)[OutputKeys.OUTPUT_IMGS][0]
+    after = sd_pipe('a cat', seed=2, **FAST)[OutputKeys.OUTPUT_IMGS][0]
+    assert np.array_equal(before, after)
+    assert np.abs(before.astype(int) - euler.astype(int)).max() > 0
+
+
+def test_progress_bar_can_be_switched_off(sd_pipe, capsys, monkeypatch):
+    monkeypatch.delenv('TQDM_DISABLE', raising=False)
+    sd_pipe('a cat', seed=0, progress_bar=True, **FAST)
+    assert '3/3' in capsys.readouterr().err
+    sd_pipe('a cat', seed=0, progress_bar=False, **FAST)
+    assert '3/3' not in capsys.readouterr().err
+
+
+def test_cpu_defaults_to_fp32(sd_pipe):
+    assert sd_pipe.sd.unet.dtype == torch.float32
+    assert sd_pipe.device == torch.device('cpu')
