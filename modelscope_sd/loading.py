@@ -120,6 +120,7 @@ def load_pipeline(model, *, revision: Optional[str] = None, torch_dtype=None, de
                                           if k in StableDiffusionPipeline._optional_components
                                           or k in REQUIRED_COMPONENTS},
                                        requires_safety_checker=False)
+        return pipe.to(device, dtype)
     elif not isinstance(model, (str, os.PathLike)):
         raise TypeError(f'model must be a hub id, a folder or a file path (str), got {type(model).__name__}')
     elif os.path.isfile(model):
@@ -129,7 +130,7 @@ def load_pipeline(model, *, revision: Optional[str] = None, torch_dtype=None, de
         check_model_dir(path)
         extra = {} if load_safety_checker else {'safety_checker': None, 'requires_safety_checker': False}
         pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **extra)
-    return pipe.to(device, dtype)
+    return pipe.to(device)  # already in dtype
 
 
 def _load_single_file(path: str, config: Optional[str], allow_pickle: bool, dtype, local_files_only: bool):

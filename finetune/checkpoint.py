@@ -1,0 +1,80 @@
+"""Resumable checkpoints that are never half-written: each is saved under a temporary name and renamed
+into place (an atomic step) only once complete; the newest K are kept."""
+
+import json
+import logging
+import os
+import re
+import shutil
+from typing import Optional
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = 'training_state.json'
+_CHECKPOINT = re.compile(r'^checkpoint-(\d+)$')
+
+
+def list_checkpoints(output_dir: str):
+    """Complete checkpoints, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT.match(name)
+        if match and os.path.isfile(os.path.join(output_dir, name, STATE_FILE)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return [path for _, path in sorted(found)]
+
+
+def remove_partial_checkpoints(output_dir: str) -> None:
+    """Leftovers of a run killed while saving: never complete, never resumed from."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if name.startswith('checkpoint-') and name.endswith('.partial'):
+            logger.warning('Removing incomplete checkpoint %s left by an interrupted run.', name)
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def find_checkpoint(output_dir: str, resume_from_checkpoint: Optional[str]) -> Optional[str]:
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == 'latest':
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            logger.warning("resume_from_checkpoint='latest' but %s holds no checkpoint: starting a new run.",
+                           output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = resume_from_checkpoint
+    if not os.path.isdir(path) and os.path.isdir(os.path.join(output_dir, path)):
+        path = os.path.join(output_dir, path)
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        raise FileNotFoundError(f'resume_from_checkpoint={resume_from_checkpoint!r} is not a complete checkpoint '
+                                f"(no {STATE_FILE}); use 'latest' or one of {list_checkpoints(output_dir)}.")
+    return path
+
+
+def read_state(checkpoint: str) -> dict:
+    with open(os.path.join(checkpoint, STATE_FILE), encoding='utf-8') as f:
+        return json.load(f)
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, total_limit: Optional[int]) -> str:
+    """accelerate's save_state into ``checkpoint-N.partial``, then the state file, then the rename."""
+    final = os.path.join(output_dir, f'checkpoint-{step}')
+    partial = final + '.partial'
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(partial, STATE_FILE), 'w', encoding='utf-8') as f:
+            json.dump(state, f, indent=2)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        if total_limit:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,233 @@
+"""Training configuration: dataclasses validated in ``__post_init__``, one CLI flag per field with
+diffusers' example names, and ModelScope's example flags mapped onto them."""
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from modelscope_sd.constants import DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION
+
+logger = logging.getLogger(__name__)
+
+LR_SCHEDULERS = ('linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup')
+MIXED_PRECISION = ('no', 'fp16', 'bf16')
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={'help': text}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """What both trainers share. Defaults follow diffusers' example scripts unless noted."""
+    # model
+    pretrained_model_name_or_path: str = _help('ModelScope id or diffusers folder of the base model',
+                                               default=DEFAULT_MODEL_ID)
+    revision: Optional[str] = _help('hub revision of the base model', default=DEFAULT_MODEL_REVISION)
+    # data
+    resolution: int = _help('training size in pixels (multiple of 8)', default=512)
+    center_crop: bool = _help('center crop instead of a random crop', default=False)
+    random_flip: bool = _help('flip images horizontally at random', default=False)
+    skip_bad_images: bool = _help('skip unreadable images (counted in the log) instead of failing', default=False)
+    dataloader_num_workers: int = _help('data loading processes (0: in the main process)', default=0)
+    # output
+    output_dir: str = _help('where adapters/models, checkpoints and validation images go', default='sd-output')
+    overwrite_output_dir: bool = _help('allow an output_dir that already holds a run', default=False)
+    # optimisation
+    train_batch_size: int = _help('images per device per step', default=1)
+    num_train_epochs: int = _help('epochs, when max_train_steps is not set', default=1)
+    max_train_steps: Optional[int] = _help('total optimizer steps (overrides num_train_epochs)', default=None)
+    gradient_accumulation_steps: int = _help('micro-batches per optimizer step', default=1)
+    gradient_checkpointing: bool = _help('recompute activations in backward: less memory, ~20% slower',
+                                         default=False)
+    learning_rate: float = _help('peak learning rate', default=1e-4)
+    scale_lr: bool = _help('multiply lr by batch size x accumulation x processes', default=False)
+    lr_scheduler: str = _help(f'one of {LR_SCHEDULERS}', default='constant')
+    lr_warmup_steps: int = _help('linear warmup steps', default=0)
+    use_8bit_adam: bool = _help('bitsandbytes 8-bit AdamW (must be installed)', default=False)
+    adam_beta1: float = _help('AdamW beta1', default=0.9)
+    adam_beta2: float = _help('AdamW beta2', default=0.999)
+    adam_weight_decay: float = _help('AdamW weight decay', default=1e-2)
+    adam_epsilon: float = _help('AdamW epsilon', default=1e-8)
+    max_grad_norm: float = _help('gradient clipping norm', default=1.0)
+    mixed_precision: Optional[str] = _help(f'one of {MIXED_PRECISION}; default: accelerate config', default=None)
+    seed: int = _help('seed for data order, augmentation, noise and timesteps (resume-exact)', default=0)
+    snr_gamma: Optional[float] = _help('min-SNR-gamma loss weighting (5.0 is the paper value)', default=None)
+    noise_offset: float = _help('noise offset (0.05-0.1 helps very dark/bright images)', default=0.0)
+    prediction_type: Optional[str] = _help("'epsilon' or 'v_prediction'; default: the scheduler's", default=None)
+    train_text_encoder: bool = _help('also train the text encoder', default=False)
+    # checkpoints
+    checkpointing_steps: Optional[int] = _help('save a resumable checkpoint every N steps', default=500)
+    checkpointing_epochs: Optional[int] = _help('save a resumable checkpoint every N epochs', default=None)
+    checkpoints_total_limit: Optional[int] = _help('keep only the newest N checkpoints', default=None)
+    resume_from_checkpoint: Optional[str] = _help("'latest' or a checkpoint folder", default=None)
+    # validation and logging
+    validation_prompt: Optional[str] = _help('prompt rendered to PNGs during training', default=None)
+    validation_steps: int = _help('render validation images (and validation loss) every N steps', default=100)
+    num_validation_images: int = _help('validation images per render', default=1)
+    logging_steps: int = _help('log loss and lr every N steps', default=10)
+    report_to: Optional[str] = _help("'tensorboard' to log there", default=None)
+    prompt: Optional[str] = _help('after training, render this prompt with the result (ModelScope example)',
+                                  default=None)
+
+    def __post_init__(self):
+        _positive(self, 'resolution', 'train_batch_size', 'num_train_epochs', 'gradient_accumulation_steps',
+                  'validation_steps', 'num_validation_images', 'logging_steps')
+        _positive(self, 'max_train_steps', 'checkpointing_steps', 'checkpointing_epochs', 'checkpoints_total_limit',
+                  optional=True)
+        if self.resolution % 8:
+            raise ValueError(f'resolution={self.resolution} must be a multiple of 8 (e.g. 512 or 768).')
+        if self.learning_rate <= 0:
+            raise ValueError(f'learning_rate={self.learning_rate} must be > 0.')
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f'lr_scheduler={self.lr_scheduler!r} is not one of {LR_SCHEDULERS}.')
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f'mixed_precision={self.mixed_precision!r} is not one of {MIXED_PRECISION}.')
+        if self.prediction_type not in (None, 'epsilon', 'v_prediction'):
+            raise ValueError(f"prediction_type={self.prediction_type!r} must be 'epsilon' or 'v_prediction'.")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ValueError(f'snr_gamma={self.snr_gamma} must be > 0 (5.0 is usual), or unset.')
+        if self.dataloader_num_workers < 0:
+            raise ValueError(f'dataloader_num_workers={self.dataloader_num_workers} must be >= 0.')
+
+
+@dataclass
+class LoraTrainConfig(TrainConfig):
+    """LoRA fine-tuning on image-caption data."""
+    dataset_name: Optional[str] = _help('ModelScope dataset id or local folder (csv with Text, Target:FILE)',
+                                        default='buptwq/lora-stable-diffusion-finetune')
+    train_data_dir: Optional[str] = _help('image folder with a .txt caption per image or metadata.jsonl '
+                                          '(used instead of dataset_name)', default=None)
+    output_dir: str = _help('where the adapter, checkpoints and validation images go', default='sd-lora')
+    rank: int = _help('LoRA rank', default=4)
+    lora_alpha: Optional[int] = _help('LoRA alpha (default: rank, i.e. scale 1)', default=None)
+    lora_dropout: float = _help('LoRA dropout', default=0.0)
+    target_modules: str = _help('comma-separated UNet modules that get adapters',
+                                default='to_k,to_q,to_v,to_out.0')
+    export_kohya: bool = _help('also write a kohya/A1111 .safetensors next to the diffusers file', default=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_lora_fields(self)
+        if not self.dataset_name and not self.train_data_dir:
+            raise ValueError('No training data: pass --dataset_name (ModelScope id or folder) or --train_data_dir.')
+
+
+def check_lora_fields(config) -> None:
+    if config.rank < 1:
+        raise ValueError(f'rank={config.rank} must be >= 1 (4-64 is usual).')
+    if config.lora_alpha is not None and config.lora_alpha <= 0:
+        raise ValueError(f'lora_alpha={config.lora_alpha} must be > 0, or unset to use rank.')
+    if not 0 <= config.lora_dropout < 1:
+        raise ValueError(f'lora_dropout={config.lora_dropout} must be in [0, 1).')
+    if not [m for m in config.target_modules.split(',') if m.strip()]:
+        raise ValueError('target_modules is empty: name at least one module, e.g. to_q,to_k,to_v,to_out.0.')
+
+
+def _positive(config, *names, optional=False):
+    for name in names:
+        value = getattr(config, name)
+        if optional and value is None:
+            continue
+        if value < 1:
+            raise ValueError(f'{name}={value} must be >= 1.')
+
+
+# ModelScope's example scripts (examples/pytorch/stable_diffusion/*/run_train_*.sh) use these flags.
+# Each maps to a field, or is accepted and reported as meaningless here; never silently dropped.
+def _work_dir(value):
+    return {'output_dir': os.path.join(value, 'output')}
+
+
+def _torch_type(value):
+    table = {'float16': 'fp16', 'fp16': 'fp16', 'bfloat16': 'bf16', 'bf16': 'bf16', 'float32': 'no', 'fp32': 'no'}
+    if value not in table:
+        raise ValueError(f'--torch_type {value!r} is not one of {sorted(table)}.')
+    return {'mixed_precision': table[value]}
+
+
+def _save_ckpt_strategy(value):
+    if value == 'by_epoch':
+        return {'checkpointing_epochs': 1, 'checkpointing_steps': None}
+    if value == 'by_step':
+        return {}
+    raise ValueError(f"--save_ckpt_strategy {value!r} must be 'by_epoch' or 'by_step'.")
+
+
+MODELSCOPE_FLAGS = {
+    'model': ('pretrained_model_name_or_path', None),
+    'model_revision': ('revision', None),
+    'work_dir': (None, _work_dir),
+    'train_dataset_name': ('dataset_name', None),
+    'max_epochs': (None, lambda v: {'num_train_epochs': int(v), 'max_train_steps': None}),
+    'lora_rank': ('rank', int),
+    'train.optimizer.lr': ('learning_rate', float),
+    'torch_type': (None, _torch_type),
+    'save_ckpt_strategy': (None, _save_ckpt_strategy),
+    'logging_interval': ('logging_steps', int),
+    'train.dataloader.workers_per_gpu': ('dataloader_num_workers', int),
+    'evaluation.dataloader.workers_per_gpu': (None, None),
+    'use_model_config': (None, None),
+}
+IGNORED_REASONS = {
+    'evaluation.dataloader.workers_per_gpu': 'validation loss is computed in the main process',
+    'use_model_config': "there is no ModelScope trainer config to merge; every setting is a flag here",
+}
+
+
+def str2bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ('1', 'true', 'yes', 'y', 'on'):
+        return True
+    if value.lower() in ('0', 'false', 'no', 'n', 'off'):
+        return False
+    raise argparse.ArgumentTypeError(f'expected true or false, got {value!r}')
+
+
+def build_parser(config_cls, description: str, extra_flags: Dict[str, tuple]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        kind = hints[f.name]
+        base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
+        if base is bool:  # --flag, or ModelScope's --flag true/false
+            parser.add_argument(f'--{f.name}', type=str2bool, nargs='?', const=True, default=f.default,
+                                help=f.metadata.get('help'))
+        else:
+            parser.add_argument(f'--{f.name}', type=base, default=f.default, help=f.metadata.get('help'))
+    group = parser.add_argument_group("ModelScope example flags (mapped onto the ones above)")
+    for flag in extra_flags:
+        if flag not in {f.name for f in dataclasses.fields(config_cls)}:
+            group.add_argument(f'--{flag}', dest=f'ms:{flag}', default=None, metavar='VALUE')
+    return parser
+
+
+def parse_args(config_cls, argv: Optional[List[str]], description: str,
+               extra_flags: Optional[Dict[str, tuple]] = None) -> Tuple[object, List[str]]:
+    """argv → (validated config, notes on each ModelScope flag that was mapped or ignored)."""
+    extra_flags = MODELSCOPE_FLAGS if extra_flags is None else extra_flags
+    parser = build_parser(config_cls, description, extra_flags)
+    namespace = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    values = {k: v for k, v in namespace.items() if not k.startswith('ms:')}
+    notes = []
+    for flag, (target, convert) in extra_flags.items():
+        raw = namespace.get(f'ms:{flag}')
+        if raw is None:
+            continue
+        if target is None and convert is None:
+            notes.append(f'--{flag} {raw}: accepted, no effect here ({IGNORED_REASONS.get(flag, "not used")}).')
+            continue
+        mapped = convert(raw) if target is None else {target: convert(raw) if convert else raw}
+        values.update(mapped)
+        notes.append(f'--{flag} {raw} → ' + ', '.join(f'--{k} {v}' for k, v in mapped.items()))
+    try:
+        return config_cls(**values), notes
+    except ValueError as err:
+        parser.error(str(err))

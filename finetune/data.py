@@ -1,0 +1,229 @@
+"""Training data for both trainers: where (image, caption) records come from, how images become tensors,
+and a sampler whose order is a function of (seed, epoch) so that a resumed run sees the same batches."""
+
+import csv
+import glob
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff')
+CAPTION_COLUMNS = ('Text', 'text', 'caption', 'prompt')
+IMAGE_COLUMNS = ('Target:FILE', 'image:FILE', 'Image:FILE', 'file_name', 'image')
+
+
+@dataclass
+class Record:
+    image: str
+    caption: str
+
+
+# ---------------------------------------------------------------- where records come from
+def load_records(source: str, split: str = 'train') -> List[Record]:
+    """A ModelScope dataset id, a local folder in its csv layout, or an image folder with captions."""
+    if os.path.isdir(source):
+        csv_path = _split_csv(source, split)
+        if csv_path:
+            return _records_from_csv(csv_path, os.path.dirname(csv_path))
+        if split != 'train':
+            return []
+        return records_from_image_folder(source)
+    if os.path.exists(source):
+        raise ValueError(f'dataset={source!r} is a file: pass a folder or a ModelScope dataset id.')
+    if source.count('/') != 1:
+        raise FileNotFoundError(f'dataset={source!r}: no such folder, and not a ModelScope dataset id (owner/name).')
+    return _records_from_msdataset(source, split)
+
+
+def _split_csv(folder: str, split: str) -> Optional[str]:
+    for name in (f'{split}.csv', os.path.join(split, f'{split}.csv'), os.path.join(split, 'metadata.csv')):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
+def _pick_columns(columns: Sequence[str], where: str) -> Tuple[str, str]:
+    image = next((c for c in IMAGE_COLUMNS if c in columns), None)
+    caption = next((c for c in CAPTION_COLUMNS if c in columns), None)
+    if image is None or caption is None:
+        raise ValueError(f'{where}: expected an image column (one of {IMAGE_COLUMNS}) and a caption column '
+                         f'(one of {CAPTION_COLUMNS}), found {list(columns)}.')
+    return image, caption
+
+
+def _records_from_csv(path: str, root: str) -> List[Record]:
+    with open(path, newline='', encoding='utf-8-sig') as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return []
+    image, caption = _pick_columns(list(rows[0]), path)
+    return [Record(os.path.join(root, row[image]), row[caption] or '') for row in rows]
+
+
+def _records_from_msdataset(name: str, split: str) -> List[Record]:
+    from modelscope.msdatasets import MsDataset
+    try:
+        dataset = MsDataset.load(name, split=split)
+    except ValueError as err:  # unknown split
+        if split != 'train' and 'not found' in str(err):
+            return []
+        raise
+    items = [dict(item) for item in dataset]
+    if not items:
+        if split != 'train':
+            return []
+        raise ValueError(f'dataset={name!r} split {split!r} is empty: check the id, or that the hub answered.')
+    image, caption = _pick_columns(list(items[0]), f'dataset={name!r}')
+    records = [Record(item[image], item[caption] or '') for item in items]
+    if any(not isinstance(r.image, str) or not r.image for r in records):
+        raise ValueError(f'dataset={name!r}: column {image!r} does not hold file paths.')
+    return records
+
+
+def records_from_image_folder(folder: str, caption: Optional[str] = None) -> List[Record]:
+    """Images with a same-named .txt caption, or a metadata.jsonl of {"file_name", "text"}; with
+    ``caption`` (DreamBooth's instance prompt) every image gets that caption."""
+    images = sorted(p for p in glob.glob(os.path.join(folder, '**', '*'), recursive=True)
+                    if p.lower().endswith(IMAGE_EXTENSIONS))
+    if not images:
+        raise ValueError(f'{folder!r} holds no images ({", ".join(IMAGE_EXTENSIONS)}).')
+    if caption is not None:
+        return [Record(p, caption) for p in images]
+    metadata = os.path.join(folder, 'metadata.jsonl')
+    captions = {}
+    if os.path.isfile(metadata):
+        with open(metadata, encoding='utf-8') as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    captions[os.path.normpath(os.path.join(folder, row['file_name']))] = row.get('text', '')
+    missing = []
+    records = []
+    for path in images:
+        text = captions.get(os.path.normpath(path))
+        txt = os.path.splitext(path)[0] + '.txt'
+        if text is None and os.path.isfile(txt):
+            with open(txt, encoding='utf-8') as f:
+                text = f.read().strip()
+        if text is None:
+            missing.append(os.path.relpath(path, folder))
+        records.append(Record(path, text))
+    if missing:
+        raise ValueError(f'{len(missing)} image(s) in {folder!r} have no caption: {missing[:10]}. Add a .txt '
+                         'with the same name beside each image, or a metadata.jsonl.')
+    return records
+
+
+def check_images(records: List[Record], skip_bad: bool) -> List[Record]:
+    """Open every image once before training: a bad file fails now, listed, not after an hour."""
+    good, bad = [], []
+    for record in records:
+        try:
+            with Image.open(record.image) as image:
+                image.load()
+            good.append(record)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            bad.append(f'{record.image} ({type(err).__name__}: {err})')
+    if bad and not skip_bad:
+        raise ValueError(f'{len(bad)} unreadable image(s): {bad[:10]}. Fix or remove them, or pass '
+                         '--skip_bad_images to train without them.')
+    if bad:
+        logger.warning('Skipping %d unreadable image(s): %s', len(bad), bad[:10])
+    if not good:
+        raise ValueError('No readable training images left.')
+    return good
+
+
+# ---------------------------------------------------------------- images to tensors
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Grey, 16-bit, palette and alpha images → 8-bit RGB (alpha composited on white)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
+        array = np.asarray(image, dtype=np.float64)
+        scale = 65535.0 if array.max() > 255 else 255.0
+        image = Image.fromarray((array / scale * 255).round().clip(0, 255).astype(np.uint8), 'L')
+    if image.mode == 'P':
+        image = image.convert('RGBA')
+    if image.mode in ('RGBA', 'LA'):
+        background = Image.new('RGBA', image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert('RGBA'))
+    return image.convert('RGB')
+
+
+def prepare_image(path: str, resolution: int, center_crop: bool, flip: bool, rng: random.Random) -> torch.Tensor:
+    """Resize the short side to ``resolution``, crop a square, optionally flip; [-1, 1] CHW float."""
+    with Image.open(path) as raw:
+        image = to_rgb(raw)
+    scale = resolution / min(image.size)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    image = image.resize(size, Image.BILINEAR)
+    if center_crop:
+        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    else:
+        left, top = rng.randint(0, image.width - resolution), rng.randint(0, image.height - resolution)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip and rng.random() < 0.5:
+        image = ImageOps.mirror(image)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class CaptionDataset(torch.utils.data.Dataset):
+    """Indexed by (epoch, i) from ``EpochSampler``: augmentation is a function of (seed, epoch, i)."""
+
+    def __init__(self, records: List[Record], tokenizer, resolution: int, center_crop: bool = False,
+                 random_flip: bool = False, seed: int = 0):
+        self.records = records
+        self.tokenizer = tokenizer
+        self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
+
+    def __len__(self):
+        return len(self.records)
+
+    def tokenize(self, caption: str) -> torch.Tensor:
+        return self.tokenizer(caption, max_length=self.tokenizer.model_max_length, padding='max_length',
+                              truncation=True, return_tensors='pt').input_ids[0]
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        record = self.records[index]
+        rng = random.Random(f'{self.seed}-{epoch}-{index}')
+        return {'pixel_values': prepare_image(record.image, self.resolution, self.center_crop, self.random_flip, rng),
+                'input_ids': self.tokenize(record.caption)}
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A shuffle that depends only on (seed, epoch), yielding (epoch, index) keys; ``skip`` drops the
+    first samples of the epoch a run resumes in."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True):
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.epoch, self.skip = 0, 0
+
+    def start_epoch(self, epoch: int, skip: int = 0) -> None:
+        # not `set_epoch`: accelerate calls that on every pass and would reset `skip`
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self):
+        return self.size - self.skip
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+        else:
+            order = torch.arange(self.size)
+        for index in order[self.skip:].tolist():
+            yield (self.epoch, index)
+
+
+def collate(examples):
+    return {key: torch.stack([e[key] for e in examples]) for key in examples[0]}

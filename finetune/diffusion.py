@@ -1,0 +1,54 @@
+"""The denoising objective both trainers optimise: noise, timesteps, target, min-SNR weighting."""
+
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
+
+
+def encode_latents(vae, pixel_values: torch.Tensor) -> torch.Tensor:
+    latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.sample()
+    return latents * vae.config.scaling_factor
+
+
+def sample_noise(latents: torch.Tensor, noise_offset: float) -> torch.Tensor:
+    noise = torch.randn_like(latents)
+    if noise_offset:
+        # https://www.crosslabs.org/blog/diffusion-with-offset-noise: lets the model change mean brightness
+        noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device,
+                                                   dtype=latents.dtype)
+    return noise
+
+
+def training_target(scheduler, latents, noise, timesteps) -> torch.Tensor:
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == 'epsilon':
+        return noise
+    if prediction_type == 'v_prediction':
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f'Unsupported prediction_type {prediction_type!r}: use epsilon or v_prediction.')
+
+
+def per_sample_loss(model_pred, target, timesteps, scheduler, snr_gamma=None) -> torch.Tensor:
+    """MSE per sample; with ``snr_gamma``, min-SNR-γ weights (Hang et al. 2023)."""
+    loss = F.mse_loss(model_pred.float(), target.float(), reduction='none').mean(dim=(1, 2, 3))
+    if snr_gamma is None:
+        return loss
+    snr = compute_snr(scheduler, timesteps)
+    weights = torch.minimum(snr, torch.full_like(snr, snr_gamma))
+    if scheduler.config.prediction_type == 'v_prediction':
+        weights = weights / (snr + 1)
+    else:
+        weights = weights / snr
+    return loss * weights
+
+
+def denoising_loss(unet, text_encoder, vae, scheduler, batch, noise_offset=0.0, snr_gamma=None) -> torch.Tensor:
+    """One forward pass of the training objective; returns the loss of each sample in the batch."""
+    latents = encode_latents(vae, batch['pixel_values'])
+    noise = sample_noise(latents, noise_offset)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    encoder_hidden_states = text_encoder(batch['input_ids'], return_dict=False)[0]
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    return per_sample_loss(model_pred, training_target(scheduler, latents, noise, timesteps), timesteps,
+                           scheduler, snr_gamma)

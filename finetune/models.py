@@ -1,0 +1,173 @@
+"""Model side of training: load the base model's parts, attach LoRA adapters, save adapters in diffusers'
+format (plus kohya/A1111's), and let accelerate checkpoint only what is trained."""
+
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from typing import Dict, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from modelscope_sd.constants import LORA_WEIGHT_NAME
+from modelscope_sd.loading import check_model_dir, resolve_model_dir
+
+KOHYA_WEIGHT_NAME = 'pytorch_lora_weights_kohya.safetensors'
+TEXT_ENCODER_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'out_proj']
+
+
+def load_components(model: str, revision: Optional[str]) -> Dict[str, object]:
+    """The five trainable/frozen parts of an SD model, from a hub id (ModelScope cache) or a folder."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = resolve_model_dir(model, revision)
+    check_model_dir(path)
+    return {
+        'model_dir': path,
+        'tokenizer': CLIPTokenizer.from_pretrained(path, subfolder='tokenizer'),
+        'text_encoder': CLIPTextModel.from_pretrained(path, subfolder='text_encoder'),
+        'vae': AutoencoderKL.from_pretrained(path, subfolder='vae'),
+        'unet': UNet2DConditionModel.from_pretrained(path, subfolder='unet'),
+        'noise_scheduler': DDPMScheduler.from_pretrained(path, subfolder='scheduler'),
+    }
+
+
+def add_lora(model, rank: int, alpha: Optional[int], dropout: float, target_modules, init='gaussian') -> None:
+    """A peft LoRA adapter named 'default'. Through peft itself rather than transformers' ``add_adapter``,
+    which can demand a newer peft than the newest release (transformers 5.24 asks for peft 0.22)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, init_lora_weights=init,
+                        target_modules=list(target_modules))
+    inject_adapter_in_model(config, model, adapter_name='default')
+    model.peft_config = {'default': config}
+
+
+def has_lora(model) -> bool:
+    return bool(getattr(model, 'peft_config', None))
+
+
+def lora_state_dict(model) -> Dict[str, torch.Tensor]:
+    """diffusers-format adapter weights. CLIP keys keep the ``text_model.`` level that transformers >= 5.6
+    flattened away: the layout every diffusers version, kohya and A1111 read."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    from transformers import CLIPTextModel
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    if isinstance(model, CLIPTextModel):
+        state = {k if k.startswith('text_model.') else 'text_model.' + k: v for k, v in state.items()}
+    return state
+
+
+def register_lora_checkpoint_hooks(accelerator, models: Dict[str, torch.nn.Module]) -> None:
+    """Checkpoints of LoRA runs hold the adapters (MBs), not the frozen base weights (GBs)."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    def role_of(model):
+        unwrapped = accelerator.unwrap_model(model)
+        return next((role for role, m in models.items() if m is unwrapped and has_lora(m)), None)
+
+    def save_hook(hook_models, weights, output_dir):
+        for i in reversed(range(len(hook_models))):
+            role = role_of(hook_models[i])
+            if role is not None:
+                if accelerator.is_main_process:
+                    save_file(get_peft_model_state_dict(accelerator.unwrap_model(hook_models[i])),
+                              os.path.join(output_dir, f'{role}_lora.safetensors'))
+                weights.pop(i)
+
+    def load_hook(hook_models, input_dir):
+        for i in reversed(range(len(hook_models))):
+            model = hook_models[i]
+            role = role_of(model)
+            if role is not None:
+                state = load_file(os.path.join(input_dir, f'{role}_lora.safetensors'))
+                result = set_peft_model_state_dict(accelerator.unwrap_model(model), state)
+                if getattr(result, 'unexpected_keys', None):
+                    raise ValueError(f'{input_dir}: adapter keys do not match this model: {result.unexpected_keys[:5]}')
+                hook_models.pop(i)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def training_metadata(config, base_model_dir: str) -> Dict[str, str]:
+    """What the adapter file records about how it was made (safetensors metadata is str → str)."""
+    settings = {k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool, type(None)))}
+    return {
+        'modelscope_sd.base_model': str(config.pretrained_model_name_or_path),
+        'modelscope_sd.base_model_revision': str(config.revision),
+        'modelscope_sd.rank': str(getattr(config, 'rank', '')),
+        'modelscope_sd.alpha': str(getattr(config, 'lora_alpha', None) or getattr(config, 'rank', '')),
+        'modelscope_sd.training': json.dumps(settings, sort_keys=True),
+        'modelscope_sd.base_model_dir': base_model_dir,
+    }
+
+
+def save_lora(output_dir: str, unet, text_encoder=None, metadata: Optional[Dict[str, str]] = None,
+              export_kohya: bool = False) -> str:
+    """``pytorch_lora_weights.safetensors`` in diffusers' format (diffusers' own writer, so its adapter
+    config travels in the metadata), plus our training metadata; written to a temporary name first."""
+    from diffusers import StableDiffusionPipeline
+
+    os.makedirs(output_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output_dir) as tmp:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=lora_state_dict(unet),
+            text_encoder_lora_layers=lora_state_dict(text_encoder) if text_encoder is not None and has_lora(
+                text_encoder) else None,
+            unet_lora_adapter_metadata=unet.peft_config['default'].to_dict(),
+            text_encoder_lora_adapter_metadata=(text_encoder.peft_config['default'].to_dict()
+                                                if text_encoder is not None and has_lora(text_encoder) else None))
+        path = os.path.join(output_dir, LORA_WEIGHT_NAME)
+        _write_with_metadata(os.path.join(tmp, LORA_WEIGHT_NAME), path, metadata or {})
+    if export_kohya:
+        export_kohya_lora(path, os.path.join(output_dir, KOHYA_WEIGHT_NAME))
+    return path
+
+
+def _write_with_metadata(source: str, target: str, extra: Dict[str, str]) -> None:
+    with safe_open(source, framework='pt') as f:
+        metadata = dict(f.metadata() or {})
+    metadata.update(extra)
+    partial = target + '.partial'
+    save_file(load_file(source), partial, metadata=metadata)
+    os.replace(partial, target)
+
+
+def export_kohya_lora(diffusers_file: str, kohya_file: str) -> str:
+    """diffusers-format adapter → kohya/A1111 keys (``lora_unet_…``/``lora_te_…`` with ``.alpha``)."""
+    from diffusers.utils import convert_state_dict_to_kohya, convert_state_dict_to_peft
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    with safe_open(diffusers_file, framework='pt') as f:
+        metadata = dict(f.metadata() or {})
+    source = load_file(diffusers_file)
+    # diffusers writes the UNet and the text encoder in two different key styles: convert each on its own
+    unet = {k: v for k, v in source.items() if k.startswith('unet.')}
+    text = {k: v for k, v in source.items() if k.startswith('text_encoder.')}
+    peft_state = convert_unet_state_dict_to_peft(unet)
+    if text:
+        peft_state.update(convert_state_dict_to_peft(text))
+    state = convert_state_dict_to_kohya(peft_state)
+    # diffusers names the SD1.x text encoder like SDXL's first one; kohya and A1111 call it lora_te_
+    state = {('lora_te_' + k[len('lora_te1_'):]) if k.startswith('lora_te1_') else k: v for k, v in state.items()}
+    alpha = _adapter_alpha(metadata)
+    if alpha is not None:  # convert_state_dict_to_kohya writes alpha = rank; keep the trained alpha
+        for key in [k for k in state if k.endswith('.alpha')]:
+            state[key] = torch.tensor(float(alpha))
+    kept = {k: v for k, v in metadata.items() if k.startswith('modelscope_sd.')}
+    partial = kohya_file + '.partial'
+    save_file({k: v.contiguous() for k, v in state.items()}, partial, metadata={'format': 'pt', **kept})
+    os.replace(partial, kohya_file)
+    return kohya_file
+
+
+def _adapter_alpha(metadata: Dict[str, str]) -> Optional[float]:
+    value = metadata.get('modelscope_sd.alpha')
+    try:
+        return float(value) if value not in (None, '') else None
+    except ValueError:
+        return None

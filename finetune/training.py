@@ -1,0 +1,212 @@
+"""The training loop both trainers run, top to bottom: accelerate for devices, precision, accumulation
+and state; per-step seeding so that a resumed run repeats an uninterrupted one exactly."""
+
+import logging
+import math
+import os
+from typing import List, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import find_checkpoint, read_state, remove_partial_checkpoints, save_checkpoint
+from .data import EpochSampler, collate
+from .diffusion import denoising_loss
+
+logger = logging.getLogger(__name__)
+
+RUN_MARKERS = ('pytorch_lora_weights.safetensors', 'model_index.json', 'training_state.json')
+
+
+def prepare_output_dir(config) -> None:
+    """Refuse to train over a finished or running run unless resuming or told to overwrite."""
+    out = config.output_dir
+    if os.path.isdir(out) and not config.resume_from_checkpoint and not config.overwrite_output_dir:
+        held = [n for n in os.listdir(out) if n in RUN_MARKERS or n.startswith('checkpoint-')]
+        if held:
+            raise ValueError(f'output_dir={out!r} already holds a run ({sorted(held)[:4]}). Pass '
+                             '--resume_from_checkpoint latest to continue it, --overwrite_output_dir to train '
+                             'over it, or choose another output_dir.')
+    os.makedirs(out, exist_ok=True)
+    remove_partial_checkpoints(out)
+
+
+def make_accelerator(config):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    mixed_precision = config.mixed_precision
+    if mixed_precision == 'fp16' and not torch.cuda.is_available():
+        logger.warning('mixed_precision=fp16 needs a CUDA GPU; training in fp32 on this machine.')
+        mixed_precision = 'no'
+    return Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=mixed_precision,
+        log_with=config.report_to,
+        project_config=ProjectConfiguration(project_dir=config.output_dir,
+                                            logging_dir=os.path.join(config.output_dir, 'logs')))
+
+
+def weight_dtype(accelerator) -> torch.dtype:
+    """Frozen weights are stored in the compute precision; trained ones stay fp32."""
+    return {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def make_optimizer(config, params, device: torch.device):
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise ValueError('use_8bit_adam needs bitsandbytes: pip install bitsandbytes (CUDA only), or drop '
+                             'the flag.') from err
+        optimizer_cls, extra = bnb.optim.AdamW8bit, {}
+    else:
+        # the fused kernel is one launch for all parameters instead of several per tensor
+        optimizer_cls, extra = torch.optim.AdamW, ({'fused': True} if device.type == 'cuda' else {})
+    return optimizer_cls(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                         weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, **extra)
+
+
+def step_seed(seed: int, micro_step: int, process: int) -> int:
+    return (seed * 1_000_003 + micro_step) * 64 + process
+
+
+def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module], dataset,
+               validation_dataset=None, pipeline_for_validation=None) -> int:
+    """Run to ``max_train_steps``; returns the final step. ``parts`` holds unet, text_encoder, vae,
+    noise_scheduler; ``trained`` the modules whose parameters require grad."""
+    from diffusers.optimization import get_scheduler
+
+    unet, text_encoder, vae, scheduler = parts['unet'], parts['text_encoder'], parts['vae'], parts['noise_scheduler']
+    if config.prediction_type:
+        scheduler.register_to_config(prediction_type=config.prediction_type)
+    # 1. data: order and augmentation are functions of (seed, epoch, index)
+    sampler = EpochSampler(len(dataset), config.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler,
+                                         collate_fn=collate, num_workers=config.dataloader_num_workers)
+    steps_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
+    max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
+    epochs = math.ceil(max_steps / steps_per_epoch)
+    # 2. optimizer and lr schedule over the trained parameters
+    params = [p for module in trained for p in module.parameters() if p.requires_grad]
+    lr = config.learning_rate
+    if config.scale_lr:
+        lr *= config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
+    optimizer = make_optimizer(config, params, accelerator.device)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
+                                 num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_steps * accelerator.num_processes)
+    prepared = accelerator.prepare(*trained, optimizer, loader, lr_scheduler)
+    trained_wrapped, (optimizer, loader, lr_scheduler) = prepared[:len(trained)], prepared[len(trained):]
+    wrapped = {id(m): w for m, w in zip(trained, trained_wrapped)}
+    unet_run, text_encoder_run = wrapped.get(id(unet), unet), wrapped.get(id(text_encoder), text_encoder)
+    # 3. resume: weights, optimizer, lr schedule from the checkpoint; step and data position from its state
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    checkpoint = find_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    if checkpoint:
+        accelerator.load_state(checkpoint)
+        global_step = read_state(checkpoint)['global_step']
+        first_epoch = global_step // steps_per_epoch
+        skip_batches = (global_step % steps_per_epoch) * config.gradient_accumulation_steps
+        logger.info('Resumed from %s at step %d (epoch %d).', checkpoint, global_step, first_epoch)
+    if accelerator.is_main_process and config.report_to:
+        accelerator.init_trackers('modelscope-sd', config={k: v for k, v in vars(config).items()
+                                                           if isinstance(v, (int, float, str, bool))})
+    logger.info('%d examples, %d epochs, %d optimizer steps of %d x %d x %d images.', len(dataset), epochs,
+                max_steps, config.train_batch_size, config.gradient_accumulation_steps, accelerator.num_processes)
+    progress = tqdm(range(max_steps), initial=global_step, desc='steps', disable=not accelerator.is_local_main_process)
+    # 4. the loop
+    for epoch in range(first_epoch, epochs):
+        if global_step >= max_steps:
+            break
+        for module in trained_wrapped:
+            module.train()
+        skip = skip_batches * config.train_batch_size * accelerator.num_processes if epoch == first_epoch else 0
+        sampler.start_epoch(epoch, skip)
+        micro_step = global_step * config.gradient_accumulation_steps
+        for batch in loader:
+            torch.manual_seed(step_seed(config.seed, micro_step, accelerator.process_index))
+            micro_step += 1
+            with accelerator.accumulate(*trained_wrapped):
+                losses = denoising_loss(unet_run, text_encoder_run, vae, scheduler, batch,
+                                        config.noise_offset, config.snr_gamma)
+                weights = batch.get('loss_weight')
+                loss = losses.mean() if weights is None else (losses * weights).sum() / batch['is_instance'].sum()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress.update(1)
+            logs = {'loss': loss.detach().item(), 'lr': lr_scheduler.get_last_lr()[0]}
+            progress.set_postfix(**logs)
+            if global_step % config.logging_steps == 0:
+                accelerator.log(logs, step=global_step)
+            if _due(global_step, config.checkpointing_steps) or (
+                    config.checkpointing_epochs and global_step % (steps_per_epoch * config.checkpointing_epochs) == 0):
+                save_checkpoint(accelerator, config.output_dir, global_step, {'global_step': global_step},
+                                config.checkpoints_total_limit)
+            if _due(global_step, config.validation_steps) and accelerator.is_main_process:
+                _validate(accelerator, config, parts, pipeline_for_validation, validation_dataset, global_step)
+            if global_step >= max_steps:
+                break
+    progress.close()
+    accelerator.wait_for_everyone()
+    final_validation_due = (config.validation_prompt or validation_dataset is not None) and not _due(
+        global_step, config.validation_steps)
+    if accelerator.is_main_process and final_validation_due:
+        _validate(accelerator, config, parts, pipeline_for_validation, validation_dataset, global_step)
+    accelerator.end_training()
+    return global_step
+
+
+def _due(step: int, every: Optional[int]) -> bool:
+    return bool(every) and step % every == 0
+
+
+@torch.no_grad()
+def _validate(accelerator, config, parts, make_pipeline, validation_dataset, step: int) -> None:
+    """Validation images for the prompt, and the loss on the validation split, with fixed seeds."""
+    unet, text_encoder = accelerator.unwrap_model(parts['unet']), accelerator.unwrap_model(parts['text_encoder'])
+    modes = (unet.training, text_encoder.training)
+    unet.eval()
+    text_encoder.eval()
+    rng_state = torch.get_rng_state()
+    try:
+        if validation_dataset is not None:
+            loss = validation_loss(accelerator, config, parts, validation_dataset)
+            accelerator.log({'validation_loss': loss}, step=step)
+            logger.info('step %d: validation loss %.5f', step, loss)
+        if config.validation_prompt and make_pipeline is not None:
+            pipe = make_pipeline()
+            folder = os.path.join(config.output_dir, 'validation')
+            os.makedirs(folder, exist_ok=True)
+            with accelerator.autocast():
+                images = pipe(config.validation_prompt, num_images_per_prompt=config.num_validation_images,
+                              num_inference_steps=25, generator=torch.Generator('cpu').manual_seed(config.seed)).images
+            for i, image in enumerate(images):
+                image.save(os.path.join(folder, f'step-{step:06d}-{i}.png'))
+    finally:
+        torch.set_rng_state(rng_state)
+        unet.train(modes[0])
+        text_encoder.train(modes[1])
+
+
+def validation_loss(accelerator, config, parts, dataset) -> float:
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size,
+                                         sampler=EpochSampler(len(dataset), config.seed, shuffle=False),
+                                         collate_fn=collate)
+    torch.manual_seed(config.seed)
+    total, count = 0.0, 0
+    for batch in loader:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with accelerator.autocast():
+            losses = denoising_loss(parts['unet'], parts['text_encoder'], parts['vae'], parts['noise_scheduler'],
+                                    batch)
+        total += losses.sum().item()
+        count += losses.numel()
+    return total / max(count, 1)

@@ -1,0 +1,109 @@
+"""Pipeline side of LoRA: lora_dir, scales, several adapters, fusing, kohya files, clear errors."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from modelscope_sd import StableDiffusionText2ImagePipeline
+from train_helpers import make_random_lora
+
+STEPS = dict(num_inference_steps=2, seed=0)
+
+
+@pytest.fixture(scope='module')
+def adapters(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp('adapters')
+    first = make_random_lora(tiny_model_dir, str(root / 'a'), seed=1, text_encoder=True)
+    second = make_random_lora(tiny_model_dir, str(root / 'b'), seed=2)
+    return os.path.dirname(first), os.path.dirname(second)
+
+
+def _image(pipe, **kwargs):
+    return pipe('a cat', **STEPS, **kwargs)['output_imgs'][0].astype(int)
+
+
+def _pipe(model_dir, **kwargs):
+    return StableDiffusionText2ImagePipeline(model_dir, device='cpu', progress_bar=False, **kwargs)
+
+
+def test_lora_dir_changes_the_image_and_matches_vanilla_diffusers(tiny_model_dir, adapters, sd_pipe, vanilla_pipe):
+    ours = _image(_pipe(tiny_model_dir, lora_dir=adapters[0]))
+    assert np.abs(ours - _image(sd_pipe)).max() > 10
+    vanilla_pipe.load_lora_weights(adapters[0])
+    try:
+        images = vanilla_pipe('a cat', num_inference_steps=2, output_type='np',
+                              generator=[torch.Generator('cpu').manual_seed(0)]).images
+    finally:
+        vanilla_pipe.unload_lora_weights()
+    expected = (images[0] * 255).round().astype(int)[..., ::-1]
+    assert np.abs(ours - expected).max() <= 1
+
+
+def test_call_time_scale_and_restore(tiny_model_dir, adapters, sd_pipe):
+    pipe = _pipe(tiny_model_dir, lora_dir=adapters[0])
+    full = _image(pipe)
+    assert np.abs(_image(pipe, lora_scale=0.0) - _image(sd_pipe)).max() <= 1  # scale 0 is the base model
+    assert np.abs(_image(pipe, lora_scale=0.5) - full).max() > 0
+    assert np.array_equal(_image(pipe), full)  # the loaded scale is back after the call
+
+
+def test_several_adapters_with_weights(tiny_model_dir, adapters):
+    both = _image(_pipe(tiny_model_dir, lora_dir=list(adapters), lora_scale=[1.0, 1.0]))
+    first_only = _image(_pipe(tiny_model_dir, lora_dir=list(adapters), lora_scale=[1.0, 0.0]))
+    alone = _image(_pipe(tiny_model_dir, lora_dir=adapters[0]))
+    assert np.abs(first_only - alone).max() <= 1
+    assert np.abs(both - alone).max() > 0
+
+
+def test_fused_equals_unfused(tiny_model_dir, adapters):
+    unfused = _image(_pipe(tiny_model_dir, lora_dir=adapters[0], lora_scale=0.7))
+    fused_pipe = _pipe(tiny_model_dir, lora_dir=adapters[0], lora_scale=0.7, fuse_lora=True)
+    assert np.abs(_image(fused_pipe) - unfused).max() <= 2
+    with pytest.raises(ValueError, match='fused'):
+        fused_pipe('a', lora_scale=0.5)
+
+
+def test_kohya_file_loads_with_the_same_effect(tiny_model_dir, adapters, tmp_path):
+    from finetune.models import export_kohya_lora
+    kohya = export_kohya_lora(os.path.join(adapters[0], 'pytorch_lora_weights.safetensors'),
+                              str(tmp_path / 'kohya.safetensors'))
+    keys = list(load_file(kohya))
+    assert all(k.startswith(('lora_unet_', 'lora_te_text_model_')) for k in keys)
+    assert all(k.endswith(('.lora_down.weight', '.lora_up.weight', '.alpha')) for k in keys)
+    assert np.abs(_image(_pipe(tiny_model_dir, lora_dir=kohya))
+                  - _image(_pipe(tiny_model_dir, lora_dir=adapters[0]))).max() <= 1
+
+
+def test_adapter_for_another_base_is_refused(tiny_model_dir, adapters, tmp_path):
+    state = load_file(os.path.join(adapters[1], 'pytorch_lora_weights.safetensors'))
+    key = next(k for k in state if 'lora_A' in k or 'lora.down' in k)
+    state[key] = torch.zeros(state[key].shape[0], state[key].shape[1] + 16)  # another model's width
+    save_file(state, str(tmp_path / 'other.safetensors'))
+    with pytest.raises(ValueError, match='could not be loaded into this model'):
+        _pipe(tiny_model_dir, lora_dir=str(tmp_path / 'other.safetensors'))
+
+
+def test_folder_without_adapter(tiny_model_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match='holds no LoRA adapter'):
+        _pipe(tiny_model_dir, lora_dir=str(tmp_path))
+
+
+def test_missing_lora_dir(tiny_model_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match='lora_dir='):
+        _pipe(tiny_model_dir, lora_dir=str(tmp_path / 'nope'))
+
+
+def test_wrong_number_of_scales(tiny_model_dir, adapters):
+    with pytest.raises(ValueError, match='lora_scale=.*2 numbers'):
+        _pipe(tiny_model_dir, lora_dir=list(adapters), lora_scale=[1.0])
+
+
+def test_lora_through_modelscope_pipeline(tiny_model_dir, adapters):
+    import modelscope_sd  # noqa: F401
+    from modelscope.pipelines import pipeline
+    from modelscope.utils.constant import Tasks
+    pipe = pipeline(task=Tasks.text_to_image_synthesis, model=tiny_model_dir, device='cpu', lora_dir=adapters[0])
+    assert pipe.adapters == ['lora_0']
