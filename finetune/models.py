@@ -50,12 +50,13 @@ def has_lora(model) -> bool:
 
 
 def lora_state_dict(model) -> Dict[str, torch.Tensor]:
-    """diffusers-format adapter weights. CLIP keys keep the ``text_model.`` level that transformers >= 5.6
-    flattened away: the layout every diffusers version, kohya and A1111 read."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """Adapter weights with peft's key names (``…to_q.lora_A.weight``), which diffusers loads as they are.
+    (diffusers' ``convert_state_dict_to_diffusers`` renames linear layers but not convolutions, and a file
+    mixing both styles loads only one of them.) CLIP keys keep the ``text_model.`` level that
+    transformers >= 5.6 flattened away: the layout every diffusers version, kohya and A1111 read."""
     from peft.utils import get_peft_model_state_dict
     from transformers import CLIPTextModel
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    state = get_peft_model_state_dict(model)
     if isinstance(model, CLIPTextModel):
         state = {k if k.startswith('text_model.') else 'text_model.' + k: v for k, v in state.items()}
     return state
@@ -139,19 +140,11 @@ def _write_with_metadata(source: str, target: str, extra: Dict[str, str]) -> Non
 
 def export_kohya_lora(diffusers_file: str, kohya_file: str) -> str:
     """diffusers-format adapter → kohya/A1111 keys (``lora_unet_…``/``lora_te_…`` with ``.alpha``)."""
-    from diffusers.utils import convert_state_dict_to_kohya, convert_state_dict_to_peft
-    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+    from diffusers.utils import convert_state_dict_to_kohya
 
     with safe_open(diffusers_file, framework='pt') as f:
         metadata = dict(f.metadata() or {})
-    source = load_file(diffusers_file)
-    # diffusers writes the UNet and the text encoder in two different key styles: convert each on its own
-    unet = {k: v for k, v in source.items() if k.startswith('unet.')}
-    text = {k: v for k, v in source.items() if k.startswith('text_encoder.')}
-    peft_state = convert_unet_state_dict_to_peft(unet)
-    if text:
-        peft_state.update(convert_state_dict_to_peft(text))
-    state = convert_state_dict_to_kohya(peft_state)
+    state = convert_state_dict_to_kohya(load_file(diffusers_file))  # our files hold peft key names
     # diffusers names the SD1.x text encoder like SDXL's first one; kohya and A1111 call it lora_te_
     state = {('lora_te_' + k[len('lora_te1_'):]) if k.startswith('lora_te1_') else k: v for k, v in state.items()}
     alpha = _adapter_alpha(metadata)

@@ -14,6 +14,7 @@ import sys
 from typing import List, Optional
 
 import torch
+from accelerate.utils import set_seed
 
 from finetune.config import LoraTrainConfig, parse_args
 from finetune.data import CaptionDataset, check_images, load_records
@@ -35,6 +36,7 @@ def main(config: LoraTrainConfig, notes: Optional[List[str]] = None) -> str:
                            config.skip_bad_images)
     validation = [] if config.train_data_dir else load_records(config.dataset_name, 'validation')
     parts = load_components(config.pretrained_model_name_or_path, config.revision)
+    set_seed(config.seed)  # adapter initialisation
     unet, text_encoder, vae = parts['unet'], parts['text_encoder'], parts['vae']
     # frozen base in the compute precision, adapters in fp32
     dtype = weight_dtype(accelerator)

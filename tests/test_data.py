@@ -1,0 +1,76 @@
+"""Data sources and image conversion."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from finetune.data import EpochSampler, load_records, prepare_image, records_from_image_folder, to_rgb
+from train_helpers import make_images, make_modelscope_csv_dataset
+
+
+@pytest.mark.parametrize('mode, array', [
+    ('L', np.full((8, 8), 100, np.uint8)),
+    ('I;16', np.full((8, 8), 65535, np.uint16)),
+    ('RGBA', np.dstack([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8)])),
+    ('P', None),
+])
+def test_odd_image_modes_become_rgb(mode, array):
+    image = Image.new('P', (8, 8), 3) if mode == 'P' else Image.fromarray(array)
+    assert image.mode == mode
+    rgb = np.asarray(to_rgb(image))
+    assert rgb.shape == (8, 8, 3) and rgb.dtype == np.uint8
+    if mode == 'I;16':
+        assert rgb.max() == 255  # 16-bit white stays white
+    if mode == 'RGBA':
+        assert rgb.min() == 255  # fully transparent over white
+
+
+def test_prepare_image_resizes_and_crops(tmp_path):
+    Image.new('RGB', (60, 40), (255, 0, 0)).save(tmp_path / 'wide.png')
+    import random
+    tensor = prepare_image(str(tmp_path / 'wide.png'), 16, center_crop=False, flip=True, rng=random.Random(0))
+    assert tensor.shape == (3, 16, 16)
+    assert float(tensor[0].mean()) == pytest.approx(1.0, abs=1e-3) and float(tensor[1].mean()) == pytest.approx(-1.0)
+
+
+def test_local_modelscope_csv_layout(tmp_path):
+    folder = make_modelscope_csv_dataset(str(tmp_path / 'ds'), train=3, validation=2)
+    train, validation = load_records(folder, 'train'), load_records(folder, 'validation')
+    assert len(train) == 3 and len(validation) == 2
+    assert train[0].caption == 'a train photo 0' and Image.open(train[0].image).size == (40, 40)
+
+
+def test_metadata_jsonl_captions(tmp_path):
+    make_images(str(tmp_path), count=2, captions=False)
+    with open(tmp_path / 'metadata.jsonl', 'w') as f:
+        for i in range(2):
+            f.write(json.dumps({'file_name': f'img{i}.png', 'text': f'caption {i}'}) + '\n')
+    assert [r.caption for r in records_from_image_folder(str(tmp_path))] == ['caption 0', 'caption 1']
+
+
+def test_hub_dataset_items_map_to_records(monkeypatch):
+    """MsDataset items for buptwq/lora-stable-diffusion-finetune: {'Text', 'Target:FILE'} dicts."""
+    from modelscope.msdatasets import MsDataset
+    items = [{'Text': 'a dog', 'Target:FILE': '/cache/extracted/train/1.png'}]
+    monkeypatch.setattr(MsDataset, 'load', staticmethod(lambda name, split=None, **kw: items))
+    records = load_records('buptwq/lora-stable-diffusion-finetune', 'train')
+    assert records[0].caption == 'a dog' and records[0].image == '/cache/extracted/train/1.png'
+
+
+def test_empty_hub_dataset_is_an_error(monkeypatch):
+    from modelscope.msdatasets import MsDataset
+    monkeypatch.setattr(MsDataset, 'load', staticmethod(lambda name, split=None, **kw: []))
+    with pytest.raises(ValueError, match='is empty'):
+        load_records('someone/garbled', 'train')
+
+
+def test_sampler_order_is_a_function_of_seed_and_epoch():
+    sampler = EpochSampler(10, seed=1)
+    sampler.start_epoch(3)
+    full = list(sampler)
+    sampler.start_epoch(3, skip=4)
+    assert list(sampler) == full[4:]
+    sampler.start_epoch(4)
+    assert [i for _, i in sampler] != [i for _, i in full]

@@ -1,0 +1,249 @@
+"""LoRA trainer on the tiny model: it learns, resumes exactly, survives kills, and refuses bad input."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from finetune.config import LoraTrainConfig, parse_args
+from train_helpers import make_images, make_modelscope_csv_dataset, reset_accelerate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate():
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+@pytest.fixture(scope='module')
+def csv_dataset(tmp_path_factory):
+    return make_modelscope_csv_dataset(str(tmp_path_factory.mktemp('data') / 'lora-data'))
+
+
+def _config(model, data, out, **kwargs):
+    defaults = dict(pretrained_model_name_or_path=model, dataset_name=data, output_dir=str(out), resolution=32,
+                    max_train_steps=4, checkpointing_steps=2, learning_rate=1e-3, seed=3)
+    return LoraTrainConfig(**{**defaults, **kwargs})
+
+
+def _train(config):
+    from finetune.train_lora import main
+    reset_accelerate()
+    return main(config)
+
+
+def test_trained_adapter_loads_in_our_pipeline_and_in_vanilla_diffusers(tiny_model_dir, csv_dataset, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    path = _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'out', learning_rate=5e-2, train_text_encoder=True,
+                          validation_prompt='a photo', validation_steps=2))
+    with safe_open(path, framework='pt') as f:
+        meta = f.metadata()
+    assert meta['modelscope_sd.rank'] == '4' and meta['modelscope_sd.base_model'] == tiny_model_dir
+    assert sorted(os.listdir(tmp_path / 'out' / 'validation')) == ['step-000002-0.png', 'step-000004-0.png']
+    base = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False)
+    ours = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False,
+                                             lora_dir=str(tmp_path / 'out'))
+    args = dict(num_inference_steps=2, seed=0)
+    mine = ours('a photo', **args)['output_imgs'][0].astype(int)
+    assert np.abs(mine - base('a photo', **args)['output_imgs'][0].astype(int)).max() > 0
+    vanilla = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    vanilla.load_lora_weights(str(tmp_path / 'out'))
+    image = vanilla('a photo', num_inference_steps=2, output_type='np',
+                    generator=[torch.Generator().manual_seed(0)]).images[0]
+    assert np.abs(mine - (image * 255).round().astype(int)[..., ::-1]).max() <= 1
+
+
+def test_loss_goes_down_when_overfitting_one_image(tiny_model_dir, tmp_path):
+    from finetune.data import CaptionDataset, load_records
+    from finetune.models import load_components
+    from finetune.training import validation_loss
+    make_images(str(tmp_path / 'one'), count=1)
+    records = load_records(str(tmp_path / 'one'))
+
+    def loss_with(lora_dir):
+        from accelerate import Accelerator
+        parts = load_components(tiny_model_dir, None)
+        if lora_dir:
+            from diffusers import StableDiffusionPipeline
+            pipe = StableDiffusionPipeline(**{k: parts[k] for k in ('unet', 'vae', 'text_encoder', 'tokenizer')},
+                                           scheduler=parts['noise_scheduler'], safety_checker=None,
+                                           feature_extractor=None, requires_safety_checker=False)
+            pipe.load_lora_weights(lora_dir)
+        reset_accelerate()
+        config = _config(tiny_model_dir, 'unused', tmp_path, train_batch_size=1)
+        dataset = CaptionDataset(records * 8, parts['tokenizer'], 32, center_crop=True)
+        return validation_loss(Accelerator(), config, parts, dataset)
+
+    before = loss_with(None)
+    # every conv and attention projection of the tiny UNet, so its few weights can memorise one image
+    _train(_config(tiny_model_dir, None, tmp_path / 'out', train_data_dir=str(tmp_path / 'one'), rank=8,
+                   center_crop=True, max_train_steps=80, learning_rate=1e-2, checkpointing_steps=None,
+                   target_modules='to_k,to_q,to_v,to_out.0,conv1,conv2,conv_in,conv_out,proj_in,proj_out'))
+    after = loss_with(str(tmp_path / 'out'))
+    print(f'denoising loss on the image: {before:.4f} before, {after:.4f} after')
+    assert after < 0.8 * before, (before, after)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_model_dir, csv_dataset, tmp_path, monkeypatch):
+    settings = dict(max_train_steps=6, checkpointing_steps=2, lr_scheduler='linear', random_flip=True,
+                    gradient_accumulation_steps=2, lora_dropout=0.1)
+    reference = load_file(_train(_config(tiny_model_dir, csv_dataset, tmp_path / 'a', **settings)))
+
+    import finetune.training as training
+    real_loss, calls = training.denoising_loss, []
+
+    def dies_in_step_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:  # the first micro-batch of optimizer step 4
+            raise _Killed
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training, 'denoising_loss', dies_in_step_4)
+    with pytest.raises(_Killed):
+        _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'b', **settings))
+    monkeypatch.setattr(training, 'denoising_loss', real_loss)
+    assert sorted(os.listdir(tmp_path / 'b')) == ['checkpoint-2']
+    resumed = load_file(_train(_config(tiny_model_dir, csv_dataset, tmp_path / 'b', resume_from_checkpoint='latest',
+                                       **settings)))
+    assert reference.keys() == resumed.keys()
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_kill_while_saving_never_leaves_a_complete_looking_checkpoint(tiny_model_dir, csv_dataset, tmp_path,
+                                                                        monkeypatch):
+    from accelerate import Accelerator
+
+    from finetune.checkpoint import list_checkpoints
+    real_save = Accelerator.save_state
+
+    def dies_after_writing_some(self, output_dir=None, **kwargs):
+        result = real_save(self, output_dir, **kwargs)
+        if output_dir.endswith('checkpoint-4.partial'):
+            raise _Killed  # files are there, the state file and the rename are not
+        return result
+
+    monkeypatch.setattr(Accelerator, 'save_state', dies_after_writing_some)
+    with pytest.raises(_Killed):
+        _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'out', checkpoints_total_limit=1))
+    assert sorted(os.listdir(tmp_path / 'out')) == ['checkpoint-2', 'checkpoint-4.partial']
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / 'out'))] == ['checkpoint-2']
+    monkeypatch.setattr(Accelerator, 'save_state', real_save)
+    _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'out', checkpoints_total_limit=1,
+                   resume_from_checkpoint='latest'))
+    assert sorted(os.listdir(tmp_path / 'out')) == ['checkpoint-4', 'pytorch_lora_weights.safetensors']
+
+
+def test_kohya_export_is_written_and_loads(tiny_model_dir, csv_dataset, tmp_path):
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'out', export_kohya=True, max_train_steps=2,
+                   learning_rate=5e-2, checkpointing_steps=None))
+    kohya = tmp_path / 'out' / 'pytorch_lora_weights_kohya.safetensors'
+    args = dict(num_inference_steps=2, seed=0)
+    a = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', lora_dir=str(kohya), progress_bar=False)
+    b = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', lora_dir=str(tmp_path / 'out'),
+                                          progress_bar=False)
+    assert np.abs(a('x', **args)['output_imgs'][0].astype(int) - b('x', **args)['output_imgs'][0].astype(int)).max() <= 1
+
+
+# ---------------------------------------------------------------- shell launcher and ModelScope's command line
+def _bash(args, env, cwd):
+    result = subprocess.run(['bash', os.path.join(REPO, 'finetune', 'run_train_lora.sh'), *args], cwd=cwd,
+                            env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_shell_launcher_with_environment_overrides(tiny_model_dir, tmp_path):
+    make_images(str(tmp_path / 'images'), count=2)
+    _bash([], {'MODEL': tiny_model_dir, 'DATASET': str(tmp_path / 'images'), 'OUTPUT_DIR': str(tmp_path / 'out'),
+               'RESOLUTION': '32', 'MAX_TRAIN_STEPS': '2', 'RANK': '2'}, tmp_path)
+    with safe_open(str(tmp_path / 'out' / 'pytorch_lora_weights.safetensors'), framework='pt') as f:
+        assert f.metadata()['modelscope_sd.rank'] == '2'
+
+
+def test_modelscope_example_command_line_runs_unchanged(tiny_model_dir, csv_dataset, tmp_path):
+    work_dir = str(tmp_path / 'tmp' / 'lora_diffusion')
+    result = _bash(['--model', tiny_model_dir, '--model_revision', 'v1.0.0', '--prompt', 'a dog',
+                    '--work_dir', work_dir, '--train_dataset_name', csv_dataset, '--max_epochs', '1',
+                    '--lora_rank', '16', '--save_ckpt_strategy', 'by_epoch', '--logging_interval', '1',
+                    '--train.dataloader.workers_per_gpu', '0', '--evaluation.dataloader.workers_per_gpu', '0',
+                    '--train.optimizer.lr', '1e-4', '--torch_type', 'float16', '--use_model_config', 'true'],
+                   {'RESOLUTION': '32'}, tmp_path)
+    log = result.stdout + result.stderr
+    assert '--use_model_config true: accepted, no effect here' in log
+    assert '--torch_type float16 → --mixed_precision fp16' in log
+    assert 'validation loss' in log  # the csv's validation split is used
+    assert os.path.isfile(os.path.join(work_dir, 'output', 'pytorch_lora_weights.safetensors'))
+    assert os.path.isdir(os.path.join(work_dir, 'output', 'checkpoint-4'))  # by_epoch: 4 images, batch 1
+    assert Image.open(tmp_path / 'lora_result.png').size == (32, 32)
+
+
+# ---------------------------------------------------------------- bad input
+def test_typo_flag_fails_instead_of_vanishing(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(LoraTrainConfig, ['--learning_rat', '1e-4'], 'x')
+    assert 'unrecognized arguments: --learning_rat' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(resolution=30), 'resolution=30 must be a multiple of 8'),
+    (dict(rank=0), 'rank=0 must be >= 1'),
+    (dict(dataset_name=None), 'No training data'),
+    (dict(mixed_precision='fp8'), "mixed_precision='fp8'"),
+])
+def test_bad_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LoraTrainConfig(**{'dataset_name': 'x', **kwargs})
+
+
+def test_missing_dataset_folder(tiny_model_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match='no such folder'):
+        _train(_config(tiny_model_dir, str(tmp_path / 'no' / 'such' / 'data'), tmp_path / 'out'))
+
+
+def test_empty_dataset_folder(tiny_model_dir, tmp_path):
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(ValueError, match='holds no images'):
+        _train(_config(tiny_model_dir, str(tmp_path / 'empty'), tmp_path / 'out'))
+
+
+def test_missing_captions_are_listed(tiny_model_dir, tmp_path):
+    make_images(str(tmp_path / 'imgs'), count=3)
+    os.remove(tmp_path / 'imgs' / 'img1.txt')
+    with pytest.raises(ValueError, match=r"1 image\(s\) .* have no caption: \['img1.png'\]"):
+        _train(_config(tiny_model_dir, str(tmp_path / 'imgs'), tmp_path / 'out'))
+
+
+def test_corrupt_images_fail_listed_or_are_skipped_and_counted(tiny_model_dir, tmp_path, caplog):
+    make_images(str(tmp_path / 'imgs'), count=3)
+    (tmp_path / 'imgs' / 'img2.png').write_bytes(b'not a png')
+    with pytest.raises(ValueError, match=r'1 unreadable image\(s\).*img2.png.*--skip_bad_images'):
+        _train(_config(tiny_model_dir, str(tmp_path / 'imgs'), tmp_path / 'out'))
+    _train(_config(tiny_model_dir, str(tmp_path / 'imgs'), tmp_path / 'out2', skip_bad_images=True,
+                   max_train_steps=1, checkpointing_steps=None))
+    assert 'Skipping 1 unreadable image(s)' in caplog.text
+
+
+def test_output_dir_holding_a_run_is_refused(tiny_model_dir, csv_dataset, tmp_path):
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'pytorch_lora_weights.safetensors').write_bytes(b'')
+    with pytest.raises(ValueError, match='already holds a run.*--overwrite_output_dir'):
+        _train(_config(tiny_model_dir, csv_dataset, out))
