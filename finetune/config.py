@@ -97,13 +97,8 @@ class TrainConfig:
 
 
 @dataclass
-class LoraTrainConfig(TrainConfig):
-    """LoRA fine-tuning on image-caption data."""
-    dataset_name: Optional[str] = _help('ModelScope dataset id or local folder (csv with Text, Target:FILE)',
-                                        default='buptwq/lora-stable-diffusion-finetune')
-    train_data_dir: Optional[str] = _help('image folder with a .txt caption per image or metadata.jsonl '
-                                          '(used instead of dataset_name)', default=None)
-    output_dir: str = _help('where the adapter, checkpoints and validation images go', default='sd-lora')
+class LoraOptions:
+    """Adapter shape, shared by the LoRA trainer and DreamBooth's --use_lora mode."""
     rank: int = _help('LoRA rank', default=4)
     lora_alpha: Optional[int] = _help('LoRA alpha (default: rank, i.e. scale 1)', default=None)
     lora_dropout: float = _help('LoRA dropout', default=0.0)
@@ -111,11 +106,80 @@ class LoraTrainConfig(TrainConfig):
                                 default='to_k,to_q,to_v,to_out.0')
     export_kohya: bool = _help('also write a kohya/A1111 .safetensors next to the diffusers file', default=False)
 
+
+@dataclass
+class LoraTrainConfig(LoraOptions, TrainConfig):
+    """LoRA fine-tuning on image-caption data."""
+    dataset_name: Optional[str] = _help('ModelScope dataset id or local folder (csv with Text, Target:FILE)',
+                                        default='buptwq/lora-stable-diffusion-finetune')
+    train_data_dir: Optional[str] = _help('image folder with a .txt caption per image or metadata.jsonl '
+                                          '(used instead of dataset_name)', default=None)
+    output_dir: str = _help('where the adapter, checkpoints and validation images go', default='sd-lora')
+
     def __post_init__(self):
         super().__post_init__()
         check_lora_fields(self)
         if not self.dataset_name and not self.train_data_dir:
             raise ValueError('No training data: pass --dataset_name (ModelScope id or folder) or --train_data_dir.')
+
+
+@dataclass
+class DreamBoothConfig(LoraOptions, TrainConfig):
+    """DreamBooth: teach the model one subject from a few photos, with prior preservation."""
+    instance_data_dir: Optional[str] = _help('folder of 3-20 photos of the subject', default=None)
+    dataset_name: Optional[str] = _help('instance photos from a ModelScope dataset id or local csv folder '
+                                        '(instead of instance_data_dir)', default=None)
+    instance_prompt: Optional[str] = _help("prompt naming the subject, e.g. 'a photo of sks dog'", default=None)
+    identifier: Optional[str] = _help("the rare token naming the subject (e.g. 'sks'): checked to be in "
+                                      'instance_prompt and not in class_prompt', default=None)
+    with_prior_preservation: bool = _help('also train on generated class images to keep the class', default=False)
+    class_prompt: Optional[str] = _help("prompt for the class, e.g. 'a photo of dog'", default=None)
+    class_data_dir: Optional[str] = _help('class images; missing ones are generated (default: '
+                                          'output_dir/class_images)', default=None)
+    num_class_images: int = _help('class images to train with (generated if fewer exist)', default=100)
+    prior_loss_weight: float = _help('weight of the class loss', default=1.0)
+    sample_batch_size: int = _help('batch size when generating class images', default=4)
+    class_inference_steps: int = _help('denoising steps per generated class image', default=50)
+    use_lora: bool = _help('train LoRA adapters instead of the whole UNet', default=False)
+    output_dir: str = _help('where the model (or adapter), checkpoints and validation images go',
+                            default='sd-dreambooth')
+    learning_rate: Optional[float] = _help('peak learning rate (default 5e-6, or 1e-4 with --use_lora)',
+                                           default=None)
+
+    def __post_init__(self):
+        if self.learning_rate is None:
+            self.learning_rate = 1e-4 if self.use_lora else 5e-6
+        super().__post_init__()
+        if self.use_lora:
+            check_lora_fields(self)
+        source = self.instance_data_dir or self.dataset_name
+        if not source:
+            raise ValueError('No instance images: pass --instance_data_dir (a folder of subject photos) or '
+                             '--dataset_name.')
+        if self.instance_data_dir and not os.path.isdir(self.instance_data_dir):
+            raise FileNotFoundError(f'instance_data_dir={self.instance_data_dir!r}: no such folder.')
+        if not self.instance_prompt:
+            raise ValueError("instance_prompt is required, e.g. --instance_prompt 'a photo of sks dog'.")
+        if self.identifier and self.identifier not in self.instance_prompt.split():
+            raise ValueError(f'instance_prompt={self.instance_prompt!r} does not contain the identifier '
+                             f'{self.identifier!r}: the prompt must name the subject by it, e.g. '
+                             f"'a photo of {self.identifier} dog'.")
+        if self.with_prior_preservation:
+            if not self.class_prompt:
+                raise ValueError("with_prior_preservation needs --class_prompt (e.g. 'a photo of dog'): class "
+                                 'images must be generated from the class, not from the instance prompt.')
+            if self.identifier and self.identifier in self.class_prompt.split():
+                raise ValueError(f'class_prompt={self.class_prompt!r} contains the identifier {self.identifier!r}: '
+                                 'it must describe the class in general.')
+            if self.class_prompt.strip() == self.instance_prompt.strip():
+                raise ValueError('class_prompt equals instance_prompt: the class prompt must not name the subject.')
+        if self.num_class_images < 1:
+            raise ValueError(f'num_class_images={self.num_class_images} must be >= 1.')
+        if self.prior_loss_weight < 0:
+            raise ValueError(f'prior_loss_weight={self.prior_loss_weight} must be >= 0.')
+        _positive(self, 'sample_batch_size', 'class_inference_steps')
+        if self.class_data_dir is None:
+            self.class_data_dir = os.path.join(self.output_dir, 'class_images')
 
 
 def check_lora_fields(config) -> None:

@@ -28,20 +28,21 @@ class Record:
 
 
 # ---------------------------------------------------------------- where records come from
-def load_records(source: str, split: str = 'train') -> List[Record]:
-    """A ModelScope dataset id, a local folder in its csv layout, or an image folder with captions."""
+def load_records(source: str, split: str = 'train', caption: Optional[str] = None) -> List[Record]:
+    """A ModelScope dataset id, a local folder in its csv layout, or an image folder with captions;
+    ``caption`` (DreamBooth's instance prompt) replaces whatever captions the source has."""
     if os.path.isdir(source):
         csv_path = _split_csv(source, split)
-        if csv_path:
-            return _records_from_csv(csv_path, os.path.dirname(csv_path))
-        if split != 'train':
-            return []
-        return records_from_image_folder(source)
-    if os.path.exists(source):
+        if not csv_path:
+            return records_from_image_folder(source, caption) if split == 'train' else []
+        records = _records_from_csv(csv_path, os.path.dirname(csv_path))
+    elif os.path.exists(source):
         raise ValueError(f'dataset={source!r} is a file: pass a folder or a ModelScope dataset id.')
-    if source.count('/') != 1:
+    elif source.count('/') != 1:
         raise FileNotFoundError(f'dataset={source!r}: no such folder, and not a ModelScope dataset id (owner/name).')
-    return _records_from_msdataset(source, split)
+    else:
+        records = _records_from_msdataset(source, split)
+    return records if caption is None else [Record(r.image, caption) for r in records]
 
 
 def _split_csv(folder: str, split: str) -> Optional[str]:
@@ -227,3 +228,28 @@ class EpochSampler(torch.utils.data.Sampler):
 
 def collate(examples):
     return {key: torch.stack([e[key] for e in examples]) for key in examples[0]}
+
+
+class PriorPreservationDataset(torch.utils.data.Dataset):
+    """DreamBooth with prior preservation: every example pairs an instance image with a class image, and a
+    batch holds both halves, class samples weighted by ``prior_loss_weight``."""
+
+    def __init__(self, instance: CaptionDataset, class_images: CaptionDataset, prior_loss_weight: float):
+        self.instance, self.class_images, self.prior_loss_weight = instance, class_images, prior_loss_weight
+
+    def __len__(self):
+        return max(len(self.instance), len(self.class_images))
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        return {'instance': self.instance[(epoch, index % len(self.instance))],
+                'class': self.class_images[(epoch, index % len(self.class_images))]}
+
+    def collate(self, examples):
+        instance = collate([e['instance'] for e in examples])
+        classes = collate([e['class'] for e in examples])
+        batch = {key: torch.cat([instance[key], classes[key]]) for key in instance}
+        n = len(examples)
+        batch['loss_weight'] = torch.tensor([1.0] * n + [self.prior_loss_weight] * n)
+        batch['is_instance'] = torch.tensor([1.0] * n + [0.0] * n)
+        return batch

@@ -65,6 +65,75 @@ def make_optimizer(config, params, device: torch.device):
                          weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, **extra)
 
 
+def prepare_models(accelerator, config, parts: dict, lora: bool) -> List[torch.nn.Module]:
+    """Freeze, place and cast the parts; attach adapters (``lora``) or unfreeze the UNet for a full
+    fine-tune. Frozen weights live in the compute precision, trained ones in fp32. Returns what trains."""
+    from accelerate.utils import set_seed
+
+    from .models import TEXT_ENCODER_TARGETS, add_lora, register_lora_checkpoint_hooks
+
+    unet, text_encoder, vae = parts['unet'], parts['text_encoder'], parts['vae']
+    dtype = weight_dtype(accelerator)
+    low = None if dtype == torch.float32 else dtype
+    trained = [unet] + ([text_encoder] if config.train_text_encoder else [])
+    for module in (unet, text_encoder, vae):
+        module.requires_grad_(False)
+        module.to(accelerator.device, dtype=None if (module in trained and not lora) else low)
+    set_seed(config.seed)  # adapter initialisation
+    if lora:
+        targets = [m.strip() for m in config.target_modules.split(',') if m.strip()]
+        add_lora(unet, config.rank, config.lora_alpha, config.lora_dropout, targets)
+        if config.train_text_encoder:
+            add_lora(text_encoder, config.rank, config.lora_alpha, config.lora_dropout, TEXT_ENCODER_TARGETS)
+        register_lora_checkpoint_hooks(accelerator, {'unet': unet, 'text_encoder': text_encoder})
+    else:
+        for module in trained:
+            module.requires_grad_(True)
+    for module in trained:
+        for param in module.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if config.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    return trained
+
+
+def validation_pipeline_factory(accelerator, parts: dict):
+    """A diffusers pipeline over the parts being trained, for validation images."""
+    def make():
+        from diffusers import StableDiffusionPipeline
+        pipe = StableDiffusionPipeline(
+            unet=accelerator.unwrap_model(parts['unet']), text_encoder=accelerator.unwrap_model(parts['text_encoder']),
+            vae=parts['vae'], tokenizer=parts['tokenizer'], safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+            scheduler=_inference_scheduler(parts['model_dir']))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    return make
+
+
+def _inference_scheduler(model_dir: str):
+    """The model's own sampling scheduler (training uses DDPM's noise schedule)."""
+    import diffusers
+    config = diffusers.PNDMScheduler.load_config(model_dir, subfolder='scheduler')
+    return getattr(diffusers, config['_class_name']).from_config(config)
+
+
+def render_result(prompt: str, seed: int, filename: str, model: str, revision: Optional[str] = None,
+                  lora_dir: Optional[str] = None) -> str:
+    """As ModelScope's examples do after training: one image for ``--prompt``, in the working folder."""
+    import cv2
+
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    pipe = StableDiffusionText2ImagePipeline(model, model_revision=revision, lora_dir=lora_dir, progress_bar=False)
+    path = os.path.abspath(filename)
+    cv2.imwrite(path, pipe({'text': prompt, 'seed': seed})['output_imgs'][0])
+    logger.info('Rendered %r to %s', prompt, path)
+    return path
+
+
 def step_seed(seed: int, micro_step: int, process: int) -> int:
     return (seed * 1_000_003 + micro_step) * 64 + process
 
@@ -81,7 +150,8 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
     # 1. data: order and augmentation are functions of (seed, epoch, index)
     sampler = EpochSampler(len(dataset), config.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler,
-                                         collate_fn=collate, num_workers=config.dataloader_num_workers)
+                                         collate_fn=getattr(dataset, 'collate', collate),
+                                         num_workers=config.dataloader_num_workers)
     steps_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     epochs = math.ceil(max_steps / steps_per_epoch)

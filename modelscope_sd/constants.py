@@ -6,6 +6,14 @@ PIPELINE_NAME = 'modelscope-sd-text-to-image'  # our own registered name, usable
 BUILTIN_PIPELINE_NAME = 'diffusers-stable-diffusion'  # what the hub repo's configuration.json names
 MODEL_TYPE = 'stable-diffusion'
 
+# What ModelScope reads from a model folder's configuration.json to pick the pipeline (as the hub repo has it).
+MODELSCOPE_CONFIGURATION = {
+    'framework': 'pytorch',
+    'task': TASK,
+    'model': {'type': MODEL_TYPE},
+    'pipeline': {'type': BUILTIN_PIPELINE_NAME},
+}
+
 # The model the model card starts from.
 DEFAULT_MODEL_ID = 'AI-ModelScope/stable-diffusion-v1-5'
 DEFAULT_MODEL_REVISION = 'v1.0.0'

@@ -9,8 +9,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .constants import (DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION, HUB_CONFIG_PATTERNS,
-                        HUB_IGNORE_PATTERNS, MODEL_INDEX, PICKLE_SUFFIXES)
+from .constants import (CONFIGURATION, DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION, HUB_CONFIG_PATTERNS,
+                        HUB_IGNORE_PATTERNS, MODEL_INDEX, MODELSCOPE_CONFIGURATION, PICKLE_SUFFIXES)
 
 REQUIRED_COMPONENTS = ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler')
 _HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
@@ -104,6 +104,16 @@ def check_model_dir(path: str) -> None:
         raise ValueError(f'model={path!r} is not a complete Stable Diffusion model: missing {missing}.')
     for weights in glob.glob(os.path.join(path, '*', '*.safetensors')):
         check_safetensors(weights)
+
+
+def write_configuration(folder: str) -> str:
+    """Add ModelScope's configuration.json to a diffusers folder, so that plain
+    ``pipeline(task=Tasks.text_to_image_synthesis, model=folder)`` picks this package's pipeline."""
+    check_model_dir(folder)
+    path = os.path.join(folder, CONFIGURATION)
+    with open(path, 'w', encoding='utf-8') as f:
+        json.dump(MODELSCOPE_CONFIGURATION, f, indent=2)
+    return path
 
 
 def load_pipeline(model, *, revision: Optional[str] = None, torch_dtype=None, device=None,

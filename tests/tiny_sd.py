@@ -10,14 +10,6 @@ import os
 
 import torch
 
-CONFIGURATION = {  # what the hub repo AI-ModelScope/stable-diffusion-v1-5 carries
-    'framework': 'pytorch',
-    'task': 'text-to-image-synthesis',
-    'model': {'type': 'stable-diffusion'},
-    'pipeline': {'type': 'diffusers-stable-diffusion'},
-}
-
-
 def _bytes_to_unicode():
     bs = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(range(ord('®'), ord('ÿ') + 1))
     cs = bs[:]
@@ -81,7 +73,7 @@ def build_tiny_sd(path: str, seed: int = 0, safety_checker: bool = True, configu
     components = tiny_components(os.path.join(path, '.tok'), seed=seed, safety_checker=safety_checker)
     pipe = StableDiffusionPipeline(**components, requires_safety_checker=safety_checker)
     pipe.save_pretrained(path)
-    if configuration:
-        with open(os.path.join(path, 'configuration.json'), 'w') as f:
-            json.dump(CONFIGURATION, f, indent=2)
+    if configuration:  # as the hub repo AI-ModelScope/stable-diffusion-v1-5 has it
+        from modelscope_sd.loading import write_configuration
+        write_configuration(path)
     return path

@@ -1,0 +1,139 @@
+"""DreamBooth for Stable Diffusion v1.x: teach the model a subject from a few photos.
+
+    accelerate launch finetune/train_dreambooth.py --instance_data_dir ./dog --instance_prompt 'a photo of sks dog' \\
+        --with_prior_preservation --class_prompt 'a photo of dog' --output_dir sd-dreambooth
+
+Full UNet fine-tune by default: ``output_dir`` becomes a complete model (diffusers layout plus
+configuration.json) for ``pipeline(task=..., model=output_dir)``. ``--use_lora`` trains adapters instead,
+loadable with ``lora_dir=output_dir``. Missing class images are generated from ``--class_prompt`` with our
+pipeline before training and reused by later runs. ModelScope's example flags work too.
+"""
+
+import glob
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from typing import List, Optional
+
+from finetune.config import DreamBoothConfig, parse_args
+from finetune.data import (IMAGE_EXTENSIONS, CaptionDataset, PriorPreservationDataset, check_images, load_records,
+                           records_from_image_folder)
+from finetune.models import load_components, save_lora, training_metadata
+from finetune.training import (make_accelerator, prepare_models, prepare_output_dir, render_result, train_loop,
+                               validation_pipeline_factory)
+from modelscope_sd.constants import MODEL_INDEX
+from modelscope_sd.loading import write_configuration
+
+logger = logging.getLogger('finetune.train_dreambooth')
+RESULT_IMAGE = 'dreambooth_result.png'
+CLASS_PROMPT_KEY = 'modelscope_sd.class_prompt'
+
+
+def main(config: DreamBoothConfig, notes: Optional[List[str]] = None) -> str:
+    prepare_output_dir(config)
+    accelerator = make_accelerator(config)
+    for note in notes or []:
+        logger.info(note)
+    instance = check_images(instance_records(config), config.skip_bad_images)
+    if config.with_prior_preservation:
+        if accelerator.is_main_process:
+            generate_class_images(config, accelerator.device)
+        accelerator.wait_for_everyone()
+    parts = load_components(config.pretrained_model_name_or_path, config.revision)
+    trained = prepare_models(accelerator, config, parts, lora=config.use_lora)
+
+    def dataset(records):
+        return CaptionDataset(records, parts['tokenizer'], config.resolution, config.center_crop,
+                              config.random_flip, config.seed)
+
+    data = dataset(instance)
+    if config.with_prior_preservation:
+        classes = records_from_image_folder(config.class_data_dir, caption=config.class_prompt)
+        data = PriorPreservationDataset(data, dataset(classes[:config.num_class_images]), config.prior_loss_weight)
+    train_loop(accelerator, config, parts, trained, data,
+               pipeline_for_validation=validation_pipeline_factory(accelerator, parts))
+    if accelerator.is_main_process:
+        unet, text_encoder = accelerator.unwrap_model(parts['unet']), accelerator.unwrap_model(parts['text_encoder'])
+        if config.use_lora:
+            save_lora(config.output_dir, unet, text_encoder if config.train_text_encoder else None,
+                      metadata=training_metadata(config, parts['model_dir']), export_kohya=config.export_kohya)
+        else:
+            save_full_model(config.output_dir, parts['model_dir'], unet, text_encoder)
+        logger.info('Saved to %s', config.output_dir)
+        if config.prompt:
+            if config.use_lora:
+                render_result(config.prompt, config.seed, RESULT_IMAGE, config.pretrained_model_name_or_path,
+                              config.revision, lora_dir=config.output_dir)
+            else:
+                render_result(config.prompt, config.seed, RESULT_IMAGE, config.output_dir)
+    return config.output_dir
+
+
+def instance_records(config: DreamBoothConfig):
+    """Every instance photo gets the instance prompt, whatever caption its source had."""
+    records = load_records(config.instance_data_dir or config.dataset_name, 'train', caption=config.instance_prompt)
+    if not records:
+        raise ValueError(f'dataset_name={config.dataset_name!r} holds no instance images.')
+    return records
+
+
+def generate_class_images(config: DreamBoothConfig, device) -> int:
+    """Fill ``class_data_dir`` up to ``num_class_images`` with images of the *class* prompt, made by our
+    pipeline from the base model; image i uses seed + i, so an interrupted fill resumes where it stopped."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    os.makedirs(config.class_data_dir, exist_ok=True)
+    for leftover in glob.glob(os.path.join(config.class_data_dir, '*.partial.png')):
+        os.remove(leftover)
+    existing = records_from_image_folder(config.class_data_dir, caption='') if _has_images(
+        config.class_data_dir) else []
+    missing = config.num_class_images - len(existing)
+    if missing <= 0:
+        logger.info('Reusing %d class images in %s.', len(existing), config.class_data_dir)
+        return 0
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    pipe = StableDiffusionText2ImagePipeline(config.pretrained_model_name_or_path, model_revision=config.revision,
+                                             device=str(device), progress_bar=False)
+    logger.info('Generating %d class images for %r in %s.', missing, config.class_prompt, config.class_data_dir)
+    start = len(existing)
+    for first in range(start, config.num_class_images, config.sample_batch_size):
+        count = min(config.sample_batch_size, config.num_class_images - first)
+        output = pipe({'text': config.class_prompt, 'num_images_per_prompt': count, 'seed': config.seed + first,
+                       'height': config.resolution, 'width': config.resolution,
+                       'num_inference_steps': config.class_inference_steps})
+        for offset, image in enumerate(output['output_imgs']):
+            info = PngInfo()
+            info.add_text(CLASS_PROMPT_KEY, config.class_prompt)
+            path = os.path.join(config.class_data_dir, f'class-{first + offset:05d}.png')
+            Image.fromarray(image[..., ::-1]).save(path + '.partial.png', pnginfo=info)
+            os.replace(path + '.partial.png', path)  # a kill never leaves a half-written image
+    del pipe
+    return missing
+
+
+def _has_images(folder: str) -> bool:
+    return any(name.lower().endswith(IMAGE_EXTENSIONS) for name in os.listdir(folder))
+
+
+def save_full_model(output_dir: str, base_dir: str, unet, text_encoder) -> None:
+    """A complete diffusers model with ModelScope's configuration.json. Written to a temporary folder
+    first; model_index.json, which makes the folder look like a model, is moved in last."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(base_dir, unet=unet, text_encoder=text_encoder)
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix='.model-') as tmp:
+        pipe.save_pretrained(tmp)
+        write_configuration(tmp)
+        for name in sorted(os.listdir(tmp), key=lambda n: n == MODEL_INDEX):
+            target = os.path.join(output_dir, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(tmp, name), target)
+
+
+if __name__ == '__main__':
+    logging.basicConfig(format='%(asctime)s %(levelname)s %(name)s: %(message)s', level=logging.INFO)
+    main(*parse_args(DreamBoothConfig, sys.argv[1:], __doc__))

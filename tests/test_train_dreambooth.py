@@ -1,0 +1,214 @@
+"""DreamBooth on the tiny model: both modes, real prior preservation, exact resume, ModelScope's command line."""
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from finetune.config import DreamBoothConfig
+from train_helpers import make_images, reset_accelerate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INSTANCE_PROMPT, CLASS_PROMPT = 'a photo of sks dog', 'a photo of dog'
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate():
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+@pytest.fixture(scope='module')
+def instance_dir(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp('dog') / 'instance')
+    make_images(folder, count=3, captions=False, prefix='dog')
+    return folder
+
+
+def _config(model, instance, out, **kwargs):
+    defaults = dict(pretrained_model_name_or_path=model, instance_data_dir=instance, instance_prompt=INSTANCE_PROMPT,
+                    output_dir=str(out), resolution=32, max_train_steps=4, checkpointing_steps=2, seed=5,
+                    class_prompt=CLASS_PROMPT, num_class_images=2, class_inference_steps=2, sample_batch_size=2)
+    return DreamBoothConfig(**{**defaults, **kwargs})
+
+
+def _train(config):
+    from finetune.train_dreambooth import main
+    reset_accelerate()
+    return main(config)
+
+
+def _image(pipe, prompt=INSTANCE_PROMPT):
+    return pipe(prompt, num_inference_steps=2, seed=0)['output_imgs'][0].astype(int)
+
+
+def _bash(args, env, cwd):
+    result = subprocess.run(['bash', os.path.join(REPO, 'finetune', 'run_train_dreambooth.sh'), *args], cwd=cwd,
+                            env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def test_full_fine_tune_via_shell_loads_as_model_and_changes_the_image(tiny_model_dir, instance_dir, tmp_path,
+                                                                         sd_pipe):
+    import modelscope_sd
+    from modelscope.pipelines import pipeline
+    from modelscope.utils.constant import Tasks
+    _bash(['--with_prior_preservation', '--num_class_images', '2', '--class_inference_steps', '2',
+           '--learning_rate', '1e-3'],
+          {'MODEL': tiny_model_dir, 'INSTANCE_DIR': instance_dir, 'OUTPUT_DIR': str(tmp_path / 'out'),
+           'RESOLUTION': '32', 'MAX_TRAIN_STEPS': '3'}, tmp_path)
+    pipe = pipeline(task=Tasks.text_to_image_synthesis, model=str(tmp_path / 'out'), device='cpu')
+    assert isinstance(pipe, modelscope_sd.StableDiffusionText2ImagePipeline)
+    pipe.progress_bar = False
+    assert np.abs(_image(pipe) - _image(sd_pipe)).max() > 0
+    assert len(os.listdir(tmp_path / 'out' / 'class_images')) == 2
+
+
+def test_lora_mode_via_shell_loads_as_lora_dir(tiny_model_dir, instance_dir, tmp_path, sd_pipe):
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    _bash(['--use_lora', '--learning_rate', '5e-2', '--train_text_encoder'],
+          {'MODEL': tiny_model_dir, 'INSTANCE_DIR': instance_dir, 'OUTPUT_DIR': str(tmp_path / 'out'),
+           'RESOLUTION': '32', 'MAX_TRAIN_STEPS': '3'}, tmp_path)
+    assert os.path.isfile(tmp_path / 'out' / 'pytorch_lora_weights.safetensors')
+    pipe = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False,
+                                             lora_dir=str(tmp_path / 'out'))
+    assert np.abs(_image(pipe) - _image(sd_pipe)).max() > 0
+
+
+def test_class_images_come_from_the_class_prompt_and_batches_hold_both(tiny_model_dir, instance_dir, tmp_path,
+                                                                        monkeypatch):
+    import finetune.training as training
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    prompts, batches = [], []
+    real_call, real_loss = StableDiffusionText2ImagePipeline.__call__, training.denoising_loss
+
+    def spy_call(self, input=None, **kwargs):
+        prompts.append(input['text'])
+        return real_call(self, input, **kwargs)
+
+    def spy_loss(unet, text_encoder, vae, scheduler, batch, *args):
+        batches.append({k: v.clone() for k, v in batch.items()})
+        return real_loss(unet, text_encoder, vae, scheduler, batch, *args)
+
+    monkeypatch.setattr(StableDiffusionText2ImagePipeline, '__call__', spy_call)
+    monkeypatch.setattr(training, 'denoising_loss', spy_loss)
+    _train(_config(tiny_model_dir, instance_dir, tmp_path / 'out', with_prior_preservation=True, num_class_images=3,
+                   prior_loss_weight=0.25, train_batch_size=2, max_train_steps=2, checkpointing_steps=None))
+    assert prompts and set(prompts) == {CLASS_PROMPT}
+    class_dir = tmp_path / 'out' / 'class_images'
+    assert sorted(os.listdir(class_dir)) == ['class-00000.png', 'class-00001.png', 'class-00002.png']
+    assert Image.open(class_dir / 'class-00001.png').text['modelscope_sd.class_prompt'] == CLASS_PROMPT
+    from transformers import CLIPTokenizer
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_model_dir, subfolder='tokenizer')
+    assert [len(b['loss_weight']) for b in batches] == [4, 2]  # 3 pairs at batch size 2
+    for batch in batches:
+        n = len(batch['loss_weight']) // 2
+        assert batch['loss_weight'].tolist() == [1.0] * n + [0.25] * n
+        captions = tokenizer.batch_decode(batch['input_ids'], skip_special_tokens=True)
+        assert captions == [INSTANCE_PROMPT] * n + [CLASS_PROMPT] * n
+    # a second run reuses the class images instead of generating again
+    prompts.clear()
+    _train(_config(tiny_model_dir, instance_dir, tmp_path / 'out2', with_prior_preservation=True, num_class_images=3,
+                   class_data_dir=str(class_dir), max_train_steps=1, checkpointing_steps=None))
+    assert prompts == []
+
+
+def test_prior_loss_is_instance_mean_plus_weighted_class_mean():
+    from finetune.data import PriorPreservationDataset
+
+    class Fixed(torch.utils.data.Dataset):
+        def __init__(self, value):
+            self.value = value
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, key):
+            return {'pixel_values': torch.full((1,), self.value), 'input_ids': torch.zeros(1, dtype=torch.long)}
+
+    data = PriorPreservationDataset(Fixed(1.0), Fixed(2.0), prior_loss_weight=0.5)
+    batch = data.collate([data[(0, 0)], data[(0, 1)]])
+    losses = torch.tensor([1.0, 3.0, 10.0, 20.0])  # two instance, two class samples
+    loss = (losses * batch['loss_weight']).sum() / batch['is_instance'].sum()  # what the loop computes
+    assert float(loss) == pytest.approx(2.0 + 0.5 * 15.0)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_full_fine_tune_resume_matches_an_uninterrupted_run(tiny_model_dir, instance_dir, tmp_path, monkeypatch):
+    settings = dict(max_train_steps=4, checkpointing_steps=2, learning_rate=1e-3, lr_scheduler='cosine')
+    _train(_config(tiny_model_dir, instance_dir, tmp_path / 'a', **settings))
+    import finetune.training as training
+    real_loss, calls = training.denoising_loss, []
+
+    def dies_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise _Killed
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training, 'denoising_loss', dies_in_step_3)
+    with pytest.raises(_Killed):
+        _train(_config(tiny_model_dir, instance_dir, tmp_path / 'b', **settings))
+    monkeypatch.setattr(training, 'denoising_loss', real_loss)
+    _train(_config(tiny_model_dir, instance_dir, tmp_path / 'b', resume_from_checkpoint='latest', **settings))
+    weights = 'unet/diffusion_pytorch_model.safetensors'
+    a, b = load_file(str(tmp_path / 'a' / weights)), load_file(str(tmp_path / 'b' / weights))
+    base = load_file(os.path.join(tiny_model_dir, weights))
+    assert any(not torch.equal(a[k], base[k]) for k in a)  # it trained
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+
+
+def test_modelscope_example_command_line_runs_unchanged(tiny_model_dir, instance_dir, tmp_path):
+    work_dir = str(tmp_path / 'tmp' / 'dreambooth_diffusion')
+    log = _bash(['--model', tiny_model_dir, '--model_revision', 'v1.0.8', '--work_dir', work_dir,
+                 '--train_dataset_name', instance_dir, '--with_prior_preservation', 'false',
+                 '--instance_prompt', 'a photo of sks dog', '--class_prompt', 'a photo of dog',
+                 '--class_data_dir', str(tmp_path / 'tmp' / 'class_data'), '--num_class_images', '200',
+                 '--resolution', '32', '--prior_loss_weight', '1.0', '--prompt', 'dog', '--max_epochs', '1',
+                 '--save_ckpt_strategy', 'by_epoch', '--logging_interval', '1',
+                 '--train.dataloader.workers_per_gpu', '0', '--evaluation.dataloader.workers_per_gpu', '0',
+                 '--train.optimizer.lr', '5e-6', '--use_model_config', 'true'], {}, tmp_path)
+    assert '--work_dir' in log and 'accepted, no effect here' in log
+    output = os.path.join(work_dir, 'output')
+    assert os.path.isfile(os.path.join(output, 'model_index.json'))
+    assert os.path.isfile(os.path.join(output, 'configuration.json'))
+    assert Image.open(tmp_path / 'dreambooth_result.png').size == (32, 32)
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize('kwargs, error, message', [
+    (dict(instance_data_dir='/no/such/folder'), FileNotFoundError, 'instance_data_dir=.*no such folder'),
+    (dict(instance_data_dir=None), ValueError, 'No instance images'),
+    (dict(with_prior_preservation=True, class_prompt=None), ValueError, 'needs --class_prompt'),
+    (dict(num_class_images=0), ValueError, 'num_class_images=0 must be >= 1'),
+    (dict(identifier='xyz'), ValueError, "does not contain the identifier 'xyz'"),
+    (dict(identifier='sks', with_prior_preservation=True, class_prompt='a photo of sks'), ValueError,
+     'contains the identifier'),
+    (dict(instance_prompt=None), ValueError, 'instance_prompt is required'),
+])
+def test_bad_config(instance_dir, tmp_path, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        _config('unused', instance_dir, tmp_path / 'out', **kwargs)
+
+
+def test_empty_instance_folder(tiny_model_dir, tmp_path):
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(ValueError, match='holds no images'):
+        _train(_config(tiny_model_dir, str(tmp_path / 'empty'), tmp_path / 'out'))
+
+
+def test_output_dir_holding_a_run_is_refused(tiny_model_dir, instance_dir, tmp_path):
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'model_index.json').write_text('{}')
+    with pytest.raises(ValueError, match='already holds a run'):
+        _train(_config(tiny_model_dir, instance_dir, tmp_path / 'out'))
