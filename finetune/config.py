@@ -61,6 +61,8 @@ class TrainConfig:
     noise_offset: float = _help('noise offset (0.05-0.1 helps very dark/bright images)', default=0.0)
     prediction_type: Optional[str] = _help("'epsilon' or 'v_prediction'; default: the scheduler's", default=None)
     train_text_encoder: bool = _help('also train the text encoder', default=False)
+    cache_latents: bool = _help('encode images (and prompts, unless the text encoder trains) once before '
+                                'training; needs --center_crop and no --random_flip', default=False)
     # checkpoints
     checkpointing_steps: Optional[int] = _help('save a resumable checkpoint every N steps', default=500)
     checkpointing_epochs: Optional[int] = _help('save a resumable checkpoint every N epochs', default=None)
@@ -92,6 +94,9 @@ class TrainConfig:
             raise ValueError(f"prediction_type={self.prediction_type!r} must be 'epsilon' or 'v_prediction'.")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f'snr_gamma={self.snr_gamma} must be > 0 (5.0 is usual), or unset.')
+        if self.cache_latents and (self.random_flip or not self.center_crop):
+            raise ValueError('cache_latents needs fixed images: pass --center_crop and drop --random_flip '
+                             '(random crops and flips change the latents every epoch).')
         if self.dataloader_num_workers < 0:
             raise ValueError(f'dataloader_num_workers={self.dataloader_num_workers} must be >= 0.')
 

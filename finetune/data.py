@@ -253,3 +253,36 @@ class PriorPreservationDataset(torch.utils.data.Dataset):
         batch['loss_weight'] = torch.tensor([1.0] * n + [self.prior_loss_weight] * n)
         batch['is_instance'] = torch.tensor([1.0] * n + [0.0] * n)
         return batch
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """A ``CaptionDataset`` whose images were encoded once: each item holds the VAE posterior's parameters
+    (a fresh latent is still sampled every step) and, with ``text_encoder``, the prompt embedding."""
+
+    def __init__(self, dataset: CaptionDataset, vae, text_encoder=None):
+        self.items = []
+        with torch.no_grad():
+            for index in range(len(dataset)):
+                item = dataset[(0, index)]
+                pixels = item['pixel_values'][None].to(vae.device, vae.dtype)
+                entry = {'latent_params': vae.encode(pixels).latent_dist.parameters[0].cpu()}
+                if text_encoder is None:
+                    entry['input_ids'] = item['input_ids']
+                else:
+                    ids = item['input_ids'][None].to(text_encoder.device)
+                    entry['encoder_hidden_states'] = text_encoder(ids, return_dict=False)[0][0].cpu()
+                self.items.append(entry)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, key):
+        return self.items[key[1] if isinstance(key, tuple) else key]
+
+
+def cache_dataset(dataset, vae, text_encoder=None):
+    if isinstance(dataset, PriorPreservationDataset):
+        return PriorPreservationDataset(CachedDataset(dataset.instance, vae, text_encoder),
+                                        CachedDataset(dataset.class_images, vae, text_encoder),
+                                        dataset.prior_loss_weight)
+    return CachedDataset(dataset, vae, text_encoder)

@@ -43,12 +43,20 @@ def per_sample_loss(model_pred, target, timesteps, scheduler, snr_gamma=None) ->
 
 
 def denoising_loss(unet, text_encoder, vae, scheduler, batch, noise_offset=0.0, snr_gamma=None) -> torch.Tensor:
-    """One forward pass of the training objective; returns the loss of each sample in the batch."""
-    latents = encode_latents(vae, batch['pixel_values'])
+    """One forward pass of the training objective; returns the loss of each sample in the batch. A batch
+    holds images (``pixel_values``) or cached VAE posteriors (``latent_params``), and token ids
+    (``input_ids``) or cached prompt embeddings (``encoder_hidden_states``)."""
+    if 'latent_params' in batch:
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        latents = DiagonalGaussianDistribution(batch['latent_params']).sample() * vae.config.scaling_factor
+    else:
+        latents = encode_latents(vae, batch['pixel_values'])
     noise = sample_noise(latents, noise_offset)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-    encoder_hidden_states = text_encoder(batch['input_ids'], return_dict=False)[0]
+    encoder_hidden_states = batch.get('encoder_hidden_states')
+    if encoder_hidden_states is None:
+        encoder_hidden_states = text_encoder(batch['input_ids'], return_dict=False)[0]
     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
     return per_sample_loss(model_pred, training_target(scheduler, latents, noise, timesteps), timesteps,
                            scheduler, snr_gamma)

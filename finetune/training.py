@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import find_checkpoint, read_state, remove_partial_checkpoints, save_checkpoint
-from .data import EpochSampler, collate
+from .data import EpochSampler, cache_dataset, collate
 from .diffusion import denoising_loss
 
 logger = logging.getLogger(__name__)
@@ -148,6 +148,8 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
     if config.prediction_type:
         scheduler.register_to_config(prediction_type=config.prediction_type)
     # 1. data: order and augmentation are functions of (seed, epoch, index)
+    if config.cache_latents:
+        dataset = cache_dataset(dataset, vae, None if any(m is text_encoder for m in trained) else text_encoder)
     sampler = EpochSampler(len(dataset), config.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler,
                                          collate_fn=getattr(dataset, 'collate', collate),

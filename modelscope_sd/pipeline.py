@@ -66,6 +66,9 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         lora_dir: a LoRA adapter (folder or file, diffusers/peft or kohya/A1111 format), or a list of them.
         lora_scale: the adapter weight, or one weight per adapter.
         fuse_lora: merge the adapters into the weights once, for speed (scales are then fixed).
+        fast: CUDA only: fused QKV, channels_last and torch.compile with CUDA graphs (adapters are fused).
+            The first call per size and batch compiles; later calls and later starts reuse the kernels.
+        compile_mode: torch.compile mode for ``fast`` ('reduce-overhead' or 'max-autotune').
     """
 
     def __init__(self, model, device: str = 'gpu', torch_dtype=None, torch_type=None,
@@ -73,11 +76,12 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                  allow_pickle: bool = False, load_safety_checker: bool = True,
                  local_files_only: bool = False, progress_bar: bool = True,
                  lora_dir=None, lora_scale: Union[float, List[float]] = 1.0, fuse_lora: bool = False,
-                 trust_remote_code: bool = False, **kwargs):
+                 fast: bool = False, compile_mode: str = 'reduce-overhead', trust_remote_code: bool = False,
+                 **kwargs):
         if kwargs:
             raise ValueError(_unknown_message('pipeline argument', kwargs, [
                 'device', 'torch_dtype', 'model_revision', 'config', 'allow_pickle', 'load_safety_checker',
-                'local_files_only', 'progress_bar', 'lora_dir', 'lora_scale', 'fuse_lora']))
+                'local_files_only', 'progress_bar', 'lora_dir', 'lora_scale', 'fuse_lora', 'fast', 'compile_mode']))
         if torch_type is not None and torch_dtype is not None:
             raise ValueError('Pass torch_dtype or its alias torch_type, not both.')
         # ModelScope's Pipeline.__init__ would build a ModelScope Model from configuration.json (and import
@@ -98,9 +102,13 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         self.progress_bar = progress_bar
         self._base_scheduler = self.sd.scheduler
         self._schedulers: Dict[str, Any] = {}
+        fuse_lora = fuse_lora or fast  # compiled kernels take plain weights
         self.adapters = lora_utils.load_adapters(self.sd, lora_dir, lora_scale, fuse=fuse_lora)
         self.lora_scales = lora_utils.check_scales(lora_scale, self.adapters) if self.adapters else []
         self.lora_fused = fuse_lora and lora_dir is not None
+        if fast:
+            from .fast import enable_fast_inference
+            enable_fast_inference(self.sd, compile_mode)
 
     # ModelScope callers
     def __call__(self, input: Union[str, List[str], Dict[str, Any], List[Dict[str, Any]]] = None,

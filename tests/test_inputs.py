@@ -62,3 +62,9 @@ def test_bad_device_is_refused(tiny_model_dir):
     from modelscope_sd import StableDiffusionText2ImagePipeline
     with pytest.raises(ValueError, match="device='tpu'"):
         StableDiffusionText2ImagePipeline(tiny_model_dir, device='tpu')
+
+
+def test_fast_path_needs_cuda(tiny_model_dir):
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    with pytest.raises(ValueError, match='fast=True needs a CUDA device'):
+        StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', fast=True)

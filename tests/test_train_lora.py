@@ -247,3 +247,18 @@ def test_output_dir_holding_a_run_is_refused(tiny_model_dir, csv_dataset, tmp_pa
     (out / 'pytorch_lora_weights.safetensors').write_bytes(b'')
     with pytest.raises(ValueError, match='already holds a run.*--overwrite_output_dir'):
         _train(_config(tiny_model_dir, csv_dataset, out))
+
+
+def test_cached_latents_train_the_same_adapter(tiny_model_dir, csv_dataset, tmp_path):
+    """Encoding once gives the same training as encoding every step (same seeds, same samples)."""
+    settings = dict(center_crop=True, max_train_steps=3, checkpointing_steps=None)
+    plain = load_file(_train(_config(tiny_model_dir, csv_dataset, tmp_path / 'plain', **settings)))
+    cached = load_file(_train(_config(tiny_model_dir, csv_dataset, tmp_path / 'cached', cache_latents=True,
+                                      **settings)))
+    for key in plain:
+        torch.testing.assert_close(cached[key], plain[key], rtol=1e-4, atol=1e-5)
+
+
+def test_cache_latents_refuses_random_augmentation():
+    with pytest.raises(ValueError, match='cache_latents needs fixed images'):
+        LoraTrainConfig(dataset_name='x', cache_latents=True, random_flip=True, center_crop=True)

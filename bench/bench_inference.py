@@ -1,0 +1,181 @@
+"""Inference benchmark: our pipeline (plain and fast=True) against vanilla diffusers, in one run on one card.
+
+    python bench/bench_inference.py                       # SD1.5 architecture, fp16, 512x512, 50 PNDM steps, CFG 7.5
+    python bench/bench_inference.py --device cpu --tiny   # dry run of the script on the tiny model
+
+Prints one JSON line per measurement and a table; batch-1 latency is the median of --repeats calls.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from bench.models import build_components, environment  # noqa: E402
+
+PROMPT = 'a photo of an astronaut riding a horse on mars'
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--device', default='cuda')
+    parser.add_argument('--tiny', action='store_true', help='tiny random model (CPU dry run)')
+    parser.add_argument('--steps', type=int, default=50)
+    parser.add_argument('--batch', type=int, default=4, help='images per call for the throughput number')
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--compile_mode', default='reduce-overhead')
+    parser.add_argument('--skip_fast', action='store_true')
+    parser.add_argument('--second_start', action='store_true',
+                        help='also time a fresh process to its first fast image with the warm compile cache')
+    parser.add_argument('--out', default=None, help='also append the JSON lines to this file')
+    return parser.parse_args(argv)
+
+
+def _sync(device):
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    _sync(device)
+    start = time.perf_counter()
+    result = fn()
+    _sync(device)
+    return time.perf_counter() - start, result
+
+
+def measure(name, run, args, results):
+    """First call (warm-up/compile), then the median of batch-1 calls, then one batched call."""
+    if args.device.startswith('cuda'):
+        torch.cuda.reset_peak_memory_stats()
+    warmup, first = timed(lambda: run(1, 0), args.device)
+    latencies = [timed(lambda: run(1, 0), args.device)[0] for _ in range(args.repeats)]
+    batch_warmup, _ = timed(lambda: run(args.batch, 1), args.device)
+    batch_time, _ = timed(lambda: run(args.batch, 1), args.device)
+    row = {'name': name, 'first_call_s': round(warmup, 3), 's_per_image_batch1': round(statistics.median(latencies), 4),
+           'it_per_s_batch1': round(args.steps / statistics.median(latencies), 2),
+           'batch': args.batch, 'batch_first_call_s': round(batch_warmup, 3),
+           'images_per_s_batched': round(args.batch / batch_time, 3)}
+    if args.device.startswith('cuda'):
+        row['peak_mem_gib'] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    emit(row, args, results)
+    return first
+
+
+def emit(row, args, results):
+    results.append(row)
+    line = json.dumps(row)
+    print(line, flush=True)
+    if args.out:
+        with open(args.out, 'a') as f:
+            f.write(line + '\n')
+
+
+def compare(reference, image):
+    diff = np.abs(reference.astype(np.float64) - image.astype(np.float64))
+    mse = float((diff ** 2).mean())
+    return {'max_abs_pixel_diff_0_255': float(diff.max()), 'mean_abs_pixel_diff_0_255': round(float(diff.mean()), 4),
+            'psnr_db': round(10 * np.log10(255 ** 2 / mse), 2) if mse else float('inf')}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from diffusers import StableDiffusionPipeline
+
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    from modelscope_sd.pipeline import to_bgr_uint8
+    results = []
+    emit({'name': 'environment', **environment(), 'steps': args.steps, 'tiny': args.tiny}, args, results)
+    dtype = torch.float16 if args.device.startswith('cuda') else torch.float32
+    components = build_components(args.tiny, args.device)
+    vanilla = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                      requires_safety_checker=False).to(args.device, dtype)
+    vanilla.set_progress_bar_config(disable=True)
+
+    def run_vanilla(n, seed):
+        gens = [torch.Generator('cpu').manual_seed(seed + i) for i in range(n)]
+        return to_bgr_uint8(vanilla([PROMPT] * n, num_inference_steps=args.steps, generator=gens,
+                                    output_type='np').images)
+
+    reference = measure('vanilla diffusers', run_vanilla, args, results)[0]
+
+    # ours, plain: the registered pipeline class over the same weights
+    ours = StableDiffusionText2ImagePipeline(vanilla, device=args.device, torch_dtype=dtype, progress_bar=False)
+
+    def run_ours(n, seed):
+        return ours([PROMPT] * n, num_inference_steps=args.steps, seed=seed)['output_imgs']
+
+    plain = measure('ours', run_ours, args, results)[0]
+    emit({'name': 'ours vs vanilla, same seed', **compare(reference, plain)}, args, results)
+    if not args.skip_fast:
+        # fast=True changes the modules in place (fused QKV, compiled forward): vanilla is done by now
+        fast = StableDiffusionText2ImagePipeline(vanilla, device=args.device, torch_dtype=dtype, progress_bar=False,
+                                                 fast=True, compile_mode=args.compile_mode)
+
+        def run_fast(n, seed):
+            return fast([PROMPT] * n, num_inference_steps=args.steps, seed=seed)['output_imgs']
+
+        image = measure(f'ours fast=True ({args.compile_mode})', run_fast, args, results)[0]
+        emit({'name': 'ours fast vs vanilla, same seed', **compare(reference, image)}, args, results)
+        for scheduler in ('dpm++_2m_karras', 'euler_a'):
+            start = time.perf_counter()
+            fast(PROMPT, num_inference_steps=args.steps, seed=0, scheduler=scheduler)
+            emit({'name': f'ours fast, scheduler {scheduler}, call after switching',
+                  's': round(time.perf_counter() - start, 3)}, args, results)
+    if args.second_start and not args.skip_fast:
+        emit(second_start(args), args, results)
+    print_table(results)
+    return results
+
+
+SECOND_START = '''
+import time, torch, sys
+start = time.perf_counter()
+sys.path.insert(0, {root!r})
+from bench.models import build_components
+from diffusers import StableDiffusionPipeline
+from modelscope_sd import StableDiffusionText2ImagePipeline
+parts = build_components({tiny}, {device!r})
+pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+fast = StableDiffusionText2ImagePipeline(pipe, device={device!r}, torch_dtype=torch.float16, progress_bar=False,
+                                         fast=True, compile_mode={mode!r})
+fast({prompt!r}, num_inference_steps={steps}, seed=0)
+print('SECOND_START', time.perf_counter() - start)
+'''
+
+
+def second_start(args):
+    """A new process, same compile cache: seconds from interpreter start to the first fast image."""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+    code = SECOND_START.format(root=root, tiny=args.tiny, device=args.device, mode=args.compile_mode,
+                               prompt=PROMPT, steps=args.steps)
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=400)
+    total = time.perf_counter() - start
+    inner = [line for line in out.stdout.splitlines() if line.startswith('SECOND_START')]
+    return {'name': 'second start, warm compile cache', 'process_s': round(total, 2),
+            'script_s': round(float(inner[0].split()[1]), 2) if inner else None,
+            'ok': out.returncode == 0, 'stderr_tail': out.stderr[-400:] if out.returncode else ''}
+
+
+def print_table(results):
+    print('\n| run | first call s | s/image (batch 1) | it/s | images/s (batched) | peak GiB |')
+    print('|---|---|---|---|---|---|')
+    for row in results:
+        if 's_per_image_batch1' in row:
+            print(f"| {row['name']} | {row['first_call_s']} | {row['s_per_image_batch1']} | {row['it_per_s_batch1']} | "
+                  f"{row['images_per_s_batched']} (batch {row['batch']}) | {row.get('peak_mem_gib', '-')} |")
+    for row in results:
+        if 'psnr_db' in row or 'process_s' in row:
+            print(row)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,195 @@
+"""Training benchmark: our LoRA and DreamBooth steps against a diffusers-example-style loop, same card, same run.
+
+    python bench/bench_training.py                       # SD1.5 architecture, 512x512
+    python bench/bench_training.py --device cpu --tiny   # dry run on the tiny model
+
+"vanilla" is what diffusers' train_text_to_image_lora.py / train_dreambooth.py do per step: fp16 autocast,
+VAE encode and text encoder every step, plain AdamW. "ours" is finetune.training.train_loop with the fast
+options: --cache_latents, --mixed_precision bf16, fused AdamW (and --gradient_checkpointing where named).
+Images/s is measured over --steps optimizer steps after --warmup steps; peak memory over the timed steps.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from bench.models import build_components, environment  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--device', default='cuda')
+    parser.add_argument('--tiny', action='store_true')
+    parser.add_argument('--steps', type=int, default=30)
+    parser.add_argument('--warmup', type=int, default=5)
+    parser.add_argument('--only', default='lora,dreambooth', help='comma-separated: lora, dreambooth')
+    parser.add_argument('--out', default=None)
+    return parser.parse_args(argv)
+
+
+def make_data(folder, count, size):
+    from finetune.data import records_from_image_folder
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(f'{folder}/{i}.png')
+        with open(f'{folder}/{i}.txt', 'w') as f:
+            f.write(f'a photo of thing {i}')
+    return records_from_image_folder(folder)
+
+
+def _sync(device):
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def _peak(device):
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.startswith('cuda') else None
+
+
+def _reset(device):
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    if device.startswith('cuda'):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def vanilla_step_runner(parts, mode, batch, device, records, resolution):
+    """The per-step work of diffusers' example scripts, written out as they do it."""
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from peft import LoraConfig
+
+    from finetune.data import CaptionDataset, EpochSampler, collate
+    accelerator = Accelerator(mixed_precision='fp16' if device.startswith('cuda') else 'no')
+    unet, vae, text_encoder = parts['unet'], parts['vae'], parts['text_encoder']
+    low = torch.float16 if device.startswith('cuda') else torch.float32
+    for m in (unet, vae, text_encoder):
+        m.requires_grad_(False)
+    vae.to(device, low)
+    text_encoder.to(device, low)
+    if mode == 'lora':
+        unet.to(device, low)
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights='gaussian',
+                                    target_modules=['to_k', 'to_q', 'to_v', 'to_out.0']))
+        params = [p for p in unet.parameters() if p.requires_grad]
+        for p in params:
+            p.data = p.data.float()
+    else:
+        unet.to(device)
+        unet.requires_grad_(True)
+        params = list(unet.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear')
+    dataset = CaptionDataset(records, parts['tokenizer'], resolution, center_crop=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=EpochSampler(len(dataset), 0),
+                                         collate_fn=collate)
+    unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
+
+    def run(steps):
+        done = 0
+        while done < steps:
+            for data in loader:
+                latents = vae.encode(data['pixel_values'].to(low)).latent_dist.sample() * vae.config.scaling_factor
+                noise = torch.randn_like(latents)
+                t = torch.randint(0, 1000, (latents.shape[0],), device=latents.device)
+                noisy = scheduler.add_noise(latents, noise, t)
+                states = text_encoder(data['input_ids'], return_dict=False)[0]
+                pred = unet(noisy, t, states, return_dict=False)[0]
+                loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad()
+                done += 1
+                if done == steps:
+                    break
+    return run
+
+
+def ours_step_runner(parts, mode, batch, device, records, resolution, checkpointing):
+    from diffusers import DDPMScheduler
+
+    from finetune.config import DreamBoothConfig, LoraTrainConfig
+    from finetune.data import CaptionDataset
+    from finetune.training import make_accelerator, prepare_models, train_loop
+    out = tempfile.mkdtemp(prefix='bench_out_')
+    common = dict(pretrained_model_name_or_path='unused', output_dir=out, resolution=resolution, center_crop=True,
+                  cache_latents=True, mixed_precision='bf16' if device.startswith('cuda') else 'no',
+                  train_batch_size=batch, checkpointing_steps=None, validation_steps=10**9, logging_steps=10**9,
+                  gradient_checkpointing=checkpointing)
+    if mode == 'lora':
+        config = LoraTrainConfig(dataset_name='unused', **common)
+    else:
+        config = DreamBoothConfig(instance_data_dir=out, instance_prompt='a photo of sks thing', **common)
+    accelerator = make_accelerator(config)
+    parts = dict(parts, noise_scheduler=DDPMScheduler(beta_start=0.00085, beta_end=0.012,
+                                                     beta_schedule='scaled_linear'), model_dir=None)
+    trained = prepare_models(accelerator, config, parts, lora=(mode == 'lora'))
+    dataset = CaptionDataset(records, parts['tokenizer'], resolution, center_crop=True)
+
+    def run(steps):
+        config.max_train_steps = steps
+        train_loop(accelerator, config, parts, trained, dataset)
+    return run
+
+
+def measure(name, runner, args, batch, results):
+    runner(args.warmup)
+    _sync(args.device)
+    if args.device.startswith('cuda'):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    runner(args.steps)
+    _sync(args.device)
+    elapsed = time.perf_counter() - start
+    row = {'name': name, 'batch': batch, 'it_per_s': round(args.steps / elapsed, 2),
+           'images_per_s': round(args.steps * batch / elapsed, 2), 'peak_mem_gib': _peak(args.device)}
+    results.append(row)
+    print(json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, 'a') as f:
+            f.write(json.dumps(row) + '\n')
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    resolution = 32 if args.tiny else 512
+    results = []
+    print(json.dumps({'name': 'environment', **environment(), 'resolution': resolution}), flush=True)
+    records = make_data(tempfile.mkdtemp(prefix='bench_data_'), 8, resolution)
+    runs = []
+    if 'lora' in args.only:
+        for batch in (1, 4):
+            runs.append(('vanilla LoRA r4', 'lora', batch, None))
+            runs.append(('ours LoRA r4 (cached latents, bf16, fused AdamW)', 'lora', batch, False))
+    if 'dreambooth' in args.only:
+        runs.append(('vanilla DreamBooth full UNet', 'dreambooth', 1, None))
+        runs.append(('ours DreamBooth full UNet (cached latents, bf16, fused AdamW)', 'dreambooth', 1, False))
+        runs.append(('ours DreamBooth full UNet + gradient checkpointing', 'dreambooth', 1, True))
+    for name, mode, batch, checkpointing in runs:
+        _reset(args.device)
+        parts = build_components(args.tiny, args.device)  # fresh weights on the card for every run
+        if checkpointing is None:
+            runner = vanilla_step_runner(parts, mode, batch, args.device, records, resolution)
+        else:
+            runner = ours_step_runner(parts, mode, batch, args.device, records, resolution, checkpointing)
+        measure(name, runner, args, batch, results)
+        del parts, runner
+    print('\n| run | batch | it/s | images/s | peak GiB |\n|---|---|---|---|---|')
+    for row in results:
+        print(f"| {row['name']} | {row['batch']} | {row['it_per_s']} | {row['images_per_s']} | {row['peak_mem_gib']} |")
+    return results
+
+
+if __name__ == '__main__':
+    main()
