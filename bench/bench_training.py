@@ -10,6 +10,7 @@ Images/s is measured over --steps optimizer steps after --warmup steps; peak mem
 """
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -55,9 +56,12 @@ def _peak(device):
 
 
 def _reset(device):
+    """Free the previous run. Its Accelerator, optimizer and closures form reference cycles: without
+    gc.collect() their tensors stay allocated and count in the next run's peak (seen on the first H200 run)."""
     from accelerate.state import AcceleratorState, GradientState
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+    gc.collect()
     if device.startswith('cuda'):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -148,12 +152,14 @@ def measure(name, runner, args, batch, results):
     _sync(args.device)
     if args.device.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated() / 2**30 if args.device.startswith('cuda') else None
     start = time.perf_counter()
     runner(args.steps)
     _sync(args.device)
     elapsed = time.perf_counter() - start
     row = {'name': name, 'batch': batch, 'it_per_s': round(args.steps / elapsed, 2),
-           'images_per_s': round(args.steps * batch / elapsed, 2), 'peak_mem_gib': _peak(args.device)}
+           'images_per_s': round(args.steps * batch / elapsed, 2), 'peak_mem_gib': _peak(args.device),
+           'allocated_before_gib': round(baseline, 2) if baseline is not None else None}
     results.append(row)
     print(json.dumps(row), flush=True)
     if args.out:
@@ -185,6 +191,7 @@ def main(argv=None):
             runner = ours_step_runner(parts, mode, batch, args.device, records, resolution, checkpointing)
         measure(name, runner, args, batch, results)
         del parts, runner
+        _reset(args.device)
     print('\n| run | batch | it/s | images/s | peak GiB |\n|---|---|---|---|---|')
     for row in results:
         print(f"| {row['name']} | {row['batch']} | {row['it_per_s']} | {row['images_per_s']} | {row['peak_mem_gib']} |")

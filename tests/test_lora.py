@@ -107,3 +107,10 @@ def test_lora_through_modelscope_pipeline(tiny_model_dir, adapters):
     from modelscope.utils.constant import Tasks
     pipe = pipeline(task=Tasks.text_to_image_synthesis, model=tiny_model_dir, device='cpu', lora_dir=adapters[0])
     assert pipe.adapters == ['lora_0']
+
+
+def test_export_command_writes_a_kohya_file_that_loads(tiny_model_dir, adapters, tmp_path):
+    from finetune.export_kohya import main
+    target = main([adapters[1], str(tmp_path / 'mine.safetensors')])
+    assert np.abs(_image(_pipe(tiny_model_dir, lora_dir=target))
+                  - _image(_pipe(tiny_model_dir, lora_dir=adapters[1]))).max() <= 1

@@ -1,0 +1,43 @@
+"""The README documents every option and the command CI runs."""
+
+import dataclasses
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _readme():
+    with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+        return f.read()
+
+
+@pytest.mark.parametrize('config', ['LoraTrainConfig', 'DreamBoothConfig'])
+def test_every_trainer_flag_is_in_the_readme(config):
+    import finetune.config as module
+    readme = _readme()
+    missing = [f.name for f in dataclasses.fields(getattr(module, config)) if f'`--{f.name}`' not in readme]
+    assert missing == []
+
+
+def test_every_call_option_and_pipeline_argument_is_in_the_readme():
+    import inspect
+
+    from modelscope_sd.pipeline import CALL_DEFAULTS, StableDiffusionText2ImagePipeline
+    readme = _readme()
+    arguments = [p for p in inspect.signature(StableDiffusionText2ImagePipeline.__init__).parameters
+                 if p not in ('self', 'kwargs', 'trust_remote_code')]
+    missing = [name for name in list(CALL_DEFAULTS) + arguments if f'`{name}`' not in readme]
+    assert missing == []
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = _readme()
+    start = readme.index('## Start')
+    commands = re.findall(r'```bash\n(.*?)```', readme[start:], re.S)[0].strip().splitlines()
+    with open(os.path.join(ROOT, '.ci', 'run'), encoding='utf-8') as f:
+        ci = f.read()
+    assert commands[0].replace('pip install', 'python -m pip install --quiet') in ci
+    assert commands[1] in ci
