@@ -21,8 +21,7 @@ from finetune.config import DreamBoothConfig, parse_args
 from finetune.data import (IMAGE_EXTENSIONS, CaptionDataset, PriorPreservationDataset, check_images, load_records,
                            records_from_image_folder)
 from finetune.models import load_components, save_lora, training_metadata
-from finetune.training import (make_accelerator, prepare_models, prepare_output_dir, render_result, train_loop,
-                               validation_pipeline_factory)
+from finetune.training import prepare_models, render_result, start_run, train_loop, validation_pipeline_factory
 from modelscope_sd.constants import MODEL_INDEX
 from modelscope_sd.loading import write_configuration
 
@@ -32,10 +31,7 @@ CLASS_PROMPT_KEY = 'modelscope_sd.class_prompt'
 
 
 def main(config: DreamBoothConfig, notes: Optional[List[str]] = None) -> str:
-    prepare_output_dir(config)
-    accelerator = make_accelerator(config)
-    for note in notes or []:
-        logger.info(note)
+    accelerator = start_run(config, notes)
     instance = check_images(instance_records(config), config.skip_bad_images)
     if config.with_prior_preservation:
         if accelerator.is_main_process:

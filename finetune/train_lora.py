@@ -16,8 +16,7 @@ from typing import List, Optional
 from finetune.config import LoraTrainConfig, parse_args
 from finetune.data import CaptionDataset, check_images, load_records
 from finetune.models import load_components, save_lora, training_metadata
-from finetune.training import (make_accelerator, prepare_models, prepare_output_dir, render_result, train_loop,
-                               validation_pipeline_factory)
+from finetune.training import prepare_models, render_result, start_run, train_loop, validation_pipeline_factory
 from modelscope_sd.constants import LORA_WEIGHT_NAME
 
 logger = logging.getLogger('finetune.train_lora')
@@ -25,10 +24,7 @@ RESULT_IMAGE = 'lora_result.png'
 
 
 def main(config: LoraTrainConfig, notes: Optional[List[str]] = None) -> str:
-    prepare_output_dir(config)
-    accelerator = make_accelerator(config)
-    for note in notes or []:
-        logger.info(note)
+    accelerator = start_run(config, notes)
     # data first: a bad dataset fails before any model is loaded
     records = check_images(load_records(config.train_data_dir or config.dataset_name, 'train'),
                            config.skip_bad_images)

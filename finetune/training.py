@@ -31,6 +31,15 @@ def prepare_output_dir(config) -> None:
     remove_partial_checkpoints(out)
 
 
+def start_run(config, notes=None):
+    """Check the output folder, make the accelerator, log how ModelScope flags were mapped."""
+    prepare_output_dir(config)
+    accelerator = make_accelerator(config)
+    for note in notes or []:
+        logger.info(note)
+    return accelerator
+
+
 def make_accelerator(config):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration

@@ -72,3 +72,12 @@ def tiny_single_file(vanilla_pipe):
     if not os.path.exists(path):
         save_file(pipeline_to_ldm(vanilla_pipe), path)
     return path
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """accelerate keeps process-wide state; each in-process training run starts from scratch."""
+    from train_helpers import reset_accelerate
+    reset_accelerate()
+    yield
+    reset_accelerate()

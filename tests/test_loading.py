@@ -1,6 +1,5 @@
 """Model sources and their failures: folders, files, dtypes."""
 
-import os
 import shutil
 
 import pytest
@@ -99,3 +98,12 @@ def test_corrupt_single_file(tmp_path):
     weights.write_bytes(b'\x00' * 64)
     with pytest.raises(ValueError, match='not a valid safetensors file'):
         StableDiffusionText2ImagePipeline(str(weights), device='cpu')
+
+
+def test_pickle_checkpoint_loads_when_the_caller_opts_in(tiny_single_file, tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+    ckpt = tmp_path / 'model.ckpt'
+    torch.save({'state_dict': load_file(tiny_single_file)}, ckpt)
+    pipe = StableDiffusionText2ImagePipeline(str(ckpt), config=tiny_model_dir, allow_pickle=True, device='cpu',
+                                             progress_bar=False)
+    assert pipe('a', num_inference_steps=1, seed=0)['output_imgs'][0].shape == (32, 32, 3)

@@ -1,12 +1,10 @@
 """ModelScope integration: the model card's snippet, registration, hub ids, local folders."""
 
-import json
 import os
 import shutil
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 
 BUILTIN_MODULE = 'modelscope.pipelines.multi_modal.diffusers_wrapped.stable_diffusion.stable_diffusion_pipeline'

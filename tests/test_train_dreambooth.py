@@ -1,7 +1,6 @@
 """DreamBooth on the tiny model: both modes, real prior preservation, exact resume, ModelScope's command line."""
 
 import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -10,17 +9,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from finetune.config import DreamBoothConfig
-from train_helpers import make_images, reset_accelerate
+from train_helpers import make_images, reset_accelerate, run_launcher
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INSTANCE_PROMPT, CLASS_PROMPT = 'a photo of sks dog', 'a photo of dog'
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate():
-    reset_accelerate()
-    yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures('fresh_accelerate')
 
 
 @pytest.fixture(scope='module')
@@ -48,10 +42,7 @@ def _image(pipe, prompt=INSTANCE_PROMPT):
 
 
 def _bash(args, env, cwd):
-    result = subprocess.run(['bash', os.path.join(REPO, 'finetune', 'run_train_dreambooth.sh'), *args], cwd=cwd,
-                            env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr
+    return run_launcher('run_train_dreambooth.sh', args, env, cwd)
 
 
 def test_full_fine_tune_via_shell_loads_as_model_and_changes_the_image(tiny_model_dir, instance_dir, tmp_path,

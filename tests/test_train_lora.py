@@ -1,9 +1,6 @@
 """LoRA trainer on the tiny model: it learns, resumes exactly, survives kills, and refuses bad input."""
 
 import os
-import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,16 +10,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from finetune.config import LoraTrainConfig, parse_args
-from train_helpers import make_images, make_modelscope_csv_dataset, reset_accelerate
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from train_helpers import make_images, make_modelscope_csv_dataset, reset_accelerate, run_launcher
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate():
-    reset_accelerate()
-    yield
-    reset_accelerate()
+
+pytestmark = pytest.mark.usefixtures('fresh_accelerate')
 
 
 @pytest.fixture(scope='module')
@@ -164,10 +156,7 @@ def test_kohya_export_is_written_and_loads(tiny_model_dir, csv_dataset, tmp_path
 
 # ---------------------------------------------------------------- shell launcher and ModelScope's command line
 def _bash(args, env, cwd):
-    result = subprocess.run(['bash', os.path.join(REPO, 'finetune', 'run_train_lora.sh'), *args], cwd=cwd,
-                            env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return run_launcher('run_train_lora.sh', args, env, cwd)
 
 
 def test_shell_launcher_with_environment_overrides(tiny_model_dir, tmp_path):
@@ -180,13 +169,12 @@ def test_shell_launcher_with_environment_overrides(tiny_model_dir, tmp_path):
 
 def test_modelscope_example_command_line_runs_unchanged(tiny_model_dir, csv_dataset, tmp_path):
     work_dir = str(tmp_path / 'tmp' / 'lora_diffusion')
-    result = _bash(['--model', tiny_model_dir, '--model_revision', 'v1.0.0', '--prompt', 'a dog',
+    log = _bash(['--model', tiny_model_dir, '--model_revision', 'v1.0.0', '--prompt', 'a dog',
                     '--work_dir', work_dir, '--train_dataset_name', csv_dataset, '--max_epochs', '1',
                     '--lora_rank', '16', '--save_ckpt_strategy', 'by_epoch', '--logging_interval', '1',
                     '--train.dataloader.workers_per_gpu', '0', '--evaluation.dataloader.workers_per_gpu', '0',
                     '--train.optimizer.lr', '1e-4', '--torch_type', 'float16', '--use_model_config', 'true'],
                    {'RESOLUTION': '32'}, tmp_path)
-    log = result.stdout + result.stderr
     assert '--use_model_config true: accepted, no effect here' in log
     assert '--torch_type float16 → --mixed_precision fp16' in log
     assert 'validation loss' in log  # the csv's validation split is used

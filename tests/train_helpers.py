@@ -2,6 +2,7 @@
 
 import csv
 import os
+import subprocess
 
 import numpy as np
 from PIL import Image
@@ -65,3 +66,14 @@ def make_random_lora(model_dir, out_dir, seed=0, rank=4, text_encoder=False, sca
                 if 'lora_' in name:
                     param.mul_(scale)
     return save_lora(out_dir, unet, te)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_launcher(script, args, env, cwd):
+    """Run finetune/<script> as a user would (bash, accelerate launch); returns stdout + stderr."""
+    result = subprocess.run(['bash', os.path.join(REPO, 'finetune', script), *args], cwd=cwd,
+                            env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
