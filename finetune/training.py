@@ -59,7 +59,7 @@ def weight_dtype(accelerator) -> torch.dtype:
     return {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def make_optimizer(config, params, device: torch.device):
+def make_optimizer(config, params, device: torch.device, lr: float):
     if config.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -70,7 +70,7 @@ def make_optimizer(config, params, device: torch.device):
     else:
         # the fused kernel is one launch for all parameters instead of several per tensor
         optimizer_cls, extra = torch.optim.AdamW, ({'fused': True} if device.type == 'cuda' else {})
-    return optimizer_cls(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+    return optimizer_cls(params, lr=lr, betas=(config.adam_beta1, config.adam_beta2),
                          weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, **extra)
 
 
@@ -171,9 +171,7 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
     lr = config.learning_rate
     if config.scale_lr:
         lr *= config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
-    optimizer = make_optimizer(config, params, accelerator.device)
-    for group in optimizer.param_groups:
-        group['lr'] = lr
+    optimizer = make_optimizer(config, params, accelerator.device, lr)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes)
