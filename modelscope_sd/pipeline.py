@@ -11,6 +11,7 @@ from modelscope.outputs import OutputKeys
 from modelscope.pipelines.base import Pipeline
 
 from . import lora as lora_utils
+from . import prompts as prompts_lib
 from .loading import load_pipeline, resolve_device
 from .schedulers import make_scheduler
 
@@ -213,6 +214,19 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         seeds = [seed + i for i in range(count)]
         return [torch.Generator('cpu').manual_seed(s) for s in seeds], seeds
 
+    def _text_inputs(self, prompt, negative_prompt, clip_skip) -> Dict[str, Any]:
+        """Plain prompts of up to 75 tokens go to diffusers as text (its exact encoding); longer or weighted
+        ones are encoded here in 75-token windows with per-token weights."""
+        prompts = prompt if isinstance(prompt, list) else [prompt]
+        negatives = (negative_prompt if isinstance(negative_prompt, list)
+                     else [negative_prompt or ''] * len(prompts))
+        tokenizer = self.sd.tokenizer
+        if not any(prompts_lib.needs_long_path(tokenizer, t) for t in prompts + negatives):
+            return {'prompt': prompt, 'negative_prompt': negative_prompt, 'clip_skip': clip_skip}
+        windows = prompts_lib.window_count(tokenizer, prompts + negatives)
+        return {'prompt_embeds': prompts_lib.encode(self.sd, prompts, clip_skip, windows),
+                'negative_prompt_embeds': prompts_lib.encode(self.sd, negatives, clip_skip, windows)}
+
     @torch.inference_mode()
     def _generate(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
                   num_images_per_prompt, eta, seed, generator, latents, scheduler, clip_skip, lora_scale,
@@ -228,12 +242,13 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         if lora_scale is not None:
             lora_utils.set_scales(self.sd, self.adapters, lora_scale)
         try:
-            # 3. diffusers does the denoising
+            # 3. long or weighted prompts become embeddings here; diffusers does the denoising
+            text = self._text_inputs(prompt, negative_prompt, clip_skip)
             result = self.sd(
-                prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                **text, num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale, height=height, width=width,
                 num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
-                clip_skip=clip_skip, output_type='np')
+                output_type='np')
         finally:
             if lora_scale is not None:
                 lora_utils.set_scales(self.sd, self.adapters, self.lora_scales)

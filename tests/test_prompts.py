@@ -1,0 +1,69 @@
+"""Long prompts and A1111 emphasis."""
+
+import numpy as np
+import pytest
+import torch
+
+from modelscope_sd import prompts
+
+STEPS = dict(num_inference_steps=2, seed=0)
+
+
+@pytest.mark.parametrize('text, expected', [
+    ('a red hat', [('a red hat', 1.0)]),
+    ('a (red:1.5) hat', [('a ', 1.0), ('red', 1.5), (' hat', 1.0)]),
+    ('(red)', [('red', pytest.approx(1.1))]),
+    ('[red]', [('red', pytest.approx(1 / 1.1))]),
+    ('((red))', [('red', pytest.approx(1.21))]),
+    ('(a (red:2) hat:0.5)', [('a ', 0.5), ('red', 1.0), (' hat', 0.5)]),
+    (r'a \(literal\) paren', [('a (literal) paren', 1.0)]),
+    ('time 12:30', [('time 12:30', 1.0)]),
+])
+def test_parse_weights(text, expected):
+    assert prompts.parse_weights(text) == expected
+
+
+def test_unbalanced_brackets_are_literal_with_a_warning(caplog):
+    assert prompts.parse_weights('a (red hat') == [('a (red hat', 1.0)]
+    assert 'Unbalanced brackets' in caplog.text
+
+
+def test_one_window_encoding_equals_diffusers(sd_pipe):
+    ours = prompts.encode(sd_pipe.sd, ['a red hat'], None, 1)
+    theirs = sd_pipe.sd.encode_prompt('a red hat', torch.device('cpu'), 1, False)[0]
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_weight_changes_only_the_weighted_tokens(sd_pipe):
+    plain = prompts.encode(sd_pipe.sd, ['a red hat'], None, 1)
+    weighted = prompts.encode(sd_pipe.sd, ['a (red:1.5) hat'], None, 1)
+    # byte-level tiny tokenizer: 'a', ' '… are tokens; 'red' is three tokens at positions 3-5 (after BOS, 'a', ' ')
+    ids, weights = prompts.tokens_with_weights(sd_pipe.sd.tokenizer, 'a (red:1.5) hat')
+    changed = [i + 1 for i, w in enumerate(weights) if w != 1.0]
+    assert len(changed) == 3
+    torch.testing.assert_close(weighted[0, changed], plain[0, changed] * 1.5)
+    others = [i for i in range(plain.shape[1]) if i not in changed]
+    torch.testing.assert_close(weighted[0, others], plain[0, others])
+
+
+def test_long_prompt_uses_tokens_past_77(sd_pipe):
+    long_prompt = ' '.join(['a watercolor painting of a quiet harbour at dawn'] * 5)  # ~250 byte tokens
+    assert len(sd_pipe.sd.tokenizer(long_prompt, add_special_tokens=False).input_ids) >= 200
+    first_75 = sd_pipe.sd.tokenizer.decode(sd_pipe.sd.tokenizer(long_prompt, add_special_tokens=False)
+                                           .input_ids[:75])
+    full = sd_pipe(long_prompt, **STEPS)['output_imgs'][0].astype(int)
+    cut = sd_pipe(first_75, **STEPS)['output_imgs'][0].astype(int)
+    assert np.abs(full - cut).max() > 0
+
+
+def test_short_plain_prompt_takes_the_plain_path(sd_pipe, vanilla_pipe):
+    ours = sd_pipe('a red hat', **STEPS)['output_imgs'][0].astype(int)
+    image = vanilla_pipe('a red hat', num_inference_steps=2, output_type='np',
+                         generator=[torch.Generator().manual_seed(0)]).images[0]
+    assert np.abs(ours - (image * 255).round().astype(int)[..., ::-1]).max() <= 1
+
+
+def test_weighted_prompt_changes_the_image_and_negative_lengths_match(sd_pipe):
+    plain = sd_pipe('a red hat', **STEPS)['output_imgs'][0].astype(int)
+    weighted = sd_pipe({'text': 'a (red:1.8) hat', 'negative_prompt': 'blurry, ' * 60, **STEPS})['output_imgs'][0]
+    assert np.abs(weighted.astype(int) - plain).max() > 0
