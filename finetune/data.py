@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from modelscope_sd.images import to_rgb
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff')
@@ -145,21 +147,6 @@ def check_images(records: List[Record], skip_bad: bool) -> List[Record]:
 
 
 # ---------------------------------------------------------------- images to tensors
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Grey, 16-bit, palette and alpha images → 8-bit RGB (alpha composited on white)."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
-        array = np.asarray(image, dtype=np.float64)
-        scale = 65535.0 if array.max() > 255 else 255.0
-        image = Image.fromarray((array / scale * 255).round().clip(0, 255).astype(np.uint8), 'L')
-    if image.mode == 'P':
-        image = image.convert('RGBA')
-    if image.mode in ('RGBA', 'LA'):
-        background = Image.new('RGBA', image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image.convert('RGBA'))
-    return image.convert('RGB')
-
-
 def prepare_image(path: str, resolution: int, center_crop: bool, flip: bool, rng: random.Random) -> torch.Tensor:
     """Resize the short side to ``resolution``, crop a square, optionally flip; [-1, 1] CHW float."""
     with Image.open(path) as raw:

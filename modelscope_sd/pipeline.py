@@ -10,6 +10,9 @@ import torch
 from modelscope.outputs import OutputKeys
 from modelscope.pipelines.base import Pipeline
 
+from PIL import Image
+
+from . import images as images_lib
 from . import lora as lora_utils
 from . import prompts as prompts_lib
 from .loading import load_pipeline, resolve_device
@@ -33,6 +36,9 @@ CALL_DEFAULTS: Dict[str, Any] = {
     'clip_skip': None,
     'lora_scale': None,  # None: the scales given when the adapters were loaded
     'progress_bar': None,  # None: the pipeline's setting
+    'image': None,  # image-to-image / inpainting: a path, a BGR array or a PIL image
+    'mask_image': None,  # inpainting: white repaints
+    'strength': None,  # None: 0.8 for image-to-image, 1.0 for inpainting
 }
 _MAX_SEED = 2**63 - 1
 
@@ -103,6 +109,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         self.progress_bar = progress_bar
         self._base_scheduler = self.sd.scheduler
         self._schedulers: Dict[str, Any] = {}
+        self._variants: Dict[str, Any] = {}
         fuse_lora = fuse_lora or fast  # compiled kernels take plain weights
         self.adapters = lora_utils.load_adapters(self.sd, lora_dir, lora_scale, fuse=fuse_lora)
         self.lora_scales = lora_utils.check_scales(lora_scale, self.adapters) if self.adapters else []
@@ -119,6 +126,10 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         if isinstance(input, list) and input and all(isinstance(item, dict) for item in input):
             return [self(item, **kwargs) for item in input]
         options = self._gather_options(input, kwargs)
+        if options['image'] is not None:
+            options['image'] = images_lib.load_image(options['image'], 'image')
+        if options['mask_image'] is not None:
+            options['mask_image'] = images_lib.load_mask(options['mask_image'], 'mask_image')
         self.check_inputs(**options)
         return self._generate(**options)
 
@@ -145,7 +156,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
 
     def check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
                      num_images_per_prompt, eta, seed, generator, latents, scheduler, clip_skip,
-                     lora_scale, progress_bar) -> None:
+                     lora_scale, progress_bar, image, mask_image, strength) -> None:
         """Every user-facing option, checked once, with what was given and what is allowed."""
         if prompt is None:
             raise ValueError("The prompt is missing: call pipe('a photo of a cat') or pipe({'text': '...'}).")
@@ -196,6 +207,24 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             raise TypeError(f'progress_bar must be True or False, got {progress_bar!r}')
         if scheduler is not None:
             self._scheduler(scheduler)  # raises on unknown names
+        self._check_image_inputs(image, mask_image, strength, latents)
+
+    def _check_image_inputs(self, image, mask_image, strength, latents) -> None:
+        if mask_image is not None and image is None:
+            raise ValueError('mask_image needs image: pass the picture to repaint as image=...')
+        if self.sd.unet.config.in_channels == 9 and mask_image is None:
+            raise ValueError('This is an inpainting model (9-channel UNet): pass image=... and mask_image=...')
+        if strength is not None:
+            if image is None:
+                raise ValueError('strength applies to image-to-image and inpainting: pass image=... as well.')
+            _check_number('strength', strength, minimum=0.0)
+            if strength > 1:
+                raise ValueError(f'strength={strength} must be between 0 and 1 (0 keeps the image, 1 repaints it).')
+        if mask_image is not None and mask_image.size != image.size:
+            raise ValueError(f'mask_image is {mask_image.width}x{mask_image.height} but image is '
+                             f'{image.width}x{image.height}: they must be the same size.')
+        if image is not None and mask_image is None and latents is not None:
+            raise ValueError('latents cannot be given for image-to-image: the start latents come from image.')
 
     def _scheduler(self, name):
         if name is None:
@@ -227,37 +256,69 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         return {'prompt_embeds': prompts_lib.encode(self.sd, prompts, clip_skip, windows),
                 'negative_prompt_embeds': prompts_lib.encode(self.sd, negatives, clip_skip, windows)}
 
+    def _variant(self, kind: str):
+        """The image-to-image or inpainting pipeline over the same components (built once)."""
+        if kind not in self._variants:
+            from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+            cls = StableDiffusionImg2ImgPipeline if kind == 'img2img' else StableDiffusionInpaintPipeline
+            self._variants[kind] = cls.from_pipe(self.sd)
+        return self._variants[kind]
+
+    def _pipeline_for(self, image, mask_image, strength, height, width, latents):
+        if image is None:
+            return self.sd, {'height': height, 'width': width, 'latents': latents}
+        if mask_image is None:
+            return self._variant('img2img'), {'image': image, 'strength': strength}
+        return self._variant('inpaint'), {'image': image, 'mask_image': mask_image, 'strength': strength,
+                                          'height': height, 'width': width, 'latents': latents}
+
     @torch.inference_mode()
     def _generate(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
                   num_images_per_prompt, eta, seed, generator, latents, scheduler, clip_skip, lora_scale,
-                  progress_bar) -> Dict[str, Any]:
+                  progress_bar, image, mask_image, strength) -> Dict[str, Any]:
         # 1. batch and randomness
         n_images = (len(prompt) if isinstance(prompt, list) else 1) * num_images_per_prompt
         seeds = None
         if generator is None:
             generator, seeds = self._generators(seed, n_images)
-        # 2. scheduler, progress bar and adapter weights for this call
-        self.sd.scheduler = self._scheduler(scheduler)
-        self.sd.set_progress_bar_config(disable=not (self.progress_bar if progress_bar is None else progress_bar))
+        # 2. input image at the output size; strength 0 means no denoising at all: the image as it is
+        if image is not None:
+            height, width = images_lib.target_size(image, height, width)
+            image = image.resize((width, height), Image.LANCZOS) if image.size != (width, height) else image
+            if mask_image is not None and mask_image.size != (width, height):
+                mask_image = mask_image.resize((width, height), Image.BILINEAR)
+            strength = strength if strength is not None else (0.8 if mask_image is None else 1.0)
+            if strength == 0:
+                unchanged = np.asarray(image, dtype=np.float32)[None] / 255.0
+                return self._output(np.repeat(unchanged, n_images, axis=0), seeds, None)
+        pipe, extra = self._pipeline_for(image, mask_image, strength, height, width, latents)
+        # 3. scheduler, progress bar and adapter weights for this call
+        pipe.scheduler = self._scheduler(scheduler)
+        pipe.set_progress_bar_config(disable=not (self.progress_bar if progress_bar is None else progress_bar))
         if lora_scale is not None:
             lora_utils.set_scales(self.sd, self.adapters, lora_scale)
         try:
-            # 3. long or weighted prompts become embeddings here; diffusers does the denoising
-            text = self._text_inputs(prompt, negative_prompt, clip_skip)
-            result = self.sd(
-                **text, num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale, height=height, width=width,
-                num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
-                output_type='np')
+            # 4. long or weighted prompts become embeddings here; diffusers does the denoising
+            result = pipe(**self._text_inputs(prompt, negative_prompt, clip_skip), **extra,
+                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                          num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator,
+                          output_type='np')
         finally:
             if lora_scale is not None:
                 lora_utils.set_scales(self.sd, self.adapters, self.lora_scales)
-        # 4. OpenCV-ready images
-        output = {OutputKeys.OUTPUT_IMGS: to_bgr_uint8(result.images)}
+        images = result.images
+        if mask_image is not None:
+            images = np.stack([images_lib.overlay(img, image, mask_image) for img in images])
+        return self._output(images, seeds, result.nsfw_content_detected)
+
+    @staticmethod
+    def _output(images: np.ndarray, seeds, nsfw) -> Dict[str, Any]:
+        """OpenCV-ready images plus what re-makes them."""
+        output = {OutputKeys.OUTPUT_IMGS: to_bgr_uint8(images)}
         if seeds is not None:
             output['seeds'] = seeds
-        if result.nsfw_content_detected is not None:
-            output['nsfw_content_detected'] = list(result.nsfw_content_detected)
+        if nsfw is not None:
+            output['nsfw_content_detected'] = list(nsfw)
         return output
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finetune.data import EpochSampler, load_records, prepare_image, records_from_image_folder, to_rgb
+from finetune.data import EpochSampler, load_records, prepare_image, records_from_image_folder
+from modelscope_sd.images import to_rgb
 from train_helpers import make_images, make_modelscope_csv_dataset
 
 

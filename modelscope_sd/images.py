@@ -1,0 +1,68 @@
+"""Image inputs (file paths, OpenCV BGR arrays, PIL images) for image-to-image and inpainting, and the
+conversions every image in this package goes through."""
+
+import os
+from typing import Tuple
+
+import numpy as np
+from PIL import Image, ImageOps
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Grey, 16-bit, palette and alpha images → 8-bit RGB (alpha composited on white)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
+        array = np.asarray(image, dtype=np.float64)
+        scale = 65535.0 if array.max() > 255 else 255.0
+        image = Image.fromarray((array / scale * 255).round().clip(0, 255).astype(np.uint8), 'L')
+    if image.mode == 'P':
+        image = image.convert('RGBA')
+    if image.mode in ('RGBA', 'LA'):
+        background = Image.new('RGBA', image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert('RGBA'))
+    return image.convert('RGB')
+
+
+def _open(value, name: str) -> Image.Image:
+    if isinstance(value, (str, os.PathLike)):
+        if not os.path.isfile(value):
+            raise FileNotFoundError(f'{name}={os.fspath(value)!r}: no such file.')
+        with Image.open(value) as image:
+            image.load()
+            return image.copy()
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, np.ndarray):
+        if value.dtype != np.uint8 or value.ndim not in (2, 3) or (value.ndim == 3 and value.shape[2] not in (3, 4)):
+            raise ValueError(f'{name} as an array must be uint8 H×W (grey) or H×W×3/4 in OpenCV BGR(A) order, '
+                             f'got {value.dtype} {value.shape}.')
+        if value.ndim == 2:
+            return Image.fromarray(value, 'L')
+        rgb = value[..., [2, 1, 0] + ([3] if value.shape[2] == 4 else [])]
+        return Image.fromarray(np.ascontiguousarray(rgb), 'RGBA' if value.shape[2] == 4 else 'RGB')
+    raise TypeError(f'{name} must be a file path, a BGR numpy array or a PIL image, got {type(value).__name__}')
+
+
+def load_image(value, name: str = 'image') -> Image.Image:
+    return to_rgb(_open(value, name))
+
+
+def load_mask(value, name: str = 'mask_image') -> Image.Image:
+    """White (255) marks what to repaint; colour masks are read as grey."""
+    mask = _open(value, name)
+    return ImageOps.exif_transpose(mask).convert('L')
+
+
+def target_size(image: Image.Image, height, width) -> Tuple[int, int]:
+    """(height, width) given, or the image's own size rounded down to multiples of 8."""
+    h = height if height is not None else image.height // 8 * 8
+    w = width if width is not None else image.width // 8 * 8
+    if h < 8 or w < 8:
+        raise ValueError(f'image is {image.width}x{image.height}: it needs to be at least 8x8 pixels.')
+    return h, w
+
+
+def overlay(generated_rgb: np.ndarray, original: Image.Image, mask: Image.Image) -> np.ndarray:
+    """Keep the original outside the mask: the VAE round trip would otherwise shift unmasked pixels."""
+    m = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
+    return generated_rgb * m + (np.asarray(original, dtype=np.float32) / 255.0) * (1.0 - m)

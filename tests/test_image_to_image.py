@@ -1,0 +1,88 @@
+"""Image-to-image and inpainting through the same registered pipeline."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+STEPS = dict(num_inference_steps=3, seed=0)
+
+
+@pytest.fixture
+def photo(tmp_path):
+    rng = np.random.default_rng(0)
+    bgr = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)  # OpenCV order, 40 high, 48 wide
+    path = tmp_path / 'photo.png'
+    Image.fromarray(bgr[..., ::-1]).save(path)
+    return bgr, str(path)
+
+
+@pytest.fixture
+def mask():
+    array = np.zeros((40, 48), np.uint8)
+    array[8:24, 16:40] = 255
+    return array
+
+
+def test_strength_zero_returns_the_input(sd_pipe, photo):
+    bgr, path = photo
+    out = sd_pipe({'text': 'a cat', 'image': path, 'strength': 0.0, **STEPS})['output_imgs'][0]
+    assert np.array_equal(out, bgr)
+
+
+def test_img2img_through_modelscope_pipeline_keeps_the_size(tiny_model_dir, photo):
+    import modelscope_sd  # noqa: F401
+    from modelscope.pipelines import pipeline
+    from modelscope.utils.constant import Tasks
+    pipe = pipeline(task=Tasks.text_to_image_synthesis, model=tiny_model_dir, device='cpu', progress_bar=False)
+    bgr, path = photo
+    out = pipe({'text': 'a cat', 'image': path, 'strength': 0.6, **STEPS})['output_imgs'][0]
+    assert out.shape == bgr.shape and np.abs(out.astype(int) - bgr.astype(int)).mean() > 1
+    # a lower strength stays closer to the input
+    light = pipe({'text': 'a cat', 'image': path, 'strength': 0.2, **STEPS})['output_imgs'][0]
+    assert np.abs(light.astype(int) - bgr.astype(int)).mean() < np.abs(out.astype(int) - bgr.astype(int)).mean()
+
+
+def test_path_array_and_pil_inputs_agree(sd_pipe, photo):
+    bgr, path = photo
+    results = [sd_pipe({'text': 'a cat', 'image': image, 'strength': 0.5, **STEPS})['output_imgs'][0]
+               for image in (path, bgr, Image.open(path))]
+    assert np.array_equal(results[0], results[1]) and np.array_equal(results[0], results[2])
+
+
+def test_inpainting_with_the_standard_unet_keeps_unmasked_pixels(sd_pipe, photo, mask):
+    bgr, path = photo
+    out = sd_pipe({'text': 'a cat', 'image': bgr, 'mask_image': mask, **STEPS})['output_imgs'][0].astype(int)
+    outside = mask == 0
+    assert np.abs(out[outside] - bgr[outside].astype(int)).max() <= 1
+    assert np.abs(out[mask == 255] - bgr[mask == 255].astype(int)).mean() > 5
+
+
+def test_inpainting_model_with_nine_channel_unet(tmp_path, photo, mask):
+    from diffusers import StableDiffusionPipeline
+
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    from tiny_sd import tiny_components
+    parts = tiny_components(str(tmp_path / 'tok'), safety_checker=False, in_channels=9)
+    StableDiffusionPipeline(**parts, requires_safety_checker=False).save_pretrained(tmp_path / 'inpaint-model')
+    pipe = StableDiffusionText2ImagePipeline(str(tmp_path / 'inpaint-model'), device='cpu', progress_bar=False)
+    bgr, _ = photo
+    out = pipe({'text': 'a cat', 'image': bgr, 'mask_image': mask, **STEPS})['output_imgs'][0].astype(int)
+    assert np.abs(out[mask == 0] - bgr[mask == 0].astype(int)).max() <= 1
+    with pytest.raises(ValueError, match='inpainting model.*mask_image'):
+        pipe('a cat', **STEPS)
+
+
+@pytest.mark.parametrize('options, error, message', [
+    (dict(strength=1.5), ValueError, 'strength=1.5 must be between 0 and 1'),
+    (dict(strength=-0.1), ValueError, 'strength=-0.1'),
+    (dict(mask_image=np.zeros((10, 10), np.uint8)), ValueError, 'mask_image is 10x10 but image is 48x40'),
+    (dict(image=None, mask_image=np.zeros((40, 48), np.uint8)), ValueError, 'mask_image needs image'),
+    (dict(image=None, strength=0.5), ValueError, 'strength applies to image-to-image'),
+    (dict(image='/no/such.png'), FileNotFoundError, "image='/no/such.png': no such file"),
+    (dict(image=3), TypeError, 'image must be a file path, a BGR numpy array or a PIL image'),
+    (dict(image=np.zeros((4, 4, 3), np.float32)), ValueError, 'image as an array must be uint8'),
+])
+def test_bad_image_inputs(sd_pipe, photo, options, error, message):
+    bgr, _ = photo
+    with pytest.raises(error, match=message):
+        sd_pipe({'text': 'a cat', 'image': bgr, **STEPS, **options})
