@@ -164,3 +164,28 @@ def _adapter_alpha(metadata: Dict[str, str]) -> Optional[float]:
         return float(value) if value not in (None, '') else None
     except ValueError:
         return None
+
+
+def import_kohya_lora(kohya_file: str, diffusers_file: str) -> str:
+    """kohya/A1111 adapter → our diffusers/peft-key file. diffusers reads the kohya keys; each module's
+    alpha/rank scale is folded into its up-projection, so the file needs no alpha to mean the same."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_peft
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    state, alphas = StableDiffusionPipeline.lora_state_dict(kohya_file)
+    state = dict(state)
+    for key, alpha in (alphas or {}).items():
+        down = key[:-len('.alpha')]
+        if down in state:
+            up = down.replace('.down.', '.up.')
+            state[up] = state[up] * (float(alpha) / state[down].shape[0])
+    unet = {k[len('unet.'):]: v for k, v in state.items() if k.startswith('unet.')}
+    text = {k[len('text_encoder.'):]: v for k, v in state.items() if k.startswith('text_encoder.')}
+    out = {'unet.' + k: v for k, v in convert_unet_state_dict_to_peft(unet).items()}
+    if text:
+        out.update({'text_encoder.' + k: v for k, v in convert_state_dict_to_peft(text).items()})
+    partial = diffusers_file + '.partial'
+    save_file({k: v.contiguous() for k, v in out.items()}, partial, metadata={'format': 'pt'})
+    os.replace(partial, diffusers_file)
+    return diffusers_file

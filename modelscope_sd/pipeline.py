@@ -107,7 +107,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         self.framework = 'pytorch'
         self._model_prepare = True
         self.progress_bar = progress_bar
-        self._base_scheduler = self.sd.scheduler
+        self.base_scheduler = self.sd.scheduler
         self._schedulers: Dict[str, Any] = {}
         self._variants: Dict[str, Any] = {}
         fuse_lora = fuse_lora or fast  # compiled kernels take plain weights
@@ -228,11 +228,11 @@ class StableDiffusionText2ImagePipeline(Pipeline):
 
     def _scheduler(self, name):
         if name is None:
-            return self._base_scheduler
+            return self.base_scheduler
         if not isinstance(name, str):
-            return make_scheduler(name, self._base_scheduler.config)
+            return make_scheduler(name, self.base_scheduler.config)
         if name not in self._schedulers:
-            self._schedulers[name] = make_scheduler(name, self._base_scheduler.config)
+            self._schedulers[name] = make_scheduler(name, self.base_scheduler.config)
         return self._schedulers[name]
 
     def _generators(self, seed: Optional[int], count: int):

@@ -17,3 +17,5 @@ def test_text_to_image_example_writes_pngs(tiny_model_dir, tmp_path, monkeypatch
     written = sorted(os.listdir(tmp_path))
     assert written == ['42.png', '43.png']
     assert cv2.imread(str(tmp_path / '42.png')).shape == (32, 32, 3)
+    from modelscope_sd.metadata import read_png
+    assert read_png(str(tmp_path / '43.png'))['call']['seed'] == 43

@@ -41,3 +41,20 @@ def test_ci_runs_the_readme_test_command():
         ci = f.read()
     assert commands[0].replace('pip install', 'python -m pip install --quiet') in ci
     assert commands[1] in ci
+
+
+def test_readme_generate_commands_run_as_written(cached_model, fake_hub, tmp_path, monkeypatch):
+    """Against the fake hub, whose AI-ModelScope/stable-diffusion-v1-5 is the tiny model."""
+    import shlex
+
+    from modelscope_sd.cli import main
+    monkeypatch.chdir(tmp_path)
+    lines = [line for line in _readme().splitlines() if line.startswith('modelscope-sd generate')]
+    assert len(lines) == 3
+    for line in lines:
+        main(shlex.split(line)[1:])
+    assert sorted(os.listdir(tmp_path / 'outputs')) == ['42.png', '43.png', '7.png']
+    import numpy as np
+    from PIL import Image
+    assert np.array_equal(np.asarray(Image.open(tmp_path / 'outputs' / '43.png')),
+                          np.asarray(Image.open(tmp_path / 'again' / '43.png')))

@@ -1,0 +1,134 @@
+"""``modelscope-sd``: generate images, train, convert adapters.
+
+    modelscope-sd generate --prompt '飞流直下三千尺,油画' --num_images 2 --seed 42 --output_dir outputs
+    modelscope-sd generate --from_png outputs/42.png            # re-create an image from its metadata
+    modelscope-sd train-lora --dataset_name ./my-images --output_dir my-lora --max_train_steps 1000
+    modelscope-sd train-dreambooth --instance_data_dir ./dog --instance_prompt 'a photo of sks dog'
+    modelscope-sd convert-lora my-lora/pytorch_lora_weights.safetensors my-lora-kohya.safetensors
+"""
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from .constants import DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION
+
+
+def _lora(value: str):
+    """PATH or PATH=SCALE."""
+    path, _, scale = value.rpartition('=') if '=' in value else (value, '', '1.0')
+    try:
+        return path, float(scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'--lora {value!r}: expected PATH or PATH=SCALE, e.g. my-lora=0.8')
+
+
+def _generate_parser(sub):
+    parser = sub.add_parser('generate', help='text-to-image, image-to-image or inpainting; PNGs with metadata',
+                            description='Writes one PNG per image, named by its seed, with the settings that '
+                                        're-create it in a "parameters" text chunk (A1111 format).')
+    parser.add_argument('--prompt', help='the prompt (required unless --from_png)')
+    parser.add_argument('--negative_prompt')
+    parser.add_argument('--model', default=None, help=f'hub id, diffusers folder or .safetensors file '
+                                                      f'(default {DEFAULT_MODEL_ID})')
+    parser.add_argument('--model_revision', default=None, help=f'hub revision (default {DEFAULT_MODEL_REVISION})')
+    parser.add_argument('--num_inference_steps', type=int, default=None, help='default 50')
+    parser.add_argument('--guidance_scale', type=float, default=None, help='default 7.5')
+    parser.add_argument('--height', type=int)
+    parser.add_argument('--width', type=int)
+    parser.add_argument('--seed', type=int, help='image i gets seed + i (default: random)')
+    parser.add_argument('--scheduler', help="e.g. ddim, euler_a, 'dpm++_2m_karras' (default: the model's)")
+    parser.add_argument('--num_images', type=int, default=None, help='images per prompt (default 1)')
+    parser.add_argument('--clip_skip', type=int)
+    parser.add_argument('--lora', type=_lora, action='append', default=[], metavar='PATH[=SCALE]',
+                        help='LoRA adapter (diffusers or kohya), repeatable')
+    parser.add_argument('--image', help='start image (image-to-image)')
+    parser.add_argument('--mask_image', help='mask (inpainting; white repaints)')
+    parser.add_argument('--strength', type=float)
+    parser.add_argument('--from_png', help='take every setting from a PNG written here (or by A1111)')
+    parser.add_argument('--device', default='gpu')
+    parser.add_argument('--fast', action='store_true', help='CUDA: compiled fast path')
+    parser.add_argument('--local_files_only', action='store_true', help='never ask the hub; use the cache')
+    parser.add_argument('--output_dir', default='outputs')
+
+
+def generate(args) -> List[str]:
+    from . import metadata
+    from .pipeline import StableDiffusionText2ImagePipeline
+
+    call, model, loras = {}, args.model, list(args.lora)
+    if args.from_png:
+        saved = metadata.read_png(args.from_png)
+        call, model = saved['call'], model or saved['model']
+        loras = loras or list(zip(saved['lora_dir'], saved['lora_scale']))
+    elif not args.prompt:
+        raise SystemExit('modelscope-sd generate: --prompt is required (or --from_png FILE).')
+    overrides = {'text': args.prompt, 'negative_prompt': args.negative_prompt,
+                 'num_inference_steps': args.num_inference_steps, 'guidance_scale': args.guidance_scale,
+                 'height': args.height, 'width': args.width, 'seed': args.seed, 'scheduler': args.scheduler,
+                 'num_images_per_prompt': args.num_images, 'clip_skip': args.clip_skip, 'image': args.image,
+                 'mask_image': args.mask_image, 'strength': args.strength}
+    call.update({k: v for k, v in overrides.items() if v is not None})
+    model = model or DEFAULT_MODEL_ID
+    revision = args.model_revision or (DEFAULT_MODEL_REVISION if model == DEFAULT_MODEL_ID else None)
+    pipe = StableDiffusionText2ImagePipeline(
+        model, model_revision=revision, device=args.device, local_files_only=args.local_files_only,
+        lora_dir=[path for path, _ in loras] or None, lora_scale=[scale for _, scale in loras] or 1.0,
+        fast=args.fast)
+    output = pipe(call)
+    os.makedirs(args.output_dir, exist_ok=True)
+    paths = []
+    texts = metadata.describe_outputs(pipe, call, output, model, loras)
+    for i, (image, text) in enumerate(zip(output['output_imgs'], texts)):
+        name = f"{output['seeds'][i]}.png" if output.get('seeds') else f'{i}.png'
+        paths.append(metadata.save_png(os.path.join(args.output_dir, name), image, text))
+        print(paths[-1])
+    return paths
+
+
+def _convert(args) -> str:
+    from finetune.models import export_kohya_lora, import_kohya_lora
+    if args.to == 'kohya':
+        return export_kohya_lora(args.input, args.output)
+    return import_kohya_lora(args.input, args.output)
+
+
+def main(argv: Optional[List[str]] = None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog='modelscope-sd', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest='command', required=True)
+    _generate_parser(sub)
+    sub.add_parser('train-lora', add_help=False, help='LoRA training (finetune/train_lora.py; --help lists flags)')
+    sub.add_parser('train-dreambooth', add_help=False,
+                   help='DreamBooth training (finetune/train_dreambooth.py; --help lists flags)')
+    convert = sub.add_parser('convert-lora', help='adapter file: diffusers/peft ↔ kohya/A1111')
+    convert.add_argument('input')
+    convert.add_argument('output')
+    convert.add_argument('--to', choices=('kohya', 'diffusers'), default='kohya')
+    if argv[:1] in (['train-lora'], ['train-dreambooth']):
+        return _train(argv[0], argv[1:])  # the trainers own their flags (and --help)
+    args = parser.parse_args(argv)
+    if args.command == 'generate':
+        return generate(args)
+    print(_convert(args))
+
+
+def _train(command: str, argv: List[str]):
+    """In this process, on one device; for several GPUs use the shell launchers (accelerate launch)."""
+    import logging
+
+    from finetune.config import DreamBoothConfig, LoraTrainConfig, parse_args
+    logging.basicConfig(format='%(asctime)s %(levelname)s %(name)s: %(message)s', level=logging.INFO)
+    if command == 'train-lora':
+        from finetune import train_lora as trainer
+        config_cls = LoraTrainConfig
+    else:
+        from finetune import train_dreambooth as trainer
+        config_cls = DreamBoothConfig
+    return trainer.main(*parse_args(config_cls, argv, trainer.__doc__))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,119 @@
+"""Reproducible PNGs: the generation settings in a ``parameters`` text chunk, in A1111's format, so that
+A1111/ComfyUI show them and ``read_png`` turns them back into the call that re-creates the image."""
+
+import json
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from .schedulers import SCHEDULERS, normalize_scheduler_name
+
+PARAMETERS_KEY = 'parameters'
+# our scheduler names ↔ A1111's sampler names
+A1111_SAMPLERS = {
+    'pndm': 'PLMS', 'ddim': 'DDIM', 'ddpm': 'DDPM', 'euler': 'Euler', 'euler_ancestral': 'Euler a', 'heun': 'Heun',
+    'lms': 'LMS', 'lms_karras': 'LMS Karras', 'dpm++_2m': 'DPM++ 2M', 'dpm++_2m_karras': 'DPM++ 2M Karras',
+    'dpm++_2m_sde': 'DPM++ 2M SDE', 'dpm++_2m_sde_karras': 'DPM++ 2M SDE Karras', 'unipc': 'UniPC',
+}
+_FROM_A1111 = {v.lower(): k for k, v in A1111_SAMPLERS.items()}
+# A1111's own pattern for "Key: value, Key: "quoted, value""
+_PARAM = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def scheduler_name(scheduler) -> str:
+    """Our name for a call's scheduler option, or for the model's own scheduler object."""
+    if isinstance(scheduler, str):
+        return normalize_scheduler_name(scheduler)
+    cls = type(scheduler).__name__
+    karras = getattr(scheduler.config, 'use_karras_sigmas', False)
+    for name, (class_name, overrides) in SCHEDULERS.items():
+        if class_name == cls and bool(overrides.get('use_karras_sigmas')) == bool(karras) and \
+                'algorithm_type' not in overrides:
+            return name
+    return cls
+
+
+def _quote(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False) if (',' in value or ':' in value or '"' in value) else value
+
+
+def format_parameters(prompt: str, negative_prompt: Optional[str], steps: int, scheduler: str,
+                      guidance_scale: float, seed: Optional[int], width: int, height: int, model: str,
+                      loras: Sequence[Tuple[str, float]] = (), clip_skip: Optional[int] = None,
+                      strength: Optional[float] = None) -> str:
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f'Negative prompt: {negative_prompt}')
+    fields = [('Steps', steps), ('Sampler', A1111_SAMPLERS.get(scheduler, scheduler)), ('CFG scale', guidance_scale),
+              ('Seed', seed), ('Size', f'{width}x{height}'), ('Model', model)]
+    if clip_skip is not None:
+        fields.append(('Clip skip', clip_skip + 1))  # A1111 counts the last layer as 1
+    if strength is not None:
+        fields.append(('Denoising strength', strength))
+    if loras:
+        fields.append(('Lora', '; '.join(f'{path}={scale}' for path, scale in loras)))
+    lines.append(', '.join(f'{key}: {_quote(str(value))}' for key, value in fields if value is not None))
+    return '\n'.join(lines)
+
+
+def parse_parameters(text: str) -> Dict[str, Any]:
+    """A1111 ``parameters`` text → {'call': options for the pipeline call, 'model': ..., 'lora_dir': [...],
+    'lora_scale': [...]}."""
+    lines = text.strip('\n').split('\n')
+    params = {k.strip(): (json.loads(v) if v.startswith('"') else v.strip()) for k, v in _PARAM.findall(lines[-1])}
+    if 'Steps' not in params:
+        raise ValueError('No generation parameters found: the last line should read "Steps: …, Sampler: …".')
+    body = lines[:-1]
+    negative_at = next((i for i, line in enumerate(body) if line.startswith('Negative prompt:')), len(body))
+    negative = '\n'.join(body[negative_at:])[len('Negative prompt:'):].strip() if negative_at < len(body) else None
+    width, height = (int(v) for v in params['Size'].split('x'))
+    call = {'text': '\n'.join(body[:negative_at]), 'num_inference_steps': int(params['Steps']),
+            'guidance_scale': float(params['CFG scale']), 'width': width, 'height': height,
+            'scheduler': _FROM_A1111.get(params['Sampler'].lower(), params['Sampler'])}
+    if negative:
+        call['negative_prompt'] = negative
+    if params.get('Seed') not in (None, 'None'):
+        call['seed'] = int(params['Seed'])
+    if 'Clip skip' in params:
+        call['clip_skip'] = int(params['Clip skip']) - 1
+    if 'Denoising strength' in params:
+        call['strength'] = float(params['Denoising strength'])
+    loras = [item.rsplit('=', 1) for item in params['Lora'].split('; ')] if params.get('Lora') else []
+    return {'call': call, 'model': params.get('Model'), 'lora_dir': [p for p, _ in loras],
+            'lora_scale': [float(s) for _, s in loras]}
+
+
+def save_png(path: str, image_bgr: np.ndarray, parameters: str) -> str:
+    info = PngInfo()
+    info.add_text(PARAMETERS_KEY, parameters)
+    Image.fromarray(np.ascontiguousarray(image_bgr[..., ::-1])).save(path, pnginfo=info)
+    return path
+
+
+def read_png(path: str) -> Dict[str, Any]:
+    with Image.open(path) as image:
+        text = image.text.get(PARAMETERS_KEY) if hasattr(image, 'text') else None
+    if not text:
+        raise ValueError(f'{path} carries no generation parameters (no "{PARAMETERS_KEY}" text chunk).')
+    return parse_parameters(text)
+
+
+def describe_outputs(pipe, options: Dict[str, Any], output: Dict[str, Any], model: str,
+                     loras: List[Tuple[str, float]]) -> List[str]:
+    """One ``parameters`` text per image of a call, each with that image's own seed."""
+    texts = []
+    scheduler = scheduler_name(options.get('scheduler') or pipe.base_scheduler)
+    prompts = options['text'] if isinstance(options['text'], list) else [options['text']]
+    negative = options.get('negative_prompt')
+    negatives = negative if isinstance(negative, list) else [negative] * len(prompts)
+    per_prompt = options.get('num_images_per_prompt', 1)
+    for i, image in enumerate(output['output_imgs']):
+        seeds = output.get('seeds')
+        texts.append(format_parameters(
+            prompts[i // per_prompt], negatives[i // per_prompt], options.get('num_inference_steps', 50),
+            scheduler, options.get('guidance_scale', 7.5), seeds[i] if seeds else None, image.shape[1],
+            image.shape[0], model, loras, options.get('clip_skip'), options.get('strength')))
+    return texts

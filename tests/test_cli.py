@@ -1,0 +1,95 @@
+"""The modelscope-sd command and reproducible PNGs."""
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from modelscope_sd import metadata
+from modelscope_sd.cli import main
+
+
+def test_parameters_round_trip():
+    text = metadata.format_parameters('a cat, (red hat:1.3)\nsecond line', 'blurry, dark', 20, 'dpm++_2m_karras',
+                                      6.5, 42, 512, 448, 'AI-ModelScope/stable-diffusion-v1-5',
+                                      [('my-lora', 0.8), ('/x/kohya.safetensors', 1.0)], clip_skip=1)
+    assert 'Sampler: DPM++ 2M Karras' in text and 'Clip skip: 2' in text
+    parsed = metadata.parse_parameters(text)
+    assert parsed['call'] == {'text': 'a cat, (red hat:1.3)\nsecond line', 'negative_prompt': 'blurry, dark',
+                              'num_inference_steps': 20, 'guidance_scale': 6.5, 'width': 512, 'height': 448,
+                              'scheduler': 'dpm++_2m_karras', 'seed': 42, 'clip_skip': 1}
+    assert parsed['model'] == 'AI-ModelScope/stable-diffusion-v1-5'
+    assert parsed['lora_dir'] == ['my-lora', '/x/kohya.safetensors'] and parsed['lora_scale'] == [0.8, 1.0]
+
+
+def test_reads_an_a1111_parameters_text():
+    text = ('masterpiece, a castle\nNegative prompt: lowres\nSteps: 30, Sampler: Euler a, Schedule type: '
+            'Automatic, CFG scale: 7, Seed: 1234, Size: 512x768, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly')
+    call = metadata.parse_parameters(text)['call']
+    assert call['scheduler'] == 'euler_ancestral' and call['seed'] == 1234 and call['height'] == 768
+
+
+def test_png_without_parameters_is_an_error(tmp_path):
+    Image.new('RGB', (8, 8)).save(tmp_path / 'plain.png')
+    with pytest.raises(ValueError, match='carries no generation parameters'):
+        metadata.read_png(str(tmp_path / 'plain.png'))
+
+
+def test_generate_writes_pngs_that_recreate_themselves(tiny_model_dir, tmp_path):
+    paths = main(['generate', '--prompt', '飞流直下三千尺,油画', '--model', tiny_model_dir, '--num_inference_steps', '3',
+                  '--num_images', '2', '--seed', '42', '--scheduler', 'euler_a', '--device', 'cpu',
+                  '--output_dir', str(tmp_path / 'first')])
+    assert [os.path.basename(p) for p in paths] == ['42.png', '43.png']
+    saved = metadata.read_png(paths[1])
+    assert saved['call']['seed'] == 43 and saved['call']['scheduler'] == 'euler_ancestral'
+    again = main(['generate', '--from_png', paths[1], '--device', 'cpu', '--output_dir', str(tmp_path / 'again')])
+    assert np.array_equal(np.asarray(Image.open(paths[1])), np.asarray(Image.open(again[0])))
+
+
+def test_generate_with_lora_image_and_mask(tiny_model_dir, tmp_path):
+    from train_helpers import make_random_lora
+    lora = os.path.dirname(make_random_lora(tiny_model_dir, str(tmp_path / 'lora')))
+    Image.new('RGB', (32, 32), (200, 30, 30)).save(tmp_path / 'in.png')
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:16] = 255
+    Image.fromarray(mask).save(tmp_path / 'mask.png')
+    paths = main(['generate', '--prompt', 'a cat', '--model', tiny_model_dir, '--num_inference_steps', '2',
+                  '--seed', '1', '--lora', f'{lora}=0.7', '--image', str(tmp_path / 'in.png'),
+                  '--mask_image', str(tmp_path / 'mask.png'), '--device', 'cpu', '--output_dir', str(tmp_path)])
+    text = Image.open(paths[0]).text['parameters']
+    assert f'Lora: "{lora}=0.7"' in text or f'Lora: {lora}=0.7' in text
+    out = np.asarray(Image.open(paths[0]))
+    assert np.array_equal(out[16:], np.full((16, 32, 3), (200, 30, 30), np.uint8))  # unmasked half kept
+
+
+def test_convert_lora_both_ways_keeps_the_effect(tiny_model_dir, tmp_path):
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    from train_helpers import make_random_lora
+    original = make_random_lora(tiny_model_dir, str(tmp_path / 'a'), seed=4, text_encoder=True)
+    main(['convert-lora', original, str(tmp_path / 'kohya.safetensors')])
+    main(['convert-lora', str(tmp_path / 'kohya.safetensors'), str(tmp_path / 'back.safetensors'), '--to', 'diffusers'])
+
+    def image(path):
+        pipe = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False, lora_dir=path)
+        return pipe('a cat', num_inference_steps=2, seed=0)['output_imgs'][0].astype(int)
+    reference = image(original)
+    assert np.abs(image(str(tmp_path / 'kohya.safetensors')) - reference).max() <= 1
+    assert np.abs(image(str(tmp_path / 'back.safetensors')) - reference).max() <= 1
+
+
+def test_train_lora_command(tiny_model_dir, tmp_path, fresh_accelerate):
+    from train_helpers import make_images
+    make_images(str(tmp_path / 'imgs'), count=2)
+    path = main(['train-lora', '--pretrained_model_name_or_path', tiny_model_dir, '--dataset_name',
+                 str(tmp_path / 'imgs'), '--resolution', '32', '--max_train_steps', '1',
+                 '--output_dir', str(tmp_path / 'out')])
+    assert os.path.isfile(path)
+
+
+def test_console_script_is_installed():
+    result = subprocess.run(['modelscope-sd', '--help'], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for command in ('generate', 'train-lora', 'train-dreambooth', 'convert-lora'):
+        assert command in result.stdout
