@@ -29,7 +29,7 @@ def test_strength_zero_returns_the_input(sd_pipe, photo):
     assert np.array_equal(out, bgr)
 
 
-def test_img2img_through_modelscope_pipeline_keeps_the_size(tiny_model_dir, photo):
+def test_img2img_and_inpainting_through_modelscope_pipeline(tiny_model_dir, photo, mask):
     import modelscope_sd  # noqa: F401
     from modelscope.pipelines import pipeline
     from modelscope.utils.constant import Tasks
@@ -40,6 +40,8 @@ def test_img2img_through_modelscope_pipeline_keeps_the_size(tiny_model_dir, phot
     # a lower strength stays closer to the input
     light = pipe({'text': 'a cat', 'image': path, 'strength': 0.2, **STEPS})['output_imgs'][0]
     assert np.abs(light.astype(int) - bgr.astype(int)).mean() < np.abs(out.astype(int) - bgr.astype(int)).mean()
+    painted = pipe({'text': 'a cat', 'image': path, 'mask_image': mask, **STEPS})['output_imgs'][0].astype(int)
+    assert np.abs(painted[mask == 0] - bgr[mask == 0].astype(int)).max() <= 1
 
 
 def test_path_array_and_pil_inputs_agree(sd_pipe, photo):
