@@ -106,3 +106,21 @@ def test_our_class_resolves_hub_ids_itself_offline(cached_model, fake_hub):
                                              device='cpu', local_files_only=True, progress_bar=False)
     assert len(fake_hub.requests) == requests
     assert pipe('a', num_inference_steps=1, seed=0)['output_imgs'][0].shape == (32, 32, 3)
+
+
+def test_write_configuration_makes_a_plain_folder_work_without_pipeline_name(tiny_model_dir, tmp_path):
+    import modelscope_sd
+    from modelscope.pipelines import pipeline
+    from modelscope.utils.constant import Tasks
+    folder = tmp_path / 'plain'
+    shutil.copytree(tiny_model_dir, folder)
+    os.remove(folder / 'configuration.json')
+    modelscope_sd.write_configuration(str(folder))
+    pipe = pipeline(task=Tasks.text_to_image_synthesis, model=str(folder), device='cpu')
+    assert isinstance(pipe, modelscope_sd.StableDiffusionText2ImagePipeline)
+
+
+def test_write_configuration_refuses_a_folder_that_is_not_a_model(tmp_path):
+    import modelscope_sd
+    with pytest.raises(ValueError, match='model_index.json is missing'):
+        modelscope_sd.write_configuration(str(tmp_path))
