@@ -92,11 +92,15 @@ def _records_from_msdataset(name: str, split: str) -> List[Record]:
     return records
 
 
+def image_paths(folder: str) -> List[str]:
+    return sorted(p for p in glob.glob(os.path.join(folder, '**', '*'), recursive=True)
+                  if p.lower().endswith(IMAGE_EXTENSIONS))
+
+
 def records_from_image_folder(folder: str, caption: Optional[str] = None) -> List[Record]:
     """Images with a same-named .txt caption, or a metadata.jsonl of {"file_name", "text"}; with
     ``caption`` (DreamBooth's instance prompt) every image gets that caption."""
-    images = sorted(p for p in glob.glob(os.path.join(folder, '**', '*'), recursive=True)
-                    if p.lower().endswith(IMAGE_EXTENSIONS))
+    images = image_paths(folder)
     if not images:
         raise ValueError(f'{folder!r} holds no images ({", ".join(IMAGE_EXTENSIONS)}).')
     if caption is not None:

@@ -18,7 +18,7 @@ import tempfile
 from typing import List, Optional
 
 from finetune.config import DreamBoothConfig, parse_args
-from finetune.data import (IMAGE_EXTENSIONS, CaptionDataset, PriorPreservationDataset, check_images, load_records,
+from finetune.data import (CaptionDataset, PriorPreservationDataset, check_images, image_paths, load_records,
                            records_from_image_folder)
 from finetune.models import load_components, save_lora, training_metadata
 from finetune.training import prepare_models, render_result, start_run, train_loop, validation_pipeline_factory
@@ -84,18 +84,16 @@ def generate_class_images(config: DreamBoothConfig, device) -> int:
     os.makedirs(config.class_data_dir, exist_ok=True)
     for leftover in glob.glob(os.path.join(config.class_data_dir, '*.partial.png')):
         os.remove(leftover)
-    existing = records_from_image_folder(config.class_data_dir, caption='') if _has_images(
-        config.class_data_dir) else []
-    missing = config.num_class_images - len(existing)
+    existing = len(image_paths(config.class_data_dir))
+    missing = config.num_class_images - existing
     if missing <= 0:
-        logger.info('Reusing %d class images in %s.', len(existing), config.class_data_dir)
+        logger.info('Reusing %d class images in %s.', existing, config.class_data_dir)
         return 0
     from modelscope_sd import StableDiffusionText2ImagePipeline
     pipe = StableDiffusionText2ImagePipeline(config.pretrained_model_name_or_path, model_revision=config.revision,
                                              device=str(device), progress_bar=False)
     logger.info('Generating %d class images for %r in %s.', missing, config.class_prompt, config.class_data_dir)
-    start = len(existing)
-    for first in range(start, config.num_class_images, config.sample_batch_size):
+    for first in range(existing, config.num_class_images, config.sample_batch_size):
         count = min(config.sample_batch_size, config.num_class_images - first)
         output = pipe({'text': config.class_prompt, 'num_images_per_prompt': count, 'seed': config.seed + first,
                        'height': config.resolution, 'width': config.resolution,
@@ -108,10 +106,6 @@ def generate_class_images(config: DreamBoothConfig, device) -> int:
             os.replace(path + '.partial.png', path)  # a kill never leaves a half-written image
     del pipe
     return missing
-
-
-def _has_images(folder: str) -> bool:
-    return any(name.lower().endswith(IMAGE_EXTENSIONS) for name in os.listdir(folder))
 
 
 def save_full_model(output_dir: str, base_dir: str, unet, text_encoder) -> None:

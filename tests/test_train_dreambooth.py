@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from finetune.config import DreamBoothConfig
-from train_helpers import make_images, reset_accelerate, run_launcher
+from train_helpers import Killed, kill_at_loss_call, make_images, reset_accelerate, run_launcher
 
 INSTANCE_PROMPT, CLASS_PROMPT = 'a photo of sks dog', 'a photo of dog'
 
@@ -130,26 +130,13 @@ def test_prior_loss_is_instance_mean_plus_weighted_class_mean():
     assert float(loss) == pytest.approx(2.0 + 0.5 * 15.0)
 
 
-class _Killed(Exception):
-    pass
-
-
 def test_full_fine_tune_resume_matches_an_uninterrupted_run(tiny_model_dir, instance_dir, tmp_path, monkeypatch):
     settings = dict(max_train_steps=4, checkpointing_steps=2, learning_rate=1e-3, lr_scheduler='cosine')
     _train(_config(tiny_model_dir, instance_dir, tmp_path / 'a', **settings))
-    import finetune.training as training
-    real_loss, calls = training.denoising_loss, []
-
-    def dies_in_step_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise _Killed
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(training, 'denoising_loss', dies_in_step_3)
-    with pytest.raises(_Killed):
+    revive = kill_at_loss_call(monkeypatch, 3)  # step 3 of 4, after checkpoint-2
+    with pytest.raises(Killed):
         _train(_config(tiny_model_dir, instance_dir, tmp_path / 'b', **settings))
-    monkeypatch.setattr(training, 'denoising_loss', real_loss)
+    revive()
     _train(_config(tiny_model_dir, instance_dir, tmp_path / 'b', resume_from_checkpoint='latest', **settings))
     weights = 'unet/diffusion_pytorch_model.safetensors'
     a, b = load_file(str(tmp_path / 'a' / weights)), load_file(str(tmp_path / 'b' / weights))

@@ -10,7 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from finetune.config import LoraTrainConfig, parse_args
-from train_helpers import make_images, make_modelscope_csv_dataset, reset_accelerate, run_launcher
+from train_helpers import (Killed, kill_at_loss_call, make_images, make_modelscope_csv_dataset, reset_accelerate,
+                           run_launcher)
 
 
 
@@ -88,28 +89,15 @@ def test_loss_goes_down_when_overfitting_one_image(tiny_model_dir, tmp_path):
     assert after < 0.8 * before, (before, after)
 
 
-class _Killed(Exception):
-    pass
-
-
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_model_dir, csv_dataset, tmp_path, monkeypatch):
     settings = dict(max_train_steps=6, checkpointing_steps=2, lr_scheduler='linear', random_flip=True,
                     gradient_accumulation_steps=2, lora_dropout=0.1)
     reference = load_file(_train(_config(tiny_model_dir, csv_dataset, tmp_path / 'a', **settings)))
 
-    import finetune.training as training
-    real_loss, calls = training.denoising_loss, []
-
-    def dies_in_step_4(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 7:  # the first micro-batch of optimizer step 4
-            raise _Killed
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(training, 'denoising_loss', dies_in_step_4)
-    with pytest.raises(_Killed):
+    revive = kill_at_loss_call(monkeypatch, 7)  # the first micro-batch of optimizer step 4
+    with pytest.raises(Killed):
         _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'b', **settings))
-    monkeypatch.setattr(training, 'denoising_loss', real_loss)
+    revive()
     assert sorted(os.listdir(tmp_path / 'b')) == ['checkpoint-2']
     resumed = load_file(_train(_config(tiny_model_dir, csv_dataset, tmp_path / 'b', resume_from_checkpoint='latest',
                                        **settings)))
@@ -128,11 +116,11 @@ def test_a_kill_while_saving_never_leaves_a_complete_looking_checkpoint(tiny_mod
     def dies_after_writing_some(self, output_dir=None, **kwargs):
         result = real_save(self, output_dir, **kwargs)
         if output_dir.endswith('checkpoint-4.partial'):
-            raise _Killed  # files are there, the state file and the rename are not
+            raise Killed  # files are there, the state file and the rename are not
         return result
 
     monkeypatch.setattr(Accelerator, 'save_state', dies_after_writing_some)
-    with pytest.raises(_Killed):
+    with pytest.raises(Killed):
         _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'out', checkpoints_total_limit=1))
     assert sorted(os.listdir(tmp_path / 'out')) == ['checkpoint-2', 'checkpoint-4.partial']
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / 'out'))] == ['checkpoint-2']

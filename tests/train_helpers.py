@@ -77,3 +77,22 @@ def run_launcher(script, args, env, cwd):
                             env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
+
+
+class Killed(Exception):
+    """Stands in for a kill (Ctrl-C, OOM, preemption) at a chosen point of a training run."""
+
+
+def kill_at_loss_call(monkeypatch, call: int):
+    """Make the ``call``-th forward pass of the training loss raise ``Killed``; returns the undo."""
+    import finetune.training as training
+    real_loss, calls = training.denoising_loss, []
+
+    def dies(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise Killed
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training, 'denoising_loss', dies)
+    return lambda: monkeypatch.setattr(training, 'denoising_loss', real_loss)
