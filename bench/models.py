@@ -20,8 +20,6 @@ SD15_VAE = dict(sample_size=512, in_channels=3, out_channels=3, latent_channels=
 SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                  num_attention_heads=12, max_position_embeddings=77, hidden_act='quick_gelu', projection_dim=768,
                  bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear', skip_prk_steps=True,
-                      set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
 
 
 def build_components(tiny: bool, device: str, seed: int = 0):
@@ -29,7 +27,7 @@ def build_components(tiny: bool, device: str, seed: int = 0):
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from tiny_sd import tiny_components, tiny_tokenizer
+    from tiny_sd import SD15_SCHEDULER_CONFIG, tiny_components, tiny_tokenizer
     workdir = tempfile.mkdtemp(prefix='bench_tok_')
     if tiny:
         parts = tiny_components(workdir, seed=seed, safety_checker=False)
@@ -41,7 +39,7 @@ def build_components(tiny: bool, device: str, seed: int = 0):
         text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT))
     # byte-level tokenizer: CLIP's 49k vocabulary is not available offline; ids stay inside the embedding
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(workdir),
-                scheduler=PNDMScheduler(**SD15_SCHEDULER))
+                scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG))
 
 
 def environment() -> dict:

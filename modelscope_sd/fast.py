@@ -1,15 +1,30 @@
-"""Opt-in fast inference on CUDA: fused QKV projections, channels_last, SDPA attention, and the UNet and
-VAE decoder compiled by torch.compile with CUDA graphs; inductor's caches kept on disk so a second start
-reuses the compiled kernels."""
+"""Opt-in fast inference on CUDA: fused QKV projections, channels_last, SDPA attention, and torch.compile
+with CUDA graphs; inductor's caches kept on disk so a second start reuses the compiled kernels.
 
+Text-to-image runs its own loop (`WholeStepDenoiser`): the scheduler becomes a table of coefficients
+(`linear_steps`), so one denoising step (latents from the table, CFG batch, UNet, guidance) is one compiled
+function, captured as one CUDA graph, with no host sync between steps and one graph for every scheduler.
+Image-to-image, inpainting and schedulers without a table keep diffusers' loop over the compiled UNet.
+"""
+
+import json
 import logging
+import math
 import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from .linear_steps import plan_scheduler
 
 logger = logging.getLogger(__name__)
 
 COMPILE_MODES = ('reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs', 'default')
+# History slots (model outputs + noise draws) are padded to this many, or the next power of two above: every
+# scheduler up to 64 steps (128 model calls or draws) then shares one compiled graph
+MIN_HISTORY = 128
 
 
 def _configure_inductor(cache_dir: str) -> None:
@@ -45,7 +60,8 @@ def _compile_keeping_outputs(module: torch.nn.Module, mode: str) -> None:
 
 
 def enable_fast_inference(pipe, compile_mode: str = 'reduce-overhead', cache_dir: str = None):
-    """Apply the fast path to a diffusers ``StableDiffusionPipeline`` on CUDA, in place."""
+    """Apply the fast path to a diffusers ``StableDiffusionPipeline`` on CUDA, in place; returns the compiled
+    text-to-image denoiser."""
     if pipe.device.type != 'cuda':
         raise ValueError(f'fast=True needs a CUDA device; this pipeline is on {pipe.device}. '
                          "Pass device='gpu' on a machine with CUDA, or leave fast off.")
@@ -55,8 +71,111 @@ def enable_fast_inference(pipe, compile_mode: str = 'reduce-overhead', cache_dir
     pipe.fuse_qkv_projections()
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
+    denoiser = WholeStepDenoiser(pipe, compile_mode)
     _compile_keeping_outputs(pipe.unet, compile_mode)
     pipe.vae.decoder.forward = torch.compile(pipe.vae.decoder.forward, mode=compile_mode, fullgraph=True)
-    logger.info('Fast path on: fused QKV, channels_last, torch.compile(mode=%r) of UNet and VAE decoder. '
-                'The first call per image size and batch compiles (a minute or more).', compile_mode)
-    return pipe
+    logger.info('Fast path on: fused QKV, channels_last, torch.compile(mode=%r) of the whole denoising step and '
+                'the VAE decoder. The first call per image size and batch compiles (a minute or more).', compile_mode)
+    return denoiser
+
+
+@dataclass
+class DevicePlan:
+    """A `LinearPlan` on the device, one ready tensor per step, so the loop does no host work but launches."""
+    rows: List[torch.Tensor]  # n + 1 rows of [1 + capacity] float32
+    scales: List[torch.Tensor]  # 0-dim float32
+    timesteps: List[torch.Tensor]  # 0-dim float32
+    noise_dtypes: List[Optional[torch.dtype]]
+    capacity: int
+
+    @property
+    def num_model_calls(self) -> int:
+        return len(self.timesteps)
+
+
+class WholeStepDenoiser:
+    """Text-to-image where each denoising step is one function of fixed-shape tensors. With
+    ``compile_mode=None`` it runs eagerly (the CPU tests compare it with diffusers' own loop)."""
+
+    def __init__(self, sd, compile_mode: Optional[str] = None):
+        self.sd = sd
+        self.step = torch.compile(self._step, mode=compile_mode, fullgraph=True) if compile_mode else self._step
+        self._plans: Dict[Any, Optional[DevicePlan]] = {}
+
+    def plan(self, scheduler, num_inference_steps: int, eta: float) -> Optional[DevicePlan]:
+        """The scheduler's table on the device (built once per scheduler config, steps and eta), or None."""
+        key = (type(scheduler).__name__, json.dumps(dict(scheduler.config), sort_keys=True, default=str),
+               num_inference_steps, eta, str(self.sd.device))
+        if key not in self._plans:
+            plan = plan_scheduler(scheduler, num_inference_steps, eta)
+            if plan is None:
+                logger.info('%s has no coefficient table (it is not linear in the latents): diffusers\' loop '
+                            'runs it over the compiled UNet.', type(scheduler).__name__)
+            self._plans[key] = None if plan is None else self._to_device(plan)
+        return self._plans[key]
+
+    def _to_device(self, plan) -> DevicePlan:
+        device = self.sd.device
+        used = plan.coefs.shape[1] - 1
+        capacity = MIN_HISTORY if used <= MIN_HISTORY else 2 ** math.ceil(math.log2(used))
+        coefs = torch.zeros((plan.coefs.shape[0], 1 + capacity), dtype=torch.float32)
+        coefs[:, :1 + used] = plan.coefs
+        return DevicePlan(rows=list(coefs.to(device).unbind()),
+                          scales=list(plan.scales.to(device, torch.float32).unbind()),
+                          timesteps=list(plan.timesteps.to(device, torch.float32).unbind()),
+                          noise_dtypes=plan.noise_dtypes, capacity=capacity)
+
+    def _step(self, x0, history, coefs, scale, timestep, embeds, guidance):
+        """One denoising step: latents from the table, CFG batch, UNet, guidance → the guided model output."""
+        latents = coefs[0] * x0 + torch.tensordot(coefs[1:], history, dims=1)
+        model_input = (latents * scale).to(embeds.dtype)
+        if guidance is not None:
+            model_input = torch.cat([model_input] * 2)
+        unet = self.sd.unet
+        # the class's forward: with fast=True the instance's forward is a compiled one (for the fallback loop)
+        noise_pred = type(unet).forward(unet, model_input, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+        if guidance is not None:
+            uncond, text = noise_pred.chunk(2)
+            noise_pred = uncond + guidance * (text - uncond)
+        return noise_pred
+
+    def denoise(self, plan: DevicePlan, latents, embeds, guidance_scale: Optional[float], generator, progress_bar):
+        """``latents``: the start latents as ``prepare_latents`` gives them. Noise for stochastic schedulers is
+        drawn up front, in the order the scheduler would draw it, so seeds give the pictures of the plain path."""
+        n = plan.num_model_calls
+        x0 = latents.to(torch.float32)
+        history = torch.zeros((plan.capacity,) + tuple(latents.shape), dtype=torch.float32, device=latents.device)
+        for j, dtype in enumerate(plan.noise_dtypes):
+            history[n + j] = randn_tensor(latents.shape, generator=generator, device=latents.device,
+                                          dtype=dtype or latents.dtype)
+        guidance = (None if guidance_scale is None
+                    else torch.tensor(guidance_scale, dtype=torch.float32, device=latents.device))
+        for i in range(n):
+            history[i] = self.step(x0, history, plan.rows[i], plan.scales[i], plan.timesteps[i], embeds, guidance)
+            progress_bar.update()
+        final = plan.rows[n]
+        return (final[0] * x0 + torch.tensordot(final[1:], history, dims=1)).to(latents.dtype)
+
+    @torch.inference_mode()
+    def __call__(self, plan: DevicePlan, text_inputs: Dict[str, Any], height: Optional[int], width: Optional[int],
+                 num_images_per_prompt: int, guidance_scale: float, generator, latents=None):
+        """diffusers' text-to-image steps around `denoise`: encode → start latents → denoise → decode → check.
+        Returns float images in [0, 1] (N, H, W, 3) and the safety checker's flags."""
+        sd = self.sd
+        device = sd._execution_device
+        height = height or sd.unet.config.sample_size * sd.vae_scale_factor
+        width = width or sd.unet.config.sample_size * sd.vae_scale_factor
+        cfg = guidance_scale > 1 and sd.unet.config.time_cond_proj_dim is None
+        prompt_embeds, negative_embeds = sd.encode_prompt(
+            text_inputs.get('prompt'), device, num_images_per_prompt, cfg, text_inputs.get('negative_prompt'),
+            prompt_embeds=text_inputs.get('prompt_embeds'), negative_prompt_embeds=text_inputs.get('negative_prompt_embeds'),
+            clip_skip=text_inputs.get('clip_skip'))
+        embeds = torch.cat([negative_embeds, prompt_embeds]) if cfg else prompt_embeds
+        start = sd.prepare_latents(prompt_embeds.shape[0], sd.unet.config.in_channels, height, width,
+                                   prompt_embeds.dtype, device, generator, latents)
+        with sd.progress_bar(total=plan.num_model_calls) as bar:
+            final = self.denoise(plan, start, embeds, guidance_scale if cfg else None, generator, bar)
+        image = sd.vae.decode(final / sd.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+        image, nsfw = sd.run_safety_checker(image, device, prompt_embeds.dtype)
+        denormalize = [True] * image.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
+        return sd.image_processor.postprocess(image, output_type='np', do_denormalize=denormalize), nsfw

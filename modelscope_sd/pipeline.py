@@ -114,9 +114,10 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         self.adapters = lora_utils.load_adapters(self.sd, lora_dir, lora_scale, fuse=fuse_lora)
         self.lora_scales = lora_utils.check_scales(lora_scale, self.adapters) if self.adapters else []
         self.lora_fused = fuse_lora and lora_dir is not None
+        self.denoiser = None  # fast=True: the whole-step compiled text-to-image loop
         if fast:
             from .fast import enable_fast_inference
-            enable_fast_inference(self.sd, compile_mode)
+            self.denoiser = enable_fast_inference(self.sd, compile_mode)
 
     # ModelScope callers
     def __call__(self, input: Union[str, List[str], Dict[str, Any], List[Dict[str, Any]]] = None,
@@ -297,19 +298,25 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         pipe.set_progress_bar_config(disable=not (self.progress_bar if progress_bar is None else progress_bar))
         if lora_scale is not None:
             lora_utils.set_scales(self.sd, self.adapters, lora_scale)
+        # 4. long or weighted prompts become embeddings here; the fast path or diffusers does the denoising
+        text_inputs = self._text_inputs(prompt, negative_prompt, clip_skip)
+        plan = (self.denoiser.plan(pipe.scheduler, num_inference_steps, eta)
+                if self.denoiser is not None and pipe is self.sd else None)
         try:
-            # 4. long or weighted prompts become embeddings here; diffusers does the denoising
-            result = pipe(**self._text_inputs(prompt, negative_prompt, clip_skip), **extra,
-                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                          num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator,
-                          output_type='np')
+            if plan is not None:
+                images, nsfw = self.denoiser(plan, text_inputs, height, width, num_images_per_prompt,
+                                             guidance_scale, generator, latents)
+            else:
+                result = pipe(**text_inputs, **extra, num_inference_steps=num_inference_steps,
+                              guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, eta=eta,
+                              generator=generator, output_type='np')
+                images, nsfw = result.images, result.nsfw_content_detected
         finally:
             if lora_scale is not None:
                 lora_utils.set_scales(self.sd, self.adapters, self.lora_scales)
-        images = result.images
         if mask_image is not None:
             images = np.stack([images_lib.overlay(img, image, mask_image) for img in images])
-        return self._output(images, seeds, result.nsfw_content_detected)
+        return self._output(images, seeds, nsfw)
 
     @staticmethod
     def _output(images: np.ndarray, seeds, nsfw) -> Dict[str, Any]:

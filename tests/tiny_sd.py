@@ -10,6 +10,12 @@ import os
 
 import torch
 
+# SD1.5's scheduler_config.json, word for word: DDIM and DDPM built from it keep clip_sample off
+SD15_SCHEDULER_CONFIG = {'_class_name': 'PNDMScheduler', 'beta_end': 0.012, 'beta_schedule': 'scaled_linear',
+                         'beta_start': 0.00085, 'clip_sample': False, 'num_train_timesteps': 1000,
+                         'set_alpha_to_one': False, 'skip_prk_steps': True, 'steps_offset': 1, 'trained_betas': None}
+
+
 def _bytes_to_unicode():
     bs = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(range(ord('®'), ord('ÿ') + 1))
     cs = bs[:]
@@ -54,8 +60,7 @@ def tiny_components(workdir: str, seed: int = 0, safety_checker: bool = True, in
     text_config = dict(bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=32, intermediate_size=37,
                        num_attention_heads=4, num_hidden_layers=2, vocab_size=514, projection_dim=32)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
-                              skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+    scheduler = PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)
     components = dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(workdir),
                       scheduler=scheduler, safety_checker=None, feature_extractor=None)
     if safety_checker:

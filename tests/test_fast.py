@@ -1,0 +1,104 @@
+"""The fast path's own denoising loop (scheduler as a coefficient table, one function per step), run eagerly on
+the CPU against diffusers' loop: same latents for every scheduler, stochastic ones included."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import EulerDiscreteScheduler
+
+from modelscope_sd.fast import MIN_HISTORY, WholeStepDenoiser
+from modelscope_sd.linear_steps import plan_scheduler
+from modelscope_sd.schedulers import SCHEDULERS, make_scheduler
+
+ARGS = dict(num_inference_steps=4, guidance_scale=7.5)
+
+
+@pytest.fixture(scope='module')
+def fast_pipe(sd_pipe):
+    """Our pipeline over the same weights, routed through the whole-step loop (eager: no compile on CPU)."""
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    pipe = StableDiffusionText2ImagePipeline(sd_pipe.sd, device='cpu', progress_bar=False)
+    pipe.denoiser = WholeStepDenoiser(pipe.sd)
+    return pipe
+
+
+def _vanilla(vanilla_pipe, scheduler, seeds, **kwargs):
+    base = vanilla_pipe.scheduler
+    vanilla_pipe.scheduler = scheduler
+    try:
+        generators = [torch.Generator('cpu').manual_seed(s) for s in seeds]
+        return vanilla_pipe(generator=generators, output_type='np', **kwargs).images
+    finally:
+        vanilla_pipe.scheduler = base
+
+
+@pytest.mark.parametrize('name', sorted(SCHEDULERS))
+def test_every_offered_scheduler_has_a_table_that_matches_diffusers_loop(fast_pipe, vanilla_pipe, name):
+    scheduler = make_scheduler(name, vanilla_pipe.scheduler.config)
+    plan = fast_pipe.denoiser.plan(scheduler, 4, 0.0)
+    assert plan is not None and plan.capacity == MIN_HISTORY  # one compiled graph for all of them
+    expected = _vanilla(vanilla_pipe, scheduler, [3], prompt='a red house', **ARGS)
+    fast_pipe.sd.scheduler = scheduler
+    got, _ = fast_pipe.denoiser(plan, {'prompt': 'a red house'}, None, None, 1, 7.5,
+                                [torch.Generator('cpu').manual_seed(3)])
+    assert got.shape == expected.shape == (1, 32, 32, 3)
+    np.testing.assert_allclose(got, expected, atol=2e-4)
+
+
+def test_pipeline_routes_text_to_image_through_the_table_loop(fast_pipe, sd_pipe, monkeypatch):
+    calls = []
+    monkeypatch.setattr(fast_pipe.denoiser, 'denoise', _spy(fast_pipe.denoiser.denoise, calls))
+    options = dict(seed=5, num_images_per_prompt=2, negative_prompt='blurry', **ARGS)
+    got = fast_pipe(['a (cat:1.3)', 'a dog'], **options)
+    expected = sd_pipe(['a (cat:1.3)', 'a dog'], **options)
+    assert len(calls) == 1 and got['seeds'] == expected['seeds'] == [5, 6, 7, 8]
+    for a, b in zip(got['output_imgs'], expected['output_imgs']):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_guidance_off_and_eta_match_the_plain_path(fast_pipe, sd_pipe):
+    for options in (dict(guidance_scale=1.0), dict(scheduler='ddim', eta=0.7)):
+        args = {**ARGS, **options, 'seed': 2}
+        a = fast_pipe('a tree', **args)['output_imgs'][0].astype(int)
+        b = sd_pipe('a tree', **args)['output_imgs'][0].astype(int)
+        assert np.abs(a - b).max() <= 1, options
+
+
+def test_stochastic_table_draws_noise_in_the_schedulers_order():
+    scheduler = make_scheduler('euler_a', EulerDiscreteScheduler().config)
+    plan = plan_scheduler(scheduler, 6)
+    assert len(plan.noise_dtypes) == 6 and plan.coefs.shape == (7, 1 + 6 + 6)
+    # noise j enters the latents after step j has run (the last step adds none: its sigma_up is 0)
+    noise = plan.coefs[:, 7:]
+    assert torch.all(torch.triu(noise[:-1], diagonal=0) == 0)
+    assert torch.all(noise[1:].diagonal()[:-1] != 0) and noise[-1, -1] == 0
+
+
+class _Clamped(EulerDiscreteScheduler):
+    def step(self, model_output, timestep, sample, **kwargs):
+        return super().step(model_output.clamp(-0.5, 0.5), timestep, sample, **kwargs)
+
+
+class _OwnRandom(EulerDiscreteScheduler):
+    def step(self, model_output, timestep, sample, **kwargs):
+        out = super().step(model_output, timestep, sample, **kwargs)
+        return (out[0] + 0.1 * torch.randn_like(out[0]),)
+
+
+@pytest.mark.parametrize('cls', [_Clamped, _OwnRandom])
+def test_schedulers_that_are_not_linear_get_no_table(cls):
+    assert plan_scheduler(cls(), 5) is None
+
+
+def test_a_scheduler_without_a_table_keeps_diffusers_loop(fast_pipe, sd_pipe, monkeypatch):
+    monkeypatch.setattr(fast_pipe.denoiser, 'denoise', _spy(None, calls := []))
+    a = fast_pipe('a hill', scheduler=_Clamped.from_config(sd_pipe.sd.scheduler.config), seed=1, **ARGS)
+    b = sd_pipe('a hill', scheduler=_Clamped.from_config(sd_pipe.sd.scheduler.config), seed=1, **ARGS)
+    assert not calls and np.array_equal(a['output_imgs'][0], b['output_imgs'][0])
+
+
+def _spy(function, calls):
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        return function(*args, **kwargs)
+    return wrapper
