@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# One prepared GPU session: inference benchmark (vanilla vs ours vs ours fast), then training benchmark.
+# One prepared GPU session: the opt-in GPU tests on the tiny model, the inference benchmark (vanilla vs ours vs
+# ours fast), then the training benchmark. PARTS picks some of tests,inference,training; INFER_ARGS and
+# TRAIN_ARGS pass options on (e.g. INFER_ARGS=--compare_loops, TRAIN_ARGS="--only lora,compile").
 # On the lent GPU machine, where diffusers/modelscope are missing, wheels come from .whl/ (see README).
 # Results go to $OUT (or ./bench-results) as JSON lines and logs.
 set -uo pipefail
@@ -13,8 +15,17 @@ export PYTHONPATH="$(pwd):${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 T
 export MODELSCOPE_CACHE=/tmp/modelscope_cache TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, diffusers, transformers, peft, accelerate, modelscope_sd; print('versions', torch.__version__, diffusers.__version__, transformers.__version__, peft.__version__, accelerate.__version__)" 2>&1 | tail -3
-timeout "${INFER_TIMEOUT:-400}" python3 bench/bench_inference.py --second_start --out "$OUT/inference.jsonl" 2>&1 \
-  | grep -v "^\[transformers\]" | tee "$OUT/inference.log" | grep -v "^{" | tail -20
-timeout "${TRAIN_TIMEOUT:-180}" python3 bench/bench_training.py --out "$OUT/training.jsonl" 2>&1 \
-  | grep -v "^\[transformers\]" | tee "$OUT/training.log" | grep -v "^{" | tail -12
+PARTS="${PARTS:-tests,inference,training}"
+if [[ "$PARTS" == *tests* ]]; then
+  timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 \
+    | tee "$OUT/gpu-tests.log" | tail -15
+fi
+if [[ "$PARTS" == *inference* ]]; then
+  timeout "${INFER_TIMEOUT:-400}" python3 bench/bench_inference.py --second_start ${INFER_ARGS:-} \
+    --out "$OUT/inference.jsonl" 2>&1 | grep -v "^\[transformers\]" | tee "$OUT/inference.log" | grep -v "^{" | tail -20
+fi
+if [[ "$PARTS" == *training* ]]; then
+  timeout "${TRAIN_TIMEOUT:-180}" python3 bench/bench_training.py ${TRAIN_ARGS:-} --out "$OUT/training.jsonl" 2>&1 \
+    | grep -v "^\[transformers\]" | tee "$OUT/training.log" | grep -v "^{" | tail -14
+fi
 cat "$OUT"/*.jsonl

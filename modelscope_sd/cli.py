@@ -48,7 +48,7 @@ def _generate_parser(sub):
     parser.add_argument('--strength', type=float)
     parser.add_argument('--from_png', help='take every setting from a PNG written here (or by A1111)')
     parser.add_argument('--device', default='gpu')
-    parser.add_argument('--fast', action='store_true', help='CUDA: compiled fast path')
+    parser.add_argument('--fast', action='store_true', help='compiled fast path (CUDA graphs on CUDA); the first image compiles')
     parser.add_argument('--local_files_only', action='store_true', help='never ask the hub; use the cache')
     parser.add_argument('--output_dir', default='outputs')
 

@@ -25,6 +25,7 @@ COMPILE_MODES = ('reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'
 # History slots (model outputs + noise draws) are padded to this many, or the next power of two above: every
 # scheduler up to 64 steps (128 model calls or draws) then shares one compiled graph
 MIN_HISTORY = 128
+_WITHOUT_CUDA_GRAPHS = {'reduce-overhead': 'default', 'max-autotune': 'max-autotune-no-cudagraphs'}
 
 
 def _configure_inductor(cache_dir: str) -> None:
@@ -60,13 +61,14 @@ def _compile_keeping_outputs(module: torch.nn.Module, mode: str) -> None:
 
 
 def enable_fast_inference(pipe, compile_mode: str = 'reduce-overhead', cache_dir: str = None):
-    """Apply the fast path to a diffusers ``StableDiffusionPipeline`` on CUDA, in place; returns the compiled
-    text-to-image denoiser."""
-    if pipe.device.type != 'cuda':
-        raise ValueError(f'fast=True needs a CUDA device; this pipeline is on {pipe.device}. '
-                         "Pass device='gpu' on a machine with CUDA, or leave fast off.")
+    """Apply the fast path to a diffusers ``StableDiffusionPipeline``, in place; returns the compiled
+    text-to-image denoiser. Off CUDA the modes that capture CUDA graphs compile without them."""
     if compile_mode not in COMPILE_MODES:
-        raise ValueError(f'compile_mode={compile_mode!r} is not one of {COMPILE_MODES}.')
+        raise ValueError(f'compile_mode={compile_mode!r} is not one of {", ".join(COMPILE_MODES)}.')
+    if pipe.device.type != 'cuda' and compile_mode in _WITHOUT_CUDA_GRAPHS:
+        logger.info('fast=True on %s: compiling with mode=%r (CUDA graphs need a CUDA device).',
+                    pipe.device, _WITHOUT_CUDA_GRAPHS[compile_mode])
+        compile_mode = _WITHOUT_CUDA_GRAPHS[compile_mode]
     _configure_inductor(cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'modelscope_sd', 'inductor'))
     pipe.fuse_qkv_projections()
     pipe.unet.to(memory_format=torch.channels_last)
@@ -148,8 +150,9 @@ class WholeStepDenoiser:
         for j, dtype in enumerate(plan.noise_dtypes):
             history[n + j] = randn_tensor(latents.shape, generator=generator, device=latents.device,
                                           dtype=dtype or latents.dtype)
+        # a fill kernel, not a copy from host memory: nothing in here waits for the GPU
         guidance = (None if guidance_scale is None
-                    else torch.tensor(guidance_scale, dtype=torch.float32, device=latents.device))
+                    else torch.full((), guidance_scale, dtype=torch.float32, device=latents.device))
         for i in range(n):
             history[i] = self.step(x0, history, plan.rows[i], plan.scales[i], plan.timesteps[i], embeds, guidance)
             progress_bar.update()

@@ -73,8 +73,9 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         lora_dir: a LoRA adapter (folder or file, diffusers/peft or kohya/A1111 format), or a list of them.
         lora_scale: the adapter weight, or one weight per adapter.
         fuse_lora: merge the adapters into the weights once, for speed (scales are then fixed).
-        fast: CUDA only: fused QKV, channels_last and torch.compile with CUDA graphs (adapters are fused).
-            The first call per size and batch compiles; later calls and later starts reuse the kernels.
+        fast: fused QKV, channels_last, and torch.compile of the whole denoising step, captured as CUDA
+            graphs on CUDA (adapters are fused). The first call per size and batch compiles; later calls, other
+            schedulers and later starts reuse the kernels.
         compile_mode: torch.compile mode for ``fast`` ('reduce-overhead' or 'max-autotune').
     """
 

@@ -102,3 +102,20 @@ def _spy(function, calls):
         calls.append(args)
         return function(*args, **kwargs)
     return wrapper
+
+
+@pytest.mark.slow
+def test_compiled_step_is_one_graph_for_every_scheduler_and_step_count(tiny_model_dir):
+    """fast=True on the CPU (torch.compile without CUDA graphs, about 30 s): the first call compiles, then
+    other schedulers, stochastic ones and other step counts reuse the graph."""
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    eager = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False)
+    eager.denoiser = WholeStepDenoiser(eager.sd)
+    compiled = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False, fast=True)
+    compiled('a cat', seed=0, **ARGS)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for scheduler, steps in (('dpm++_2m_karras', 4), ('euler_a', 6), ('unipc', 9), (None, 30)):
+            args = dict(num_inference_steps=steps, guidance_scale=7.5, seed=1, scheduler=scheduler)
+            a = compiled('a cat', **args)['output_imgs'][0].astype(int)
+            b = eager('a cat', **args)['output_imgs'][0].astype(int)
+            assert np.abs(a - b).max() <= 1, scheduler

@@ -7,19 +7,49 @@ import torch
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')]
 
-
-def test_gpu_defaults_to_fp16(tiny_model_dir):
-    from modelscope_sd import StableDiffusionText2ImagePipeline
-    pipe = StableDiffusionText2ImagePipeline(tiny_model_dir, device='gpu', progress_bar=False)
-    assert pipe.sd.unet.dtype == torch.float16 and pipe.device.type == 'cuda'
+SCHEDULERS = (None, 'dpm++_2m_karras', 'euler_a', 'unipc', 'heun')
 
 
-def test_fast_path_matches_the_plain_path_for_every_scheduler(tiny_model_dir):
+@pytest.fixture(scope='module')
+def gpu_pipes(tiny_model_dir):
     from modelscope_sd import StableDiffusionText2ImagePipeline
     plain = StableDiffusionText2ImagePipeline(tiny_model_dir, device='gpu', progress_bar=False)
     fast = StableDiffusionText2ImagePipeline(tiny_model_dir, device='gpu', progress_bar=False, fast=True)
-    for scheduler in (None, 'dpm++_2m_karras', 'euler_a', 'unipc'):
-        args = dict(num_inference_steps=4, seed=0, scheduler=scheduler)
-        a = plain('a cat', **args)['output_imgs'][0].astype(int)
-        b = fast('a cat', **args)['output_imgs'][0].astype(int)
-        assert np.abs(a - b).max() <= 3, scheduler
+    return plain, fast
+
+
+def test_gpu_defaults_to_fp16(gpu_pipes):
+    plain, _ = gpu_pipes
+    assert plain.sd.unet.dtype == torch.float16 and plain.device.type == 'cuda'
+
+
+def test_fast_path_matches_the_plain_path_for_every_scheduler_without_recompiling(gpu_pipes):
+    plain, fast = gpu_pipes
+    fast('a cat', num_inference_steps=4, seed=0)  # compiles the step and the decoder
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for scheduler in SCHEDULERS:
+            args = dict(num_inference_steps=4, seed=0, scheduler=scheduler)
+            a = plain('a cat', **args)['output_imgs'][0].astype(int)
+            b = fast('a cat', **args)['output_imgs'][0].astype(int)
+            assert np.abs(a - b).max() <= 3, scheduler
+
+
+def test_fast_denoising_loop_never_waits_for_the_gpu(gpu_pipes):
+    """No host sync between steps: the CPU queues all steps' graph replays ahead of the GPU."""
+    _, fast = gpu_pipes
+    denoiser = fast.denoiser
+    plan = denoiser.plan(fast.sd.scheduler, 4, 0.0)
+    latents = torch.randn((1, 4, 8, 8), device='cuda', dtype=torch.float16)
+    embeds = torch.randn((2, 77, 32), device='cuda', dtype=torch.float16)
+
+    class Bar:
+        def update(self):
+            pass
+
+    denoiser.denoise(plan, latents, embeds, 7.5, None, Bar())  # warm: compile and record
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        denoiser.denoise(plan, latents, embeds, 7.5, None, Bar())
+    finally:
+        torch.cuda.set_sync_debug_mode('default')

@@ -64,7 +64,7 @@ def test_bad_device_is_refused(tiny_model_dir):
         StableDiffusionText2ImagePipeline(tiny_model_dir, device='tpu')
 
 
-def test_fast_path_needs_cuda(tiny_model_dir):
+def test_bad_compile_mode_is_refused(tiny_model_dir):
     from modelscope_sd import StableDiffusionText2ImagePipeline
-    with pytest.raises(ValueError, match='fast=True needs a CUDA device'):
-        StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', fast=True)
+    with pytest.raises(ValueError, match="compile_mode='fastest' is not one of reduce-overhead, max-autotune"):
+        StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', fast=True, compile_mode='fastest')
