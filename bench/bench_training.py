@@ -31,7 +31,8 @@ def parse_args(argv=None):
     parser.add_argument('--tiny', action='store_true')
     parser.add_argument('--steps', type=int, default=30)
     parser.add_argument('--warmup', type=int, default=5)
-    parser.add_argument('--only', default='lora,dreambooth', help='comma-separated: lora, dreambooth')
+    parser.add_argument('--only', default='lora,dreambooth',
+                        help='comma-separated: lora, dreambooth, compile (the --torch_compile rows)')
     parser.add_argument('--out', default=None)
     return parser.parse_args(argv)
 
@@ -120,7 +121,7 @@ def vanilla_step_runner(parts, mode, batch, device, records, resolution):
     return run
 
 
-def ours_step_runner(parts, mode, batch, device, records, resolution, checkpointing):
+def ours_step_runner(parts, mode, batch, device, records, resolution, options):
     from diffusers import DDPMScheduler
 
     from finetune.config import DreamBoothConfig, LoraTrainConfig
@@ -130,7 +131,7 @@ def ours_step_runner(parts, mode, batch, device, records, resolution, checkpoint
     common = dict(pretrained_model_name_or_path='unused', output_dir=out, resolution=resolution, center_crop=True,
                   cache_latents=True, mixed_precision='bf16' if device.startswith('cuda') else 'no',
                   train_batch_size=batch, checkpointing_steps=None, validation_steps=10**9, logging_steps=10**9,
-                  gradient_checkpointing=checkpointing)
+                  **options)
     if mode == 'lora':
         config = LoraTrainConfig(dataset_name='unused', **common)
     else:
@@ -173,22 +174,31 @@ def main(argv=None):
     results = []
     print(json.dumps({'name': 'environment', **environment(), 'resolution': resolution}), flush=True)
     records = make_data(tempfile.mkdtemp(prefix='bench_data_'), 8, resolution)
+    # (name, mode, batch, options of our trainer; None: the vanilla-style loop)
     runs = []
-    if 'lora' in args.only:
+    only = args.only.split(',')
+    if 'lora' in only:
         for batch in (1, 4):
             runs.append(('vanilla LoRA r4', 'lora', batch, None))
-            runs.append(('ours LoRA r4 (cached latents, bf16, fused AdamW)', 'lora', batch, False))
-    if 'dreambooth' in args.only:
+            runs.append(('ours LoRA r4 (cached latents, bf16, fused AdamW)', 'lora', batch, {}))
+            if 'compile' in only:
+                runs.append(('ours LoRA r4 + --torch_compile', 'lora', batch, {'torch_compile': True}))
+    if 'dreambooth' in only:
         runs.append(('vanilla DreamBooth full UNet', 'dreambooth', 1, None))
-        runs.append(('ours DreamBooth full UNet (cached latents, bf16, fused AdamW)', 'dreambooth', 1, False))
-        runs.append(('ours DreamBooth full UNet + gradient checkpointing', 'dreambooth', 1, True))
-    for name, mode, batch, checkpointing in runs:
+        runs.append(('ours DreamBooth full UNet (cached latents, bf16, fused AdamW)', 'dreambooth', 1, {}))
+        runs.append(('ours DreamBooth full UNet + --optimizer adafactor', 'dreambooth', 1, {'optimizer': 'adafactor'}))
+        runs.append(('ours DreamBooth full UNet + adafactor + gradient checkpointing', 'dreambooth', 1,
+                     {'optimizer': 'adafactor', 'gradient_checkpointing': True}))
+        if 'compile' in only:
+            runs.append(('ours DreamBooth full UNet + adafactor + --torch_compile', 'dreambooth', 1,
+                         {'optimizer': 'adafactor', 'torch_compile': True}))
+    for name, mode, batch, options in runs:
         _reset(args.device)
         parts = build_components(args.tiny, args.device)  # fresh weights on the card for every run
-        if checkpointing is None:
+        if options is None:
             runner = vanilla_step_runner(parts, mode, batch, args.device, records, resolution)
         else:
-            runner = ours_step_runner(parts, mode, batch, args.device, records, resolution, checkpointing)
+            runner = ours_step_runner(parts, mode, batch, args.device, records, resolution, options)
         measure(name, runner, args, batch, results)
         del parts, runner
         _reset(args.device)

@@ -248,20 +248,23 @@ class PriorPreservationDataset(torch.utils.data.Dataset):
 
 class CachedDataset(torch.utils.data.Dataset):
     """A ``CaptionDataset`` whose images were encoded once: each item holds the VAE posterior's parameters
-    (a fresh latent is still sampled every step) and, with ``text_encoder``, the prompt embedding."""
+    (a fresh latent is still sampled every step) and, with ``text_encoder``, the prompt embedding. With
+    ``on_device`` they stay where the VAE is, so a step copies nothing from host memory (a copy from pageable
+    memory makes the CPU wait for the GPU); a DataLoader with workers needs them in host memory."""
 
-    def __init__(self, dataset: CaptionDataset, vae, text_encoder=None):
+    def __init__(self, dataset: CaptionDataset, vae, text_encoder=None, on_device: bool = False):
         self.items = []
+        store = (lambda t: t) if on_device else (lambda t: t.cpu())
         with torch.no_grad():
             for index in range(len(dataset)):
                 item = dataset[(0, index)]
                 pixels = item['pixel_values'][None].to(vae.device, vae.dtype)
-                entry = {'latent_params': vae.encode(pixels).latent_dist.parameters[0].cpu()}
+                entry = {'latent_params': store(vae.encode(pixels).latent_dist.parameters[0])}
                 if text_encoder is None:
                     entry['input_ids'] = item['input_ids']
                 else:
                     ids = item['input_ids'][None].to(text_encoder.device)
-                    entry['encoder_hidden_states'] = text_encoder(ids, return_dict=False)[0][0].cpu()
+                    entry['encoder_hidden_states'] = store(text_encoder(ids, return_dict=False)[0][0])
                 self.items.append(entry)
 
     def __len__(self):
@@ -271,9 +274,9 @@ class CachedDataset(torch.utils.data.Dataset):
         return self.items[key[1] if isinstance(key, tuple) else key]
 
 
-def cache_dataset(dataset, vae, text_encoder=None):
+def cache_dataset(dataset, vae, text_encoder=None, on_device: bool = False):
     if isinstance(dataset, PriorPreservationDataset):
-        return PriorPreservationDataset(CachedDataset(dataset.instance, vae, text_encoder),
-                                        CachedDataset(dataset.class_images, vae, text_encoder),
+        return PriorPreservationDataset(CachedDataset(dataset.instance, vae, text_encoder, on_device),
+                                        CachedDataset(dataset.class_images, vae, text_encoder, on_device),
                                         dataset.prior_loss_weight)
-    return CachedDataset(dataset, vae, text_encoder)
+    return CachedDataset(dataset, vae, text_encoder, on_device)

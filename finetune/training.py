@@ -60,6 +60,11 @@ def weight_dtype(accelerator) -> torch.dtype:
 
 
 def make_optimizer(config, params, device: torch.device, lr: float):
+    if config.optimizer == 'adafactor':
+        from transformers.optimization import Adafactor
+        # a fixed learning rate (the lr schedule still applies), as kohya's sd-scripts run it for SD fine-tunes
+        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                         weight_decay=config.adam_weight_decay)
     if config.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -106,6 +111,8 @@ def prepare_models(accelerator, config, parts: dict, lora: bool) -> List[torch.n
         unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
             text_encoder.gradient_checkpointing_enable()
+    if config.torch_compile:
+        unet.compile()  # in place: the module, its hooks and its state-dict keys stay as they are
     return trained
 
 
@@ -158,7 +165,8 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
         scheduler.register_to_config(prediction_type=config.prediction_type)
     # 1. data: order and augmentation are functions of (seed, epoch, index)
     if config.cache_latents:
-        dataset = cache_dataset(dataset, vae, None if any(m is text_encoder for m in trained) else text_encoder)
+        dataset = cache_dataset(dataset, vae, None if any(m is text_encoder for m in trained) else text_encoder,
+                                on_device=config.dataloader_num_workers == 0)
     sampler = EpochSampler(len(dataset), config.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler,
                                          collate_fn=getattr(dataset, 'collate', collate),
@@ -221,9 +229,10 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
                 continue
             global_step += 1
             progress.update(1)
-            logs = {'loss': loss.detach().item(), 'lr': lr_scheduler.get_last_lr()[0]}
-            progress.set_postfix(**logs)
-            if global_step % config.logging_steps == 0:
+            if global_step % config.logging_steps == 0 or global_step == max_steps:
+                # .item() waits for the GPU: only here, so between logs the CPU queues steps ahead
+                logs = {'loss': loss.detach().item(), 'lr': lr_scheduler.get_last_lr()[0]}
+                progress.set_postfix(**logs)
                 accelerator.log(logs, step=global_step)
             if _due(global_step, config.checkpointing_steps) or (
                     config.checkpointing_epochs and global_step % (steps_per_epoch * config.checkpointing_epochs) == 0):
