@@ -11,6 +11,7 @@ Images/s is measured over --steps optimizer steps after --warmup steps; peak mem
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import sys
@@ -189,6 +190,8 @@ def main(argv=None):
         runs.append(('ours DreamBooth full UNet + --optimizer adafactor', 'dreambooth', 1, {'optimizer': 'adafactor'}))
         runs.append(('ours DreamBooth full UNet + adafactor + gradient checkpointing', 'dreambooth', 1,
                      {'optimizer': 'adafactor', 'gradient_checkpointing': True}))
+        if importlib.util.find_spec('bitsandbytes'):
+            runs.append(('ours DreamBooth full UNet + --use_8bit_adam', 'dreambooth', 1, {'use_8bit_adam': True}))
         if 'compile' in only:
             runs.append(('ours DreamBooth full UNet + adafactor + --torch_compile', 'dreambooth', 1,
                          {'optimizer': 'adafactor', 'torch_compile': True}))
