@@ -249,23 +249,34 @@ class PriorPreservationDataset(torch.utils.data.Dataset):
 class CachedDataset(torch.utils.data.Dataset):
     """A ``CaptionDataset`` whose images were encoded once: each item holds the VAE posterior's parameters
     (a fresh latent is still sampled every step) and, with ``text_encoder``, the prompt embedding. With
-    ``on_device`` they stay where the VAE is, so a step copies nothing from host memory (a copy from pageable
-    memory makes the CPU wait for the GPU); a DataLoader with workers needs them in host memory."""
+    ``on_device`` they stay where the VAE is, up to ``DEVICE_CACHE_BYTES``, so a step copies nothing from host
+    memory (a copy from pageable memory makes the CPU wait for the GPU); a DataLoader with workers needs them
+    in host memory."""
+
+    DEVICE_CACHE_BYTES = 1 << 30
 
     def __init__(self, dataset: CaptionDataset, vae, text_encoder=None, on_device: bool = False):
         self.items = []
-        store = (lambda t: t) if on_device else (lambda t: t.cpu())
+        used = 0
         with torch.no_grad():
             for index in range(len(dataset)):
                 item = dataset[(0, index)]
                 pixels = item['pixel_values'][None].to(vae.device, vae.dtype)
-                entry = {'latent_params': store(vae.encode(pixels).latent_dist.parameters[0])}
+                entry = {'latent_params': vae.encode(pixels).latent_dist.parameters[0]}
                 if text_encoder is None:
                     entry['input_ids'] = item['input_ids']
                 else:
                     ids = item['input_ids'][None].to(text_encoder.device)
-                    entry['encoder_hidden_states'] = store(text_encoder(ids, return_dict=False)[0][0])
+                    entry['encoder_hidden_states'] = text_encoder(ids, return_dict=False)[0][0]
                 self.items.append(entry)
+                used += sum(t.numel() * t.element_size() for t in entry.values())
+                if on_device and used > self.DEVICE_CACHE_BYTES:  # a batch must not mix devices: all to host
+                    logger.info('Cached latents exceed %d MiB: keeping them in host memory.',
+                                self.DEVICE_CACHE_BYTES >> 20)
+                    on_device = False
+                    self.items = [{k: v.cpu() for k, v in it.items()} for it in self.items]
+                elif not on_device:
+                    self.items[-1] = {k: v.cpu() for k, v in entry.items()}
 
     def __len__(self):
         return len(self.items)
