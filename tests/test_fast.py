@@ -105,14 +105,18 @@ def _spy(function, calls):
 
 
 @pytest.mark.slow
-def test_compiled_step_is_one_graph_for_every_scheduler_and_step_count(tiny_model_dir):
-    """fast=True on the CPU (torch.compile without CUDA graphs, about 30 s): the first call compiles, then
-    other schedulers, stochastic ones and other step counts reuse the graph."""
+def test_compiled_step_is_one_graph_for_every_scheduler_and_step_count(tiny_model_dir, sd_pipe, tmp_path):
+    """fast=True with a LoRA on the CPU (torch.compile without CUDA graphs, about 30 s): the first call
+    compiles, then other schedulers, stochastic ones and other step counts reuse the graph."""
     from modelscope_sd import StableDiffusionText2ImagePipeline
-    eager = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False)
+    from train_helpers import make_random_lora
+    lora = make_random_lora(tiny_model_dir, str(tmp_path / 'lora'))
+    eager = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False, lora_dir=lora)
     eager.denoiser = WholeStepDenoiser(eager.sd)
-    compiled = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False, fast=True)
-    compiled('a cat', seed=0, **ARGS)
+    compiled = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False, fast=True,
+                                                 lora_dir=lora)
+    first = compiled('a cat', seed=0, **ARGS)['output_imgs'][0].astype(int)
+    assert np.abs(first - sd_pipe('a cat', seed=0, **ARGS)['output_imgs'][0].astype(int)).max() > 5  # the LoRA acts
     with torch._dynamo.config.patch(error_on_recompile=True):
         for scheduler, steps in (('dpm++_2m_karras', 4), ('euler_a', 6), ('unipc', 9), (None, 30)):
             args = dict(num_inference_steps=steps, guidance_scale=7.5, seed=1, scheduler=scheduler)

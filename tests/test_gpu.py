@@ -11,10 +11,14 @@ SCHEDULERS = (None, 'dpm++_2m_karras', 'euler_a', 'unipc', 'heun')
 
 
 @pytest.fixture(scope='module')
-def gpu_pipes(tiny_model_dir):
+def gpu_pipes(tiny_model_dir, tmp_path_factory):
+    """The plain path and the fast path, both with the same LoRA (fused on the fast path)."""
     from modelscope_sd import StableDiffusionText2ImagePipeline
-    plain = StableDiffusionText2ImagePipeline(tiny_model_dir, device='gpu', progress_bar=False)
-    fast = StableDiffusionText2ImagePipeline(tiny_model_dir, device='gpu', progress_bar=False, fast=True)
+    from train_helpers import make_random_lora
+    lora = make_random_lora(tiny_model_dir, str(tmp_path_factory.mktemp('lora')))
+    plain = StableDiffusionText2ImagePipeline(tiny_model_dir, device='gpu', progress_bar=False, lora_dir=lora)
+    fast = StableDiffusionText2ImagePipeline(tiny_model_dir, device='gpu', progress_bar=False, fast=True,
+                                             lora_dir=lora)
     return plain, fast
 
 
