@@ -1,10 +1,10 @@
 """Opt-in fast inference on CUDA: fused QKV projections, channels_last, SDPA attention, and torch.compile
 with CUDA graphs; inductor's caches kept on disk so a second start reuses the compiled kernels.
 
-Text-to-image runs its own loop (`WholeStepDenoiser`): the scheduler becomes a table of coefficients
-(`linear_steps`), so one denoising step (latents from the table, CFG batch, UNet, guidance) is one compiled
-function, captured as one CUDA graph, with no host sync between steps and one graph for every scheduler.
-Image-to-image, inpainting and schedulers without a table keep diffusers' loop over the compiled UNet.
+Text-to-image and image-to-image run our own loop (`WholeStepDenoiser`): the scheduler becomes a table of
+coefficients (`linear_steps`), so one denoising step (latents from the table, CFG batch, UNet, guidance) is
+one compiled function, captured as one CUDA graph, with no host sync between steps and one graph for every
+scheduler. Inpainting and schedulers without a table keep diffusers' loop over the compiled UNet.
 """
 
 import json
@@ -104,12 +104,12 @@ class WholeStepDenoiser:
         self.step = torch.compile(self._step, mode=compile_mode, fullgraph=True) if compile_mode else self._step
         self._plans: Dict[Any, Optional[DevicePlan]] = {}
 
-    def plan(self, scheduler, num_inference_steps: int, eta: float) -> Optional[DevicePlan]:
-        """The scheduler's table on the device (built once per scheduler config, steps and eta), or None."""
+    def plan(self, scheduler, num_inference_steps: int, eta: float, begin_index: int = 0) -> Optional[DevicePlan]:
+        """The scheduler's table on the device (built once per scheduler config, steps, eta and start), or None."""
         key = (type(scheduler).__name__, json.dumps(dict(scheduler.config), sort_keys=True, default=str),
-               num_inference_steps, eta, str(self.sd.device))
+               num_inference_steps, eta, begin_index, str(self.sd.device))
         if key not in self._plans:
-            plan = plan_scheduler(scheduler, num_inference_steps, eta)
+            plan = plan_scheduler(scheduler, num_inference_steps, eta, begin_index)
             if plan is None:
                 logger.info('%s has no coefficient table (it is not linear in the latents): diffusers\' loop '
                             'runs it over the compiled UNet.', type(scheduler).__name__)
@@ -145,7 +145,8 @@ class WholeStepDenoiser:
         """``latents``: the start latents as ``prepare_latents`` gives them. Noise for stochastic schedulers is
         drawn up front, in the order the scheduler would draw it, so seeds give the pictures of the plain path."""
         n = plan.num_model_calls
-        x0 = latents.to(torch.float32)
+        # one layout for all callers (the channels_last VAE encoder hands image-to-image latents over in NHWC)
+        x0 = latents.to(torch.float32, memory_format=torch.contiguous_format)
         history = torch.zeros((plan.capacity,) + tuple(latents.shape), dtype=torch.float32, device=latents.device)
         for j, dtype in enumerate(plan.noise_dtypes):
             history[n + j] = randn_tensor(latents.shape, generator=generator, device=latents.device,
@@ -159,26 +160,48 @@ class WholeStepDenoiser:
         final = plan.rows[n]
         return (final[0] * x0 + torch.tensordot(final[1:], history, dims=1)).to(latents.dtype)
 
-    @torch.inference_mode()
-    def __call__(self, plan: DevicePlan, text_inputs: Dict[str, Any], height: Optional[int], width: Optional[int],
-                 num_images_per_prompt: int, guidance_scale: float, generator, latents=None):
-        """diffusers' text-to-image steps around `denoise`: encode → start latents → denoise → decode → check.
-        Returns float images in [0, 1] (N, H, W, 3) and the safety checker's flags."""
-        sd = self.sd
-        device = sd._execution_device
-        height = height or sd.unet.config.sample_size * sd.vae_scale_factor
-        width = width or sd.unet.config.sample_size * sd.vae_scale_factor
-        cfg = guidance_scale > 1 and sd.unet.config.time_cond_proj_dim is None
-        prompt_embeds, negative_embeds = sd.encode_prompt(
+    def generate(self, pipe, text_inputs: Dict[str, Any], num_inference_steps: int, guidance_scale: float,
+                 num_images_per_prompt: int, eta: float, generator, height: Optional[int] = None,
+                 width: Optional[int] = None, latents=None, image=None, strength: Optional[float] = None):
+        """Text-to-image (``pipe``: the pipeline) or image-to-image (``pipe``: its img2img twin, ``image`` given)
+        through the whole-step loop. Returns float images in [0, 1] (N, H, W, 3) and the safety checker's
+        flags, or None when the scheduler has no table (the caller then runs diffusers' loop)."""
+        begin = 0
+        if image is not None:  # diffusers' get_timesteps: strength skips the first steps
+            begin = (num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps))
+            begin *= pipe.scheduler.order
+        plan = self.plan(pipe.scheduler, num_inference_steps, eta, begin)
+        if plan is None:
+            return None
+        with torch.inference_mode():
+            return self._generate(pipe, plan, begin, text_inputs, num_inference_steps, guidance_scale,
+                                  num_images_per_prompt, generator, height, width, latents, image)
+
+    def _generate(self, pipe, plan, begin, text_inputs, num_inference_steps, guidance_scale, num_images_per_prompt,
+                  generator, height, width, latents, image):
+        """diffusers' steps around `denoise`: encode → start latents → denoise → decode → safety check."""
+        device = pipe._execution_device
+        cfg = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+        prompt_embeds, negative_embeds = pipe.encode_prompt(
             text_inputs.get('prompt'), device, num_images_per_prompt, cfg, text_inputs.get('negative_prompt'),
             prompt_embeds=text_inputs.get('prompt_embeds'), negative_prompt_embeds=text_inputs.get('negative_prompt_embeds'),
             clip_skip=text_inputs.get('clip_skip'))
         embeds = torch.cat([negative_embeds, prompt_embeds]) if cfg else prompt_embeds
-        start = sd.prepare_latents(prompt_embeds.shape[0], sd.unet.config.in_channels, height, width,
-                                   prompt_embeds.dtype, device, generator, latents)
-        with sd.progress_bar(total=plan.num_model_calls) as bar:
+        batch, dtype = prompt_embeds.shape[0], prompt_embeds.dtype
+        if image is None:
+            size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+            start = pipe.prepare_latents(batch, pipe.unet.config.in_channels, height or size, width or size, dtype,
+                                         device, generator, latents)
+        else:  # the image's latents, noised to the first remaining timestep by the scheduler itself
+            pipe.scheduler.set_timesteps(num_inference_steps, device=device)
+            if hasattr(pipe.scheduler, 'set_begin_index'):
+                pipe.scheduler.set_begin_index(begin)
+            first = pipe.scheduler.timesteps[begin:begin + 1].repeat(batch)
+            start = pipe.prepare_latents(pipe.image_processor.preprocess(image), first, batch, 1, dtype, device,
+                                         generator)
+        with pipe.progress_bar(total=plan.num_model_calls) as bar:
             final = self.denoise(plan, start, embeds, guidance_scale if cfg else None, generator, bar)
-        image = sd.vae.decode(final / sd.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
-        image, nsfw = sd.run_safety_checker(image, device, prompt_embeds.dtype)
-        denormalize = [True] * image.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
-        return sd.image_processor.postprocess(image, output_type='np', do_denormalize=denormalize), nsfw
+        decoded = pipe.vae.decode(final / pipe.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+        decoded, nsfw = pipe.run_safety_checker(decoded, device, dtype)
+        denormalize = [True] * decoded.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
+        return pipe.image_processor.postprocess(decoded, output_type='np', do_denormalize=denormalize), nsfw

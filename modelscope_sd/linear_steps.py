@@ -36,14 +36,18 @@ class LinearPlan:
         return len(self.timesteps)
 
 
-def _run_scheduler(scheduler, num_inference_steps: int, eta: float, x0: torch.Tensor,
+def _run_scheduler(scheduler, num_inference_steps: int, eta: float, begin_index: int, x0: torch.Tensor,
                    model_output: Callable[[int], torch.Tensor], noise: Callable[[int], torch.Tensor]):
-    """Run a copy of ``scheduler`` the way diffusers' denoising loop does, with given model outputs and with
+    """Run a copy of ``scheduler`` the way diffusers' denoising loop does (from ``begin_index`` on, as
+    image-to-image starts part-way), with given model outputs and with
     its ``randn_tensor`` draws answered by ``noise``. Returns the timesteps, the latents entering each step,
     the ``scale_model_input`` result and factor of each step, the final latents and the dtype asked for by
     each draw."""
     sched = copy.deepcopy(scheduler)
     sched.set_timesteps(num_inference_steps, device='cpu')
+    if begin_index and hasattr(sched, 'set_begin_index'):  # PNDM has none: it counts its own steps
+        sched.set_begin_index(begin_index)
+    timesteps = sched.timesteps[begin_index:]
     step_kwargs = {'eta': eta} if 'eta' in inspect.signature(sched.step).parameters else {}
     draws: List[Optional[torch.dtype]] = []
 
@@ -57,12 +61,12 @@ def _run_scheduler(scheduler, num_inference_steps: int, eta: float, x0: torch.Te
     inputs, scaled, factors = [], [], []
     x = x0
     with patch:
-        for i, t in enumerate(sched.timesteps):
+        for i, t in enumerate(timesteps):
             inputs.append(x)
             factors.append(float(sched.scale_model_input(ones, t).flatten()[0]))
             scaled.append(sched.scale_model_input(x, t))
             x = sched.step(model_output(i), t, x, **step_kwargs, return_dict=False)[0]
-    return sched.timesteps, inputs, (scaled, factors), x, draws
+    return timesteps, inputs, (scaled, factors), x, draws
 
 
 def _close(expected: torch.Tensor, got: torch.Tensor) -> bool:
@@ -70,14 +74,18 @@ def _close(expected: torch.Tensor, got: torch.Tensor) -> bool:
         1.0, float(expected.abs().max()))
 
 
-def plan_scheduler(scheduler, num_inference_steps: int, eta: float = 0.0) -> Optional[LinearPlan]:
-    """The coefficient table of ``scheduler`` at ``num_inference_steps``, or None when it is not linear."""
+def plan_scheduler(scheduler, num_inference_steps: int, eta: float = 0.0,
+                   begin_index: int = 0) -> Optional[LinearPlan]:
+    """The coefficient table of ``scheduler`` at ``num_inference_steps`` from timestep ``begin_index`` on, or
+    None when it is not linear (or has no steps left)."""
     if getattr(scheduler.config, 'thresholding', False) or getattr(scheduler.config, 'clip_sample', False):
         return None  # both clamp the predicted image: not linear
     gen = torch.Generator().manual_seed(0)
     shape = (2, 1, 2, 2)
     x0 = torch.randn(shape, generator=gen, dtype=torch.float64) * scheduler.init_noise_sigma * 3
-    n = len(_run_scheduler(scheduler, num_inference_steps, eta, x0, lambda i: x0, lambda j: x0)[0])
+    n = len(_run_scheduler(scheduler, num_inference_steps, eta, begin_index, x0, lambda i: x0, lambda j: x0)[0])
+    if n == 0:
+        return None
     eps = torch.randn((n,) + shape, generator=gen, dtype=torch.float64) * 3
     noises: List[torch.Tensor] = []
 
@@ -85,14 +93,14 @@ def plan_scheduler(scheduler, num_inference_steps: int, eta: float = 0.0) -> Opt
         noises.append(torch.randn(shape, generator=gen, dtype=torch.float64))
         return noises[j]
 
-    _, inputs, (scaled, _), final, draws = _run_scheduler(scheduler, num_inference_steps, eta, x0,
+    _, inputs, (scaled, _), final, draws = _run_scheduler(scheduler, num_inference_steps, eta, begin_index, x0,
                                                           eps.__getitem__, random_noise)
     # the same run on unit vectors: basis 0 is x0, 1..n the model outputs, n+1.. the noise draws
     size = 1 + n + len(draws)
     basis = torch.eye(size, dtype=torch.float64).view(size, size, 1, 1, 1)
     zero = torch.zeros_like(basis[0])
     timesteps, b_inputs, (_, factors), b_final, b_draws = _run_scheduler(
-        scheduler, num_inference_steps, eta, basis[0], lambda i: basis[1 + i],
+        scheduler, num_inference_steps, eta, begin_index, basis[0], lambda i: basis[1 + i],
         lambda j: basis[1 + n + j] if j < len(draws) else zero)
     if len(b_draws) != len(draws):
         return None

@@ -301,12 +301,13 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             lora_utils.set_scales(self.sd, self.adapters, lora_scale)
         # 4. long or weighted prompts become embeddings here; the fast path or diffusers does the denoising
         text_inputs = self._text_inputs(prompt, negative_prompt, clip_skip)
-        plan = (self.denoiser.plan(pipe.scheduler, num_inference_steps, eta)
-                if self.denoiser is not None and pipe is self.sd else None)
         try:
-            if plan is not None:
-                images, nsfw = self.denoiser(plan, text_inputs, height, width, num_images_per_prompt,
-                                             guidance_scale, generator, latents)
+            fast = None
+            if self.denoiser is not None and mask_image is None:
+                fast = self.denoiser.generate(pipe, text_inputs, num_inference_steps, guidance_scale,
+                                              num_images_per_prompt, eta, generator, **extra)
+            if fast is not None:
+                images, nsfw = fast
             else:
                 result = pipe(**text_inputs, **extra, num_inference_steps=num_inference_steps,
                               guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, eta=eta,

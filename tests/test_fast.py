@@ -39,9 +39,25 @@ def test_every_offered_scheduler_has_a_table_that_matches_diffusers_loop(fast_pi
     assert plan is not None and plan.capacity == MIN_HISTORY  # one compiled graph for all of them
     expected = _vanilla(vanilla_pipe, scheduler, [3], prompt='a red house', **ARGS)
     fast_pipe.sd.scheduler = scheduler
-    got, _ = fast_pipe.denoiser(plan, {'prompt': 'a red house'}, None, None, 1, 7.5,
-                                [torch.Generator('cpu').manual_seed(3)])
+    got, _ = fast_pipe.denoiser.generate(fast_pipe.sd, {'prompt': 'a red house'}, 4, 7.5, 1, 0.0,
+                                         [torch.Generator('cpu').manual_seed(3)])
     assert got.shape == expected.shape == (1, 32, 32, 3)
+    np.testing.assert_allclose(got, expected, atol=2e-4)
+
+
+@pytest.mark.parametrize('name', ['pndm', 'euler_ancestral', 'heun', 'dpm++_2m_sde_karras', 'unipc'])
+def test_image_to_image_tables_start_part_way_like_diffusers(fast_pipe, vanilla_pipe, name):
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    scheduler = make_scheduler(name, vanilla_pipe.scheduler.config)
+    vanilla = StableDiffusionImg2ImgPipeline.from_pipe(vanilla_pipe, scheduler=scheduler)
+    expected = vanilla('a red house', image=image, strength=0.6, num_inference_steps=5, output_type='np',
+                       generator=[torch.Generator('cpu').manual_seed(3)]).images
+    variant = fast_pipe._variant('img2img')
+    variant.scheduler = make_scheduler(name, vanilla_pipe.scheduler.config)
+    got, _ = fast_pipe.denoiser.generate(variant, {'prompt': 'a red house'}, 5, 7.5, 1, 0.0,
+                                         [torch.Generator('cpu').manual_seed(3)], image=image, strength=0.6)
     np.testing.assert_allclose(got, expected, atol=2e-4)
 
 
@@ -56,12 +72,18 @@ def test_pipeline_routes_text_to_image_through_the_table_loop(fast_pipe, sd_pipe
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
-def test_guidance_off_and_eta_match_the_plain_path(fast_pipe, sd_pipe):
-    for options in (dict(guidance_scale=1.0), dict(scheduler='ddim', eta=0.7)):
+def test_guidance_off_eta_latents_and_image_to_image_match_the_plain_path(fast_pipe, sd_pipe, monkeypatch):
+    monkeypatch.setattr(fast_pipe.denoiser, 'denoise', _spy(fast_pipe.denoiser.denoise, calls := []))
+    image = np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    options_list = (dict(guidance_scale=1.0), dict(scheduler='ddim', eta=0.7),
+                    dict(latents=torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(0))),
+                    dict(image=image, strength=0.5), dict(image=image, scheduler='euler_a'))
+    for options in options_list:
         args = {**ARGS, **options, 'seed': 2}
         a = fast_pipe('a tree', **args)['output_imgs'][0].astype(int)
         b = sd_pipe('a tree', **args)['output_imgs'][0].astype(int)
         assert np.abs(a - b).max() <= 1, options
+    assert len(calls) == len(options_list)
 
 
 def test_stochastic_table_draws_noise_in_the_schedulers_order():
@@ -107,7 +129,7 @@ def _spy(function, calls):
 @pytest.mark.slow
 def test_compiled_step_is_one_graph_for_every_scheduler_and_step_count(tiny_model_dir, sd_pipe, tmp_path):
     """fast=True with a LoRA on the CPU (torch.compile without CUDA graphs, about 30 s): the first call
-    compiles, then other schedulers, stochastic ones and other step counts reuse the graph."""
+    compiles, then other schedulers, stochastic ones, other step counts and image-to-image reuse the graph."""
     from modelscope_sd import StableDiffusionText2ImagePipeline
     from train_helpers import make_random_lora
     lora = make_random_lora(tiny_model_dir, str(tmp_path / 'lora'))
@@ -117,9 +139,11 @@ def test_compiled_step_is_one_graph_for_every_scheduler_and_step_count(tiny_mode
                                                  lora_dir=lora)
     first = compiled('a cat', seed=0, **ARGS)['output_imgs'][0].astype(int)
     assert np.abs(first - sd_pipe('a cat', seed=0, **ARGS)['output_imgs'][0].astype(int)).max() > 5  # the LoRA acts
+    image = np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for scheduler, steps in (('dpm++_2m_karras', 4), ('euler_a', 6), ('unipc', 9), (None, 30)):
-            args = dict(num_inference_steps=steps, guidance_scale=7.5, seed=1, scheduler=scheduler)
+        for scheduler, steps, extra in (('dpm++_2m_karras', 4, {}), ('euler_a', 6, {}), ('unipc', 9, {}),
+                                        (None, 30, {}), ('heun', 5, {'image': image})):
+            args = dict(num_inference_steps=steps, guidance_scale=7.5, seed=1, scheduler=scheduler, **extra)
             a = compiled('a cat', **args)['output_imgs'][0].astype(int)
             b = eager('a cat', **args)['output_imgs'][0].astype(int)
             assert np.abs(a - b).max() <= 1, scheduler
