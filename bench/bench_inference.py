@@ -136,7 +136,7 @@ def main(argv=None):
         if args.compare_loops:
             # the same compiled UNet without the whole-step loop: scheduler and CFG math outside the graph
             fast.denoiser = None
-            image = measure(f"ours fast=True, diffusers' loop over the compiled UNet", run_fast, args, results)[0]
+            image = measure("ours fast=True, diffusers' loop over the compiled UNet", run_fast, args, results)[0]
             emit({'name': "ours fast (diffusers' loop) vs vanilla, same seed", **compare(reference, image)},
                  args, results)
     if args.second_start and not args.skip_fast:

@@ -62,7 +62,7 @@ def _compile_keeping_outputs(module: torch.nn.Module, mode: str) -> None:
 
 def enable_fast_inference(pipe, compile_mode: str = 'reduce-overhead', cache_dir: str = None):
     """Apply the fast path to a diffusers ``StableDiffusionPipeline``, in place; returns the compiled
-    text-to-image denoiser. Off CUDA the modes that capture CUDA graphs compile without them."""
+    denoiser for text-to-image and image-to-image. Off CUDA the modes that capture CUDA graphs compile without them."""
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f'compile_mode={compile_mode!r} is not one of {", ".join(COMPILE_MODES)}.')
     if pipe.device.type != 'cuda' and compile_mode in _WITHOUT_CUDA_GRAPHS:
@@ -96,8 +96,10 @@ class DevicePlan:
 
 
 class WholeStepDenoiser:
-    """Text-to-image where each denoising step is one function of fixed-shape tensors. With
-    ``compile_mode=None`` it runs eagerly (the CPU tests compare it with diffusers' own loop)."""
+    """Text-to-image and image-to-image where each denoising step is one function of fixed-shape tensors.
+    With ``compile_mode=None`` it runs eagerly (the CPU tests compare it with diffusers' own loops)."""
+
+    MAX_PLANS = 64  # tables are small, but every (scheduler, steps, eta, strength) makes one
 
     def __init__(self, sd, compile_mode: Optional[str] = None):
         self.sd = sd
@@ -113,6 +115,8 @@ class WholeStepDenoiser:
             if plan is None:
                 logger.info('%s has no coefficient table (it is not linear in the latents): diffusers\' loop '
                             'runs it over the compiled UNet.', type(scheduler).__name__)
+            if len(self._plans) >= self.MAX_PLANS:
+                self._plans.pop(next(iter(self._plans)))  # the oldest
             self._plans[key] = None if plan is None else self._to_device(plan)
         return self._plans[key]
 
