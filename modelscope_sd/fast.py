@@ -171,18 +171,20 @@ class WholeStepDenoiser:
         through the whole-step loop. Returns float images in [0, 1] (N, H, W, 3) and the safety checker's
         flags, or None when the scheduler has no table (the caller then runs diffusers' loop)."""
         begin = 0
-        if image is not None:  # diffusers' get_timesteps: strength skips the first steps
-            begin = (num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps))
-            begin *= pipe.scheduler.order
+        if image is not None:  # diffusers' own img2img timesteps: strength skips the first ones
+            device = pipe._execution_device
+            pipe.scheduler.set_timesteps(num_inference_steps, device=device)
+            remaining, _ = pipe.get_timesteps(num_inference_steps, strength, device)
+            begin = len(pipe.scheduler.timesteps) - len(remaining)
         plan = self.plan(pipe.scheduler, num_inference_steps, eta, begin)
         if plan is None:
             return None
         with torch.inference_mode():
-            return self._generate(pipe, plan, begin, text_inputs, num_inference_steps, guidance_scale,
-                                  num_images_per_prompt, generator, height, width, latents, image)
+            return self._generate(pipe, plan, begin, text_inputs, guidance_scale, num_images_per_prompt, generator,
+                                  height, width, latents, image)
 
-    def _generate(self, pipe, plan, begin, text_inputs, num_inference_steps, guidance_scale, num_images_per_prompt,
-                  generator, height, width, latents, image):
+    def _generate(self, pipe, plan, begin, text_inputs, guidance_scale, num_images_per_prompt, generator, height,
+                  width, latents, image):
         """diffusers' steps around `denoise`: encode → start latents → denoise → decode → safety check."""
         device = pipe._execution_device
         cfg = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
@@ -196,10 +198,7 @@ class WholeStepDenoiser:
             size = pipe.unet.config.sample_size * pipe.vae_scale_factor
             start = pipe.prepare_latents(batch, pipe.unet.config.in_channels, height or size, width or size, dtype,
                                          device, generator, latents)
-        else:  # the image's latents, noised to the first remaining timestep by the scheduler itself
-            pipe.scheduler.set_timesteps(num_inference_steps, device=device)
-            if hasattr(pipe.scheduler, 'set_begin_index'):
-                pipe.scheduler.set_begin_index(begin)
+        else:  # the image's latents, noised to the first remaining timestep by the scheduler (set in generate)
             first = pipe.scheduler.timesteps[begin:begin + 1].repeat(batch)
             start = pipe.prepare_latents(pipe.image_processor.preprocess(image), first, batch, 1, dtype, device,
                                          generator)

@@ -36,18 +36,23 @@ class LinearPlan:
         return len(self.timesteps)
 
 
-def _run_scheduler(scheduler, num_inference_steps: int, eta: float, begin_index: int, x0: torch.Tensor,
-                   model_output: Callable[[int], torch.Tensor], noise: Callable[[int], torch.Tensor]):
-    """Run a copy of ``scheduler`` the way diffusers' denoising loop does (from ``begin_index`` on, as
-    image-to-image starts part-way), with given model outputs and with
-    its ``randn_tensor`` draws answered by ``noise``. Returns the timesteps, the latents entering each step,
-    the ``scale_model_input`` result and factor of each step, the final latents and the dtype asked for by
-    each draw."""
+def _set_timesteps(scheduler, num_inference_steps: int, begin_index: int):
+    """A copy of ``scheduler`` with its timesteps set as diffusers' loop sets them, and the timesteps it runs
+    from ``begin_index`` on (image-to-image starts part-way)."""
     sched = copy.deepcopy(scheduler)
     sched.set_timesteps(num_inference_steps, device='cpu')
     if begin_index and hasattr(sched, 'set_begin_index'):  # PNDM has none: it counts its own steps
         sched.set_begin_index(begin_index)
-    timesteps = sched.timesteps[begin_index:]
+    return sched, sched.timesteps[begin_index:]
+
+
+def _run_scheduler(scheduler, num_inference_steps: int, eta: float, begin_index: int, x0: torch.Tensor,
+                   model_output: Callable[[int], torch.Tensor], noise: Callable[[int], torch.Tensor]):
+    """Run a copy of ``scheduler`` the way diffusers' denoising loop does, from ``begin_index`` on, with given
+    model outputs and with its ``randn_tensor`` draws answered by ``noise``. Returns the timesteps, the latents
+    entering each step, the ``scale_model_input`` result and factor of each step, the final latents and the
+    dtype asked for by each draw."""
+    sched, timesteps = _set_timesteps(scheduler, num_inference_steps, begin_index)
     step_kwargs = {'eta': eta} if 'eta' in inspect.signature(sched.step).parameters else {}
     draws: List[Optional[torch.dtype]] = []
 
@@ -83,7 +88,7 @@ def plan_scheduler(scheduler, num_inference_steps: int, eta: float = 0.0,
     gen = torch.Generator().manual_seed(0)
     shape = (2, 1, 2, 2)
     x0 = torch.randn(shape, generator=gen, dtype=torch.float64) * scheduler.init_noise_sigma * 3
-    n = len(_run_scheduler(scheduler, num_inference_steps, eta, begin_index, x0, lambda i: x0, lambda j: x0)[0])
+    n = len(_set_timesteps(scheduler, num_inference_steps, begin_index)[1])
     if n == 0:
         return None
     eps = torch.randn((n,) + shape, generator=gen, dtype=torch.float64) * 3
