@@ -9,6 +9,7 @@ Prints one JSON line per measurement and a table; batch-1 latency is the median 
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -37,6 +38,9 @@ def parse_args(argv=None):
                         help="also time fast=True through diffusers' loop over the compiled UNet (compiles again)")
     parser.add_argument('--second_start', action='store_true',
                         help='also time a fresh process to its first fast image with the warm compile cache')
+    parser.add_argument('--profile', action='store_true',
+                        help='also profile one batch-1 call of vanilla and of fast: where the device time goes')
+    parser.add_argument('--profile_steps', type=int, default=10, help='denoising steps in the profiled calls')
     parser.add_argument('--out', default=None, help='also append the JSON lines to this file')
     return parser.parse_args(argv)
 
@@ -108,6 +112,8 @@ def main(argv=None):
                                     output_type='np').images)
 
     reference = measure('vanilla diffusers', run_vanilla, args, results)[0]
+    if args.profile:
+        emit(profile('vanilla diffusers', vanilla, args), args, results)
 
     # ours, plain: the registered pipeline class over the same weights
     ours = StableDiffusionText2ImagePipeline(vanilla, device=args.device, torch_dtype=dtype, progress_bar=False)
@@ -128,6 +134,8 @@ def main(argv=None):
 
         image = measure(f'ours fast=True ({args.compile_mode})', run_fast, args, results)[0]
         emit({'name': 'ours fast vs vanilla, same seed', **compare(reference, image)}, args, results)
+        if args.profile:
+            emit(profile(f'ours fast=True ({args.compile_mode})', fast, args), args, results)
         for scheduler in ('dpm++_2m_karras', 'euler_a'):
             start = time.perf_counter()
             fast(PROMPT, num_inference_steps=args.steps, seed=0, scheduler=scheduler)
@@ -143,6 +151,41 @@ def main(argv=None):
         emit(second_start(args), args, results)
     print_table(results)
     return results
+
+
+# Kernel families by name, first match wins: cuDNN convolution kernels also say "gemm", fused attention says "mha".
+KERNEL_KINDS = (('attention', r'flash|fmha|mha|attention|sdpa'), ('convolution', r'conv|fprop|dgrad|wgrad'),
+                ('matmul', r'gemm|matmul|\bmm\b|addmm|nvjet|cutlass|linear'), ('normalization', r'norm'),
+                ('memory copy', r'memcpy|memset|copy_|to_copy'))
+
+
+def profile(name, pipe, args):
+    """One batch-1 call under torch.profiler: the wall time against the time the device was busy (the rest is
+    launch and host overhead), that busy time by kernel family, and the kernels that take the most of it."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    cuda = args.device.startswith('cuda')
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    call = (lambda: pipe(PROMPT, num_inference_steps=args.profile_steps, seed=0)) if hasattr(pipe, 'denoiser') \
+        else (lambda: pipe(PROMPT, num_inference_steps=args.profile_steps, output_type='np'))
+    call()  # the step count may be new to this pipeline: keep its one-time work out of the profile
+    _sync(args.device)
+    with torch_profile(activities=activities) as prof:
+        wall, _ = timed(call, args.device)
+    # on the GPU the kernels are the device work; on the CPU the aten ops' own time stands in for it
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0] if cuda else \
+        [e for e in prof.key_averages() if e.key.startswith('aten::') and e.self_cpu_time_total > 0]
+    busy = {e.key: ((e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3, e.count) for e in events}
+    by_kind = {}
+    for key, (ms, _) in busy.items():
+        kind = next((k for k, pattern in KERNEL_KINDS if re.search(pattern, key, re.IGNORECASE)), 'other')
+        by_kind[kind] = round(by_kind.get(kind, 0.0) + ms, 2)
+    total = sum(ms for ms, _ in busy.values())
+    top = sorted(busy.items(), key=lambda item: -item[1][0])[:10]
+    return {'name': f'profile {name}', 'steps': args.profile_steps, 'wall_ms': round(wall * 1e3, 2),
+            'device_busy_ms': round(total, 2), 'busy_fraction': round(total / (wall * 1e3), 3),
+            'busy_ms_by_kind': dict(sorted(by_kind.items(), key=lambda item: -item[1])),
+            'top': [[key[:90], round(ms, 2), count] for key, (ms, count) in top]}
 
 
 SECOND_START = '''
@@ -184,7 +227,7 @@ def print_table(results):
             print(f"| {row['name']} | {row['first_call_s']} | {row['s_per_image_batch1']} | {row['it_per_s_batch1']} | "
                   f"{row['images_per_s_batched']} (batch {row['batch']}) | {row.get('peak_mem_gib', '-')} |")
     for row in results:
-        if 'psnr_db' in row or 'process_s' in row:
+        if 'psnr_db' in row or 'process_s' in row or 'busy_ms_by_kind' in row:
             print(row)
 
 

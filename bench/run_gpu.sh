@@ -21,7 +21,7 @@ if [[ "$PARTS" == *tests* ]]; then
     | tee "$OUT/gpu-tests.log" | tail -15
 fi
 if [[ "$PARTS" == *inference* ]]; then
-  timeout "${INFER_TIMEOUT:-400}" python3 bench/bench_inference.py --second_start ${INFER_ARGS:-} \
+  timeout "${INFER_TIMEOUT:-400}" python3 bench/bench_inference.py --second_start --profile ${INFER_ARGS:-} \
     --out "$OUT/inference.jsonl" 2>&1 | grep -v "^\[transformers\]" | tee "$OUT/inference.log" | grep -v "^{" | tail -20
 fi
 if [[ "$PARTS" == *training* ]]; then
