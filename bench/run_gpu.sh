@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One prepared GPU session: the opt-in GPU tests on the tiny model, the inference benchmark (vanilla vs ours vs
-# ours fast), then the training benchmark. PARTS picks some of tests,inference,training; INFER_ARGS and
-# TRAIN_ARGS pass options on (e.g. INFER_ARGS=--compare_loops, TRAIN_ARGS="--only lora,compile").
+# One prepared GPU session: the opt-in GPU tests on the tiny model, SDPA backends at SD1.5's attention shapes, the
+# inference benchmark (vanilla vs ours vs ours fast), then the training benchmark. PARTS picks some of
+# tests,attention,inference,training; INFER_ARGS and TRAIN_ARGS pass options on (e.g. INFER_ARGS=--compare_loops,
+# TRAIN_ARGS="--only lora,compile").
 # On the lent GPU machine, where diffusers/modelscope are missing, wheels come from .whl/ (see README).
 # Results go to $OUT (or ./bench-results) as JSON lines and logs.
 set -uo pipefail
@@ -15,10 +16,13 @@ export PYTHONPATH="$(pwd):${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 T
 export MODELSCOPE_CACHE=/tmp/modelscope_cache TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, diffusers, transformers, peft, accelerate, modelscope_sd; print('versions', torch.__version__, diffusers.__version__, transformers.__version__, peft.__version__, accelerate.__version__)" 2>&1 | tail -3
-PARTS="${PARTS:-tests,inference,training}"
+PARTS="${PARTS:-tests,attention,inference,training}"
 if [[ "$PARTS" == *tests* ]]; then
   timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 \
     | tee "$OUT/gpu-tests.log" | tail -15
+fi
+if [[ "$PARTS" == *attention* ]]; then
+  timeout 120 python3 bench/bench_attention.py --out "$OUT/attention.jsonl" 2>&1 | tail -1
 fi
 if [[ "$PARTS" == *inference* ]]; then
   timeout "${INFER_TIMEOUT:-400}" python3 bench/bench_inference.py --second_start --profile ${INFER_ARGS:-} \
