@@ -1,0 +1,104 @@
+"""Peak memory of one full-UNet DreamBooth step, counted on the CPU: will it fit a 12 GiB card?
+
+    python bench/estimate_training_memory.py --optimizer adamw8bit     # SD1.5 UNet, 512x512, batch 1
+    python bench/estimate_training_memory.py --optimizer vanilla       # diffusers' example: foreach AdamW
+    python bench/estimate_training_memory.py --tiny                    # dry run on the tiny model
+
+The step is our trainer's (bf16 autocast over fp32 weights, loss, backward, gradient clipping, the optimizer
+from `finetune.training.make_optimizer`), run on the CPU under torch's MemTracker, which counts every tensor
+it allocates by kind: parameters, gradients, activations, temporaries, optimizer state. That is what
+`torch.cuda.max_memory_allocated` reports on a GPU, less the allocator's rounding and cuDNN workspaces, so it
+is an estimate, not a measurement. The frozen VAE and text encoder (bf16 on the card) are added from their
+sizes. A first untracked step creates the optimizer state, so the tracked step is a steady-state one.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from bench.models import build_components  # noqa: E402
+
+OPTIMIZERS = ('vanilla', 'adamw', 'adafactor', 'adamw8bit')
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--optimizer', choices=OPTIMIZERS, default='adamw',
+                        help="vanilla: torch's AdamW as diffusers' example runs it (foreach on a GPU); adamw: "
+                             'ours (fused); adafactor; adamw8bit: --use_8bit_adam')
+    parser.add_argument('--gradient_checkpointing', action='store_true')
+    parser.add_argument('--batch', type=int, default=1)
+    parser.add_argument('--tiny', action='store_true')
+    return parser.parse_args(argv)
+
+
+def make_step(unet, optimizer, batch: int, latent_size: int, context_dim: int):
+    params = [p for p in unet.parameters() if p.requires_grad]
+
+    def step():
+        latents = torch.randn(batch, 4, latent_size, latent_size)
+        states = torch.randn(batch, 77, context_dim)
+        timesteps = torch.randint(0, 1000, (batch,))
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            pred = unet(latents, timesteps, states).sample
+        F.mse_loss(pred.float(), latents).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def make_optimizer_for(name: str, params):
+    if name == 'vanilla':  # on a GPU torch's AdamW defaults to foreach; on the CPU to a per-tensor loop
+        return torch.optim.AdamW(params, lr=1e-6, foreach=True)
+    from finetune.config import DreamBoothConfig
+    from finetune.training import make_optimizer
+    folder = tempfile.mkdtemp(prefix='estimate_')
+    config = DreamBoothConfig(pretrained_model_name_or_path='unused', output_dir=folder, instance_data_dir=folder,
+                              instance_prompt='a photo of sks thing', optimizer='adafactor' if name == 'adafactor'
+                              else 'adamw', use_8bit_adam=name == 'adamw8bit')
+    # the device only decides fused AdamW, which is what the trainer runs on a GPU
+    return make_optimizer(config, params, torch.device('cuda' if name == 'adamw' else 'cpu'), 1e-6)
+
+
+def estimate(optimizer: str, gradient_checkpointing: bool = False, batch: int = 1, tiny: bool = False) -> dict:
+    from torch.distributed._tools.mem_tracker import MemTracker
+    parts = build_components(tiny, 'cpu')
+    unet = parts['unet'].train().requires_grad_(True)
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    frozen = sum(p.numel() * 2 for name in ('vae', 'text_encoder') for p in parts[name].parameters())
+    opt = make_optimizer_for(optimizer, list(unet.parameters()))
+    step = make_step(unet, opt, batch, unet.config.sample_size, unet.config.cross_attention_dim)
+    start = time.perf_counter()
+    step()
+    tracker = MemTracker()
+    tracker.track_external(unet, opt)
+    with tracker:
+        step()
+    peak = tracker.get_tracker_snapshot('peak')[torch.device('cpu')]
+    by_kind = {str(kind).split('.')[-1].lower(): round(nbytes / 2**30, 4) for kind, nbytes in peak.items()
+               if nbytes and str(kind) != 'Total'}
+    return {'optimizer': optimizer, 'gradient_checkpointing': gradient_checkpointing, 'batch': batch,
+            'model': 'tiny' if tiny else 'SD1.5 UNet, 512x512', 'step_peak_gib_by_kind': by_kind,
+            'frozen_vae_text_encoder_gib': round(frozen / 2**30, 3),
+            'estimated_peak_gib': round((peak['Total'] + frozen) / 2**30, 2),
+            'cpu_s': round(time.perf_counter() - start, 1)}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    row = estimate(args.optimizer, args.gradient_checkpointing, args.batch, args.tiny)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+if __name__ == '__main__':
+    main()
