@@ -7,6 +7,7 @@ Prints one JSON line per measurement and a table; batch-1 latency is the median 
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -32,6 +33,8 @@ def parse_args(argv=None):
     parser.add_argument('--batch', type=int, default=4, help='images per call for the throughput number')
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--compile_mode', default='reduce-overhead')
+    parser.add_argument('--sdpa_backend', choices=('default', 'cudnn', 'flash', 'efficient'), default='default',
+                        help='attention kernel tried first in the fast runs (default: the one SDPA picks)')
     parser.add_argument('--skip_fast', action='store_true')
     parser.add_argument('--skip_plain', action='store_true', help='skip our plain (uncompiled) pipeline')
     parser.add_argument('--compare_loops', action='store_true',
@@ -130,15 +133,20 @@ def main(argv=None):
                                                  fast=True, compile_mode=args.compile_mode)
 
         def run_fast(n, seed):
-            return fast([PROMPT] * n, num_inference_steps=args.steps, seed=seed)['output_imgs']
+            with attention_backend(args.sdpa_backend):
+                return fast([PROMPT] * n, num_inference_steps=args.steps, seed=seed)['output_imgs']
 
-        image = measure(f'ours fast=True ({args.compile_mode})', run_fast, args, results)[0]
+        label = f'ours fast=True ({args.compile_mode}' + (f', SDPA {args.sdpa_backend} first)'
+                                                           if args.sdpa_backend != 'default' else ')')
+        image = measure(label, run_fast, args, results)[0]
         emit({'name': 'ours fast vs vanilla, same seed', **compare(reference, image)}, args, results)
         if args.profile:
-            emit(profile(f'ours fast=True ({args.compile_mode})', fast, args), args, results)
+            with attention_backend(args.sdpa_backend):
+                emit(profile(label, fast, args), args, results)
         for scheduler in ('dpm++_2m_karras', 'euler_a'):
             start = time.perf_counter()
-            fast(PROMPT, num_inference_steps=args.steps, seed=0, scheduler=scheduler)
+            with attention_backend(args.sdpa_backend):
+                fast(PROMPT, num_inference_steps=args.steps, seed=0, scheduler=scheduler)
             emit({'name': f'ours fast, scheduler {scheduler}, call after switching',
                   's': round(time.perf_counter() - start, 3)}, args, results)
         if args.compare_loops:
@@ -151,6 +159,17 @@ def main(argv=None):
         emit(second_start(args), args, results)
     print_table(results)
     return results
+
+
+def attention_backend(name):
+    """SDPA tries ``name``'s kernel first, the others after it where that one does not take a shape."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if name == 'default':
+        return contextlib.nullcontext()
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    first = {'cudnn': SDPBackend.CUDNN_ATTENTION, 'flash': SDPBackend.FLASH_ATTENTION,
+             'efficient': SDPBackend.EFFICIENT_ATTENTION}[name]
+    return sdpa_kernel([first] + [b for b in order if b != first], set_priority=True)
 
 
 # Kernel families by name, first match wins: cuDNN convolution kernels also say "gemm", fused attention says "mha".
