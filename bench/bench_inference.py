@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 from bench.models import build_components, environment  # noqa: E402
+from bench.profiling import device_profile  # noqa: E402
 
 PROMPT = 'a photo of an astronaut riding a horse on mars'
 
@@ -172,47 +172,16 @@ def attention_backend(name):
     return sdpa_kernel([first] + [b for b in order if b != first], set_priority=True)
 
 
-# Kernel families by name, first match wins: cuDNN convolution kernels also say "gemm", fused attention says "mha".
-KERNEL_KINDS = (('attention', r'flash|fmha|mha|attention|sdpa'), ('convolution', r'conv|fprop|dgrad|wgrad'),
-                ('matmul', r'gemm|matmul|\bmm\b|addmm|nvjet|cutlass|linear'), ('normalization', r'norm'),
-                ('memory copy', r'memcpy|memset|copy_|to_copy'))
-
-
 def profile(name, pipe, args):
-    """One batch-1 call under torch.profiler: the wall time against the time the device was busy (the rest is
-    launch and host overhead), that busy time by kernel family, and the kernels that take the most of it.
-    A profiler failure (CUPTI and CUDA graphs do not always agree) becomes a row: the timings around it stay."""
-    try:
-        return _profile(name, pipe, args)
-    except Exception as err:  # noqa: BLE001 - reported in the results, not swallowed
-        return {'name': f'profile {name}', 'error': repr(err)[:400]}
-
-
-def _profile(name, pipe, args):
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-    cuda = args.device.startswith('cuda')
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    call = (lambda: pipe(PROMPT, num_inference_steps=args.profile_steps, seed=0)) if hasattr(pipe, 'denoiser') \
-        else (lambda: pipe(PROMPT, num_inference_steps=args.profile_steps, output_type='np'))
+    """One batch-1 call of ``pipe`` (vanilla or ours) with --profile_steps steps, profiled."""
+    if hasattr(pipe, 'denoiser'):
+        def call():
+            return pipe(PROMPT, num_inference_steps=args.profile_steps, seed=0)
+    else:
+        def call():
+            return pipe(PROMPT, num_inference_steps=args.profile_steps, output_type='np')
     call()  # the step count may be new to this pipeline: keep its one-time work out of the profile
-    _sync(args.device)
-    with torch_profile(activities=activities) as prof:
-        wall, _ = timed(call, args.device)
-    # on the GPU the kernels are the device work; on the CPU the aten ops' own time stands in for it
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0] if cuda else \
-        [e for e in prof.key_averages() if e.key.startswith('aten::') and e.self_cpu_time_total > 0]
-    busy = {e.key: ((e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3, e.count) for e in events}
-    by_kind = {}
-    for key, (ms, _) in busy.items():
-        kind = next((k for k, pattern in KERNEL_KINDS if re.search(pattern, key, re.IGNORECASE)), 'other')
-        by_kind[kind] = round(by_kind.get(kind, 0.0) + ms, 2)
-    total = sum(ms for ms, _ in busy.values())
-    top = sorted(busy.items(), key=lambda item: -item[1][0])[:10]
-    return {'name': f'profile {name}', 'steps': args.profile_steps, 'wall_ms': round(wall * 1e3, 2),
-            'device_busy_ms': round(total, 2), 'busy_fraction': round(total / (wall * 1e3), 3),
-            'busy_ms_by_kind': dict(sorted(by_kind.items(), key=lambda item: -item[1])),
-            'top': [[key[:90], round(ms, 2), count] for key, (ms, count) in top]}
+    return {**device_profile(name, call, args.device), 'steps': args.profile_steps}
 
 
 SECOND_START = '''

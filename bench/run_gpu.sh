@@ -29,7 +29,7 @@ if [[ "$PARTS" == *inference* ]]; then
     --out "$OUT/inference.jsonl" 2>&1 | grep -v "^\[transformers\]" | tee "$OUT/inference.log" | grep -v "^{" | tail -20
 fi
 if [[ "$PARTS" == *training* ]]; then
-  timeout "${TRAIN_TIMEOUT:-180}" python3 bench/bench_training.py ${TRAIN_ARGS:-} --out "$OUT/training.jsonl" 2>&1 \
+  timeout "${TRAIN_TIMEOUT:-180}" python3 bench/bench_training.py --profile ${TRAIN_ARGS:-} --out "$OUT/training.jsonl" 2>&1 \
     | grep -v "^\[transformers\]" | tee "$OUT/training.log" | grep -v "^{" | tail -14
 fi
 cat "$OUT"/*.jsonl
