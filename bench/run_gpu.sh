@@ -4,17 +4,22 @@
 # tests,attention,inference,training; INFER_ARGS and TRAIN_ARGS pass options on (e.g. INFER_ARGS=--compare_loops,
 # TRAIN_ARGS="--only lora,compile").
 # On the lent GPU machine, where diffusers/modelscope are missing, wheels come from .whl/ (see README).
-# Results go to $OUT (or ./bench-results) as JSON lines and logs.
+# Results go to $OUT (or ./bench-results) as JSON lines and logs. DRY_RUN=1 runs every part on the CPU with the
+# tiny model and few steps, with the installed packages: the script itself checked before GPU time is spent on it.
 set -uo pipefail
 OUT="${OUT:-./bench-results}"
 mkdir -p "$OUT"
-if [ -d .whl ]; then
+DEVICE_ARGS="" ATTENTION_ARGS=""
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  DEVICE_ARGS="--device cpu --tiny" ATTENTION_ARGS="--device cpu --repeats 1"
+  INFER_SIZE="--steps 4 --repeats 1 --batch 2 --profile_steps 2" TRAIN_SIZE="--steps 2 --warmup 1 --profile_steps 2"
+elif [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}" || exit 1
 fi
 export PYTHONPATH="$(pwd):${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TQDM_DISABLE=1
 export MODELSCOPE_CACHE=/tmp/modelscope_cache TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_cache
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
 python3 -c "import torch, diffusers, transformers, peft, accelerate, modelscope_sd; print('versions', torch.__version__, diffusers.__version__, transformers.__version__, peft.__version__, accelerate.__version__)" 2>&1 | tail -3
 PARTS="${PARTS:-tests,attention,inference,training}"
 if [[ "$PARTS" == *tests* ]]; then
@@ -22,14 +27,14 @@ if [[ "$PARTS" == *tests* ]]; then
     | tee "$OUT/gpu-tests.log" | tail -15
 fi
 if [[ "$PARTS" == *attention* ]]; then
-  timeout 120 python3 bench/bench_attention.py --out "$OUT/attention.jsonl" 2>&1 | tail -1
+  timeout 120 python3 bench/bench_attention.py $ATTENTION_ARGS --out "$OUT/attention.jsonl" 2>&1 | tail -1
 fi
 if [[ "$PARTS" == *inference* ]]; then
-  timeout "${INFER_TIMEOUT:-400}" python3 bench/bench_inference.py --second_start --profile ${INFER_ARGS:-} \
+  timeout "${INFER_TIMEOUT:-400}" python3 bench/bench_inference.py --second_start --profile $DEVICE_ARGS ${INFER_SIZE:-} ${INFER_ARGS:-} \
     --out "$OUT/inference.jsonl" 2>&1 | grep -v "^\[transformers\]" | tee "$OUT/inference.log" | grep -v "^{" | tail -20
 fi
 if [[ "$PARTS" == *training* ]]; then
-  timeout "${TRAIN_TIMEOUT:-180}" python3 bench/bench_training.py --profile ${TRAIN_ARGS:-} --out "$OUT/training.jsonl" 2>&1 \
+  timeout "${TRAIN_TIMEOUT:-180}" python3 bench/bench_training.py --profile $DEVICE_ARGS ${TRAIN_SIZE:-} ${TRAIN_ARGS:-} --out "$OUT/training.jsonl" 2>&1 \
     | grep -v "^\[transformers\]" | tee "$OUT/training.log" | grep -v "^{" | tail -14
 fi
 cat "$OUT"/*.jsonl
