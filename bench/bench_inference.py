@@ -223,7 +223,7 @@ def print_table(results):
             print(f"| {row['name']} | {row['first_call_s']} | {row['s_per_image_batch1']} | {row['it_per_s_batch1']} | "
                   f"{row['images_per_s_batched']} (batch {row['batch']}) | {row.get('peak_mem_gib', '-')} |")
     for row in results:
-        if 'psnr_db' in row or 'process_s' in row or 'busy_ms_by_kind' in row:
+        if {'psnr_db', 'process_s', 'busy_ms_by_kind', 'error'} & row.keys():
             print(row)
 
 
