@@ -6,6 +6,8 @@
 # On the lent GPU machine, where diffusers/modelscope are missing, wheels come from .whl/ (see README).
 # Results go to $OUT (or ./bench-results) as JSON lines and logs. DRY_RUN=1 runs every part on the CPU with the
 # tiny model and few steps, with the installed packages: the script itself checked before GPU time is spent on it.
+# BUDGET_S (default 570) caps the whole script: each part's time limit is at most what is left of it, so a device
+# call with a 600 s limit ends with every finished row written and the log of the part that was cut.
 set -uo pipefail
 OUT="${OUT:-./bench-results}"
 mkdir -p "$OUT"
@@ -22,19 +24,24 @@ export MODELSCOPE_CACHE=/tmp/modelscope_cache TORCHINDUCTOR_CACHE_DIR=/tmp/induc
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
 python3 -c "import torch, diffusers, transformers, peft, accelerate, modelscope_sd; print('versions', torch.__version__, diffusers.__version__, transformers.__version__, peft.__version__, accelerate.__version__)" 2>&1 | tail -3
 PARTS="${PARTS:-tests,attention,inference,training}"
+BUDGET_S="${BUDGET_S:-570}"
+left() {  # seconds for the next part: its own limit, or what is left of the budget if that is less
+  local rest=$((BUDGET_S - SECONDS)); [ "$rest" -lt "$1" ] && echo $((rest > 1 ? rest : 1)) || echo "$1"
+}
 if [[ "$PARTS" == *tests* ]]; then
-  timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 \
+  timeout "$(left "${TESTS_TIMEOUT:-240}")" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 \
     | tee "$OUT/gpu-tests.log" | tail -15
 fi
 if [[ "$PARTS" == *attention* ]]; then
-  timeout 120 python3 bench/bench_attention.py $ATTENTION_ARGS --out "$OUT/attention.jsonl" 2>&1 | tail -1
+  timeout "$(left 120)" python3 bench/bench_attention.py $ATTENTION_ARGS --out "$OUT/attention.jsonl" 2>&1 | tail -1
 fi
 if [[ "$PARTS" == *inference* ]]; then
-  timeout "${INFER_TIMEOUT:-400}" python3 bench/bench_inference.py --second_start --profile $DEVICE_ARGS ${INFER_SIZE:-} ${INFER_ARGS:-} \
+  timeout "$(left "${INFER_TIMEOUT:-400}")" python3 bench/bench_inference.py --second_start --profile $DEVICE_ARGS ${INFER_SIZE:-} ${INFER_ARGS:-} \
     --out "$OUT/inference.jsonl" 2>&1 | grep -v "^\[transformers\]" | tee "$OUT/inference.log" | grep -v "^{" | tail -20
 fi
 if [[ "$PARTS" == *training* ]]; then
-  timeout "${TRAIN_TIMEOUT:-180}" python3 bench/bench_training.py --profile $DEVICE_ARGS ${TRAIN_SIZE:-} ${TRAIN_ARGS:-} --out "$OUT/training.jsonl" 2>&1 \
+  timeout "$(left "${TRAIN_TIMEOUT:-400}")" python3 bench/bench_training.py --profile $DEVICE_ARGS ${TRAIN_SIZE:-} ${TRAIN_ARGS:-} --out "$OUT/training.jsonl" 2>&1 \
     | grep -v "^\[transformers\]" | tee "$OUT/training.log" | grep -v "^{" | tail -14
 fi
+echo "run_gpu.sh: ${SECONDS}s of a ${BUDGET_S}s budget"
 cat "$OUT"/*.jsonl
