@@ -47,7 +47,8 @@ class TrainConfig:
     gradient_checkpointing: bool = _help('recompute activations in backward: less memory, ~20% slower',
                                          default=False)
     torch_compile: bool = _help('compile the UNet with torch.compile: the first steps compile (minutes on '
-                                'SD1.5), later ones run faster; inductor caches make the next run start sooner',
+                                'SD1.5), later ones run faster; an epoch\'s last, smaller batch compiles once more; '
+                                'validation runs eager; inductor caches make the next run start sooner',
                                 default=False)
     learning_rate: float = _help('peak learning rate', default=1e-4)
     scale_lr: bool = _help('multiply lr by batch size x accumulation x processes', default=False)

@@ -265,19 +265,23 @@ def _validate(accelerator, config, parts, make_pipeline, validation_dataset, ste
     text_encoder.eval()
     rng_state = torch.get_rng_state()
     try:
-        if validation_dataset is not None:
-            loss = validation_loss(accelerator, config, parts, validation_dataset)
-            accelerator.log({'validation_loss': loss}, step=step)
-            logger.info('step %d: validation loss %.5f', step, loss)
-        if config.validation_prompt and make_pipeline is not None:
-            pipe = make_pipeline()
-            folder = os.path.join(config.output_dir, 'validation')
-            os.makedirs(folder, exist_ok=True)
-            with accelerator.autocast():
-                images = pipe(config.validation_prompt, num_images_per_prompt=config.num_validation_images,
-                              num_inference_steps=25, generator=torch.Generator('cpu').manual_seed(config.seed)).images
-            for i, image in enumerate(images):
-                image.save(os.path.join(folder, f'step-{step:06d}-{i}.png'))
+        # eager even under --torch_compile: the no-grad eval passes and the pipeline's CFG batch would each
+        # compile anew (minutes on SD1.5) for a few images
+        with torch.compiler.set_stance('force_eager'):
+            if validation_dataset is not None:
+                loss = validation_loss(accelerator, config, parts, validation_dataset)
+                accelerator.log({'validation_loss': loss}, step=step)
+                logger.info('step %d: validation loss %.5f', step, loss)
+            if config.validation_prompt and make_pipeline is not None:
+                pipe = make_pipeline()
+                folder = os.path.join(config.output_dir, 'validation')
+                os.makedirs(folder, exist_ok=True)
+                generator = torch.Generator('cpu').manual_seed(config.seed)
+                with accelerator.autocast():
+                    images = pipe(config.validation_prompt, num_images_per_prompt=config.num_validation_images,
+                                  num_inference_steps=25, generator=generator).images
+                for i, image in enumerate(images):
+                    image.save(os.path.join(folder, f'step-{step:06d}-{i}.png'))
     finally:
         torch.set_rng_state(rng_state)
         unet.train(modes[0])

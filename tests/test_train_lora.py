@@ -240,6 +240,24 @@ def test_cache_latents_refuses_random_augmentation():
         LoraTrainConfig(dataset_name='x', cache_latents=True, random_flip=True, center_crop=True)
 
 
+def test_validation_under_torch_compile_runs_eager(tiny_model_dir, csv_dataset, tmp_path, monkeypatch):
+    """Validation (no-grad loss on the split, CFG images) would compile new graphs for a few images; it runs
+    eager. A backend that records each graph it is given stands in for inductor."""
+    graphs = []
+
+    def recording_backend(graph, example_inputs):
+        graphs.append(torch.is_grad_enabled())
+        return graph.forward
+
+    real_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, 'compile', lambda self, **kwargs: real_compile(self, backend=recording_backend))
+    torch._dynamo.reset()
+    _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'out', torch_compile=True, max_train_steps=2,
+                   checkpointing_steps=None, validation_prompt='a photo', validation_steps=1))
+    assert sorted(os.listdir(tmp_path / 'out' / 'validation')) == ['step-000001-0.png', 'step-000002-0.png']
+    assert graphs and all(graphs), graphs  # training compiled; nothing compiled with grad off
+
+
 @pytest.mark.slow
 def test_compiled_unet_trains_the_same_adapter(tiny_model_dir, csv_dataset, tmp_path):
     """--torch_compile (inductor on the CPU, about a minute) changes speed, not the result; resume from its
