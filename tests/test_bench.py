@@ -2,8 +2,7 @@
 
 import pytest
 
-pytest.importorskip('torch.distributed._tools.mem_tracker')
-from bench.estimate_training_memory import estimate  # noqa: E402
+from bench.estimate_training_memory import estimate
 
 
 @pytest.fixture(scope='module')
