@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 from bench.models import build_components, environment  # noqa: E402
-from bench.profiling import device_profile  # noqa: E402
+from bench.profiling import device_profile, timed  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -51,11 +50,6 @@ def make_data(folder, count, size):
         with open(f'{folder}/{i}.txt', 'w') as f:
             f.write(f'a photo of thing {i}')
     return records_from_image_folder(folder)
-
-
-def _sync(device):
-    if device.startswith('cuda'):
-        torch.cuda.synchronize()
 
 
 def _peak(device):
@@ -154,24 +148,16 @@ def ours_step_runner(parts, mode, batch, device, records, resolution, options):
     return run
 
 
-def _timed(runner, steps, device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    runner(steps)
-    _sync(device)
-    return time.perf_counter() - start
-
-
 def measure(name, runner, args, batch, results):
     """Steady-state steps only: our runner is a whole train_loop run, whose setup (caching the latents, prepare,
     a new optimizer) would count against us in a single timing. The time of warmup + steps steps minus that of
     warmup steps cancels it, and vanilla is timed the same way."""
     runner(args.warmup)  # compilation, cuDNN/cuBLAS selection, allocator warm-up
-    short = _timed(runner, args.warmup, args.device)
+    short = timed(lambda: runner(args.warmup), args.device)[0]
     if args.device.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
     baseline = torch.cuda.memory_allocated() / 2**30 if args.device.startswith('cuda') else None
-    elapsed = _timed(runner, args.warmup + args.steps, args.device) - short
+    elapsed = timed(lambda: runner(args.warmup + args.steps), args.device)[0] - short
     row = {'name': name, 'batch': batch, 'it_per_s': round(args.steps / elapsed, 2),
            'images_per_s': round(args.steps * batch / elapsed, 2), 'peak_mem_gib': _peak(args.device),
            'allocated_before_gib': round(baseline, 2) if baseline is not None else None}

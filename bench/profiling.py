@@ -1,5 +1,5 @@
-"""Where the device time goes in one call: wall time against the time the device was busy (the rest is launch
-and host overhead), that busy time by kernel family, and the kernels that take most of it."""
+"""Timing a call on a device, and where its device time goes: wall time against the time the device was busy
+(the rest is launch and host overhead), that busy time by kernel family, and the kernels that take most of it."""
 
 import re
 import time
@@ -12,9 +12,18 @@ KERNEL_KINDS = (('attention', r'flash|fmha|mha|attention|sdpa'), ('convolution',
                 ('memory copy', r'memcpy|memset|copy_|to_copy'))
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
     if device.startswith('cuda'):
         torch.cuda.synchronize()
+
+
+def timed(fn, device: str):
+    """(seconds, result) of ``fn()``, with the device's queued work finished on both sides."""
+    sync(device)
+    start = time.perf_counter()
+    result = fn()
+    sync(device)
+    return time.perf_counter() - start, result
 
 
 def device_profile(name: str, call, device: str) -> dict:
@@ -29,12 +38,8 @@ def device_profile(name: str, call, device: str) -> dict:
 def _summary(call, device: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
     cuda = device.startswith('cuda')
-    _sync(device)
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        start = time.perf_counter()
-        call()
-        _sync(device)
-        wall_ms = (time.perf_counter() - start) * 1e3
+        wall_ms = timed(call, device)[0] * 1e3
     # on the GPU the kernels are the device work; on the CPU the aten ops' own time stands in for it
     events = [e for e in prof.key_averages() if e.self_device_time_total > 0] if cuda else \
         [e for e in prof.key_averages() if e.key.startswith('aten::') and e.self_cpu_time_total > 0]
