@@ -20,7 +20,6 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 from bench.models import build_components  # noqa: E402
@@ -39,16 +38,23 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def make_step(unet, optimizer, batch: int, latent_size: int, context_dim: int):
+def make_step(parts, optimizer, batch: int):
+    """One step as train_loop runs it with cached latents and embeddings: the trainer's own loss, backward,
+    gradient clipping, optimizer step."""
+    from diffusers import DDPMScheduler
+
+    from finetune.diffusion import denoising_loss
+    unet = parts['unet']
     params = [p for p in unet.parameters() if p.requires_grad]
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear')
+    size = unet.config.sample_size
 
     def step():
-        latents = torch.randn(batch, 4, latent_size, latent_size)
-        states = torch.randn(batch, 77, context_dim)
-        timesteps = torch.randint(0, 1000, (batch,))
+        cached = {'latent_params': torch.randn(batch, 2 * unet.config.in_channels, size, size),
+                  'encoder_hidden_states': torch.randn(batch, 77, unet.config.cross_attention_dim)}
         with torch.autocast('cpu', dtype=torch.bfloat16):
-            pred = unet(latents, timesteps, states).sample
-        F.mse_loss(pred.float(), latents).backward()
+            loss = denoising_loss(unet, parts['text_encoder'], parts['vae'], scheduler, cached).mean()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -76,7 +82,7 @@ def estimate(optimizer: str, gradient_checkpointing: bool = False, batch: int = 
         unet.enable_gradient_checkpointing()
     frozen = sum(p.numel() * 2 for name in ('vae', 'text_encoder') for p in parts[name].parameters())
     opt = make_optimizer_for(optimizer, list(unet.parameters()))
-    step = make_step(unet, opt, batch, unet.config.sample_size, unet.config.cross_attention_dim)
+    step = make_step(parts, opt, batch)
     start = time.perf_counter()
     step()
     tracker = MemTracker()
