@@ -1,6 +1,7 @@
 """LoRA adapters on the pipeline side: find, load (diffusers/peft or kohya/A1111 files), weigh, fuse."""
 
 import glob
+import math
 import numbers
 import os
 from typing import List, Sequence, Tuple, Union
@@ -47,13 +48,14 @@ def _pick_weight_file(folder: str) -> str:
 
 
 def check_scales(scales, adapters: Sequence[str]) -> List[float]:
-    """One number for all adapters, or one per adapter."""
-    if isinstance(scales, numbers.Real) and not isinstance(scales, bool):
+    """One finite number for all adapters, or one per adapter."""
+    def is_scale(value):
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if is_scale(scales):
         return [float(scales)] * len(adapters)
-    if (isinstance(scales, (list, tuple)) and len(scales) == len(adapters)
-            and all(isinstance(s, numbers.Real) and not isinstance(s, bool) for s in scales)):
+    if isinstance(scales, (list, tuple)) and len(scales) == len(adapters) and all(is_scale(s) for s in scales):
         return [float(s) for s in scales]
-    raise ValueError(f'lora_scale={scales!r} must be a number or a list of {len(adapters)} numbers '
+    raise ValueError(f'lora_scale={scales!r} must be a finite number or a list of {len(adapters)} numbers '
                      f'(one per adapter in lora_dir).')
 
 

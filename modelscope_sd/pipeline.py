@@ -1,6 +1,7 @@
 """The ModelScope text-to-image pipeline: ModelScope inputs → one diffusers call → ``output_imgs``."""
 
 import difflib
+import math
 import numbers
 import secrets
 from typing import Any, Dict, List, Optional, Union
@@ -210,6 +211,13 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         if scheduler is not None:
             self._scheduler(scheduler)  # raises on unknown names
         self._check_image_inputs(image, mask_image, strength, latents)
+        n_images = (len(prompt) if isinstance(prompt, list) else 1) * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != n_images:
+            raise ValueError(f'generator is a list of {len(generator)} but this call makes {n_images} images '
+                             f'(prompts × num_images_per_prompt): pass one generator per image, one generator, '
+                             f'or seed=...')
+        if latents is not None:
+            self._check_latents(latents, n_images, height, width, image)
 
     def _check_image_inputs(self, image, mask_image, strength, latents) -> None:
         if mask_image is not None and image is None:
@@ -228,6 +236,22 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         if image is not None and mask_image is None and latents is not None:
             raise ValueError('latents cannot be given for image-to-image: the start latents come from image.')
 
+    def _check_latents(self, latents, n_images: int, height, width, image) -> None:
+        """Start latents of this call's shape; without height/width their size sets the image size. diffusers
+        would fail deep in the UNet, or silently make another size than the one asked for."""
+        factor, channels = self.sd.vae_scale_factor, self.sd.vae.config.latent_channels
+        given = tuple(latents.shape)
+        layout = f'(images, {channels} channels, height/{factor}, width/{factor})'
+        if len(given) != 4:
+            raise ValueError(f'latents must be 4-D {layout}, got shape {given}.')
+        if image is not None:  # inpainting: the output size comes from the image
+            height, width = images_lib.target_size(image, height, width)
+        expected = (n_images, channels, given[2] if height is None else height // factor,
+                    given[3] if width is None else width // factor)
+        if given != expected:
+            raise ValueError(f'latents has shape {given} but this call needs {expected} {layout}: one per image '
+                             f'(prompts × num_images_per_prompt = {n_images}), at height={height}, width={width}.')
+
     def _scheduler(self, name):
         if name is None:
             return self.base_scheduler
@@ -242,7 +266,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         same seed gives the same picture on every device."""
         if seed is None:
             seed = secrets.randbelow(2**32)
-        seeds = [seed + i for i in range(count)]
+        seeds = [int(seed) + i for i in range(count)]  # int(): numpy integers are valid seeds too
         return [torch.Generator('cpu').manual_seed(s) for s in seeds], seeds
 
     def _text_inputs(self, prompt, negative_prompt, clip_skip) -> Dict[str, Any]:
@@ -253,7 +277,9 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                      else [negative_prompt or ''] * len(prompts))
         tokenizer = self.sd.tokenizer
         if not any(prompts_lib.needs_long_path(tokenizer, t) for t in prompts + negatives):
-            return {'prompt': prompt, 'negative_prompt': negative_prompt, 'clip_skip': clip_skip}
+            # lists on both sides: diffusers refuses a str beside a list
+            return {'prompt': prompts, 'negative_prompt': None if negative_prompt is None else negatives,
+                    'clip_skip': clip_skip}
         windows = prompts_lib.window_count(tokenizer, prompts + negatives)
         return {'prompt_embeds': prompts_lib.encode(self.sd, prompts, clip_skip, windows),
                 'negative_prompt_embeds': prompts_lib.encode(self.sd, negatives, clip_skip, windows)}
@@ -293,6 +319,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             if strength == 0:
                 unchanged = np.asarray(image, dtype=np.float32)[None] / 255.0
                 return self._output(np.repeat(unchanged, n_images, axis=0), seeds, None)
+        if latents is not None:  # diffusers moves latents to the device but keeps their dtype: fp32 into fp16 fails
+            latents = latents.to(self.sd.device, self.sd.unet.dtype)
         pipe, extra = self._pipeline_for(image, mask_image, strength, height, width, latents)
         # 3. scheduler, progress bar and adapter weights for this call
         pipe.scheduler = self._scheduler(scheduler)
@@ -342,6 +370,8 @@ def _check_int(name, value, minimum=None, maximum=None):
 def _check_number(name, value, minimum):
     if not _is_number(value):
         raise TypeError(f'{name} must be a number, got {value!r} ({type(value).__name__})')
+    if not math.isfinite(value):
+        raise ValueError(f'{name}={value} must be a finite number.')
     if value < minimum:
         raise ValueError(f'{name}={value} must be >= {minimum}.')
 

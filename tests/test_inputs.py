@@ -37,6 +37,15 @@ import pytest
     (lambda p: p('a', lora_scale=0.5), ValueError, ['lora_scale', 'no LoRA is loaded']),
     (lambda p: p('a', progress_bar='no'), TypeError, ['progress_bar']),
     (lambda p: p({'text': 'a', 'seed': 1}, seed=2), ValueError, ["'seed'", 'both']),
+    (lambda p: p('a', guidance_scale=float('nan')), ValueError, ['guidance_scale=nan', 'finite']),
+    (lambda p: p('a', eta=float('inf')), ValueError, ['eta=inf', 'finite']),
+    (lambda p: p('a', num_images_per_prompt=2, generator=[__import__('torch').Generator()]), ValueError,
+     ['generator is a list of 1', '2 images']),
+    (lambda p: p('a', latents=__import__('torch').randn(4, 16, 16)), ValueError, ['latents', '4-d', '(4, 16, 16)']),
+    (lambda p: p(['a', 'b'], latents=__import__('torch').randn(1, 4, 16, 16)), ValueError,
+     ['latents has shape (1, 4, 16, 16)', 'needs (2, 4, 16, 16)']),
+    (lambda p: p('a', height=64, latents=__import__('torch').randn(1, 4, 16, 16)), ValueError,
+     ['needs (1, 4, 32, 16)', 'height=64']),
 ])
 def test_bad_call_input(sd_pipe, call, error, words):
     with pytest.raises(error) as info:

@@ -99,6 +99,8 @@ def test_missing_lora_dir(tiny_model_dir, tmp_path):
 def test_wrong_number_of_scales(tiny_model_dir, adapters):
     with pytest.raises(ValueError, match='lora_scale=.*2 numbers'):
         _pipe(tiny_model_dir, lora_dir=list(adapters), lora_scale=[1.0])
+    with pytest.raises(ValueError, match='lora_scale=.*finite'):
+        _pipe(tiny_model_dir, lora_dir=list(adapters), lora_scale=[1.0, float('nan')])
 
 
 def test_lora_through_modelscope_pipeline(tiny_model_dir, adapters):

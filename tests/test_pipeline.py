@@ -66,6 +66,30 @@ def test_negative_prompt_changes_the_image(sd_pipe):
     assert np.abs(plain.astype(int) - negative.astype(int)).max() > 0
 
 
+def test_one_negative_prompt_for_a_list_of_prompts(sd_pipe):
+    both = sd_pipe(['a cat', 'a dog'], negative_prompt='blurry', seed=1, **FAST)[OutputKeys.OUTPUT_IMGS]
+    listed = sd_pipe(['a cat', 'a dog'], negative_prompt=['blurry'] * 2, seed=1, **FAST)[OutputKeys.OUTPUT_IMGS]
+    alone = sd_pipe('a cat', negative_prompt=['blurry'], seed=1, **FAST)[OutputKeys.OUTPUT_IMGS][0]
+    assert all(np.array_equal(a, b) for a, b in zip(both, listed))
+    assert np.array_equal(both[0], alone)
+
+
+def test_numpy_numbers_are_accepted(sd_pipe):
+    plain = sd_pipe('a cat', seed=3, num_inference_steps=3, guidance_scale=7.5)
+    numpy = sd_pipe('a cat', seed=np.int64(3), num_inference_steps=np.int64(3), guidance_scale=np.float32(7.5))
+    assert numpy['seeds'] == [3] and type(numpy['seeds'][0]) is int
+    assert np.array_equal(plain[OutputKeys.OUTPUT_IMGS][0], numpy[OutputKeys.OUTPUT_IMGS][0])
+
+
+def test_latents_of_another_dtype_are_cast_and_set_the_size(sd_pipe):
+    latents = torch.randn((1, 4, 24, 16), generator=torch.Generator().manual_seed(0)).half()
+    # fp16 latents into the fp32 pipeline: diffusers alone fails in the UNet on the dtype mismatch
+    half = sd_pipe('a cat', latents=latents, **FAST)[OutputKeys.OUTPUT_IMGS][0]
+    full = sd_pipe('a cat', latents=latents.float(), **FAST)[OutputKeys.OUTPUT_IMGS][0]
+    assert half.shape == (48, 32, 3)  # no height/width: the latents' size × the VAE's factor (2 here)
+    assert np.array_equal(half, full)
+
+
 def test_list_of_dicts_gives_list_of_outputs(sd_pipe):
     outs = sd_pipe([{'text': 'a cat', 'seed': 1}, {'text': 'a dog', 'seed': 2}], **FAST)
     assert isinstance(outs, list) and len(outs) == 2
