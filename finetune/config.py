@@ -4,6 +4,7 @@ diffusers' example names, and ModelScope's example flags mapped onto them."""
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import sys
 import typing
@@ -55,7 +56,7 @@ class TrainConfig:
     lr_scheduler: str = _help(f'one of {LR_SCHEDULERS}', default='constant')
     lr_warmup_steps: int = _help('linear warmup steps', default=0)
     optimizer: str = _help("'adamw', or 'adafactor': factored second moments and no momentum, so a full "
-                           'SD1.5 UNet fine-tune keeps 1.7 GiB of optimizer state instead of 6.4', default='adamw')
+                           'SD1.5 UNet fine-tune keeps 2.0 GiB of optimizer state instead of 6.4', default='adamw')
     use_8bit_adam: bool = _help('bitsandbytes 8-bit AdamW (must be installed)', default=False)
     adam_beta1: float = _help('AdamW beta1', default=0.9)
     adam_beta2: float = _help('AdamW beta2', default=0.999)
@@ -89,6 +90,17 @@ class TrainConfig:
                   'validation_steps', 'num_validation_images', 'logging_steps')
         _positive(self, 'max_train_steps', 'checkpointing_steps', 'checkpointing_epochs', 'checkpoints_total_limit',
                   optional=True)
+        _finite(self)
+        if self.lr_warmup_steps < 0:
+            raise ValueError(f'lr_warmup_steps={self.lr_warmup_steps} must be >= 0.')
+        for name in ('adam_beta1', 'adam_beta2'):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f'{name}={getattr(self, name)} must be in [0, 1) (0.9 and 0.999 are usual).')
+        for name in ('adam_weight_decay', 'adam_epsilon', 'noise_offset'):
+            if getattr(self, name) < 0:
+                raise ValueError(f'{name}={getattr(self, name)} must be >= 0.')
+        if self.max_grad_norm <= 0:  # 0 would zero every gradient, a negative norm would flip them
+            raise ValueError(f'max_grad_norm={self.max_grad_norm} must be > 0 (1.0 is usual).')
         if self.resolution % 8:
             raise ValueError(f'resolution={self.resolution} must be a multiple of 8 (e.g. 512 or 768).')
         if self.learning_rate <= 0:
@@ -207,6 +219,14 @@ def check_lora_fields(config) -> None:
         raise ValueError(f'lora_dropout={config.lora_dropout} must be in [0, 1).')
     if not [m for m in config.target_modules.split(',') if m.strip()]:
         raise ValueError('target_modules is empty: name at least one module, e.g. to_q,to_k,to_v,to_out.0.')
+
+
+def _finite(config) -> None:
+    """NaN passes every comparison check and would train to NaN weights: refuse it (and inf) by name."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f'{f.name}={value} must be a finite number.')
 
 
 def _positive(config, *names, optional=False):
