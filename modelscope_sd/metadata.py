@@ -1,7 +1,9 @@
 """Reproducible PNGs: the generation settings in a ``parameters`` text chunk, in A1111's format, so that
 A1111/ComfyUI show them and ``read_png`` turns them back into the call that re-creates the image."""
 
+import itertools
 import json
+import os
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -87,10 +89,20 @@ def parse_parameters(text: str) -> Dict[str, Any]:
 
 
 def save_png(path: str, image_bgr: np.ndarray, parameters: str) -> str:
+    """Write the PNG at ``path``, or at ``stem-1.png``, ``stem-2.png``, … when a file is there already (a second
+    run with the same seed and another prompt must not replace the first image). Returns the path written."""
     info = PngInfo()
     info.add_text(PARAMETERS_KEY, parameters)
-    Image.fromarray(np.ascontiguousarray(image_bgr[..., ::-1])).save(path, pnginfo=info)
-    return path
+    image = Image.fromarray(np.ascontiguousarray(image_bgr[..., ::-1]))
+    stem, suffix = os.path.splitext(path)
+    for n in itertools.count():
+        candidate = path if n == 0 else f'{stem}-{n}{suffix}'
+        try:
+            with open(candidate, 'xb') as f:  # exclusive create: never replaces a file, even one made meanwhile
+                image.save(f, format='PNG', pnginfo=info)
+            return candidate
+        except FileExistsError:
+            continue
 
 
 def read_png(path: str) -> Dict[str, Any]:

@@ -37,6 +37,15 @@ def test_png_without_parameters_is_an_error(tmp_path):
         metadata.read_png(str(tmp_path / 'plain.png'))
 
 
+def test_save_png_never_replaces_an_existing_image(tmp_path):
+    first = metadata.save_png(str(tmp_path / '42.png'), np.zeros((8, 8, 3), np.uint8), 'a cat')
+    second = metadata.save_png(str(tmp_path / '42.png'), np.full((8, 8, 3), 255, np.uint8), 'a dog')
+    third = metadata.save_png(str(tmp_path / '42.png'), np.full((8, 8, 3), 9, np.uint8), 'a cow')
+    assert [os.path.basename(p) for p in (first, second, third)] == ['42.png', '42-1.png', '42-2.png']
+    assert Image.open(first).text['parameters'] == 'a cat' and np.asarray(Image.open(first)).max() == 0
+    assert Image.open(second).text['parameters'] == 'a dog'
+
+
 def test_generate_writes_pngs_that_recreate_themselves(tiny_model_dir, tmp_path):
     paths = main(['generate', '--prompt', '飞流直下三千尺,油画', '--model', tiny_model_dir, '--num_inference_steps', '3',
                   '--num_images', '2', '--seed', '42', '--scheduler', 'euler_a', '--device', 'cpu',
