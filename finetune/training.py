@@ -47,11 +47,14 @@ def make_accelerator(config):
     if mixed_precision == 'fp16' and not torch.cuda.is_available():
         logger.warning('mixed_precision=fp16 needs a CUDA GPU; training in fp32 on this machine.')
         mixed_precision = 'no'
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=mixed_precision,
         log_with=config.report_to,
         project_config=ProjectConfiguration(project_dir=config.output_dir,
                                             logging_dir=os.path.join(config.output_dir, 'logs')))
+    if not accelerator.is_local_main_process:  # one log per machine, not one per process
+        logging.getLogger('finetune').setLevel(logging.WARNING)
+    return accelerator
 
 
 def weight_dtype(accelerator) -> torch.dtype:
@@ -171,7 +174,10 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler,
                                          collate_fn=getattr(dataset, 'collate', collate),
                                          num_workers=config.dataloader_num_workers)
-    steps_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
+    # accelerate shards the loader over the processes (padding the last round): each epoch is this many
+    # batches per process, and that, not len(loader), sets the optimizer steps per epoch
+    batches_per_process = math.ceil(len(loader) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(batches_per_process / config.gradient_accumulation_steps)
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     epochs = math.ceil(max_steps / steps_per_epoch)
     # 2. optimizer and lr schedule over the trained parameters
@@ -185,6 +191,9 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
                                  num_training_steps=max_steps * accelerator.num_processes)
     prepared = accelerator.prepare(*trained, optimizer, loader, lr_scheduler)
     trained_wrapped, (optimizer, loader, lr_scheduler) = prepared[:len(trained)], prepared[len(trained):]
+    if len(loader) != batches_per_process:
+        raise RuntimeError(f'accelerate sharded {batches_per_process * accelerator.num_processes} batches into '
+                           f'{len(loader)} per process, not {batches_per_process}: the step count would be wrong.')
     wrapped = {id(m): w for m, w in zip(trained, trained_wrapped)}
     unet_run, text_encoder_run = wrapped.get(id(unet), unet), wrapped.get(id(text_encoder), text_encoder)
     # 3. resume: weights, optimizer, lr schedule from the checkpoint; step and data position from its state

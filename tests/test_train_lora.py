@@ -156,6 +156,25 @@ def test_shell_launcher_with_environment_overrides(tiny_model_dir, tmp_path):
         assert f.metadata()['modelscope_sd.rank'] == '2'
 
 
+def test_two_processes_reach_max_train_steps_and_resume_exactly(tiny_model_dir, tmp_path):
+    """The launcher with ACCELERATE_ARGS for two GPUs, run as two CPU processes (gloo): each process gets half
+    of every epoch, so 6 images make 3 steps per epoch and 4 steps take 2 epochs; a run resumed from step 2
+    ends with the same adapter."""
+    import shutil
+    make_images(str(tmp_path / 'images'), count=6)
+    env = {'MODEL': tiny_model_dir, 'DATASET': str(tmp_path / 'images'), 'RESOLUTION': '32', 'MAX_TRAIN_STEPS': '4',
+           'ACCELERATE_ARGS': '--multi_gpu --num_processes 2', 'ACCELERATE_USE_CPU': 'true'}
+    log = _bash(['--checkpointing_steps', '2'], {**env, 'OUTPUT_DIR': str(tmp_path / 'full')}, tmp_path)
+    assert '6 examples, 2 epochs, 4 optimizer steps of 1 x 1 x 2 images' in log
+    assert sorted(os.listdir(tmp_path / 'full' / 'checkpoint-4')).count('random_states_1.pkl') == 1
+    os.makedirs(tmp_path / 'resumed')
+    shutil.copytree(tmp_path / 'full' / 'checkpoint-2', tmp_path / 'resumed' / 'checkpoint-2')
+    _bash(['--resume_from_checkpoint', 'latest'], {**env, 'OUTPUT_DIR': str(tmp_path / 'resumed')}, tmp_path)
+    full = load_file(str(tmp_path / 'full' / 'pytorch_lora_weights.safetensors'))
+    resumed = load_file(str(tmp_path / 'resumed' / 'pytorch_lora_weights.safetensors'))
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+
+
 def test_modelscope_example_command_line_runs_unchanged(tiny_model_dir, csv_dataset, tmp_path):
     work_dir = str(tmp_path / 'tmp' / 'lora_diffusion')
     log = _bash(['--model', tiny_model_dir, '--model_revision', 'v1.0.0', '--prompt', 'a dog',
