@@ -200,6 +200,10 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             layers = self.sd.text_encoder.config.num_hidden_layers
             _check_int('clip_skip', clip_skip, minimum=0, maximum=layers - 1)
         if lora_scale is not None:
+            if self.lora_fused and self.denoiser is not None:
+                raise ValueError('lora_scale cannot change per call with fast=True: the compiled path fuses the '
+                                 'adapters into the weights. Set the weight when building the pipeline '
+                                 '(lora_scale=...), or build it without fast=True to vary it per call.')
             if self.lora_fused:
                 raise ValueError('lora_scale cannot change per call: the adapters were fused (fuse_lora=True). '
                                  'Build the pipeline with fuse_lora=False to vary the scale.')

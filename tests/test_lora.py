@@ -64,6 +64,9 @@ def test_fused_equals_unfused(tiny_model_dir, adapters):
     assert np.abs(_image(fused_pipe) - unfused).max() <= 2
     with pytest.raises(ValueError, match='fused'):
         fused_pipe('a', lora_scale=0.5)
+    fast_pipe = _pipe(tiny_model_dir, lora_dir=adapters[0], lora_scale=0.7, fast=True)  # compiles on first call only
+    with pytest.raises(ValueError, match='with fast=True.*build it without fast=True'):
+        fast_pipe('a', lora_scale=0.5)
 
 
 def test_kohya_file_loads_with_the_same_effect(tiny_model_dir, adapters, tmp_path):
