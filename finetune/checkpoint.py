@@ -59,6 +59,20 @@ def read_state(checkpoint: str) -> dict:
         return json.load(f)
 
 
+def check_resume_settings(checkpoint: str, settings: dict) -> None:
+    """Refuse, by flag name, to resume a checkpoint saved with settings that decide what it holds (adapter
+    shape, which models train, optimizer state); loading it would fail deep in accelerate or torch."""
+    saved = read_state(checkpoint).get('settings')
+    if saved is None:  # written before settings were recorded
+        return
+    changed = [f'--{name} {saved[name]!r} there, {value!r} now' for name, value in settings.items()
+               if name in saved and saved[name] != value]
+    if changed:
+        raise ValueError(f'resume_from_checkpoint: {checkpoint} was saved with other settings: {"; ".join(changed)}. '
+                         'These decide what a checkpoint holds: resume with the values it was saved with, or '
+                         'start a new run in another --output_dir.')
+
+
 def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, total_limit: Optional[int]) -> str:
     """accelerate's save_state into ``checkpoint-N.partial``, then the state file, then the rename."""
     final = os.path.join(output_dir, f'checkpoint-{step}')

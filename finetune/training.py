@@ -9,7 +9,8 @@ from typing import List, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import find_checkpoint, read_state, remove_partial_checkpoints, save_checkpoint
+from .checkpoint import (check_resume_settings, find_checkpoint, read_state, remove_partial_checkpoints,
+                         save_checkpoint)
 from .data import EpochSampler, cache_dataset, collate
 from .diffusion import denoising_loss
 
@@ -31,9 +32,26 @@ def prepare_output_dir(config) -> None:
     remove_partial_checkpoints(out)
 
 
+def resume_settings(config) -> dict:
+    """The flags a checkpoint's contents depend on; a resumed run must match them."""
+    names = ['train_text_encoder', 'optimizer', 'use_8bit_adam']
+    if getattr(config, 'use_lora', True):  # the LoRA trainer, or DreamBooth --use_lora
+        names += ['rank', 'lora_alpha', 'target_modules']
+    if hasattr(config, 'use_lora'):
+        names.append('use_lora')
+    settings = {name: getattr(config, name) for name in names}
+    if 'target_modules' in settings:
+        settings['target_modules'] = ','.join(sorted(m.strip() for m in config.target_modules.split(',') if m.strip()))
+    return settings
+
+
 def start_run(config, notes=None):
-    """Check the output folder, make the accelerator, log how ModelScope flags were mapped."""
+    """Check the output folder (and a checkpoint to resume against this run's settings), make the
+    accelerator, log how ModelScope flags were mapped."""
     prepare_output_dir(config)
+    checkpoint = find_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    if checkpoint:
+        check_resume_settings(checkpoint, resume_settings(config))
     accelerator = make_accelerator(config)
     for note in notes or []:
         logger.info(note)
@@ -245,7 +263,8 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
                 accelerator.log(logs, step=global_step)
             if _due(global_step, config.checkpointing_steps) or (
                     config.checkpointing_epochs and global_step % (steps_per_epoch * config.checkpointing_epochs) == 0):
-                save_checkpoint(accelerator, config.output_dir, global_step, {'global_step': global_step},
+                save_checkpoint(accelerator, config.output_dir, global_step,
+                                {'global_step': global_step, 'settings': resume_settings(config)},
                                 config.checkpoints_total_limit)
             if _due(global_step, config.validation_steps) and accelerator.is_main_process:
                 _validate(accelerator, config, parts, pipeline_for_validation, validation_dataset, global_step)

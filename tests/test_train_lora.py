@@ -192,6 +192,24 @@ def test_modelscope_example_command_line_runs_unchanged(tiny_model_dir, csv_data
 
 
 # ---------------------------------------------------------------- bad input
+def test_resume_with_settings_that_change_the_checkpoint_is_refused_before_loading(tiny_model_dir, csv_dataset,
+                                                                                   tmp_path, monkeypatch):
+    _train(_config(tiny_model_dir, csv_dataset, tmp_path, max_train_steps=2))
+    import finetune.train_lora as train_lora
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError('models were loaded before the settings were checked')
+
+    monkeypatch.setattr(train_lora, 'load_components', no_loading)
+    with pytest.raises(ValueError, match=r"--optimizer 'adamw' there, 'adafactor' now; --rank 4 there, 8 now"):
+        _train(_config(tiny_model_dir, csv_dataset, tmp_path, resume_from_checkpoint='latest', rank=8,
+                       optimizer='adafactor'))
+    # the same modules in another order, and settings that do not shape the checkpoint, resume
+    with pytest.raises(AssertionError, match='models were loaded'):
+        _train(_config(tiny_model_dir, csv_dataset, tmp_path, resume_from_checkpoint='latest', train_batch_size=2,
+                       target_modules='to_v,to_q,to_k,to_out.0'))
+
+
 def test_typo_flag_fails_instead_of_vanishing(capsys):
     with pytest.raises(SystemExit):
         parse_args(LoraTrainConfig, ['--learning_rat', '1e-4'], 'x')
