@@ -4,8 +4,10 @@ single-file checkpoint. Everything here ends in a diffusers ``StableDiffusionPip
 import glob
 import json
 import os
+import posixpath
 import re
-from typing import Optional, Sequence, Union
+from collections import defaultdict
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -62,12 +64,18 @@ def resolve_model_dir(model: str, revision: Optional[str] = None, local_files_on
         raise FileNotFoundError(
             f'model={model!r}: no such file or folder. Pass a ModelScope model id such as '
             f"'{DEFAULT_MODEL_ID}', a diffusers model folder, or a .safetensors checkpoint file.")
+    from modelscope.hub.api import HubApi
     from modelscope.hub.snapshot_download import snapshot_download
     try:
+        ignore = None
+        if not allow_patterns:
+            ignore = list(HUB_IGNORE_PATTERNS)
+            if not local_files_only:
+                files = HubApi().get_model_files(model, revision=revision, recursive=True)
+                ignore += unread_weight_files([f['Path'] for f in files if f.get('Type') != 'tree'])
         return snapshot_download(
             model, revision=revision, local_files_only=local_files_only, cache_dir=cache_dir,
-            allow_file_pattern=list(allow_patterns) if allow_patterns else None,
-            ignore_file_pattern=None if allow_patterns else HUB_IGNORE_PATTERNS)
+            allow_file_pattern=list(allow_patterns) if allow_patterns else None, ignore_file_pattern=ignore)
     except Exception as err:  # the hub client's cache-miss error type differs across modelscope versions
         if local_files_only:
             raise FileNotFoundError(
@@ -75,6 +83,24 @@ def resolve_model_dir(model: str, revision: Optional[str] = None, local_files_on
                 f"({cache_dir or os.environ.get('MODELSCOPE_CACHE', '~/.cache/modelscope')}) and local_files_only=True: "
                 'download it once with network access, or pass a local folder.') from err
         raise
+
+
+def unread_weight_files(paths: Sequence[str]) -> List[str]:
+    """Repo files that loading never reads: pickle ``.bin`` weights in a folder that has ``.safetensors`` ones
+    (diffusers and transformers read those), and ``.fp16.`` variants beside full-precision weights (we cast
+    on load). SD1.5 repos carry all of them: several GB that need not be downloaded."""
+    folders = defaultdict(list)
+    for path in paths:
+        folders[posixpath.dirname(path)].append(posixpath.basename(path))
+    unread = []
+    for folder, names in folders.items():
+        plain = [n for n in names if n.count('.') == 1]  # model.safetensors, diffusion_pytorch_model.bin
+        has_safetensors = any(n.endswith('.safetensors') for n in plain)
+        has_full = any(n.endswith(('.safetensors', '.bin')) for n in plain)
+        for name in names:
+            if (has_safetensors and name.endswith('.bin')) or (has_full and '.fp16.' in name):
+                unread.append(posixpath.join(folder, name))
+    return unread
 
 
 def check_safetensors(path: str) -> None:

@@ -92,6 +92,27 @@ def test_hub_download_into_an_empty_cache(fake_hub, tmp_path):
     assert len(fake_hub.requests) == requests  # offline: the hub was not asked
 
 
+def test_hub_download_skips_weight_files_that_loading_never_reads(fake_hub, tiny_model_dir, tmp_path):
+    """SD1.5's repo holds each component's weights up to four times (safetensors, pickle .bin, fp16 variants of
+    both); only the full-precision safetensors are read, so only they are downloaded."""
+    from modelscope_sd.loading import load_pipeline, resolve_model_dir, unread_weight_files
+    repo = tmp_path / 'repo'
+    shutil.copytree(tiny_model_dir, repo)
+    unet = repo / 'unet' / 'diffusion_pytorch_model.safetensors'
+    for twin in ('diffusion_pytorch_model.bin', 'diffusion_pytorch_model.fp16.safetensors'):
+        shutil.copy(unet, repo / 'unet' / twin)
+    os.makedirs(repo / 'extra')
+    (repo / 'extra' / 'pytorch_model.bin').write_bytes(b'pickle-only folder: kept')
+    fake_hub.add_repo('AI-ModelScope/sd-with-twins', str(repo))
+    path = resolve_model_dir('AI-ModelScope/sd-with-twins', 'v1.0.0', cache_dir=str(tmp_path / 'cache'))
+    assert sorted(os.listdir(os.path.join(path, 'unet'))) == ['config.json', 'diffusion_pytorch_model.safetensors']
+    assert os.path.isfile(os.path.join(path, 'extra', 'pytorch_model.bin'))
+    assert load_pipeline(path, device='cpu').unet is not None
+    # a pickle-only component keeps its .bin; an fp16 variant is skipped only beside full weights
+    assert unread_weight_files(['te/pytorch_model.bin', 'te/model.fp16.safetensors', 'vae/x.fp16.safetensors']) == [
+        'te/model.fp16.safetensors']
+
+
 def test_offline_mode_without_cache_names_the_fix(fake_hub, tmp_path):
     from modelscope_sd.loading import resolve_model_dir
     with pytest.raises(FileNotFoundError, match='not in the ModelScope cache.*local_files_only=True'):
