@@ -32,12 +32,11 @@ CLASS_PROMPT_KEY = 'modelscope_sd.class_prompt'
 
 def main(config: DreamBoothConfig, notes: Optional[List[str]] = None) -> str:
     accelerator = start_run(config, notes)
-    instance = check_images(instance_records(config), config.skip_bad_images)
-    if config.with_prior_preservation:
-        if accelerator.is_main_process:
+    with accelerator.main_process_first():  # one process downloads, generates class images; the others then read
+        instance = check_images(instance_records(config), config.skip_bad_images)
+        if config.with_prior_preservation and accelerator.is_main_process:
             generate_class_images(config, accelerator.device)
-        accelerator.wait_for_everyone()
-    parts = load_components(config.pretrained_model_name_or_path, config.revision)
+        parts = load_components(config.pretrained_model_name_or_path, config.revision)
     trained = prepare_models(accelerator, config, parts, lora=config.use_lora)
 
     def dataset(records):
