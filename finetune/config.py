@@ -169,6 +169,8 @@ class DreamBoothConfig(LoraOptions, TrainConfig):
     sample_batch_size: int = _help('batch size when generating class images', default=4)
     class_inference_steps: int = _help('denoising steps per generated class image', default=50)
     use_lora: bool = _help('train LoRA adapters instead of the whole UNet', default=False)
+    export_checkpoint: bool = _help('full fine-tune: also write OUTPUT_DIR/<its name>.safetensors, the model as '
+                                    'one original-layout fp16 file for A1111/ComfyUI', default=False)
     output_dir: str = _help('where the model (or adapter), checkpoints and validation images go',
                             default='sd-dreambooth')
     learning_rate: Optional[float] = _help('peak learning rate (default 5e-6, or 1e-4 with --use_lora)',
@@ -180,6 +182,9 @@ class DreamBoothConfig(LoraOptions, TrainConfig):
         super().__post_init__()
         if self.use_lora:
             check_lora_fields(self)
+        if self.export_checkpoint and self.use_lora:
+            raise ValueError('export_checkpoint writes a full model; with --use_lora the adapter is the result: '
+                             'pass --export_kohya for an A1111/ComfyUI file instead.')
         source = self.instance_data_dir or self.dataset_name
         if not source:
             raise ValueError('No instance images: pass --instance_data_dir (a folder of subject photos) or '

@@ -24,6 +24,7 @@ from finetune.models import load_components, save_lora, training_metadata
 from finetune.training import prepare_models, render_result, start_run, train_loop, validation_pipeline_factory
 from modelscope_sd.constants import MODEL_INDEX
 from modelscope_sd.loading import write_configuration
+from modelscope_sd.single_file import save_single_file
 
 logger = logging.getLogger('finetune.train_dreambooth')
 RESULT_IMAGE = 'dreambooth_result.png'
@@ -55,7 +56,13 @@ def main(config: DreamBoothConfig, notes: Optional[List[str]] = None) -> str:
             save_lora(config.output_dir, unet, text_encoder if config.train_text_encoder else None,
                       metadata=training_metadata(config, parts['model_dir']), export_kohya=config.export_kohya)
         else:
-            save_full_model(config.output_dir, parts['model_dir'], unet, text_encoder)
+            pipe = save_full_model(config.output_dir, parts['model_dir'], unet, text_encoder)
+            if config.export_checkpoint:
+                name = os.path.basename(os.path.normpath(os.path.abspath(config.output_dir))) + '.safetensors'
+                metadata = {k: v for k, v in training_metadata(config, parts['model_dir']).items()
+                            if k not in ('modelscope_sd.rank', 'modelscope_sd.alpha')}  # no adapter here
+                path = save_single_file(pipe, os.path.join(config.output_dir, name), metadata=metadata)
+                logger.info('Single-file checkpoint for A1111/ComfyUI: %s', path)
         logger.info('Saved to %s', config.output_dir)
         if config.prompt:
             if config.use_lora:
@@ -107,9 +114,9 @@ def generate_class_images(config: DreamBoothConfig, device) -> int:
     return missing
 
 
-def save_full_model(output_dir: str, base_dir: str, unet, text_encoder) -> None:
+def save_full_model(output_dir: str, base_dir: str, unet, text_encoder):
     """A complete diffusers model with ModelScope's configuration.json. Written to a temporary folder
-    first; model_index.json, which makes the folder look like a model, is moved in last."""
+    first; model_index.json, which makes the folder look like a model, is moved in last. Returns the pipeline."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(base_dir, unet=unet, text_encoder=text_encoder)
@@ -121,6 +128,7 @@ def save_full_model(output_dir: str, base_dir: str, unet, text_encoder) -> None:
             if os.path.isdir(target):
                 shutil.rmtree(target)
             os.replace(os.path.join(tmp, name), target)
+    return pipe
 
 
 if __name__ == '__main__':

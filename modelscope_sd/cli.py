@@ -5,6 +5,7 @@
     modelscope-sd train-lora --dataset_name ./my-images --output_dir my-lora --max_train_steps 1000
     modelscope-sd train-dreambooth --instance_data_dir ./dog --instance_prompt 'a photo of sks dog'
     modelscope-sd convert-lora my-lora/pytorch_lora_weights.safetensors my-lora-kohya.safetensors
+    modelscope-sd convert-model sd-dreambooth sd-dreambooth.safetensors   # one file for A1111/ComfyUI
 """
 
 import argparse
@@ -94,6 +95,18 @@ def _convert(args) -> str:
     return import_kohya_lora(args.input, args.output)
 
 
+def _convert_model(args) -> str:
+    import torch
+
+    from .loading import load_pipeline
+    from .single_file import check_output_path, save_single_file
+    check_output_path(args.output)  # before minutes of loading
+    pipe = load_pipeline(args.model, revision=args.model_revision, device='cpu', torch_dtype=torch.float32,
+                         load_safety_checker=False)
+    return save_single_file(pipe, args.output, torch.float32 if args.fp32 else torch.float16,
+                            metadata={'modelscope_sd.source': args.model})
+
+
 def main(argv: Optional[List[str]] = None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog='modelscope-sd', description=__doc__,
@@ -107,12 +120,18 @@ def main(argv: Optional[List[str]] = None):
     convert.add_argument('input')
     convert.add_argument('output')
     convert.add_argument('--to', choices=('kohya', 'diffusers'), default='kohya')
+    model = sub.add_parser('convert-model', help='diffusers model (folder or hub id) → one original-layout '
+                                                 '.safetensors checkpoint for A1111/ComfyUI')
+    model.add_argument('model', help='diffusers folder (e.g. a DreamBooth output_dir) or ModelScope id')
+    model.add_argument('output', help='the .safetensors file to write')
+    model.add_argument('--model_revision', default=None)
+    model.add_argument('--fp32', action='store_true', help='keep fp32 weights (default fp16: half the size)')
     if argv[:1] in (['train-lora'], ['train-dreambooth']):
         return _train(argv[0], argv[1:])  # the trainers own their flags (and --help)
     args = parser.parse_args(argv)
     if args.command == 'generate':
         return generate(args)
-    print(_convert(args))
+    print(_convert_model(args) if args.command == 'convert-model' else _convert(args))
 
 
 def _train(command: str, argv: List[str]):

@@ -65,12 +65,12 @@ def vanilla_pipe(tiny_model_dir):
 @pytest.fixture(scope='session')
 def tiny_single_file(vanilla_pipe):
     """The tiny model as one original-layout checkpoint, like v1-5-pruned-emaonly.safetensors."""
-    from safetensors.torch import save_file
+    import torch
 
-    from ldm_checkpoint import pipeline_to_ldm
+    from modelscope_sd.single_file import save_single_file
     path = os.path.join(_SESSION_DIR, 'tiny-sd-pruned-emaonly.safetensors')
     if not os.path.exists(path):
-        save_file(pipeline_to_ldm(vanilla_pipe), path)
+        save_single_file(vanilla_pipe, path, dtype=torch.float32)
     return path
 
 

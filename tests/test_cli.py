@@ -73,6 +73,18 @@ def test_generate_with_lora_image_and_mask(tiny_model_dir, tmp_path):
     assert np.array_equal(out[16:], np.full((16, 32, 3), (200, 30, 30), np.uint8))  # unmasked half kept
 
 
+def test_convert_model_writes_one_file_that_loads_with_the_same_images(tiny_model_dir, sd_pipe, tmp_path, capsys):
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    path = str(tmp_path / 'tiny.safetensors')
+    main(['convert-model', tiny_model_dir, path, '--fp32'])
+    assert capsys.readouterr().out.strip() == path
+    single = StableDiffusionText2ImagePipeline(path, config=tiny_model_dir, device='cpu', progress_bar=False)
+    args = dict(num_inference_steps=2, seed=0)
+    assert np.array_equal(single('a cat', **args)['output_imgs'][0], sd_pipe('a cat', **args)['output_imgs'][0])
+    with pytest.raises(ValueError, match=r'name it \*\.safetensors'):
+        main(['convert-model', tiny_model_dir, str(tmp_path / 'tiny.ckpt')])
+
+
 def test_convert_lora_both_ways_keeps_the_effect(tiny_model_dir, tmp_path):
     from modelscope_sd import StableDiffusionText2ImagePipeline
     from train_helpers import make_random_lora

@@ -51,14 +51,19 @@ def test_full_fine_tune_via_shell_loads_as_model_and_changes_the_image(tiny_mode
     from modelscope.pipelines import pipeline
     from modelscope.utils.constant import Tasks
     _bash(['--with_prior_preservation', '--num_class_images', '2', '--class_inference_steps', '2',
-           '--learning_rate', '1e-3'],
+           '--learning_rate', '1e-3', '--export_checkpoint'],
           {'MODEL': tiny_model_dir, 'INSTANCE_DIR': instance_dir, 'OUTPUT_DIR': str(tmp_path / 'out'),
            'RESOLUTION': '32', 'MAX_TRAIN_STEPS': '3'}, tmp_path)
     pipe = pipeline(task=Tasks.text_to_image_synthesis, model=str(tmp_path / 'out'), device='cpu')
     assert isinstance(pipe, modelscope_sd.StableDiffusionText2ImagePipeline)
     pipe.progress_bar = False
-    assert np.abs(_image(pipe) - _image(sd_pipe)).max() > 0
+    trained = _image(pipe)
+    assert np.abs(trained - _image(sd_pipe)).max() > 10
     assert len(os.listdir(tmp_path / 'out' / 'class_images')) == 2
+    # --export_checkpoint: the same model as one original-layout fp16 file (A1111/ComfyUI), read back by diffusers
+    single = modelscope_sd.StableDiffusionText2ImagePipeline(str(tmp_path / 'out' / 'out.safetensors'),
+                                                             config=tiny_model_dir, device='cpu', progress_bar=False)
+    assert np.abs(_image(single) - trained).max() <= 3  # fp16 weights; training moved pixels by far more (61)
 
 
 def test_lora_mode_via_shell_loads_as_lora_dir(tiny_model_dir, instance_dir, tmp_path, sd_pipe):
@@ -201,6 +206,7 @@ def test_modelscope_example_command_line_runs_unchanged(tiny_model_dir, instance
     (dict(instance_prompt=None), ValueError, 'instance_prompt is required'),
     (dict(optimizer='sgd'), ValueError, "optimizer='sgd' is not one of"),
     (dict(optimizer='adafactor', use_8bit_adam=True), ValueError, 'use_8bit_adam applies to optimizer=adamw'),
+    (dict(use_lora=True, export_checkpoint=True), ValueError, 'pass --export_kohya'),
 ])
 def test_bad_config(instance_dir, tmp_path, kwargs, error, message):
     with pytest.raises(error, match=message):

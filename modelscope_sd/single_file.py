@@ -1,8 +1,12 @@
-"""diffusers → original (LDM/A1111) key layout, to make single-file checkpoints of the tiny model.
+"""A diffusers SD1.x model → one checkpoint in the original (LDM) layout: the single file that A1111, ComfyUI,
+kohya's scripts and ``from_single_file`` load, as ``v1-5-pruned-emaonly.safetensors`` is.
 
 The reverse of what ``diffusers.loaders.single_file_utils`` does on load; written from the block layout in
-the configs, so it works for the tiny test model as well as for SD1.5's real shapes.
+the configs, so it works for SD1.5's shapes and for the tests' tiny model alike.
 """
+
+import os
+from typing import Dict, Optional
 
 import torch
 
@@ -92,12 +96,31 @@ def vae_to_ldm(state_dict, config):
     return out
 
 
-def pipeline_to_ldm(pipe):
-    """A full SD1.x checkpoint in the original layout from a diffusers pipeline."""
+def pipeline_to_ldm(pipe, dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
+    """A full SD1.x checkpoint in the original layout from a diffusers pipeline (UNet, VAE, text encoder)."""
     state = {}
     state.update(unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config))
     state.update(vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
     # original checkpoints keep transformers' old `text_model.` level, which transformers >= 5.6 flattened
     state.update({'cond_stage_model.transformer.' + ('' if k.startswith('text_model.') else 'text_model.') + k: v
                   for k, v in pipe.text_encoder.state_dict().items()})
-    return {k: v.detach().to(torch.float32).contiguous() for k, v in state.items()}
+    return {k: v.detach().to('cpu', dtype).contiguous() for k, v in state.items()}
+
+
+def check_output_path(path: str) -> None:
+    if not str(path).endswith('.safetensors'):
+        raise ValueError(f'{path!r}: the single-file checkpoint is written as .safetensors; name it *.safetensors.')
+
+
+def save_single_file(pipe, path: str, dtype: torch.dtype = torch.float16,
+                     metadata: Optional[Dict[str, str]] = None) -> str:
+    """Write ``pipe`` as one ``.safetensors`` checkpoint (fp16 by default: 2 GB for SD1.5, as the usual
+    ``-fp16`` files). Written under a temporary name and renamed, so a kill never leaves half a file."""
+    from safetensors.torch import save_file
+    check_output_path(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    partial = path + '.partial'
+    save_file(pipeline_to_ldm(pipe, dtype), partial, metadata={'format': 'pt', **(metadata or {})})
+    os.replace(partial, path)
+    return path
