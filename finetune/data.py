@@ -169,6 +169,18 @@ def prepare_image(path: str, resolution: int, center_crop: bool, flip: bool, rng
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def _warn_long_captions(records: List[Record], tokenizer) -> None:
+    """Training sees CLIP's first 77 tokens of a caption, as diffusers' and kohya's trainers do by default; say
+    so when captions are longer (a Chinese character is about 3 tokens: some 25 characters fit)."""
+    captions = sorted({r.caption for r in records})
+    limit = tokenizer.model_max_length
+    lengths = [len(ids) for ids in tokenizer(captions, verbose=False).input_ids] if captions else []
+    long = [c for c, n in zip(captions, lengths) if n > limit]
+    if long:
+        logger.warning('%d of %d captions are longer than %d tokens and are cut there for training (e.g. %r).',
+                       len(long), len(captions), limit, long[0][:80])
+
+
 class CaptionDataset(torch.utils.data.Dataset):
     """Indexed by (epoch, i) from ``EpochSampler``: augmentation is a function of (seed, epoch, i)."""
 
@@ -177,6 +189,7 @@ class CaptionDataset(torch.utils.data.Dataset):
         self.records = records
         self.tokenizer = tokenizer
         self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
+        _warn_long_captions(records, tokenizer)
 
     def __len__(self):
         return len(self.records)

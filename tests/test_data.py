@@ -75,3 +75,15 @@ def test_sampler_order_is_a_function_of_seed_and_epoch():
     assert list(sampler) == full[4:]
     sampler.start_epoch(4)
     assert [i for _, i in sampler] != [i for _, i in full]
+
+
+def test_captions_past_clips_77_tokens_are_reported(tmp_path, caplog):
+    from finetune.data import CaptionDataset, Record
+    from tiny_sd import tiny_tokenizer
+    tokenizer = tiny_tokenizer(str(tmp_path))
+    short, long = 'a photo of a dog', '飞流直下三千尺,疑是银河落九天' * 2  # 3 tokens a character here too
+    with caplog.at_level('WARNING', logger='finetune.data'):
+        CaptionDataset([Record('x.png', short)] * 3, tokenizer, 32)
+        assert not caplog.records
+        CaptionDataset([Record('x.png', short), Record('y.png', long)], tokenizer, 32)
+    assert '1 of 2 captions are longer than 77 tokens' in caplog.text and '飞流直下' in caplog.text
