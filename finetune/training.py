@@ -194,7 +194,8 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
                                          num_workers=config.dataloader_num_workers)
     # accelerate shards the loader over the processes (padding the last round): each epoch is this many
     # batches per process, and that, not len(loader), sets the optimizer steps per epoch
-    batches_per_process = math.ceil(len(loader) / accelerator.num_processes)
+    batches = len(loader)
+    batches_per_process = math.ceil(batches / accelerator.num_processes)
     steps_per_epoch = math.ceil(batches_per_process / config.gradient_accumulation_steps)
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     epochs = math.ceil(max_steps / steps_per_epoch)
@@ -210,8 +211,8 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
     prepared = accelerator.prepare(*trained, optimizer, loader, lr_scheduler)
     trained_wrapped, (optimizer, loader, lr_scheduler) = prepared[:len(trained)], prepared[len(trained):]
     if len(loader) != batches_per_process:
-        raise RuntimeError(f'accelerate sharded {batches_per_process * accelerator.num_processes} batches into '
-                           f'{len(loader)} per process, not {batches_per_process}: the step count would be wrong.')
+        raise RuntimeError(f'accelerate gave each of {accelerator.num_processes} processes {len(loader)} of the '
+                           f'{batches} batches, not {batches_per_process}: the step count would be wrong.')
     wrapped = {id(m): w for m, w in zip(trained, trained_wrapped)}
     unet_run, text_encoder_run = wrapped.get(id(unet), unet), wrapped.get(id(text_encoder), text_encoder)
     # 3. resume: weights, optimizer, lr schedule from the checkpoint; step and data position from its state

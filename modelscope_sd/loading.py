@@ -3,6 +3,7 @@ single-file checkpoint. Everything here ends in a diffusers ``StableDiffusionPip
 
 import glob
 import json
+import logging
 import os
 import posixpath
 import re
@@ -13,6 +14,8 @@ import torch
 
 from .constants import (CONFIGURATION, DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION, HUB_CONFIG_PATTERNS,
                         HUB_IGNORE_PATTERNS, MODEL_INDEX, MODELSCOPE_CONFIGURATION, PICKLE_SUFFIXES)
+
+logger = logging.getLogger(__name__)
 
 REQUIRED_COMPONENTS = ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler')
 _HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
@@ -64,15 +67,13 @@ def resolve_model_dir(model: str, revision: Optional[str] = None, local_files_on
         raise FileNotFoundError(
             f'model={model!r}: no such file or folder. Pass a ModelScope model id such as '
             f"'{DEFAULT_MODEL_ID}', a diffusers model folder, or a .safetensors checkpoint file.")
-    from modelscope.hub.api import HubApi
     from modelscope.hub.snapshot_download import snapshot_download
     try:
         ignore = None
         if not allow_patterns:
             ignore = list(HUB_IGNORE_PATTERNS)
             if not local_files_only:
-                files = HubApi().get_model_files(model, revision=revision, recursive=True)
-                ignore += unread_weight_files([f['Path'] for f in files if f.get('Type') != 'tree'])
+                ignore += _unread_hub_files(model, revision)
         return snapshot_download(
             model, revision=revision, local_files_only=local_files_only, cache_dir=cache_dir,
             allow_file_pattern=list(allow_patterns) if allow_patterns else None, ignore_file_pattern=ignore)
@@ -83,6 +84,18 @@ def resolve_model_dir(model: str, revision: Optional[str] = None, local_files_on
                 f"({cache_dir or os.environ.get('MODELSCOPE_CACHE', '~/.cache/modelscope')}) and local_files_only=True: "
                 'download it once with network access, or pass a local folder.') from err
         raise
+
+
+def _unread_hub_files(model: str, revision: Optional[str]) -> List[str]:
+    """`unread_weight_files` of the hub repo's file list; nothing when the list cannot be had (the download
+    that follows then reports the problem, or fetches the whole repo as it always did)."""
+    from modelscope.hub.api import HubApi
+    try:
+        files = HubApi().get_model_files(model, revision=revision, recursive=True)
+    except Exception as err:  # noqa: BLE001 (any hub client failure: the listing is only an optimisation)
+        logger.debug('No file list for %s (%s): downloading every weight file.', model, err)
+        return []
+    return unread_weight_files([f['Path'] for f in files if f.get('Type') != 'tree'])
 
 
 def unread_weight_files(paths: Sequence[str]) -> List[str]:
