@@ -25,6 +25,12 @@ def load_components(model: str, revision: Optional[str]) -> Dict[str, object]:
 
     path = resolve_model_dir(model, revision)
     check_model_dir(path)
+    unet_channels = UNet2DConditionModel.load_config(path, subfolder='unet')['in_channels']
+    latent_channels = AutoencoderKL.load_config(path, subfolder='vae')['latent_channels']
+    if unet_channels != latent_channels:  # 9 for inpainting models: latents + mask + masked image
+        raise ValueError(f'pretrained_model_name_or_path={model!r} has a {unet_channels}-channel UNet (an inpainting '
+                         f'model); the trainers fine-tune text-to-image models with {latent_channels}-channel '
+                         'latents. Start from a text-to-image base such as AI-ModelScope/stable-diffusion-v1-5.')
     return {
         'model_dir': path,
         'tokenizer': CLIPTokenizer.from_pretrained(path, subfolder='tokenizer'),

@@ -210,6 +210,17 @@ def test_resume_with_settings_that_change_the_checkpoint_is_refused_before_loadi
                        target_modules='to_v,to_q,to_k,to_out.0'))
 
 
+def test_inpainting_base_model_is_refused_by_name(tmp_path):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    from finetune.models import load_components
+    from tiny_sd import tiny_components
+    parts = tiny_components(str(tmp_path / 'tok'), safety_checker=False, in_channels=9)
+    StableDiffusionInpaintPipeline(**parts, requires_safety_checker=False).save_pretrained(tmp_path / 'inpaint')
+    with pytest.raises(ValueError, match='9-channel UNet.*text-to-image base'):
+        load_components(str(tmp_path / 'inpaint'), None)
+
+
 def test_typo_flag_fails_instead_of_vanishing(capsys):
     with pytest.raises(SystemExit):
         parse_args(LoraTrainConfig, ['--learning_rat', '1e-4'], 'x')
