@@ -35,9 +35,9 @@ def main(config: DreamBoothConfig, notes: Optional[List[str]] = None) -> str:
     accelerator = start_run(config, notes)
     with accelerator.main_process_first():  # one process downloads, generates class images; the others then read
         instance = check_images(instance_records(config), config.skip_bad_images)
+        parts = load_components(config.pretrained_model_name_or_path, config.revision)  # also checks the base
         if config.with_prior_preservation and accelerator.is_main_process:
             generate_class_images(config, accelerator.device)
-        parts = load_components(config.pretrained_model_name_or_path, config.revision)
     trained = prepare_models(accelerator, config, parts, lora=config.use_lora)
 
     def dataset(records):
