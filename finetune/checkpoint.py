@@ -11,6 +11,8 @@ from typing import Optional
 logger = logging.getLogger(__name__)
 
 STATE_FILE = 'training_state.json'
+PARTIAL_SUFFIX = '.partial'  # a checkpoint folder or output file until it is complete and renamed
+TEMP_PREFIX = '.partial-'  # temporary folders the final adapter or model is written in first
 _CHECKPOINT = re.compile(r'^checkpoint-(\d+)$')
 
 
@@ -26,14 +28,19 @@ def list_checkpoints(output_dir: str):
     return [path for _, path in sorted(found)]
 
 
-def remove_partial_checkpoints(output_dir: str) -> None:
-    """Leftovers of a run killed while saving: never complete, never resumed from."""
+def remove_partial_writes(output_dir: str) -> None:
+    """Leftovers of a run killed while saving: checkpoints, files and temporary folders that were never
+    renamed into place (a full model's can hold gigabytes). Never complete, never resumed from."""
     if not os.path.isdir(output_dir):
         return
     for name in os.listdir(output_dir):
-        if name.startswith('checkpoint-') and name.endswith('.partial'):
-            logger.warning('Removing incomplete checkpoint %s left by an interrupted run.', name)
-            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+        if name.endswith(PARTIAL_SUFFIX) or name.startswith(TEMP_PREFIX):
+            logger.warning('Removing %s, left incomplete by an interrupted run.', name)
+            path = os.path.join(output_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
 
 
 def find_checkpoint(output_dir: str, resume_from_checkpoint: Optional[str]) -> Optional[str]:
@@ -76,7 +83,7 @@ def check_resume_settings(checkpoint: str, settings: dict) -> None:
 def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, total_limit: Optional[int]) -> str:
     """accelerate's save_state into ``checkpoint-N.partial``, then the state file, then the rename."""
     final = os.path.join(output_dir, f'checkpoint-{step}')
-    partial = final + '.partial'
+    partial = final + PARTIAL_SUFFIX
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()

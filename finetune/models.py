@@ -14,6 +14,8 @@ from safetensors.torch import load_file, save_file
 from modelscope_sd.constants import LORA_WEIGHT_NAME
 from modelscope_sd.loading import check_model_dir, resolve_model_dir
 
+from .checkpoint import TEMP_PREFIX
+
 KOHYA_WEIGHT_NAME = 'pytorch_lora_weights_kohya.safetensors'
 TEXT_ENCODER_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'out_proj']
 
@@ -120,7 +122,7 @@ def save_lora(output_dir: str, unet, text_encoder=None, metadata: Optional[Dict[
     from diffusers import StableDiffusionPipeline
 
     os.makedirs(output_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output_dir) as tmp:
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=TEMP_PREFIX) as tmp:
         StableDiffusionPipeline.save_lora_weights(
             tmp, unet_lora_layers=lora_state_dict(unet),
             text_encoder_lora_layers=lora_state_dict(text_encoder) if text_encoder is not None and has_lora(

@@ -17,6 +17,7 @@ import sys
 import tempfile
 from typing import List, Optional
 
+from finetune.checkpoint import TEMP_PREFIX
 from finetune.config import DreamBoothConfig, parse_args
 from finetune.data import (CaptionDataset, PriorPreservationDataset, check_images, image_paths, load_records,
                            records_from_image_folder)
@@ -120,7 +121,7 @@ def save_full_model(output_dir: str, base_dir: str, unet, text_encoder):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(base_dir, unet=unet, text_encoder=text_encoder)
-    with tempfile.TemporaryDirectory(dir=output_dir, prefix='.model-') as tmp:
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=TEMP_PREFIX) as tmp:
         pipe.save_pretrained(tmp)
         write_configuration(tmp)
         for name in sorted(os.listdir(tmp), key=lambda n: n == MODEL_INDEX):

@@ -9,7 +9,7 @@ from typing import List, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import (check_resume_settings, find_checkpoint, read_state, remove_partial_checkpoints,
+from .checkpoint import (check_resume_settings, find_checkpoint, read_state, remove_partial_writes,
                          save_checkpoint)
 from .data import EpochSampler, cache_dataset, collate
 from .diffusion import denoising_loss
@@ -29,7 +29,7 @@ def prepare_output_dir(config) -> None:
                              '--resume_from_checkpoint latest to continue it, --overwrite_output_dir to train '
                              'over it, or choose another output_dir.')
     os.makedirs(out, exist_ok=True)
-    remove_partial_checkpoints(out)
+    remove_partial_writes(out)
 
 
 def resume_settings(config) -> dict:

@@ -126,6 +126,10 @@ def test_a_kill_while_saving_never_leaves_a_complete_looking_checkpoint(tiny_mod
     assert sorted(os.listdir(tmp_path / 'out')) == ['checkpoint-2', 'checkpoint-4.partial']
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / 'out'))] == ['checkpoint-2']
     monkeypatch.setattr(Accelerator, 'save_state', real_save)
+    # what a kill during the final save leaves: the temporary folder and a file not yet renamed
+    os.makedirs(tmp_path / 'out' / '.partial-x1y2')
+    (tmp_path / 'out' / '.partial-x1y2' / 'diffusion_pytorch_model.safetensors').write_bytes(b'half')
+    (tmp_path / 'out' / 'pytorch_lora_weights.safetensors.partial').write_bytes(b'half')
     _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'out', checkpoints_total_limit=1,
                    resume_from_checkpoint='latest'))
     assert sorted(os.listdir(tmp_path / 'out')) == ['checkpoint-4', 'pytorch_lora_weights.safetensors']
