@@ -98,11 +98,16 @@ def save_png(path: str, image_bgr: np.ndarray, parameters: str) -> str:
     for n in itertools.count():
         candidate = path if n == 0 else f'{stem}-{n}{suffix}'
         try:
-            with open(candidate, 'xb') as f:  # exclusive create: never replaces a file, even one made meanwhile
-                image.save(f, format='PNG', pnginfo=info)
-            return candidate
+            f = open(candidate, 'xb')  # exclusive create: never replaces a file, even one made meanwhile
         except FileExistsError:
             continue
+        try:
+            with f:
+                image.save(f, format='PNG', pnginfo=info)
+        except BaseException:  # a full disk or a Ctrl-C mid-write: no half image under a real name
+            os.remove(candidate)
+            raise
+        return candidate
 
 
 def read_png(path: str) -> Dict[str, Any]:
