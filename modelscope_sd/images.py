@@ -1,11 +1,12 @@
-"""Image inputs (file paths, OpenCV BGR arrays, PIL images) for image-to-image and inpainting, and the
+"""Image inputs (file paths or URLs, OpenCV BGR arrays, PIL images) for image-to-image and inpainting, and the
 conversions every image in this package goes through."""
 
+import io
 import os
 from typing import Tuple
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -24,12 +25,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _open(value, name: str) -> Image.Image:
+    if isinstance(value, str) and value.lower().startswith(('http://', 'https://')):
+        return _read(_download(value, name), value, name)
     if isinstance(value, (str, os.PathLike)):
         if not os.path.isfile(value):
             raise FileNotFoundError(f'{name}={os.fspath(value)!r}: no such file.')
-        with Image.open(value) as image:
-            image.load()
-            return image.copy()
+        with open(value, 'rb') as f:
+            return _read(f.read(), os.fspath(value), name)
     if isinstance(value, Image.Image):
         return value
     if isinstance(value, np.ndarray):
@@ -40,7 +42,27 @@ def _open(value, name: str) -> Image.Image:
             return Image.fromarray(value, 'L')
         rgb = value[..., [2, 1, 0] + ([3] if value.shape[2] == 4 else [])]
         return Image.fromarray(np.ascontiguousarray(rgb), 'RGBA' if value.shape[2] == 4 else 'RGB')
-    raise TypeError(f'{name} must be a file path, a BGR numpy array or a PIL image, got {type(value).__name__}')
+    raise TypeError(f'{name} must be a file path or URL, a BGR numpy array or a PIL image, got {type(value).__name__}')
+
+
+def _download(url: str, name: str, timeout: float = 30.0) -> bytes:
+    """An image URL, as ModelScope's image pipelines take them."""
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.read()
+    except (urllib.error.URLError, OSError) as err:
+        raise FileNotFoundError(f'{name}={url!r} could not be downloaded ({err}).') from err
+
+
+def _read(data: bytes, where: str, name: str) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return image.copy()
+    except (UnidentifiedImageError, OSError) as err:  # not an image, or a truncated one
+        raise ValueError(f'{name}={where!r} is not a readable image ({err}).') from err
 
 
 def load_image(value, name: str = 'image') -> Image.Image:

@@ -51,6 +51,28 @@ def test_path_array_and_pil_inputs_agree(sd_pipe, photo):
     assert np.array_equal(results[0], results[1]) and np.array_equal(results[0], results[2])
 
 
+def test_image_and_mask_urls(sd_pipe, photo, mask, tmp_path):
+    """ModelScope's image pipelines take URLs; a local HTTP server stands in for the web."""
+    import functools
+    import http.server
+    import threading
+    bgr, path = photo
+    Image.fromarray(mask).save(tmp_path / 'mask.png')
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f'http://127.0.0.1:{server.server_address[1]}'
+    try:
+        by_url = sd_pipe({'text': 'a cat', 'image': f'{base}/photo.png', 'mask_image': f'{base}/mask.png', **STEPS})
+        by_path = sd_pipe({'text': 'a cat', 'image': path, 'mask_image': str(tmp_path / 'mask.png'), **STEPS})
+        assert np.array_equal(by_url['output_imgs'][0], by_path['output_imgs'][0])
+        with pytest.raises(FileNotFoundError, match=r"image='http://127.*/missing.png' could not be downloaded"):
+            sd_pipe({'text': 'a cat', 'image': f'{base}/missing.png', **STEPS})
+    finally:
+        server.shutdown()
+
+
 def test_inpainting_with_the_standard_unet_keeps_unmasked_pixels(sd_pipe, photo, mask):
     bgr, path = photo
     out = sd_pipe({'text': 'a cat', 'image': bgr, 'mask_image': mask, **STEPS})['output_imgs'][0].astype(int)
@@ -81,7 +103,8 @@ def test_inpainting_model_with_nine_channel_unet(tmp_path, photo, mask):
     (dict(image=None, mask_image=np.zeros((40, 48), np.uint8)), ValueError, 'mask_image needs image'),
     (dict(image=None, strength=0.5), ValueError, 'strength applies to image-to-image'),
     (dict(image='/no/such.png'), FileNotFoundError, "image='/no/such.png': no such file"),
-    (dict(image=3), TypeError, 'image must be a file path, a BGR numpy array or a PIL image'),
+    (dict(image=3), TypeError, 'image must be a file path or URL, a BGR numpy array or a PIL image'),
+    (dict(image=__file__), ValueError, r"image=.*test_image_to_image.py' is not a readable image"),
     (dict(image=np.zeros((4, 4, 3), np.float32)), ValueError, 'image as an array must be uint8'),
 ])
 def test_bad_image_inputs(sd_pipe, photo, options, error, message):
