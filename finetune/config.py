@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from modelscope_sd.constants import DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION
+from modelscope_sd.prompts import CHUNK
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,9 @@ class TrainConfig:
     noise_offset: float = _help('noise offset (0.05-0.1 helps very dark/bright images)', default=0.0)
     prediction_type: Optional[str] = _help("'epsilon' or 'v_prediction'; default: the scheduler's", default=None)
     train_text_encoder: bool = _help('also train the text encoder', default=False)
+    max_token_length: int = _help('caption tokens the text encoder reads: 75 (one CLIP window), or 150 or 225 '
+                                  '(kohya\'s values): a longer caption is encoded in 75-token windows side by side, '
+                                  'as the pipeline encodes long prompts', default=75)
     cache_latents: bool = _help('encode images (and prompts, unless the text encoder trains) once before '
                                 'training; needs --center_crop and no --random_flip', default=False)
     # checkpoints
@@ -101,6 +105,8 @@ class TrainConfig:
                 raise ValueError(f'{name}={getattr(self, name)} must be >= 0.')
         if self.max_grad_norm <= 0:  # 0 would zero every gradient, a negative norm would flip them
             raise ValueError(f'max_grad_norm={self.max_grad_norm} must be > 0 (1.0 is usual).')
+        if self.max_token_length < CHUNK or self.max_token_length % CHUNK:
+            raise ValueError(f'max_token_length={self.max_token_length} must be a multiple of {CHUNK} (75, 150, 225).')
         if self.resolution % 8:
             raise ValueError(f'resolution={self.resolution} must be a multiple of 8 (e.g. 512 or 768).')
         if self.learning_rate <= 0:

@@ -15,6 +15,9 @@ import torch
 from PIL import Image, ImageOps
 
 from modelscope_sd.images import to_rgb
+from modelscope_sd.prompts import CHUNK, window_ids
+
+from .diffusion import encode_prompt_ids
 
 logger = logging.getLogger(__name__)
 
@@ -169,34 +172,36 @@ def prepare_image(path: str, resolution: int, center_crop: bool, flip: bool, rng
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def _warn_long_captions(records: List[Record], tokenizer) -> None:
-    """Training sees CLIP's first 77 tokens of a caption, as diffusers' and kohya's trainers do by default; say
-    so when captions are longer (a Chinese character is about 3 tokens: some 25 characters fit)."""
+def caption_windows(records: List[Record], tokenizer, max_windows: int) -> int:
+    """How many 75-token CLIP windows the longest caption needs, up to ``max_windows``; says how many captions
+    are cut (a Chinese character is about 3 tokens: some 25 characters fit one window)."""
     captions = sorted({r.caption for r in records})
-    limit = tokenizer.model_max_length
-    lengths = [len(ids) for ids in tokenizer(captions, verbose=False).input_ids] if captions else []
+    lengths = ([len(ids) for ids in tokenizer(captions, add_special_tokens=False, verbose=False).input_ids]
+               if captions else [])
+    limit = max_windows * CHUNK
     long = [c for c, n in zip(captions, lengths) if n > limit]
     if long:
-        logger.warning('%d of %d captions are longer than %d tokens and are cut there for training (e.g. %r).',
-                       len(long), len(captions), limit, long[0][:80])
+        logger.warning('%d of %d captions are longer than %d tokens and are cut there for training (e.g. %r)%s.',
+                       len(long), len(captions), limit, long[0][:80],
+                       '; --max_token_length 150 or 225 keeps more' if max_windows < 3 else '')
+    return max(1, min(max_windows, -(-max(lengths, default=0) // CHUNK)))
 
 
 class CaptionDataset(torch.utils.data.Dataset):
     """Indexed by (epoch, i) from ``EpochSampler``: augmentation is a function of (seed, epoch, i)."""
 
     def __init__(self, records: List[Record], tokenizer, resolution: int, center_crop: bool = False,
-                 random_flip: bool = False, seed: int = 0):
+                 random_flip: bool = False, seed: int = 0, max_windows: int = 1):
         self.records = records
         self.tokenizer = tokenizer
         self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
-        _warn_long_captions(records, tokenizer)
+        self.windows = caption_windows(records, tokenizer, max_windows)  # the same for every caption: one batch shape
 
     def __len__(self):
         return len(self.records)
 
     def tokenize(self, caption: str) -> torch.Tensor:
-        return self.tokenizer(caption, max_length=self.tokenizer.model_max_length, padding='max_length',
-                              truncation=True, return_tensors='pt').input_ids[0]
+        return torch.tensor(window_ids(self.tokenizer, caption, self.windows))
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
@@ -240,6 +245,8 @@ class PriorPreservationDataset(torch.utils.data.Dataset):
 
     def __init__(self, instance: CaptionDataset, class_images: CaptionDataset, prior_loss_weight: float):
         self.instance, self.class_images, self.prior_loss_weight = instance, class_images, prior_loss_weight
+        if isinstance(instance, CaptionDataset) and isinstance(class_images, CaptionDataset):  # one batch shape
+            instance.windows = class_images.windows = max(instance.windows, class_images.windows)
 
     def __len__(self):
         return max(len(self.instance), len(self.class_images))
@@ -280,7 +287,7 @@ class CachedDataset(torch.utils.data.Dataset):
                     entry['input_ids'] = item['input_ids']
                 else:
                     ids = item['input_ids'][None].to(text_encoder.device)
-                    entry['encoder_hidden_states'] = text_encoder(ids, return_dict=False)[0][0]
+                    entry['encoder_hidden_states'] = encode_prompt_ids(text_encoder, ids)[0]
                 self.items.append(entry)
                 used += sum(t.numel() * t.element_size() for t in entry.values())
                 if on_device and used > self.DEVICE_CACHE_BYTES:  # a batch must not mix devices: all to host

@@ -42,6 +42,15 @@ def per_sample_loss(model_pred, target, timesteps, scheduler, snr_gamma=None) ->
     return loss * weights
 
 
+def encode_prompt_ids(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, windows × 77) token ids → (B, windows × 77, hidden): each 77-token window through CLIP on its own and
+    the results side by side, as the pipeline encodes long prompts. One window is the usual encoding."""
+    batch, length = input_ids.shape
+    window = text_encoder.config.max_position_embeddings
+    hidden = text_encoder(input_ids.reshape(batch * (length // window), window), return_dict=False)[0]
+    return hidden.reshape(batch, length, hidden.shape[-1])
+
+
 def denoising_loss(unet, text_encoder, vae, scheduler, batch, noise_offset=0.0, snr_gamma=None) -> torch.Tensor:
     """One forward pass of the training objective; returns the loss of each sample in the batch. A batch
     holds images (``pixel_values``) or cached VAE posteriors (``latent_params``), and token ids
@@ -56,7 +65,7 @@ def denoising_loss(unet, text_encoder, vae, scheduler, batch, noise_offset=0.0, 
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
     encoder_hidden_states = batch.get('encoder_hidden_states')
     if encoder_hidden_states is None:
-        encoder_hidden_states = text_encoder(batch['input_ids'], return_dict=False)[0]
+        encoder_hidden_states = encode_prompt_ids(text_encoder, batch['input_ids'])
     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
     return per_sample_loss(model_pred, training_target(scheduler, latents, noise, timesteps), timesteps,
                            scheduler, snr_gamma)

@@ -25,6 +25,7 @@ from finetune.models import load_components, save_lora, training_metadata
 from finetune.training import prepare_models, render_result, start_run, train_loop, validation_pipeline_factory
 from modelscope_sd.constants import MODEL_INDEX
 from modelscope_sd.loading import write_configuration
+from modelscope_sd.prompts import CHUNK
 from modelscope_sd.single_file import save_single_file
 
 logger = logging.getLogger('finetune.train_dreambooth')
@@ -43,7 +44,7 @@ def main(config: DreamBoothConfig, notes: Optional[List[str]] = None) -> str:
 
     def dataset(records):
         return CaptionDataset(records, parts['tokenizer'], config.resolution, config.center_crop,
-                              config.random_flip, config.seed)
+                              config.random_flip, config.seed, config.max_token_length // CHUNK)
 
     data = dataset(instance)
     if config.with_prior_preservation:

@@ -18,6 +18,7 @@ from finetune.data import CaptionDataset, check_images, load_records
 from finetune.models import load_components, save_lora, training_metadata
 from finetune.training import prepare_models, render_result, start_run, train_loop, validation_pipeline_factory
 from modelscope_sd.constants import LORA_WEIGHT_NAME
+from modelscope_sd.prompts import CHUNK
 
 logger = logging.getLogger('finetune.train_lora')
 RESULT_IMAGE = 'lora_result.png'
@@ -35,7 +36,7 @@ def main(config: LoraTrainConfig, notes: Optional[List[str]] = None) -> str:
 
     def dataset(items):
         return CaptionDataset(items, parts['tokenizer'], config.resolution, config.center_crop,
-                              config.random_flip, config.seed)
+                              config.random_flip, config.seed, config.max_token_length // CHUNK)
 
     train_loop(accelerator, config, parts, trained, dataset(records),
                validation_dataset=dataset(check_images(validation, config.skip_bad_images)) if validation else None,

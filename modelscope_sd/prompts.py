@@ -119,6 +119,13 @@ def encode(pipe, prompts: List[str], clip_skip: Optional[int], windows: int) -> 
     return torch.cat(out).to(pipe.unet.dtype)
 
 
+def window_ids(tokenizer, text: str, windows: int) -> List[int]:
+    """``text`` as ``encode`` feeds it to CLIP, unweighted: ``windows`` windows of BOS + 75 tokens + EOS (padded),
+    concatenated; tokens past the last window are cut. One window is CLIP's usual 77 ids."""
+    ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+    return [i for chunk, _ in _windows(tokenizer, ids, [1.0] * len(ids), windows) for i in chunk]
+
+
 def window_count(tokenizer, texts: List[Optional[str]]) -> int:
     longest = max(len(tokens_with_weights(tokenizer, t or '')[0]) for t in texts)
     return max(1, -(-longest // CHUNK))

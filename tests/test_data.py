@@ -77,13 +77,37 @@ def test_sampler_order_is_a_function_of_seed_and_epoch():
     assert [i for _, i in sampler] != [i for _, i in full]
 
 
-def test_captions_past_clips_77_tokens_are_reported(tmp_path, caplog):
+def test_captions_past_clips_window_are_reported_or_get_more_windows(tmp_path, caplog):
+    import torch
+
     from finetune.data import CaptionDataset, Record
     from tiny_sd import tiny_tokenizer
     tokenizer = tiny_tokenizer(str(tmp_path))
-    short, long = 'a photo of a dog', '飞流直下三千尺,疑是银河落九天' * 2  # 3 tokens a character here too
+    short, long = 'a photo of a dog', '飞流直下三千尺,疑是银河落九天' * 2  # 3 tokens a character here too: 90
     with caplog.at_level('WARNING', logger='finetune.data'):
-        CaptionDataset([Record('x.png', short)] * 3, tokenizer, 32)
+        assert CaptionDataset([Record('x.png', short)] * 3, tokenizer, 32).windows == 1
         assert not caplog.records
-        CaptionDataset([Record('x.png', short), Record('y.png', long)], tokenizer, 32)
-    assert '1 of 2 captions are longer than 77 tokens' in caplog.text and '飞流直下' in caplog.text
+        one = CaptionDataset([Record('x.png', short), Record('y.png', long)], tokenizer, 32)
+    assert '1 of 2 captions are longer than 75 tokens' in caplog.text and '飞流直下' in caplog.text
+    # one window: exactly the ids diffusers' example feeds CLIP (BOS, 75 tokens at most, EOS, padding)
+    for caption in (short, long):
+        expected = tokenizer(caption, max_length=77, padding='max_length', truncation=True).input_ids
+        assert one.tokenize(caption).tolist() == expected
+    # --max_token_length 225: as many windows as the longest caption needs (2 here), for every caption
+    two = CaptionDataset([Record('x.png', short), Record('y.png', long)], tokenizer, 32, max_windows=3)
+    assert two.windows == 2 and two.tokenize(short).shape == two.tokenize(long).shape == torch.Size([154])
+
+
+def test_long_caption_training_encoding_is_the_pipelines(sd_pipe):
+    """Training reads a long caption as the pipeline reads a long prompt: 75-token windows side by side."""
+    import torch
+
+    from finetune.diffusion import encode_prompt_ids
+    from modelscope_sd import prompts
+    caption = 'a watercolor painting of a red fox in a snowy forest at dawn ' * 4  # cut to 2 windows
+    sd = sd_pipe.sd
+    ids = torch.tensor([prompts.window_ids(sd.tokenizer, caption, 2)])
+    with torch.no_grad():
+        training = encode_prompt_ids(sd.text_encoder, ids)
+    assert training.shape == (1, 154, sd.text_encoder.config.hidden_size)
+    assert torch.allclose(training, prompts.encode(sd, [caption], None, 2), atol=1e-6)

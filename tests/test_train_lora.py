@@ -242,6 +242,7 @@ def test_typo_flag_fails_instead_of_vanishing(capsys):
     (dict(adam_beta2=1.0), 'adam_beta2=1.0 must be in [0, 1)'),
     (dict(adam_epsilon=-1e-8), 'adam_epsilon=-1e-08 must be >= 0'),
     (dict(lr_warmup_steps=-1), 'lr_warmup_steps=-1 must be >= 0'),
+    (dict(max_token_length=100), 'max_token_length=100 must be a multiple of 75'),
 ])
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -290,6 +291,29 @@ def test_cached_latents_train_the_same_adapter(tiny_model_dir, csv_dataset, tmp_
     plain = load_file(_train(_config(tiny_model_dir, csv_dataset, tmp_path / 'plain', **settings)))
     cached = load_file(_train(_config(tiny_model_dir, csv_dataset, tmp_path / 'cached', cache_latents=True,
                                       **settings)))
+    for key in plain:
+        torch.testing.assert_close(cached[key], plain[key], rtol=1e-4, atol=1e-5)
+
+
+def test_long_captions_train_in_windows_cached_or_not(tiny_model_dir, tmp_path, monkeypatch):
+    """--max_token_length 150: 108-token captions reach the UNet as two 77-token windows, whether the prompt
+    is encoded every step or cached once, and both give the same adapter."""
+    from diffusers import UNet2DConditionModel
+    make_images(str(tmp_path / 'long'), count=2)
+    for i in range(2):
+        (tmp_path / 'long' / f'img{i}.txt').write_text(f'a photo of thing number {i}, ' * 4)  # 108 byte tokens
+    real_forward, lengths = UNet2DConditionModel.forward, set()
+
+    def spy(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
+        lengths.add(encoder_hidden_states.shape[1])
+        return real_forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, 'forward', spy)
+    settings = dict(center_crop=True, max_train_steps=3, checkpointing_steps=None, max_token_length=150)
+    plain = load_file(_train(_config(tiny_model_dir, str(tmp_path / 'long'), tmp_path / 'plain', **settings)))
+    cached = load_file(_train(_config(tiny_model_dir, str(tmp_path / 'long'), tmp_path / 'cached',
+                                      cache_latents=True, **settings)))
+    assert lengths == {154}
     for key in plain:
         torch.testing.assert_close(cached[key], plain[key], rtol=1e-4, atol=1e-5)
 
