@@ -307,14 +307,25 @@ def _validate(accelerator, config, parts, make_pipeline, validation_dataset, ste
                 os.makedirs(folder, exist_ok=True)
                 generator = torch.Generator('cpu').manual_seed(config.seed)
                 with accelerator.autocast():
-                    images = pipe(config.validation_prompt, num_images_per_prompt=config.num_validation_images,
-                                  num_inference_steps=25, generator=generator).images
+                    images = pipe(**_prompt_inputs(pipe, config.validation_prompt),
+                                  num_images_per_prompt=config.num_validation_images, num_inference_steps=25,
+                                  generator=generator).images
                 for i, image in enumerate(images):
                     image.save(os.path.join(folder, f'step-{step:06d}-{i}.png'))
     finally:
         torch.set_rng_state(rng_state)
         unet.train(modes[0])
         text_encoder.train(modes[1])
+
+
+def _prompt_inputs(pipe, prompt: str) -> dict:
+    """The validation prompt as our pipeline reads it: long or weighted prompts in 75-token windows."""
+    from modelscope_sd import prompts
+    if not prompts.needs_long_path(pipe.tokenizer, prompt):
+        return {'prompt': prompt}
+    windows = prompts.window_count(pipe.tokenizer, [prompt])
+    return {'prompt_embeds': prompts.encode(pipe, [prompt], None, windows),
+            'negative_prompt_embeds': prompts.encode(pipe, [''], None, windows)}
 
 
 def validation_loss(accelerator, config, parts, dataset) -> float:

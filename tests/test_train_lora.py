@@ -318,6 +318,18 @@ def test_long_captions_train_in_windows_cached_or_not(tiny_model_dir, tmp_path, 
         torch.testing.assert_close(cached[key], plain[key], rtol=1e-4, atol=1e-5)
 
 
+def test_validation_image_is_what_the_pipeline_makes_of_a_long_prompt(tiny_model_dir, csv_dataset, tmp_path):
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    prompt = 'a photo of a red house by a lake, (golden hour:1.2), ' * 2  # past 75 tokens, with emphasis
+    _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'out', learning_rate=5e-2, validation_prompt=prompt,
+                   validation_steps=4, checkpointing_steps=None))
+    validation = np.asarray(Image.open(tmp_path / 'out' / 'validation' / 'step-000004-0.png')).astype(int)
+    pipe = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False,
+                                             load_safety_checker=False, lora_dir=str(tmp_path / 'out'))
+    ours = pipe(prompt, num_inference_steps=25, seed=3)['output_imgs'][0][..., ::-1].astype(int)  # seed: _config's
+    assert np.abs(validation - ours).max() <= 1  # 0 here; the prompt cut at 77 tokens differed by 4
+
+
 def test_cache_latents_refuses_random_augmentation():
     with pytest.raises(ValueError, match='cache_latents needs fixed images'):
         LoraTrainConfig(dataset_name='x', cache_latents=True, random_flip=True, center_crop=True)
