@@ -20,6 +20,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--prompt', required=True)
     parser.add_argument('--model', default=modelscope_sd.DEFAULT_MODEL_ID)
+    parser.add_argument('--model_revision', default=None, help='hub revision (default: v1.0.0 for the default model)')
     parser.add_argument('--num_inference_steps', type=int, default=50)
     parser.add_argument('--num_images', type=int, default=1)
     parser.add_argument('--seed', type=int, default=None)
@@ -30,8 +31,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     extra = {'lora_dir': args.lora_dir} if args.lora_dir else {}
-    pipe = pipeline(task=Tasks.text_to_image_synthesis, model=args.model,
-                    model_revision=modelscope_sd.DEFAULT_MODEL_REVISION, device=args.device,
+    revision = args.model_revision or (modelscope_sd.DEFAULT_MODEL_REVISION
+                                       if args.model == modelscope_sd.DEFAULT_MODEL_ID else None)
+    pipe = pipeline(task=Tasks.text_to_image_synthesis, model=args.model, model_revision=revision, device=args.device,
                     pipeline_name=modelscope_sd.PIPELINE_NAME, **extra)
     call = {'text': args.prompt, 'seed': args.seed, 'num_inference_steps': args.num_inference_steps,
             'scheduler': args.scheduler, 'num_images_per_prompt': args.num_images}

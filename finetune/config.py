@@ -31,7 +31,8 @@ class TrainConfig:
     # model
     pretrained_model_name_or_path: str = _help('ModelScope id or diffusers folder of the base model',
                                                default=DEFAULT_MODEL_ID)
-    revision: Optional[str] = _help('hub revision of the base model', default=DEFAULT_MODEL_REVISION)
+    revision: Optional[str] = _help(f'hub revision of the base model (default: {DEFAULT_MODEL_REVISION} for '
+                                    f"{DEFAULT_MODEL_ID}, else the hub's default)", default=None)
     # data
     resolution: int = _help('training size in pixels (multiple of 8)', default=512)
     center_crop: bool = _help('center crop instead of a random crop', default=False)
@@ -90,6 +91,8 @@ class TrainConfig:
                                   default=None)
 
     def __post_init__(self):
+        if self.revision is None and self.pretrained_model_name_or_path == DEFAULT_MODEL_ID:
+            self.revision = DEFAULT_MODEL_REVISION  # the model card's revision; another repo may not have it
         _positive(self, 'resolution', 'train_batch_size', 'num_train_epochs', 'gradient_accumulation_steps',
                   'validation_steps', 'num_validation_images', 'logging_steps')
         _positive(self, 'max_train_steps', 'checkpointing_steps', 'checkpointing_epochs', 'checkpoints_total_limit',

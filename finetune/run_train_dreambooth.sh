@@ -8,7 +8,7 @@
 set -euo pipefail
 
 MODEL="${MODEL:-AI-ModelScope/stable-diffusion-v1-5}"   # ModelScope id or diffusers folder
-REVISION="${REVISION:-v1.0.0}"
+REVISION="${REVISION:-}"                               # hub revision (empty: v1.0.0 for the default model, else the hub's default)
 INSTANCE_DIR="${INSTANCE_DIR:-}"                         # folder of 3-20 subject photos
 INSTANCE_PROMPT="${INSTANCE_PROMPT:-a photo of sks dog}"
 CLASS_PROMPT="${CLASS_PROMPT:-a photo of dog}"
@@ -24,7 +24,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export PYTHONPATH="$(dirname "$HERE")${PYTHONPATH:+:$PYTHONPATH}"
 # shellcheck disable=SC2086  # ACCELERATE_ARGS is a list of flags
 exec accelerate launch $ACCELERATE_ARGS "$HERE/train_dreambooth.py" \
-  --pretrained_model_name_or_path "$MODEL" --revision "$REVISION" \
+  --pretrained_model_name_or_path "$MODEL" ${REVISION:+--revision "$REVISION"} \
   ${INSTANCE_DIR:+--instance_data_dir "$INSTANCE_DIR"} \
   --instance_prompt "$INSTANCE_PROMPT" --class_prompt "$CLASS_PROMPT" \
   --output_dir "$OUTPUT_DIR" --resolution "$RESOLUTION" --max_train_steps "$MAX_TRAIN_STEPS" \

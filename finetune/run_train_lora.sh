@@ -6,7 +6,7 @@
 set -euo pipefail
 
 MODEL="${MODEL:-AI-ModelScope/stable-diffusion-v1-5}"   # ModelScope id or diffusers folder
-REVISION="${REVISION:-v1.0.0}"
+REVISION="${REVISION:-}"                               # hub revision (empty: v1.0.0 for the default model, else the hub's default)
 DATASET="${DATASET:-buptwq/lora-stable-diffusion-finetune}"  # ModelScope dataset id or local folder
 OUTPUT_DIR="${OUTPUT_DIR:-./sd-lora}"
 RESOLUTION="${RESOLUTION:-512}"
@@ -22,7 +22,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export PYTHONPATH="$(dirname "$HERE")${PYTHONPATH:+:$PYTHONPATH}"
 # shellcheck disable=SC2086  # ACCELERATE_ARGS is a list of flags
 exec accelerate launch $ACCELERATE_ARGS "$HERE/train_lora.py" \
-  --pretrained_model_name_or_path "$MODEL" --revision "$REVISION" \
+  --pretrained_model_name_or_path "$MODEL" ${REVISION:+--revision "$REVISION"} \
   --dataset_name "$DATASET" --output_dir "$OUTPUT_DIR" --resolution "$RESOLUTION" \
   --num_train_epochs "$NUM_TRAIN_EPOCHS" ${MAX_TRAIN_STEPS:+--max_train_steps "$MAX_TRAIN_STEPS"} \
   --learning_rate "$LEARNING_RATE" --rank "$RANK" \

@@ -225,6 +225,13 @@ def test_inpainting_base_model_is_refused_by_name(tmp_path):
         load_components(str(tmp_path / 'inpaint'), None)
 
 
+def test_revision_defaults_to_the_model_cards_only_for_its_model():
+    assert LoraTrainConfig(dataset_name='x').revision == 'v1.0.0'
+    assert LoraTrainConfig(dataset_name='x', pretrained_model_name_or_path='someone/sd-finetune').revision is None
+    config, _ = parse_args(LoraTrainConfig, ['--model', 'someone/sd-finetune', '--model_revision', 'v2'], 'x')
+    assert config.revision == 'v2'
+
+
 def test_typo_flag_fails_instead_of_vanishing(capsys):
     with pytest.raises(SystemExit):
         parse_args(LoraTrainConfig, ['--learning_rat', '1e-4'], 'x')
