@@ -129,9 +129,12 @@ def main(argv: Optional[List[str]] = None):
     if argv[:1] in (['train-lora'], ['train-dreambooth']):
         return _train(argv[0], argv[1:])  # the trainers own their flags (and --help)
     args = parser.parse_args(argv)
-    if args.command == 'generate':
-        return generate(args)
-    print(_convert_model(args) if args.command == 'convert-model' else _convert(args))
+    try:
+        if args.command == 'generate':
+            return generate(args)
+        print(_convert_model(args) if args.command == 'convert-model' else _convert(args))
+    except (ValueError, TypeError, FileNotFoundError) as err:  # a bad option or file: its message, no traceback
+        parser.exit(2, f'modelscope-sd {args.command}: error: {err}\n')
 
 
 def _train(command: str, argv: List[str]):

@@ -57,6 +57,17 @@ def test_generate_writes_pngs_that_recreate_themselves(tiny_model_dir, tmp_path)
     assert np.array_equal(np.asarray(Image.open(paths[1])), np.asarray(Image.open(again[0])))
 
 
+def test_bad_generate_options_are_one_line_errors(tiny_model_dir, tmp_path, capsys):
+    for args, message in ((['--seed', '-1'], 'seed=-1 is out of range'),
+                          (['--image', str(tmp_path / 'nope.png')], 'nope.png')):
+        with pytest.raises(SystemExit) as exit_info:
+            main(['generate', '--prompt', 'a cat', '--model', tiny_model_dir, '--device', 'cpu',
+                  '--output_dir', str(tmp_path), *args])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith('modelscope-sd generate: error: ') and message in err
+        assert 'Traceback' not in err and len(err.strip().splitlines()) == 1
+
+
 def test_generate_with_lora_image_and_mask(tiny_model_dir, tmp_path):
     from train_helpers import make_random_lora
     lora = os.path.dirname(make_random_lora(tiny_model_dir, str(tmp_path / 'lora')))
@@ -81,8 +92,10 @@ def test_convert_model_writes_one_file_that_loads_with_the_same_images(tiny_mode
     single = StableDiffusionText2ImagePipeline(path, config=tiny_model_dir, device='cpu', progress_bar=False)
     args = dict(num_inference_steps=2, seed=0)
     assert np.array_equal(single('a cat', **args)['output_imgs'][0], sd_pipe('a cat', **args)['output_imgs'][0])
-    with pytest.raises(ValueError, match=r'name it \*\.safetensors'):
+    with pytest.raises(SystemExit) as exit_info:
         main(['convert-model', tiny_model_dir, str(tmp_path / 'tiny.ckpt')])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("modelscope-sd convert-model: error: '")  # the path, then the fix
 
 
 def test_convert_lora_both_ways_keeps_the_effect(tiny_model_dir, tmp_path):
