@@ -12,10 +12,11 @@ pipeline before training and reused by later runs. ModelScope's example flags wo
 import glob
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from finetune.checkpoint import TEMP_PREFIX
 from finetune.config import DreamBoothConfig, parse_args
@@ -31,15 +32,16 @@ from modelscope_sd.single_file import save_single_file
 logger = logging.getLogger('finetune.train_dreambooth')
 RESULT_IMAGE = 'dreambooth_result.png'
 CLASS_PROMPT_KEY = 'modelscope_sd.class_prompt'
+CLASS_IMAGE_NAME = re.compile(r'class-(\d+)\.png')
 
 
 def main(config: DreamBoothConfig, notes: Optional[List[str]] = None) -> str:
     accelerator = start_run(config, notes)
-    with accelerator.main_process_first():  # one process downloads, generates class images; the others then read
+    with accelerator.main_process_first():  # one process downloads, the others then read the cache
         instance = check_images(instance_records(config), config.skip_bad_images)
         parts = load_components(config.pretrained_model_name_or_path, config.revision)  # also checks the base
-        if config.with_prior_preservation and accelerator.is_main_process:
-            generate_class_images(config, accelerator.device)
+    if config.with_prior_preservation:
+        generate_class_images(config, accelerator)
     trained = prepare_models(accelerator, config, parts, lora=config.use_lora)
 
     def dataset(records):
@@ -83,26 +85,54 @@ def instance_records(config: DreamBoothConfig):
     return records
 
 
-def generate_class_images(config: DreamBoothConfig, device) -> int:
-    """Fill ``class_data_dir`` up to ``num_class_images`` with images of the *class* prompt, made by our
-    pipeline from the base model; image i uses seed + i, so an interrupted fill resumes where it stopped."""
+def generate_class_images(config: DreamBoothConfig, accelerator) -> int:
+    """Fill ``class_data_dir`` up to ``num_class_images`` with images of the *class* prompt, made by our pipeline
+    from the base model. Image i is ``class-i.png`` from seed + i, whichever process makes it and whenever: the
+    missing ones are split over the processes, and an interrupted fill resumes with the ones still missing.
+    Returns how many this process made."""
+    if accelerator.is_main_process:
+        os.makedirs(config.class_data_dir, exist_ok=True)
+        for leftover in glob.glob(os.path.join(config.class_data_dir, '*.partial.png')):
+            os.remove(leftover)
+    accelerator.wait_for_everyone()
+    runs = class_image_runs(config)
+    accelerator.wait_for_everyone()  # every process has counted before any writes
+    if not runs:
+        logger.info('Reusing the class images in %s.', config.class_data_dir)
+        return 0
+    logger.info('Generating %d class images for %r in %s on %d process(es).', sum(n for _, n in runs),
+                config.class_prompt, config.class_data_dir, accelerator.num_processes)
+    mine = runs[accelerator.process_index::accelerator.num_processes]
+    if mine:
+        _render_class_images(config, accelerator.device, mine)
+    accelerator.wait_for_everyone()
+    return sum(n for _, n in mine)
+
+
+def class_image_runs(config: DreamBoothConfig) -> List[Tuple[int, int]]:
+    """(first index, count) batches of the class images still missing, at most ``sample_batch_size`` each.
+    Images of other names in the folder (your own class photos) count towards ``num_class_images``."""
+    names = [os.path.basename(p) for p in image_paths(config.class_data_dir)]
+    generated = {int(m.group(1)) for m in map(CLASS_IMAGE_NAME.fullmatch, names) if m}
+    others = len(names) - len(generated)
+    missing = [i for i in range(others, config.num_class_images) if i not in generated]
+    runs = []
+    for i in missing:
+        if runs and runs[-1][0] + runs[-1][1] == i and runs[-1][1] < config.sample_batch_size:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
+
+
+def _render_class_images(config: DreamBoothConfig, device, runs: List[Tuple[int, int]]) -> None:
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    os.makedirs(config.class_data_dir, exist_ok=True)
-    for leftover in glob.glob(os.path.join(config.class_data_dir, '*.partial.png')):
-        os.remove(leftover)
-    existing = len(image_paths(config.class_data_dir))
-    missing = config.num_class_images - existing
-    if missing <= 0:
-        logger.info('Reusing %d class images in %s.', existing, config.class_data_dir)
-        return 0
     from modelscope_sd import StableDiffusionText2ImagePipeline
     pipe = StableDiffusionText2ImagePipeline(config.pretrained_model_name_or_path, model_revision=config.revision,
                                              device=str(device), progress_bar=False)
-    logger.info('Generating %d class images for %r in %s.', missing, config.class_prompt, config.class_data_dir)
-    for first in range(existing, config.num_class_images, config.sample_batch_size):
-        count = min(config.sample_batch_size, config.num_class_images - first)
+    for first, count in runs:
         output = pipe({'text': config.class_prompt, 'num_images_per_prompt': count, 'seed': config.seed + first,
                        'height': config.resolution, 'width': config.resolution,
                        'num_inference_steps': config.class_inference_steps})
@@ -112,8 +142,6 @@ def generate_class_images(config: DreamBoothConfig, device) -> int:
             path = os.path.join(config.class_data_dir, f'class-{first + offset:05d}.png')
             Image.fromarray(image[..., ::-1]).save(path + '.partial.png', pnginfo=info)
             os.replace(path + '.partial.png', path)  # a kill never leaves a half-written image
-    del pipe
-    return missing
 
 
 def save_full_model(output_dir: str, base_dir: str, unet, text_encoder):

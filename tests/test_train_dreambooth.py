@@ -115,6 +115,46 @@ def test_class_images_come_from_the_class_prompt_and_batches_hold_both(tiny_mode
     assert prompts == []
 
 
+def test_class_images_are_split_over_processes_and_refill_any_gap(tiny_model_dir, instance_dir, tmp_path,
+                                                                   monkeypatch):
+    """Several GPUs share the missing class images; image i is always seed + i, so a fill cut at any point
+    (here: gaps in the middle, beside the user's own class photos) completes to the same pictures."""
+    import finetune.train_dreambooth as dreambooth
+
+    class Process:  # what generate_class_images reads of an Accelerator
+        def __init__(self, index, count):
+            self.process_index, self.num_processes, self.is_main_process = index, count, index == 0
+            self.device = torch.device('cpu')
+
+        def wait_for_everyone(self):
+            pass
+
+    config = _config(tiny_model_dir, instance_dir, tmp_path / 'out', with_prior_preservation=True,
+                     num_class_images=7, sample_batch_size=2)
+    shares = []
+    monkeypatch.setattr(dreambooth, '_render_class_images', lambda config, device, runs: shares.append(runs))
+    assert [dreambooth.generate_class_images(config, Process(i, 2)) for i in range(2)] == [4, 3]
+    assert shares == [[(0, 2), (4, 2)], [(2, 2), (6, 1)]]  # every image once, batches round-robin
+    monkeypatch.undo()
+    dreambooth.generate_class_images(config, Process(0, 1))
+    folder = config.class_data_dir
+    full = {name: np.asarray(Image.open(os.path.join(folder, name))) for name in sorted(os.listdir(folder))}
+    assert len(full) == 7
+    for name in ('class-00002.png', 'class-00003.png', 'class-00005.png'):
+        os.remove(os.path.join(folder, name))
+    assert dreambooth.class_image_runs(config) == [(2, 2), (5, 1)]
+    dreambooth.generate_class_images(config, Process(0, 1))
+    assert all(np.array_equal(np.asarray(Image.open(os.path.join(folder, name))), image)
+               for name, image in full.items())
+    # your own class photos count towards num_class_images: with two, images 2-6 are the ones to make
+    own = _config(tiny_model_dir, instance_dir, tmp_path / 'own', with_prior_preservation=True, num_class_images=7,
+                  sample_batch_size=2)
+    os.makedirs(own.class_data_dir)
+    for name in ('dog-a.jpg', 'dog-b.jpg'):
+        Image.new('RGB', (32, 32)).save(os.path.join(own.class_data_dir, name))
+    assert dreambooth.class_image_runs(own) == [(2, 2), (4, 2), (6, 1)]
+
+
 def test_prior_loss_is_instance_mean_plus_weighted_class_mean():
     from finetune.data import PriorPreservationDataset
 
