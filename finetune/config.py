@@ -86,7 +86,8 @@ class TrainConfig:
     validation_steps: int = _help('render validation images (and validation loss) every N steps', default=100)
     num_validation_images: int = _help('validation images per render', default=1)
     logging_steps: int = _help('log loss and lr every N steps', default=10)
-    report_to: Optional[str] = _help("'tensorboard' to log there", default=None)
+    report_to: Optional[str] = _help("'tensorboard' (pip install tensorboard) or another accelerate tracker to log "
+                                     'loss and lr there', default=None)
     prompt: Optional[str] = _help('after training, render this prompt with the result (ModelScope example)',
                                   default=None)
 
@@ -131,6 +132,8 @@ class TrainConfig:
                              '(random crops and flips change the latents every epoch).')
         if self.dataloader_num_workers < 0:
             raise ValueError(f'dataloader_num_workers={self.dataloader_num_workers} must be >= 0.')
+        if self.report_to is not None:
+            _check_tracker(self.report_to)
 
 
 @dataclass
@@ -233,6 +236,16 @@ def check_lora_fields(config) -> None:
         raise ValueError(f'lora_dropout={config.lora_dropout} must be in [0, 1).')
     if not [m for m in config.target_modules.split(',') if m.strip()]:
         raise ValueError('target_modules is empty: name at least one module, e.g. to_q,to_k,to_v,to_out.0.')
+
+
+def _check_tracker(name: str) -> None:
+    """accelerate drops a tracker whose package is missing with only a debug message: the run would log nowhere."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+    if name not in LoggerType.list():
+        raise ValueError(f'report_to={name!r} is not one of {LoggerType.list()}.')
+    if name != 'all' and LoggerType(name) not in get_available_trackers():
+        raise ValueError(f'report_to={name!r}: {name} is not installed here. pip install {name}, or drop --report_to.')
 
 
 def _finite(config) -> None:

@@ -225,6 +225,15 @@ def test_inpainting_base_model_is_refused_by_name(tmp_path):
         load_components(str(tmp_path / 'inpaint'), None)
 
 
+def test_report_to_a_tracker_that_cannot_log_is_refused(monkeypatch):
+    import accelerate.tracking
+    monkeypatch.setattr(accelerate.tracking, 'get_available_trackers', lambda: [])
+    with pytest.raises(ValueError, match="report_to='tensorboard': tensorboard is not installed here. pip install"):
+        LoraTrainConfig(dataset_name='x', report_to='tensorboard')
+    with pytest.raises(ValueError, match="report_to='tensorbaord' is not one of"):
+        LoraTrainConfig(dataset_name='x', report_to='tensorbaord')
+
+
 def test_revision_defaults_to_the_model_cards_only_for_its_model():
     assert LoraTrainConfig(dataset_name='x').revision == 'v1.0.0'
     assert LoraTrainConfig(dataset_name='x', pretrained_model_name_or_path='someone/sd-finetune').revision is None
