@@ -61,6 +61,13 @@ def format_parameters(prompt: str, negative_prompt: Optional[str], steps: int, s
     return '\n'.join(lines)
 
 
+def _sampler(sampler: str, schedule: Optional[str]) -> str:
+    """Our scheduler name for A1111's sampler; A1111 1.9+ writes Karras sigmas as its own 'Schedule type'."""
+    if schedule and schedule.lower() == 'karras' and f'{sampler} karras'.lower() in _FROM_A1111:
+        sampler = f'{sampler} Karras'
+    return _FROM_A1111.get(sampler.lower(), sampler)
+
+
 def parse_parameters(text: str) -> Dict[str, Any]:
     """A1111 ``parameters`` text → {'call': options for the pipeline call, 'model': ..., 'lora_dir': [...],
     'lora_scale': [...]}."""
@@ -74,14 +81,14 @@ def parse_parameters(text: str) -> Dict[str, Any]:
     width, height = (int(v) for v in params['Size'].split('x'))
     call = {'text': '\n'.join(body[:negative_at]), 'num_inference_steps': int(params['Steps']),
             'guidance_scale': float(params['CFG scale']), 'width': width, 'height': height,
-            'scheduler': _FROM_A1111.get(params['Sampler'].lower(), params['Sampler'])}
+            'scheduler': _sampler(params['Sampler'], params.get('Schedule type'))}
     if negative:
         call['negative_prompt'] = negative
     if params.get('Seed') not in (None, 'None'):
         call['seed'] = int(params['Seed'])
     if 'Clip skip' in params:
         call['clip_skip'] = int(params['Clip skip']) - 1
-    if 'Denoising strength' in params:
+    if 'Denoising strength' in params and 'Hires upscale' not in params:  # else: the strength of A1111's hires pass
         call['strength'] = float(params['Denoising strength'])
     loras = [item.rsplit('=', 1) for item in params['Lora'].split('; ')] if params.get('Lora') else []
     return {'call': call, 'model': params.get('Model'), 'lora_dir': [p for p, _ in loras],

@@ -31,6 +31,15 @@ def test_reads_an_a1111_parameters_text():
     assert call['scheduler'] == 'euler_ancestral' and call['seed'] == 1234 and call['height'] == 768
 
 
+def test_reads_a1111_19_schedule_type_and_ignores_the_hires_pass_strength():
+    text = ('a castle\nSteps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1234, Size: 512x768, '
+            'Denoising strength: 0.7, Hires upscale: 2, Hires steps: 20, Hires upscaler: Latent, Version: v1.10.1')
+    call = metadata.parse_parameters(text)['call']
+    assert call['scheduler'] == 'dpm++_2m_karras' and 'strength' not in call  # txt2img; the strength was hires'
+    img2img = 'a castle\nSteps: 30, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Denoising strength: 0.6'
+    assert metadata.parse_parameters(img2img)['call']['strength'] == 0.6
+
+
 def test_png_without_parameters_is_an_error(tmp_path):
     Image.new('RGB', (8, 8)).save(tmp_path / 'plain.png')
     with pytest.raises(ValueError, match='carries no generation parameters'):
