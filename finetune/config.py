@@ -225,6 +225,10 @@ class DreamBoothConfig(LoraOptions, TrainConfig):
         _positive(self, 'sample_batch_size', 'class_inference_steps')
         if self.class_data_dir is None:
             self.class_data_dir = os.path.join(self.output_dir, 'class_images')
+        if (self.with_prior_preservation and self.instance_data_dir
+                and os.path.abspath(self.class_data_dir) == os.path.abspath(self.instance_data_dir)):
+            raise ValueError(f'class_data_dir={self.class_data_dir!r} is the instance folder: generated class images '
+                             'would mix with your subject photos. Leave class_data_dir unset or pick another folder.')
 
 
 def check_lora_fields(config) -> None:

@@ -247,8 +247,11 @@ def test_modelscope_example_command_line_runs_unchanged(tiny_model_dir, instance
     (dict(optimizer='sgd'), ValueError, "optimizer='sgd' is not one of"),
     (dict(optimizer='adafactor', use_8bit_adam=True), ValueError, 'use_8bit_adam applies to optimizer=adamw'),
     (dict(use_lora=True, export_checkpoint=True), ValueError, 'pass --export_kohya'),
+    (dict(with_prior_preservation=True, class_data_dir='INSTANCE'), ValueError, 'is the instance folder'),
 ])
 def test_bad_config(instance_dir, tmp_path, kwargs, error, message):
+    if kwargs.get('class_data_dir') == 'INSTANCE':
+        kwargs = {**kwargs, 'class_data_dir': instance_dir + '/'}  # the same folder, spelled differently
     with pytest.raises(error, match=message):
         _config('unused', instance_dir, tmp_path / 'out', **kwargs)
 
