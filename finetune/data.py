@@ -172,9 +172,9 @@ def prepare_image(path: str, resolution: int, center_crop: bool, flip: bool, rng
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def caption_windows(records: List[Record], tokenizer, max_windows: int) -> int:
-    """How many 75-token CLIP windows the longest caption needs, up to ``max_windows``; says how many captions
-    are cut (a Chinese character is about 3 tokens: some 25 characters fit one window)."""
+def report_long_captions(records: List[Record], tokenizer, max_windows: int) -> None:
+    """Say how many captions are cut at ``max_windows`` 75-token CLIP windows (a Chinese character is about 3
+    tokens: some 25 characters fit one window)."""
     captions = sorted({r.caption for r in records})
     lengths = ([len(ids) for ids in tokenizer(captions, add_special_tokens=False, verbose=False).input_ids]
                if captions else [])
@@ -184,7 +184,6 @@ def caption_windows(records: List[Record], tokenizer, max_windows: int) -> int:
         logger.warning('%d of %d captions are longer than %d tokens and are cut there for training (e.g. %r)%s.',
                        len(long), len(captions), limit, long[0][:80],
                        '; --max_token_length 150 or 225 keeps more' if max_windows < 3 else '')
-    return max(1, min(max_windows, -(-max(lengths, default=0) // CHUNK)))
 
 
 class CaptionDataset(torch.utils.data.Dataset):
@@ -195,13 +194,19 @@ class CaptionDataset(torch.utils.data.Dataset):
         self.records = records
         self.tokenizer = tokenizer
         self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
-        self.windows = caption_windows(records, tokenizer, max_windows)  # the same for every caption: one batch shape
+        self.max_windows = max_windows
+        report_long_captions(records, tokenizer, max_windows)
+        # what a shorter caption is padded with in a batch: an empty window, as the pipeline pads a short prompt
+        self.empty = {'input_ids': torch.tensor(window_ids(tokenizer, '', 1))}
 
     def __len__(self):
         return len(self.records)
 
     def tokenize(self, caption: str) -> torch.Tensor:
-        return torch.tensor(window_ids(self.tokenizer, caption, self.windows))
+        return torch.tensor(window_ids(self.tokenizer, caption, self.max_windows))
+
+    def collate(self, examples):
+        return collate(examples, self.empty)
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
@@ -235,8 +240,19 @@ class EpochSampler(torch.utils.data.Sampler):
             yield (self.epoch, index)
 
 
-def collate(examples):
-    return {key: torch.stack([e[key] for e in examples]) for key in examples[0]}
+def collate(examples, empty: Optional[dict] = None):
+    """Stack each key. Keys in ``empty`` (one empty 77-token window: ids, or their embedding) are padded with it
+    to the batch's longest caption first, so captions of different window counts share a batch."""
+    batch = {}
+    for key in examples[0]:
+        values = [e[key] for e in examples]
+        if empty and key in empty:
+            longest = max(v.shape[0] for v in values)
+            window = empty[key]
+            values = [torch.cat([v] + [window.to(v.device, v.dtype)] * ((longest - v.shape[0]) // window.shape[0]))
+                      for v in values]
+        batch[key] = torch.stack(values)
+    return batch
 
 
 class PriorPreservationDataset(torch.utils.data.Dataset):
@@ -245,8 +261,6 @@ class PriorPreservationDataset(torch.utils.data.Dataset):
 
     def __init__(self, instance: CaptionDataset, class_images: CaptionDataset, prior_loss_weight: float):
         self.instance, self.class_images, self.prior_loss_weight = instance, class_images, prior_loss_weight
-        if isinstance(instance, CaptionDataset) and isinstance(class_images, CaptionDataset):  # one batch shape
-            instance.windows = class_images.windows = max(instance.windows, class_images.windows)
 
     def __len__(self):
         return max(len(self.instance), len(self.class_images))
@@ -257,9 +271,9 @@ class PriorPreservationDataset(torch.utils.data.Dataset):
                 'class': self.class_images[(epoch, index % len(self.class_images))]}
 
     def collate(self, examples):
-        instance = collate([e['instance'] for e in examples])
-        classes = collate([e['class'] for e in examples])
-        batch = {key: torch.cat([instance[key], classes[key]]) for key in instance}
+        # instance halves first, then class halves; prompts padded to the longest of both
+        batch = collate([e['instance'] for e in examples] + [e['class'] for e in examples],
+                        getattr(self.instance, 'empty', None))
         n = len(examples)
         batch['loss_weight'] = torch.tensor([1.0] * n + [self.prior_loss_weight] * n)
         batch['is_instance'] = torch.tensor([1.0] * n + [0.0] * n)
@@ -278,7 +292,11 @@ class CachedDataset(torch.utils.data.Dataset):
     def __init__(self, dataset: CaptionDataset, vae, text_encoder=None, on_device: bool = False):
         self.items = []
         used = 0
+        self.empty = dict(dataset.empty)
         with torch.no_grad():
+            if text_encoder is not None:
+                ids = self.empty['input_ids'][None].to(text_encoder.device)
+                self.empty['encoder_hidden_states'] = encode_prompt_ids(text_encoder, ids)[0]
             for index in range(len(dataset)):
                 item = dataset[(0, index)]
                 pixels = item['pixel_values'][None].to(vae.device, vae.dtype)
@@ -303,6 +321,9 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         return self.items[key[1] if isinstance(key, tuple) else key]
+
+    def collate(self, examples):
+        return collate(examples, self.empty)
 
 
 def cache_dataset(dataset, vae, text_encoder=None, on_device: bool = False):

@@ -331,7 +331,7 @@ def _prompt_inputs(pipe, prompt: str) -> dict:
 def validation_loss(accelerator, config, parts, dataset) -> float:
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size,
                                          sampler=EpochSampler(len(dataset), config.seed, shuffle=False),
-                                         collate_fn=collate)
+                                         collate_fn=getattr(dataset, 'collate', collate))
     torch.manual_seed(config.seed)
     total, count = 0.0, 0
     for batch in loader:

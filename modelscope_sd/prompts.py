@@ -119,10 +119,11 @@ def encode(pipe, prompts: List[str], clip_skip: Optional[int], windows: int) -> 
     return torch.cat(out).to(pipe.unet.dtype)
 
 
-def window_ids(tokenizer, text: str, windows: int) -> List[int]:
-    """``text`` as ``encode`` feeds it to CLIP, unweighted: ``windows`` windows of BOS + 75 tokens + EOS (padded),
-    concatenated; tokens past the last window are cut. One window is CLIP's usual 77 ids."""
+def window_ids(tokenizer, text: str, max_windows: int) -> List[int]:
+    """``text`` as ``encode`` feeds it to CLIP, unweighted: as many windows of BOS + 75 tokens + EOS (padded) as it
+    needs, at most ``max_windows`` (tokens past them are cut), concatenated. One window is CLIP's usual 77 ids."""
     ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+    windows = max(1, min(max_windows, -(-len(ids) // CHUNK)))
     return [i for chunk, _ in _windows(tokenizer, ids, [1.0] * len(ids), windows) for i in chunk]
 
 

@@ -85,7 +85,7 @@ def test_captions_past_clips_window_are_reported_or_get_more_windows(tmp_path, c
     tokenizer = tiny_tokenizer(str(tmp_path))
     short, long = 'a photo of a dog', '飞流直下三千尺,疑是银河落九天' * 2  # 3 tokens a character here too: 90
     with caplog.at_level('WARNING', logger='finetune.data'):
-        assert CaptionDataset([Record('x.png', short)] * 3, tokenizer, 32).windows == 1
+        CaptionDataset([Record('x.png', short)] * 3, tokenizer, 32)
         assert not caplog.records
         one = CaptionDataset([Record('x.png', short), Record('y.png', long)], tokenizer, 32)
     assert '1 of 2 captions are longer than 75 tokens' in caplog.text and '飞流直下' in caplog.text
@@ -93,9 +93,13 @@ def test_captions_past_clips_window_are_reported_or_get_more_windows(tmp_path, c
     for caption in (short, long):
         expected = tokenizer(caption, max_length=77, padding='max_length', truncation=True).input_ids
         assert one.tokenize(caption).tolist() == expected
-    # --max_token_length 225: as many windows as the longest caption needs (2 here), for every caption
-    two = CaptionDataset([Record('x.png', short), Record('y.png', long)], tokenizer, 32, max_windows=3)
-    assert two.windows == 2 and two.tokenize(short).shape == two.tokenize(long).shape == torch.Size([154])
+    # --max_token_length 225: each caption gets the windows it needs (1 and 2 here), as the pipeline gives a prompt;
+    # in a batch the shorter one is padded with an empty window, as the pipeline pads the shorter of two prompts
+    three = CaptionDataset([Record('x.png', short), Record('y.png', long)], tokenizer, 32, max_windows=3)
+    assert three.tokenize(short).shape == torch.Size([77]) and three.tokenize(long).shape == torch.Size([154])
+    batch = three.collate([{'input_ids': three.tokenize(short)}, {'input_ids': three.tokenize(long)}])
+    empty = tokenizer('', max_length=77, padding='max_length').input_ids
+    assert batch['input_ids'].shape == (2, 154) and batch['input_ids'][0, 77:].tolist() == empty
 
 
 def test_long_caption_training_encoding_is_the_pipelines(sd_pipe):
