@@ -19,11 +19,15 @@ logger = logging.getLogger(__name__)
 RUN_MARKERS = ('pytorch_lora_weights.safetensors', 'model_index.json', 'training_state.json')
 
 
-def prepare_output_dir(config) -> None:
-    """Refuse to train over a finished or running run unless resuming or told to overwrite."""
+def prepare_output_dir(config, resuming: bool) -> None:
+    """Refuse to train over a finished or running run unless resuming a checkpoint or told to overwrite."""
     out = config.output_dir
-    if os.path.isdir(out) and not config.resume_from_checkpoint and not config.overwrite_output_dir:
+    if os.path.isdir(out) and not resuming and not config.overwrite_output_dir:
         held = [n for n in os.listdir(out) if n in RUN_MARKERS or n.startswith('checkpoint-')]
+        if held and config.resume_from_checkpoint:  # 'latest', but no complete checkpoint to continue from
+            raise ValueError(f'resume_from_checkpoint={config.resume_from_checkpoint!r}: output_dir={out!r} holds a '
+                             f'run ({sorted(held)[:4]}) but no complete checkpoint, and a new run would replace '
+                             'its results. Pass --overwrite_output_dir to train over it, or choose another output_dir.')
         if held:
             raise ValueError(f'output_dir={out!r} already holds a run ({sorted(held)[:4]}). Pass '
                              '--resume_from_checkpoint latest to continue it, --overwrite_output_dir to train '
@@ -48,8 +52,8 @@ def resume_settings(config) -> dict:
 def start_run(config, notes=None):
     """Check the output folder (and a checkpoint to resume against this run's settings), make the
     accelerator, log how ModelScope flags were mapped."""
-    prepare_output_dir(config)
     checkpoint = find_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    prepare_output_dir(config, resuming=checkpoint is not None)
     if checkpoint:
         check_resume_settings(checkpoint, resume_settings(config))
     accelerator = make_accelerator(config)
