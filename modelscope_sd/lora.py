@@ -6,7 +6,7 @@ import numbers
 import os
 from typing import List, Sequence, Tuple, Union
 
-from .constants import LORA_WEIGHT_NAME, PICKLE_SUFFIXES
+from .constants import LORA_WEIGHT_NAME, MODEL_INDEX, PICKLE_SUFFIXES
 from .loading import check_safetensors, is_hub_id, resolve_model_dir
 
 LEGACY_WEIGHT_NAMES = ('pytorch_lora_weights.bin',)  # ModelScope's old trainer wrote this pickle
@@ -21,6 +21,9 @@ def locate_adapter(path: str) -> Tuple[str, str]:
         folder, name = os.path.split(os.path.abspath(path))
     elif os.path.isdir(path) or is_hub_id(path):
         folder = resolve_model_dir(path)
+        if os.path.isfile(os.path.join(folder, MODEL_INDEX)) and not os.path.isfile(os.path.join(folder, LORA_WEIGHT_NAME)):
+            raise ValueError(f'lora_dir={path!r} is a whole Stable Diffusion model ({MODEL_INDEX}), not an adapter: '
+                             'load it as the model, pipeline(task=..., model=...).')
         name = _pick_weight_file(folder)
     else:
         raise FileNotFoundError(f'lora_dir={path!r}: no such file or folder.')
@@ -28,7 +31,18 @@ def locate_adapter(path: str) -> Tuple[str, str]:
         raise ValueError(f'lora_dir={path!r} holds a pickle file ({name}), which can run code when loaded. '
                          'Convert it to .safetensors, or retrain with this package\'s trainer.')
     check_safetensors(os.path.join(folder, name))
+    _refuse_full_checkpoint(path, os.path.join(folder, name))
     return folder, name
+
+
+def _refuse_full_checkpoint(path: str, file: str) -> None:
+    """A single-file model (A1111's ``model.diffusion_model.…`` keys, no LoRA keys) is not an adapter."""
+    from safetensors import safe_open
+    with safe_open(file, framework='pt') as f:
+        keys = list(f.keys())
+    if any(k.startswith('model.diffusion_model.') for k in keys) and not any('lora' in k for k in keys):
+        raise ValueError(f'lora_dir={path!r} is a whole single-file model checkpoint, not a LoRA adapter: load it '
+                         'as the model, pipeline(task=..., model=..., pipeline_name=modelscope_sd.PIPELINE_NAME).')
 
 
 def _pick_weight_file(folder: str) -> str:

@@ -94,6 +94,13 @@ def test_folder_without_adapter(tiny_model_dir, tmp_path):
         _pipe(tiny_model_dir, lora_dir=str(tmp_path))
 
 
+def test_a_whole_model_as_lora_dir_is_refused_by_name(tiny_model_dir, tiny_single_file):
+    with pytest.raises(ValueError, match='is a whole Stable Diffusion model.*not an adapter'):
+        _pipe(tiny_model_dir, lora_dir=tiny_model_dir)
+    with pytest.raises(ValueError, match='is a whole single-file model checkpoint, not a LoRA adapter'):
+        _pipe(tiny_model_dir, lora_dir=tiny_single_file)
+
+
 def test_missing_lora_dir(tiny_model_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match='lora_dir='):
         _pipe(tiny_model_dir, lora_dir=str(tmp_path / 'nope'))
