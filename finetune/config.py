@@ -209,6 +209,9 @@ class DreamBoothConfig(LoraOptions, TrainConfig):
             raise ValueError(f'instance_prompt={self.instance_prompt!r} does not contain the identifier '
                              f'{self.identifier!r}: the prompt must name the subject by it, e.g. '
                              f"'a photo of {self.identifier} dog'.")
+        if not self.with_prior_preservation and (self.class_prompt or self.class_data_dir):
+            logger.warning('class_prompt/class_data_dir are set but with_prior_preservation is off: no class images '
+                           'are used. Pass --with_prior_preservation to use them.')
         if self.with_prior_preservation:
             if not self.class_prompt:
                 raise ValueError("with_prior_preservation needs --class_prompt (e.g. 'a photo of dog'): class "

@@ -22,6 +22,8 @@ RUN_MARKERS = ('pytorch_lora_weights.safetensors', 'model_index.json', 'training
 def prepare_output_dir(config, resuming: bool) -> None:
     """Refuse to train over a finished or running run unless resuming a checkpoint or told to overwrite."""
     out = config.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f'output_dir={out!r} is a file: pass a folder (it is created if missing).')
     if os.path.isdir(out) and not resuming and not config.overwrite_output_dir:
         held = [n for n in os.listdir(out) if n in RUN_MARKERS or n.startswith('checkpoint-')]
         if held and config.resume_from_checkpoint:  # 'latest', but no complete checkpoint to continue from

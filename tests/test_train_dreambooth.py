@@ -256,6 +256,12 @@ def test_bad_config(instance_dir, tmp_path, kwargs, error, message):
         _config('unused', instance_dir, tmp_path / 'out', **kwargs)
 
 
+def test_class_prompt_without_prior_preservation_is_reported(instance_dir, tmp_path, caplog):
+    with caplog.at_level('WARNING', logger='finetune.config'):
+        _config('unused', instance_dir, tmp_path / 'out')  # class_prompt set, with_prior_preservation off
+    assert 'with_prior_preservation is off: no class images are used' in caplog.text
+
+
 def test_empty_instance_folder(tiny_model_dir, tmp_path):
     (tmp_path / 'empty').mkdir()
     with pytest.raises(ValueError, match='holds no images'):

@@ -299,6 +299,8 @@ def test_output_dir_holding_a_run_is_refused(tiny_model_dir, csv_dataset, tmp_pa
     (out / 'pytorch_lora_weights.safetensors').write_bytes(b'')
     with pytest.raises(ValueError, match='already holds a run.*--overwrite_output_dir'):
         _train(_config(tiny_model_dir, csv_dataset, out))
+    with pytest.raises(ValueError, match="output_dir=.*is a file: pass a folder"):
+        _train(_config(tiny_model_dir, csv_dataset, out / 'pytorch_lora_weights.safetensors'))
     # 'latest' with nothing to resume must not start a new run over the finished one either
     with pytest.raises(ValueError, match="holds a run.*but no complete checkpoint.*--overwrite_output_dir"):
         _train(_config(tiny_model_dir, csv_dataset, out, resume_from_checkpoint='latest'))
