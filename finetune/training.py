@@ -9,6 +9,8 @@ from typing import List, Optional
 import torch
 from tqdm.auto import tqdm
 
+from modelscope_sd import prompts
+
 from .checkpoint import (check_resume_settings, find_checkpoint, read_state, remove_partial_writes,
                          save_checkpoint)
 from .data import EpochSampler, cache_dataset, collate
@@ -313,7 +315,8 @@ def _validate(accelerator, config, parts, make_pipeline, validation_dataset, ste
                 os.makedirs(folder, exist_ok=True)
                 generator = torch.Generator('cpu').manual_seed(config.seed)
                 with accelerator.autocast():
-                    images = pipe(**_prompt_inputs(pipe, config.validation_prompt),
+                    # the prompt as our pipeline reads it: long or weighted prompts in 75-token windows
+                    images = pipe(**prompts.text_inputs(pipe, config.validation_prompt),
                                   num_images_per_prompt=config.num_validation_images, num_inference_steps=25,
                                   generator=generator).images
                 for i, image in enumerate(images):
@@ -322,16 +325,6 @@ def _validate(accelerator, config, parts, make_pipeline, validation_dataset, ste
         torch.set_rng_state(rng_state)
         unet.train(modes[0])
         text_encoder.train(modes[1])
-
-
-def _prompt_inputs(pipe, prompt: str) -> dict:
-    """The validation prompt as our pipeline reads it: long or weighted prompts in 75-token windows."""
-    from modelscope_sd import prompts
-    if not prompts.needs_long_path(pipe.tokenizer, prompt):
-        return {'prompt': prompt}
-    windows = prompts.window_count(pipe.tokenizer, [prompt])
-    return {'prompt_embeds': prompts.encode(pipe, [prompt], None, windows),
-            'negative_prompt_embeds': prompts.encode(pipe, [''], None, windows)}
 
 
 def validation_loss(accelerator, config, parts, dataset) -> float:

@@ -273,21 +273,6 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         seeds = [int(seed) + i for i in range(count)]  # int(): numpy integers are valid seeds too
         return [torch.Generator('cpu').manual_seed(s) for s in seeds], seeds
 
-    def _text_inputs(self, prompt, negative_prompt, clip_skip) -> Dict[str, Any]:
-        """Plain prompts of up to 75 tokens go to diffusers as text (its exact encoding); longer or weighted
-        ones are encoded here in 75-token windows with per-token weights."""
-        prompts = prompt if isinstance(prompt, list) else [prompt]
-        negatives = (negative_prompt if isinstance(negative_prompt, list)
-                     else [negative_prompt or ''] * len(prompts))
-        tokenizer = self.sd.tokenizer
-        if not any(prompts_lib.needs_long_path(tokenizer, t) for t in prompts + negatives):
-            # lists on both sides: diffusers refuses a str beside a list
-            return {'prompt': prompts, 'negative_prompt': None if negative_prompt is None else negatives,
-                    'clip_skip': clip_skip}
-        windows = prompts_lib.window_count(tokenizer, prompts + negatives)
-        return {'prompt_embeds': prompts_lib.encode(self.sd, prompts, clip_skip, windows),
-                'negative_prompt_embeds': prompts_lib.encode(self.sd, negatives, clip_skip, windows)}
-
     def _variant(self, kind: str):
         """The image-to-image or inpainting pipeline over the same components (built once)."""
         if kind not in self._variants:
@@ -332,7 +317,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         if lora_scale is not None:
             lora_utils.set_scales(self.sd, self.adapters, lora_scale)
         # 4. long or weighted prompts become embeddings here; the fast path or diffusers does the denoising
-        text_inputs = self._text_inputs(prompt, negative_prompt, clip_skip)
+        text_inputs = prompts_lib.text_inputs(self.sd, prompt, negative_prompt, clip_skip)
         try:
             fast = None
             if self.denoiser is not None and mask_image is None:

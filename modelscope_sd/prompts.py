@@ -9,7 +9,7 @@ multiplied by its weight, so emphasis changes the emphasised tokens only.
 
 import logging
 import re
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -125,6 +125,21 @@ def window_ids(tokenizer, text: str, max_windows: int) -> List[int]:
     ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
     windows = max(1, min(max_windows, -(-len(ids) // CHUNK)))
     return [i for chunk, _ in _windows(tokenizer, ids, [1.0] * len(ids), windows) for i in chunk]
+
+
+def text_inputs(pipe, prompt: Union[str, List[str]], negative_prompt: Union[str, List[str], None] = None,
+                clip_skip: Optional[int] = None) -> Dict[str, Any]:
+    """The text arguments of a diffusers SD pipeline call. Plain prompts of up to 75 tokens go as text (diffusers'
+    exact encoding); longer or weighted ones as embeddings in 75-token windows with per-token weights."""
+    prompts = prompt if isinstance(prompt, list) else [prompt]
+    negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ''] * len(prompts)
+    if not any(needs_long_path(pipe.tokenizer, t) for t in prompts + negatives):
+        # lists on both sides: diffusers refuses a str beside a list
+        return {'prompt': prompts, 'negative_prompt': None if negative_prompt is None else negatives,
+                'clip_skip': clip_skip}
+    windows = window_count(pipe.tokenizer, prompts + negatives)
+    return {'prompt_embeds': encode(pipe, prompts, clip_skip, windows),
+            'negative_prompt_embeds': encode(pipe, negatives, clip_skip, windows)}
 
 
 def window_count(tokenizer, texts: List[Optional[str]]) -> int:
