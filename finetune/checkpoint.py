@@ -8,10 +8,11 @@ import re
 import shutil
 from typing import Optional
 
+from modelscope_sd.files import PARTIAL_SUFFIX  # a checkpoint folder or output file until complete and renamed
+
 logger = logging.getLogger(__name__)
 
 STATE_FILE = 'training_state.json'
-PARTIAL_SUFFIX = '.partial'  # a checkpoint folder or output file until it is complete and renamed
 TEMP_PREFIX = '.partial-'  # temporary folders the final adapter or model is written in first
 _CHECKPOINT = re.compile(r'^checkpoint-(\d+)$')
 

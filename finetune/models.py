@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from modelscope_sd.constants import LORA_WEIGHT_NAME
+from modelscope_sd.files import save_safetensors
 from modelscope_sd.loading import check_model_dir, resolve_model_dir
 
 from .checkpoint import TEMP_PREFIX
@@ -140,10 +141,7 @@ def save_lora(output_dir: str, unet, text_encoder=None, metadata: Optional[Dict[
 def _write_with_metadata(source: str, target: str, extra: Dict[str, str]) -> None:
     with safe_open(source, framework='pt') as f:
         metadata = dict(f.metadata() or {})
-    metadata.update(extra)
-    partial = target + '.partial'
-    save_file(load_file(source), partial, metadata=metadata)
-    os.replace(partial, target)
+    save_safetensors(load_file(source), target, {**metadata, **extra})
 
 
 def export_kohya_lora(diffusers_file: str, kohya_file: str) -> str:
@@ -160,10 +158,7 @@ def export_kohya_lora(diffusers_file: str, kohya_file: str) -> str:
         for key in [k for k in state if k.endswith('.alpha')]:
             state[key] = torch.tensor(float(alpha))
     kept = {k: v for k, v in metadata.items() if k.startswith('modelscope_sd.')}
-    partial = kohya_file + '.partial'
-    save_file({k: v.contiguous() for k, v in state.items()}, partial, metadata={'format': 'pt', **kept})
-    os.replace(partial, kohya_file)
-    return kohya_file
+    return save_safetensors(state, kohya_file, kept)
 
 
 def _adapter_alpha(metadata: Dict[str, str]) -> Optional[float]:
@@ -193,7 +188,4 @@ def import_kohya_lora(kohya_file: str, diffusers_file: str) -> str:
     out = {'unet.' + k: v for k, v in convert_unet_state_dict_to_peft(unet).items()}
     if text:
         out.update({'text_encoder.' + k: v for k, v in convert_state_dict_to_peft(text).items()})
-    partial = diffusers_file + '.partial'
-    save_file({k: v.contiguous() for k, v in out.items()}, partial, metadata={'format': 'pt'})
-    os.replace(partial, diffusers_file)
-    return diffusers_file
+    return save_safetensors(out, diffusers_file)

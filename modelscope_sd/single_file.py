@@ -10,6 +10,8 @@ from typing import Dict, Optional
 
 import torch
 
+from .files import save_safetensors
+
 
 def _unet_prefix_map(config):
     layers = config['layers_per_block']
@@ -116,11 +118,6 @@ def save_single_file(pipe, path: str, dtype: torch.dtype = torch.float16,
                      metadata: Optional[Dict[str, str]] = None) -> str:
     """Write ``pipe`` as one ``.safetensors`` checkpoint (fp16 by default: 2 GB for SD1.5, as the usual
     ``-fp16`` files). Written under a temporary name and renamed, so a kill never leaves half a file."""
-    from safetensors.torch import save_file
     check_output_path(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    partial = path + '.partial'
-    save_file(pipeline_to_ldm(pipe, dtype), partial, metadata={'format': 'pt', **(metadata or {})})
-    os.replace(partial, path)
-    return path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return save_safetensors(pipeline_to_ldm(pipe, dtype), path, metadata)
