@@ -116,12 +116,12 @@ def unread_weight_files(paths: Sequence[str]) -> List[str]:
     return unread
 
 
-def check_safetensors(path: str) -> None:
-    """Read the header only: a truncated or garbled download fails here with the file named."""
+def check_safetensors(path: str) -> List[str]:
+    """Read the header only: a truncated or garbled download fails here with the file named. Returns the keys."""
     from safetensors import SafetensorError, safe_open
     try:
         with safe_open(path, framework='pt') as f:
-            f.keys()
+            return list(f.keys())
     except SafetensorError as err:
         raise ValueError(f'{path} is not a valid safetensors file ({err}). The download is probably '
                          'incomplete: delete the file and download it again.') from err

@@ -30,16 +30,12 @@ def locate_adapter(path: str) -> Tuple[str, str]:
     if name.endswith(PICKLE_SUFFIXES):
         raise ValueError(f'lora_dir={path!r} holds a pickle file ({name}), which can run code when loaded. '
                          'Convert it to .safetensors, or retrain with this package\'s trainer.')
-    check_safetensors(os.path.join(folder, name))
-    _refuse_full_checkpoint(path, os.path.join(folder, name))
+    _refuse_full_checkpoint(path, check_safetensors(os.path.join(folder, name)))
     return folder, name
 
 
-def _refuse_full_checkpoint(path: str, file: str) -> None:
+def _refuse_full_checkpoint(path: str, keys: List[str]) -> None:
     """A single-file model (A1111's ``model.diffusion_model.…`` keys, no LoRA keys) is not an adapter."""
-    from safetensors import safe_open
-    with safe_open(file, framework='pt') as f:
-        keys = list(f.keys())
     if any(k.startswith('model.diffusion_model.') for k in keys) and not any('lora' in k for k in keys):
         raise ValueError(f'lora_dir={path!r} is a whole single-file model checkpoint, not a LoRA adapter: load it '
                          'as the model, pipeline(task=..., model=..., pipeline_name=modelscope_sd.PIPELINE_NAME).')
