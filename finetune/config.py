@@ -234,6 +234,11 @@ class DreamBoothConfig(LoraOptions, TrainConfig):
                              'would mix with your subject photos. Leave class_data_dir unset or pick another folder.')
 
 
+def target_module_list(target_modules: str) -> List[str]:
+    """``--target_modules to_q, to_k`` → ['to_q', 'to_k']."""
+    return [m.strip() for m in target_modules.split(',') if m.strip()]
+
+
 def check_lora_fields(config) -> None:
     if config.rank < 1:
         raise ValueError(f'rank={config.rank} must be >= 1 (4-64 is usual).')
@@ -241,7 +246,7 @@ def check_lora_fields(config) -> None:
         raise ValueError(f'lora_alpha={config.lora_alpha} must be > 0, or unset to use rank.')
     if not 0 <= config.lora_dropout < 1:
         raise ValueError(f'lora_dropout={config.lora_dropout} must be in [0, 1).')
-    if not [m for m in config.target_modules.split(',') if m.strip()]:
+    if not target_module_list(config.target_modules):
         raise ValueError('target_modules is empty: name at least one module, e.g. to_q,to_k,to_v,to_out.0.')
 
 

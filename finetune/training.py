@@ -13,6 +13,7 @@ from modelscope_sd import prompts
 
 from .checkpoint import (check_resume_settings, find_checkpoint, read_state, remove_partial_writes,
                          save_checkpoint)
+from .config import target_module_list
 from .data import EpochSampler, cache_dataset, collate
 from .diffusion import denoising_loss
 
@@ -49,7 +50,7 @@ def resume_settings(config) -> dict:
         names.append('use_lora')
     settings = {name: getattr(config, name) for name in names}
     if 'target_modules' in settings:
-        settings['target_modules'] = ','.join(sorted(m.strip() for m in config.target_modules.split(',') if m.strip()))
+        settings['target_modules'] = ','.join(sorted(target_module_list(config.target_modules)))
     return settings
 
 
@@ -124,7 +125,7 @@ def prepare_models(accelerator, config, parts: dict, lora: bool) -> List[torch.n
         module.to(accelerator.device, dtype=None if (module in trained and not lora) else low)
     set_seed(config.seed)  # adapter initialisation
     if lora:
-        targets = [m.strip() for m in config.target_modules.split(',') if m.strip()]
+        targets = target_module_list(config.target_modules)
         add_lora(unet, config.rank, config.lora_alpha, config.lora_dropout, targets)
         if config.train_text_encoder:
             add_lora(text_encoder, config.rank, config.lora_alpha, config.lora_dropout, TEXT_ENCODER_TARGETS)
