@@ -104,16 +104,19 @@ def register_lora_checkpoint_hooks(accelerator, models: Dict[str, torch.nn.Modul
 
 
 def training_metadata(config, base_model_dir: str) -> Dict[str, str]:
-    """What the adapter file records about how it was made (safetensors metadata is str → str)."""
+    """What an output file records about how it was made (safetensors metadata is str → str); rank and alpha
+    only for adapters, not for a full fine-tune's model."""
     settings = {k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool, type(None)))}
-    return {
+    metadata = {
         'modelscope_sd.base_model': str(config.pretrained_model_name_or_path),
         'modelscope_sd.base_model_revision': str(config.revision),
-        'modelscope_sd.rank': str(getattr(config, 'rank', '')),
-        'modelscope_sd.alpha': str(getattr(config, 'lora_alpha', None) or getattr(config, 'rank', '')),
         'modelscope_sd.training': json.dumps(settings, sort_keys=True),
         'modelscope_sd.base_model_dir': base_model_dir,
     }
+    if getattr(config, 'use_lora', True):  # the LoRA trainer, or DreamBooth --use_lora
+        metadata['modelscope_sd.rank'] = str(getattr(config, 'rank', ''))
+        metadata['modelscope_sd.alpha'] = str(getattr(config, 'lora_alpha', None) or getattr(config, 'rank', ''))
+    return metadata
 
 
 def save_lora(output_dir: str, unet, text_encoder=None, metadata: Optional[Dict[str, str]] = None,

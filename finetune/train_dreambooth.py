@@ -63,9 +63,8 @@ def main(config: DreamBoothConfig, notes: Optional[List[str]] = None) -> str:
             pipe = save_full_model(config.output_dir, parts['model_dir'], unet, text_encoder)
             if config.export_checkpoint:
                 name = os.path.basename(os.path.normpath(os.path.abspath(config.output_dir))) + '.safetensors'
-                metadata = {k: v for k, v in training_metadata(config, parts['model_dir']).items()
-                            if k not in ('modelscope_sd.rank', 'modelscope_sd.alpha')}  # no adapter here
-                path = save_single_file(pipe, os.path.join(config.output_dir, name), metadata=metadata)
+                path = save_single_file(pipe, os.path.join(config.output_dir, name),
+                                        metadata=training_metadata(config, parts['model_dir']))
                 logger.info('Single-file checkpoint for A1111/ComfyUI: %s', path)
         logger.info('Saved to %s', config.output_dir)
         if config.prompt:
