@@ -20,6 +20,8 @@ ACCELERATE_ARGS="${ACCELERATE_ARGS:-}"                   # e.g. "--num_processes
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export PYTHONPATH="$(dirname "$HERE")${PYTHONPATH:+:$PYTHONPATH}"
+# Ctrl-C: the trainer saves a checkpoint first; accelerate's launcher, ignoring it, waits for that
+trap '' INT
 # shellcheck disable=SC2086  # ACCELERATE_ARGS is a list of flags
 exec accelerate launch $ACCELERATE_ARGS "$HERE/train_lora.py" \
   --pretrained_model_name_or_path "$MODEL" ${REVISION:+--revision "$REVISION"} \

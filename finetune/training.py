@@ -4,6 +4,7 @@ and state; per-step seeding so that a resumed run repeats an uninterrupted one e
 import logging
 import math
 import os
+import signal
 from typing import List, Optional
 
 import torch
@@ -16,6 +17,7 @@ from .checkpoint import (check_resume_settings, find_checkpoint, read_state, rem
 from .config import target_module_list
 from .data import EpochSampler, cache_dataset, collate
 from .diffusion import denoising_loss
+from .interrupt import StopRequests, TrainingInterrupted, ignore_stop_signals, restore_ctrl_c
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ def resume_settings(config) -> dict:
 def start_run(config, notes=None):
     """Check the output folder (and a checkpoint to resume against this run's settings), make the
     accelerator, log how ModelScope flags were mapped."""
+    restore_ctrl_c()
     checkpoint = find_checkpoint(config.output_dir, config.resume_from_checkpoint)
     prepare_output_dir(config, resuming=checkpoint is not None)
     if checkpoint:
@@ -200,7 +203,7 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
     sampler = EpochSampler(len(dataset), config.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler,
                                          collate_fn=getattr(dataset, 'collate', collate),
-                                         num_workers=config.dataloader_num_workers)
+                                         num_workers=config.dataloader_num_workers, worker_init_fn=ignore_stop_signals)
     # accelerate shards the loader over the processes (padding the last round): each epoch is this many
     # batches per process, and that, not len(loader), sets the optimizer steps per epoch
     batches = len(loader)
@@ -208,6 +211,7 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
     steps_per_epoch = math.ceil(batches_per_process / config.gradient_accumulation_steps)
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     epochs = math.ceil(max_steps / steps_per_epoch)
+    checkpoint_every_epochs = config.checkpointing_epochs and config.checkpointing_epochs * steps_per_epoch
     # 2. optimizer and lr schedule over the trained parameters
     params = [p for module in trained for p in module.parameters() if p.requires_grad]
     lr = config.learning_rate
@@ -240,46 +244,48 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
                 max_steps, config.train_batch_size, config.gradient_accumulation_steps, accelerator.num_processes)
     progress = tqdm(range(max_steps), initial=global_step, desc='steps', disable=not accelerator.is_local_main_process)
     # 4. the loop
-    for epoch in range(first_epoch, epochs):
-        if global_step >= max_steps:
-            break
-        for module in trained_wrapped:
-            module.train()
-        skip = skip_batches * config.train_batch_size * accelerator.num_processes if epoch == first_epoch else 0
-        sampler.start_epoch(epoch, skip)
-        micro_step = global_step * config.gradient_accumulation_steps
-        for batch in loader:
-            torch.manual_seed(step_seed(config.seed, micro_step, accelerator.process_index))
-            micro_step += 1
-            with accelerator.accumulate(*trained_wrapped):
-                losses = denoising_loss(unet_run, text_encoder_run, vae, scheduler, batch,
-                                        config.noise_offset, config.snr_gamma)
-                weights = batch.get('loss_weight')
-                loss = losses.mean() if weights is None else (losses * weights).sum() / batch['is_instance'].sum()
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            progress.update(1)
-            if global_step % config.logging_steps == 0 or global_step == max_steps:
-                # .item() waits for the GPU: only here, so between logs the CPU queues steps ahead
-                logs = {'loss': loss.detach().item(), 'lr': lr_scheduler.get_last_lr()[0]}
-                progress.set_postfix(**logs)
-                accelerator.log(logs, step=global_step)
-            if _due(global_step, config.checkpointing_steps) or (
-                    config.checkpointing_epochs and global_step % (steps_per_epoch * config.checkpointing_epochs) == 0):
-                save_checkpoint(accelerator, config.output_dir, global_step,
-                                {'global_step': global_step, 'settings': resume_settings(config)},
-                                config.checkpoints_total_limit)
-            if _due(global_step, config.validation_steps) and accelerator.is_main_process:
-                _validate(accelerator, config, parts, pipeline_for_validation, validation_dataset, global_step)
+    with StopRequests() as stop:  # Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit
+        for epoch in range(first_epoch, epochs):
             if global_step >= max_steps:
                 break
+            for module in trained_wrapped:
+                module.train()
+            skip = skip_batches * config.train_batch_size * accelerator.num_processes if epoch == first_epoch else 0
+            sampler.start_epoch(epoch, skip)
+            micro_step = global_step * config.gradient_accumulation_steps
+            for batch in loader:
+                torch.manual_seed(step_seed(config.seed, micro_step, accelerator.process_index))
+                micro_step += 1
+                with accelerator.accumulate(*trained_wrapped):
+                    losses = denoising_loss(unet_run, text_encoder_run, vae, scheduler, batch,
+                                            config.noise_offset, config.snr_gamma)
+                    weights = batch.get('loss_weight')
+                    loss = losses.mean() if weights is None else (losses * weights).sum() / batch['is_instance'].sum()
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                progress.update(1)
+                if global_step % config.logging_steps == 0 or global_step == max_steps:
+                    # .item() waits for the GPU: only here, so between logs the CPU queues steps ahead
+                    logs = {'loss': loss.detach().item(), 'lr': lr_scheduler.get_last_lr()[0]}
+                    progress.set_postfix(**logs)
+                    accelerator.log(logs, step=global_step)
+                saved = None
+                if _due(global_step, config.checkpointing_steps) or _due(global_step, checkpoint_every_epochs):
+                    saved = _checkpoint(accelerator, config, global_step)
+                if _due(global_step, config.validation_steps) and accelerator.is_main_process:
+                    _validate(accelerator, config, parts, pipeline_for_validation, validation_dataset, global_step)
+                if global_step >= max_steps:
+                    break
+                if stop.agreed(accelerator):
+                    progress.close()
+                    _stop(accelerator, config, global_step, stop.signum, saved)
     progress.close()
     accelerator.wait_for_everyone()
     final_validation_due = (config.validation_prompt or validation_dataset is not None) and not _due(
@@ -288,6 +294,20 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
         _validate(accelerator, config, parts, pipeline_for_validation, validation_dataset, global_step)
     accelerator.end_training()
     return global_step
+
+
+def _checkpoint(accelerator, config, step: int) -> str:
+    return save_checkpoint(accelerator, config.output_dir, step,
+                           {'global_step': step, 'settings': resume_settings(config)}, config.checkpoints_total_limit)
+
+
+def _stop(accelerator, config, step: int, signum: Optional[int], saved: Optional[str]):
+    """Save where the run stands (unless this step just did) and exit; resuming continues from here."""
+    path = saved or _checkpoint(accelerator, config, step)
+    logger.warning('Stopped at step %d; saved %s. Run the same command with --resume_from_checkpoint latest to '
+                   'continue.', step, path)
+    accelerator.end_training()
+    raise TrainingInterrupted(signum or signal.SIGTERM, step, path)  # processes that got no signal of their own
 
 
 def _due(step: int, every: Optional[int]) -> bool:

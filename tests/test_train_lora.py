@@ -2,6 +2,9 @@
 
 import os
 import re
+import signal
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -11,8 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from finetune.config import LoraTrainConfig, parse_args
-from train_helpers import (Killed, kill_at_loss_call, make_images, make_modelscope_csv_dataset, reset_accelerate,
-                           run_launcher)
+from train_helpers import (REPO, Killed, kill_at_loss_call, make_images, make_modelscope_csv_dataset,
+                           reset_accelerate, run_launcher, signal_at_loss_calls)
 
 
 
@@ -90,11 +93,25 @@ def test_loss_goes_down_when_overfitting_one_image(tiny_model_dir, tmp_path):
     assert after < 0.8 * before, (before, after)
 
 
-def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_model_dir, csv_dataset, tmp_path, monkeypatch):
-    settings = dict(max_train_steps=6, checkpointing_steps=2, lr_scheduler='linear', random_flip=True,
-                    gradient_accumulation_steps=2, lora_dropout=0.1)
-    reference = load_file(_train(_config(tiny_model_dir, csv_dataset, tmp_path / 'a', **settings)))
+RESUME_SETTINGS = dict(max_train_steps=6, checkpointing_steps=2, lr_scheduler='linear', random_flip=True,
+                       gradient_accumulation_steps=2, lora_dropout=0.1)
 
+
+@pytest.fixture(scope='module')
+def uninterrupted(tiny_model_dir, csv_dataset, tmp_path_factory):
+    """The adapter of a run with RESUME_SETTINGS that nothing stopped."""
+    return load_file(_train(_config(tiny_model_dir, csv_dataset, tmp_path_factory.mktemp('a'), **RESUME_SETTINGS)))
+
+
+def _assert_same_adapter(adapter, reference):
+    assert reference.keys() == adapter.keys()
+    for key in reference:
+        torch.testing.assert_close(adapter[key], reference[key], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_model_dir, csv_dataset, tmp_path, monkeypatch,
+                                                          uninterrupted):
+    settings = RESUME_SETTINGS
     revive = kill_at_loss_call(monkeypatch, 7)  # the first micro-batch of optimizer step 4
     with pytest.raises(Killed):
         _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'b', **settings))
@@ -102,9 +119,43 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_model_dir, csv_da
     assert sorted(os.listdir(tmp_path / 'b')) == ['checkpoint-2']
     resumed = load_file(_train(_config(tiny_model_dir, csv_dataset, tmp_path / 'b', resume_from_checkpoint='latest',
                                        **settings)))
-    assert reference.keys() == resumed.keys()
-    for key in reference:
-        torch.testing.assert_close(resumed[key], reference[key], rtol=1e-5, atol=1e-6)
+    _assert_same_adapter(resumed, uninterrupted)
+
+
+def test_ctrl_c_saves_a_checkpoint_where_the_run_stands_and_resuming_matches(tiny_model_dir, csv_dataset, tmp_path,
+                                                                           monkeypatch, uninterrupted):
+    from finetune.interrupt import TrainingInterrupted
+    before = signal.getsignal(signal.SIGINT)
+    # in the first micro-batch of optimizer step 3, twice at once: a launcher forwarding the terminal's Ctrl-C
+    signal_at_loss_calls(monkeypatch, signal.SIGINT, [5, 5])
+    with pytest.raises(TrainingInterrupted) as stopped:
+        _train(_config(tiny_model_dir, csv_dataset, tmp_path, **RESUME_SETTINGS))
+    assert (stopped.value.code, stopped.value.step) == (130, 3)  # step 3 finished, then saved
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint-2', 'checkpoint-3']
+    assert signal.getsignal(signal.SIGINT) is before
+    monkeypatch.undo()
+    resumed = load_file(_train(_config(tiny_model_dir, csv_dataset, tmp_path, resume_from_checkpoint='latest',
+                                       **RESUME_SETTINGS)))
+    _assert_same_adapter(resumed, uninterrupted)
+
+
+def test_trainer_takes_back_the_ctrl_c_its_launcher_ignores(tiny_model_dir, csv_dataset, tmp_path):
+    """The launchers start accelerate with SIGINT ignored (so it waits for the save), which its child inherits."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _train(_config(tiny_model_dir, csv_dataset, tmp_path, max_train_steps=1, checkpointing_steps=None))
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_a_second_ctrl_c_quits_without_saving(tiny_model_dir, csv_dataset, tmp_path, monkeypatch):
+    import finetune.interrupt
+    monkeypatch.setattr(finetune.interrupt, 'SAME_REQUEST_S', -1.0)  # no waiting a second between the two
+    signal_at_loss_calls(monkeypatch, signal.SIGINT, [5, 6])
+    with pytest.raises(KeyboardInterrupt):
+        _train(_config(tiny_model_dir, csv_dataset, tmp_path, **RESUME_SETTINGS))
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint-2']
 
 
 def test_a_kill_while_saving_never_leaves_a_complete_looking_checkpoint(tiny_model_dir, csv_dataset, tmp_path,
@@ -177,6 +228,37 @@ def test_two_processes_reach_max_train_steps_and_resume_exactly(tiny_model_dir, 
     full = load_file(str(tmp_path / 'full' / 'pytorch_lora_weights.safetensors'))
     resumed = load_file(str(tmp_path / 'resumed' / 'pytorch_lora_weights.safetensors'))
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_ctrl_c_in_a_terminal_stops_the_launcher_after_a_checkpoint(tiny_model_dir, tmp_path):
+    """Ctrl-C reaches the terminal's whole process group: bash, accelerate's launcher, the trainer and its
+    data-loading worker. The trainer saves where it stands; the launcher waits for it; nothing is left."""
+    from finetune.checkpoint import list_checkpoints, read_state
+    make_images(str(tmp_path / 'images'), count=4)
+    env = {**os.environ, 'MODEL': tiny_model_dir, 'DATASET': str(tmp_path / 'images'), 'RESOLUTION': '32',
+           'OUTPUT_DIR': str(tmp_path / 'out'), 'MAX_TRAIN_STEPS': '100000'}
+    with open(tmp_path / 'log', 'w') as log:
+        launcher = subprocess.Popen(['bash', os.path.join(REPO, 'finetune', 'run_train_lora.sh'),
+                                     '--dataloader_num_workers', '1', '--logging_steps', '1'],
+                                    cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while 'loss=' not in (tmp_path / 'log').read_text() and launcher.poll() is None:
+            assert time.monotonic() < deadline, (tmp_path / 'log').read_text()[-3000:]
+            time.sleep(0.2)
+        os.killpg(launcher.pid, signal.SIGINT)
+        launcher.wait(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    text = (tmp_path / 'log').read_text()
+    assert launcher.returncode != 0 and 'Stopped at step' in text, text[-3000:]
+    assert text.count('stopping after this step') == 1  # the trainer's; its data worker ignores the signal
+    with pytest.raises(ProcessLookupError):  # no trainer or worker still running in the background
+        os.killpg(launcher.pid, 0)
+    [checkpoint] = list_checkpoints(str(tmp_path / 'out'))
+    assert checkpoint.endswith(f"checkpoint-{read_state(checkpoint)['global_step']}")
+    assert sorted(os.listdir(tmp_path / 'out')) == [os.path.basename(checkpoint)]  # no adapter: the run is not done
 
 
 def test_modelscope_example_command_line_runs_unchanged(tiny_model_dir, csv_dataset, tmp_path):

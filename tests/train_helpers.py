@@ -96,3 +96,20 @@ def kill_at_loss_call(monkeypatch, call: int):
 
     monkeypatch.setattr(training, 'denoising_loss', dies)
     return lambda: monkeypatch.setattr(training, 'denoising_loss', real_loss)
+
+
+def signal_at_loss_calls(monkeypatch, signum, calls):
+    """Send this process ``signum`` (a real signal, as Ctrl-C or a scheduler would) at each of the given
+    forward passes of the training loss; every pass still runs."""
+    import signal
+    import finetune.training as training
+    real_loss, count = training.denoising_loss, []
+
+    def signalled(*args, **kwargs):
+        count.append(1)
+        for _ in range(calls.count(len(count))):
+            signal.raise_signal(signum)
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training, 'denoising_loss', signalled)
+
