@@ -230,13 +230,32 @@ def test_two_processes_reach_max_train_steps_and_resume_exactly(tiny_model_dir, 
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
 
 
-def test_ctrl_c_in_a_terminal_stops_the_launcher_after_a_checkpoint(tiny_model_dir, tmp_path):
-    """Ctrl-C reaches the terminal's whole process group: bash, accelerate's launcher, the trainer and its
-    data-loading worker. The trainer saves where it stands; the launcher waits for it; nothing is left."""
+def _children(pid):
+    """Linux: the processes whose parent is ``pid``."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                stat = f.read()
+        except OSError:  # gone meanwhile
+            continue
+        if int(stat.rsplit(')', 1)[1].split()[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.parametrize('processes', [1, 2])
+def test_a_stop_signal_saves_a_checkpoint_and_ends_every_process(tiny_model_dir, tmp_path, processes):
+    """One process: Ctrl-C in a terminal, which reaches its whole process group (bash, accelerate's launcher,
+    the trainer, its data-loading worker); the launcher waits for the save. Two processes (as on two GPUs):
+    SIGTERM to one trainer only, as a scheduler or a user's ``kill`` may send; the other must stop at the same
+    step, or the save's collectives hang. Either way the checkpoint is saved and no process is left."""
     from finetune.checkpoint import list_checkpoints, read_state
     make_images(str(tmp_path / 'images'), count=4)
     env = {**os.environ, 'MODEL': tiny_model_dir, 'DATASET': str(tmp_path / 'images'), 'RESOLUTION': '32',
            'OUTPUT_DIR': str(tmp_path / 'out'), 'MAX_TRAIN_STEPS': '100000'}
+    if processes > 1:  # as on two GPUs, with two CPU processes (gloo)
+        env.update(ACCELERATE_ARGS=f'--multi_gpu --num_processes {processes}', ACCELERATE_USE_CPU='true')
     with open(tmp_path / 'log', 'w') as log:
         launcher = subprocess.Popen(['bash', os.path.join(REPO, 'finetune', 'run_train_lora.sh'),
                                      '--dataloader_num_workers', '1', '--logging_steps', '1'],
@@ -246,14 +265,17 @@ def test_ctrl_c_in_a_terminal_stops_the_launcher_after_a_checkpoint(tiny_model_d
         while 'loss=' not in (tmp_path / 'log').read_text() and launcher.poll() is None:
             assert time.monotonic() < deadline, (tmp_path / 'log').read_text()[-3000:]
             time.sleep(0.2)
-        os.killpg(launcher.pid, signal.SIGINT)
+        if processes == 1:
+            os.killpg(launcher.pid, signal.SIGINT)
+        else:
+            os.kill(_children(launcher.pid)[-1], signal.SIGTERM)  # bash exec'd accelerate: its children train
         launcher.wait(timeout=120)
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
     text = (tmp_path / 'log').read_text()
     assert launcher.returncode != 0 and 'Stopped at step' in text, text[-3000:]
-    assert text.count('stopping after this step') == 1  # the trainer's; its data worker ignores the signal
+    assert text.count('stopping after this step') == 1  # the signalled trainer's; its data worker ignores it
     with pytest.raises(ProcessLookupError):  # no trainer or worker still running in the background
         os.killpg(launcher.pid, 0)
     [checkpoint] = list_checkpoints(str(tmp_path / 'out'))
