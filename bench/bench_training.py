@@ -11,10 +11,12 @@ warmup steps, so per-run setup cancels); peak memory over the longer run.
 """
 
 import argparse
+import atexit
 import gc
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -127,7 +129,7 @@ def ours_step_runner(parts, mode, batch, device, records, resolution, options):
     from finetune.config import DreamBoothConfig, LoraTrainConfig
     from finetune.data import CaptionDataset
     from finetune.training import make_accelerator, prepare_models, train_loop
-    out = tempfile.mkdtemp(prefix='bench_out_')
+    out = _temporary_folder('bench_out_')
     common = dict(pretrained_model_name_or_path='unused', output_dir=out, resolution=resolution, center_crop=True,
                   cache_latents=True, mixed_precision='bf16' if device.startswith('cuda') else 'no',
                   train_batch_size=batch, checkpointing_steps=None, validation_steps=10**9, logging_steps=10**9,
@@ -146,6 +148,13 @@ def ours_step_runner(parts, mode, batch, device, records, resolution, options):
         config.max_train_steps = steps
         train_loop(accelerator, config, parts, trained, dataset)
     return run
+
+
+def _temporary_folder(prefix: str) -> str:
+    """Removed when the bench exits."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def measure(name, runner, args, batch, results):
@@ -207,7 +216,7 @@ def main(argv=None):
     resolution = 32 if args.tiny else 512
     results = []
     print(json.dumps({'name': 'environment', **environment(), 'resolution': resolution}), flush=True)
-    records = make_data(tempfile.mkdtemp(prefix='bench_data_'), 8, resolution)
+    records = make_data(_temporary_folder('bench_data_'), 8, resolution)
     runs = plan_runs(args.only.split(','))
     for name, mode, batch, options in runs:
         _reset(args.device)

@@ -66,10 +66,10 @@ def make_optimizer_for(name: str, params):
         return torch.optim.AdamW(params, lr=1e-6, foreach=True)
     from finetune.config import DreamBoothConfig
     from finetune.training import make_optimizer
-    folder = tempfile.mkdtemp(prefix='estimate_')
-    config = DreamBoothConfig(pretrained_model_name_or_path='unused', output_dir=folder, instance_data_dir=folder,
-                              instance_prompt='a photo of sks thing', optimizer='adafactor' if name == 'adafactor'
-                              else 'adamw', use_8bit_adam=name == 'adamw8bit')
+    with tempfile.TemporaryDirectory(prefix='estimate_') as folder:  # the config checks that the folders exist
+        config = DreamBoothConfig(pretrained_model_name_or_path='unused', output_dir=folder, instance_data_dir=folder,
+                                  instance_prompt='a photo of sks thing', optimizer='adafactor' if name == 'adafactor'
+                                  else 'adamw', use_8bit_adam=name == 'adamw8bit')
     # the device only decides fused AdamW, which is what the trainer runs on a GPU
     return make_optimizer(config, params, torch.device('cuda' if name == 'adamw' else 'cpu'), 1e-6)
 

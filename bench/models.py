@@ -28,9 +28,9 @@ def build_components(tiny: bool, device: str, seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from tiny_sd import SD15_SCHEDULER_CONFIG, tiny_components, tiny_tokenizer
-    workdir = tempfile.mkdtemp(prefix='bench_tok_')
     if tiny:
-        parts = tiny_components(workdir, seed=seed, safety_checker=False)
+        with tempfile.TemporaryDirectory(prefix='bench_tok_') as workdir:  # the tokenizer reads its files once
+            parts = tiny_components(workdir, seed=seed, safety_checker=False)
         return {k: v for k, v in parts.items() if v is not None}
     torch.manual_seed(seed)
     with torch.device(device):
@@ -38,7 +38,9 @@ def build_components(tiny: bool, device: str, seed: int = 0):
         vae = AutoencoderKL(**SD15_VAE)
         text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT))
     # byte-level tokenizer: CLIP's 49k vocabulary is not available offline; ids stay inside the embedding
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(workdir),
+    with tempfile.TemporaryDirectory(prefix='bench_tok_') as workdir:
+        tokenizer = tiny_tokenizer(workdir)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                 scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG))
 
 

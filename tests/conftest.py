@@ -22,6 +22,10 @@ MODEL_ID = 'AI-ModelScope/stable-diffusion-v1-5'
 REVISION = 'v1.0.0'
 
 
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)  # the tiny model, its cache copy and single file: ~14 MB a run
+
+
 @pytest.fixture(scope='session')
 def tiny_model_dir():
     """A complete diffusers folder with configuration.json, as the hub repo has it."""

@@ -253,7 +253,7 @@ def test_a_stop_signal_saves_a_checkpoint_and_ends_every_process(tiny_model_dir,
     from finetune.checkpoint import list_checkpoints, read_state
     make_images(str(tmp_path / 'images'), count=4)
     env = {**os.environ, 'MODEL': tiny_model_dir, 'DATASET': str(tmp_path / 'images'), 'RESOLUTION': '32',
-           'OUTPUT_DIR': str(tmp_path / 'out'), 'MAX_TRAIN_STEPS': '100000'}
+           'OUTPUT_DIR': str(tmp_path / 'out'), 'MAX_TRAIN_STEPS': '100000', 'TMPDIR': str(tmp_path)}
     if processes > 1:  # as on two GPUs, with two CPU processes (gloo)
         env.update(ACCELERATE_ARGS=f'--multi_gpu --num_processes {processes}', ACCELERATE_USE_CPU='true')
     with open(tmp_path / 'log', 'w') as log:

@@ -74,7 +74,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_launcher(script, args, env, cwd):
     """Run finetune/<script> as a user would (bash, accelerate launch); returns stdout + stderr."""
     result = subprocess.run(['bash', os.path.join(REPO, 'finetune', script), *args], cwd=cwd,
-                            env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+                            env={**os.environ, 'TMPDIR': str(cwd), **env},  # torch's launcher leaves a folder there
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 
