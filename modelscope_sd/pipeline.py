@@ -4,6 +4,7 @@ import difflib
 import math
 import numbers
 import secrets
+import threading
 from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
@@ -117,6 +118,10 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         self.lora_scales = lora_utils.check_scales(lora_scale, self.adapters) if self.adapters else []
         self.lora_fused = fuse_lora and lora_dir is not None
         self.denoiser = None  # fast=True: the whole-step compiled text-to-image loop
+        # one call at a time: a call sets the shared scheduler's timesteps and state, the adapter scales, and
+        # (fast=True) replays CUDA graphs over static buffers, so calls from a web server's threads would
+        # corrupt each other. Throughput comes from batching prompts in one call, not from threads.
+        self._call_lock = threading.Lock()
         if fast:
             from .fast import enable_fast_inference
             self.denoiser = enable_fast_inference(self.sd, compile_mode)
@@ -134,7 +139,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         if options['mask_image'] is not None:
             options['mask_image'] = images_lib.load_mask(options['mask_image'], 'mask_image')
         self.check_inputs(**options)
-        return self._generate(**options)
+        with self._call_lock:
+            return self._generate(**options)
 
     @staticmethod
     def _gather_options(input, kwargs: Dict[str, Any]) -> Dict[str, Any]:

@@ -109,6 +109,22 @@ def test_scheduler_choice_is_per_call(sd_pipe):
     assert np.abs(before.astype(int) - euler.astype(int)).max() > 0
 
 
+def test_calls_from_several_threads_give_the_images_of_calls_one_by_one(sd_pipe):
+    """A web server may call one pipeline from several threads; each call sets the shared scheduler's state."""
+    from concurrent.futures import ThreadPoolExecutor
+    jobs = [('a red ball', 1, None), ('a blue cube', 2, 'DPM++ 2M Karras'), ('a tree', 3, 'Euler a'), ('sky', 4, None)]
+
+    def run(job):
+        prompt, seed, scheduler = job
+        return sd_pipe(prompt, seed=seed, scheduler=scheduler, num_inference_steps=8)[OutputKeys.OUTPUT_IMGS][0]
+
+    one_by_one = [run(job) for job in jobs]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(run, jobs))
+    for a, b in zip(together, one_by_one):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_progress_bar_can_be_switched_off(sd_pipe, capsys, monkeypatch):
     monkeypatch.delenv('TQDM_DISABLE', raising=False)
     sd_pipe('a cat', seed=0, progress_bar=True, **FAST)
