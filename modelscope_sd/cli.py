@@ -10,6 +10,7 @@
 
 import argparse
 import os
+import secrets
 import sys
 from typing import List, Optional
 
@@ -41,6 +42,8 @@ def _generate_parser(sub):
     parser.add_argument('--seed', type=int, help='image i gets seed + i (default: random)')
     parser.add_argument('--scheduler', help="e.g. ddim, euler_a, 'dpm++_2m_karras' (default: the model's)")
     parser.add_argument('--num_images', type=int, default=None, help='images per prompt (default 1)')
+    parser.add_argument('--batch_size', type=int, help='images per denoising batch, each written as soon as it is '
+                                                       'made (default: all at once)')
     parser.add_argument('--clip_skip', type=int)
     parser.add_argument('--lora', type=_lora, action='append', default=[], metavar='PATH[=SCALE]',
                         help='LoRA adapter (diffusers or kohya), repeatable')
@@ -71,21 +74,36 @@ def generate(args) -> List[str]:
                  'num_images_per_prompt': args.num_images, 'clip_skip': args.clip_skip, 'image': args.image,
                  'mask_image': args.mask_image, 'strength': args.strength}
     call.update({k: v for k, v in overrides.items() if v is not None})
+    if args.batch_size is not None and args.batch_size < 1:  # before minutes of loading
+        raise ValueError(f'--batch_size {args.batch_size}: must be >= 1 (or left out: all images at once).')
     model = model or DEFAULT_MODEL_ID
     revision = args.model_revision or (DEFAULT_MODEL_REVISION if model == DEFAULT_MODEL_ID else None)
     pipe = StableDiffusionText2ImagePipeline(
         model, model_revision=revision, device=args.device, local_files_only=args.local_files_only,
         lora_dir=[path for path, _ in loras] or None, lora_scale=[scale for _, scale in loras] or 1.0,
         fast=args.fast)
-    output = pipe(call)
     os.makedirs(args.output_dir, exist_ok=True)
     paths = []
-    texts = metadata.describe_outputs(pipe, call, output, model, loras)
-    for i, (image, text) in enumerate(zip(output['output_imgs'], texts)):
-        name = f"{output['seeds'][i]}.png" if output.get('seeds') else f'{i}.png'
-        paths.append(metadata.save_png(os.path.join(args.output_dir, name), image, text))
-        print(paths[-1])
+    for part in _batches(call, args.batch_size):
+        output = pipe(part)
+        texts = metadata.describe_outputs(pipe, part, output, model, loras)
+        for i, (image, text) in enumerate(zip(output['output_imgs'], texts)):
+            name = f"{output['seeds'][i]}.png" if output.get('seeds') else f'{len(paths)}.png'
+            paths.append(metadata.save_png(os.path.join(args.output_dir, name), image, text))
+            print(paths[-1])
     return paths
+
+
+def _batches(call: dict, batch_size: Optional[int]):
+    """The call as calls of at most ``batch_size`` images, whose seeds continue one another: the images are
+    those of one call, and a stop keeps the batches already written."""
+    n_images = call.get('num_images_per_prompt', 1)
+    if batch_size is None or batch_size >= n_images:
+        yield call
+        return
+    seed = call['seed'] if call.get('seed') is not None else secrets.randbelow(2**32)
+    for start in range(0, n_images, batch_size):
+        yield dict(call, seed=seed + start, num_images_per_prompt=min(batch_size, n_images - start))
 
 
 def _convert(args) -> str:

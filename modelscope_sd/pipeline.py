@@ -41,6 +41,7 @@ CALL_DEFAULTS: Dict[str, Any] = {
     'image': None,  # image-to-image / inpainting: a path, a BGR array or a PIL image
     'mask_image': None,  # inpainting: white repaints
     'strength': None,  # None: 0.8 for image-to-image, 1.0 for inpainting
+    'batch_size': None,  # at most this many images per denoising batch (ModelScope's name); None: all at once
 }
 _MAX_SEED = 2**63 - 1
 
@@ -140,7 +141,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             options['mask_image'] = images_lib.load_mask(options['mask_image'], 'mask_image')
         self.check_inputs(**options)
         with self._call_lock:
-            return self._generate(**options)
+            return self._generate_in_batches(**options)
 
     @staticmethod
     def _gather_options(input, kwargs: Dict[str, Any]) -> Dict[str, Any]:
@@ -165,7 +166,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
 
     def check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
                      num_images_per_prompt, eta, seed, generator, latents, scheduler, clip_skip,
-                     lora_scale, progress_bar, image, mask_image, strength) -> None:
+                     lora_scale, progress_bar, image, mask_image, strength, batch_size) -> None:
         """Every user-facing option, checked once, with what was given and what is allowed."""
         if prompt is None:
             raise ValueError("The prompt is missing: call pipe('a photo of a cat') or pipe({'text': '...'}).")
@@ -191,6 +192,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                 raise ValueError(f'{name}={value} must be a positive multiple of 8 (e.g. 512, 576, 768).')
         _check_int('num_inference_steps', num_inference_steps, minimum=1)
         _check_int('num_images_per_prompt', num_images_per_prompt, minimum=1)
+        if batch_size is not None:
+            _check_int('batch_size', batch_size, minimum=1)
         _check_number('guidance_scale', guidance_scale, minimum=0.0)
         _check_number('eta', eta, minimum=0.0)
         if seed is not None:
@@ -294,6 +297,30 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             return self._variant('img2img'), {'image': image, 'strength': strength}
         return self._variant('inpaint'), {'image': image, 'mask_image': mask_image, 'strength': strength,
                                           'height': height, 'width': width, 'latents': latents}
+
+    def _generate_in_batches(self, batch_size, **options) -> Dict[str, Any]:
+        """At most ``batch_size`` images per denoising batch, in the call's order and with its seeds: each image
+        is the one the whole batch would give (within numerical noise; a list mixing prompts of different
+        75-token window counts is padded per batch)."""
+        prompt, per_prompt = options['prompt'], options['num_images_per_prompt']
+        prompts = prompt if isinstance(prompt, list) else [prompt]
+        n_images = len(prompts) * per_prompt
+        if batch_size is None or n_images <= batch_size:
+            return self._generate(**options)
+        negative, generator, latents, seeds = options['negative_prompt'], options['generator'], options['latents'], None
+        negatives = negative if isinstance(negative, list) else [negative] * len(prompts)
+        if generator is None:
+            generator, seeds = self._generators(options['seed'], n_images)
+        outputs = []
+        for start in range(0, n_images, batch_size):
+            index = range(start, min(start + batch_size, n_images))  # images are prompt-major, as diffusers orders
+            outputs.append(self._generate(**dict(
+                options, prompt=[prompts[i // per_prompt] for i in index], num_images_per_prompt=1, seed=None,
+                negative_prompt=None if negative is None else [negatives[i // per_prompt] for i in index],
+                generator=[generator[i] for i in index] if isinstance(generator, list) else generator,
+                latents=None if latents is None else latents[index.start:index.stop])))
+        merged = {key: [item for out in outputs for item in out[key]] for key in outputs[0] if key != 'seeds'}
+        return {**merged, 'seeds': seeds} if seeds is not None else merged
 
     @torch.inference_mode()
     def _generate(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,

@@ -66,8 +66,33 @@ def test_generate_writes_pngs_that_recreate_themselves(tiny_model_dir, tmp_path)
     assert np.array_equal(np.asarray(Image.open(paths[1])), np.asarray(Image.open(again[0])))
 
 
+def test_generate_in_batches_writes_each_batch_as_it_is_made(tiny_model_dir, tmp_path, monkeypatch):
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    args = ['generate', '--prompt', 'a cat', '--model', tiny_model_dir, '--num_inference_steps', '3',
+            '--num_images', '3', '--seed', '42', '--device', 'cpu']
+    whole = main([*args, '--output_dir', str(tmp_path / 'whole')])
+    real, calls = StableDiffusionText2ImagePipeline.__call__, []
+
+    def fails_on_the_third_batch(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError('out of memory')
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(StableDiffusionText2ImagePipeline, '__call__', fails_on_the_third_batch)
+    with pytest.raises(RuntimeError):
+        main([*args, '--batch_size', '1', '--output_dir', str(tmp_path / 'split')])
+    assert sorted(os.listdir(tmp_path / 'split')) == ['42.png', '43.png']  # the batches made before the failure
+    monkeypatch.undo()
+    split = main([*args, '--batch_size', '2', '--output_dir', str(tmp_path / 'split2')])
+    assert [os.path.basename(p) for p in split] == ['42.png', '43.png', '44.png']
+    for a, b in zip(split, whole, strict=True):
+        assert np.abs(np.asarray(Image.open(a), int) - np.asarray(Image.open(b), int)).max() <= 1
+        assert Image.open(a).text['parameters'] == Image.open(b).text['parameters']
+
+
 def test_bad_generate_options_are_one_line_errors(tiny_model_dir, tmp_path, capsys):
-    for args, message in ((['--seed', '-1'], 'seed=-1 is out of range'),
+    for args, message in ((['--seed', '-1'], 'seed=-1 is out of range'), (['--batch_size', '0'], '--batch_size 0'),
                           (['--image', str(tmp_path / 'nope.png')], 'nope.png')):
         with pytest.raises(SystemExit) as exit_info:
             main(['generate', '--prompt', 'a cat', '--model', tiny_model_dir, '--device', 'cpu',

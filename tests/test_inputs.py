@@ -21,6 +21,8 @@ import pytest
     (lambda p: p('a', guidance_scale=-1), ValueError, ['guidance_scale=-1', '>= 0']),
     (lambda p: p('a', guidance_scale='high'), TypeError, ['guidance_scale', 'number']),
     (lambda p: p('a', num_images_per_prompt=0), ValueError, ['num_images_per_prompt=0']),
+    (lambda p: p('a', batch_size=0), ValueError, ['batch_size=0', '>= 1']),
+    (lambda p: p('a', batch_size=2.0), TypeError, ['batch_size', 'int']),
     (lambda p: p('a', eta=-0.5), ValueError, ['eta=-0.5']),
     (lambda p: p('a', seed=-1), ValueError, ['seed=-1']),
     (lambda p: p('a', seed='42'), TypeError, ['seed', 'str']),

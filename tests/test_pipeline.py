@@ -109,6 +109,27 @@ def test_scheduler_choice_is_per_call(sd_pipe):
     assert np.abs(before.astype(int) - euler.astype(int)).max() > 0
 
 
+def test_batch_size_makes_the_images_of_one_batch_in_smaller_batches(sd_pipe, monkeypatch):
+    prompts, options = ['a red ball', 'a blue cube', 'a tree'], dict(negative_prompt=['x', 'y', 'z'],
+                                                                       num_images_per_prompt=2, **FAST)
+    whole = sd_pipe(prompts, seed=5, **options)
+    batches = []
+    real = sd_pipe._generate
+    monkeypatch.setattr(sd_pipe, '_generate', lambda **kw: batches.append(kw['prompt']) or real(**kw))
+    split = sd_pipe(prompts, seed=5, batch_size=4, **options)
+    assert batches == [['a red ball', 'a red ball', 'a blue cube', 'a blue cube'], ['a tree', 'a tree']]
+    assert split['seeds'] == whole['seeds'] == list(range(5, 11))
+    assert len(split['nsfw_content_detected']) == 6
+    for a, b in zip(split[OutputKeys.OUTPUT_IMGS], whole[OutputKeys.OUTPUT_IMGS], strict=True):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    # given latents and generators are split with the images
+    latents = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    generators = lambda: [torch.Generator().manual_seed(i) for i in range(6)]  # noqa: E731
+    a = sd_pipe(prompts, latents=latents, generator=generators(), batch_size=5, **options)[OutputKeys.OUTPUT_IMGS]
+    b = sd_pipe(prompts, latents=latents, generator=generators(), **options)[OutputKeys.OUTPUT_IMGS]
+    assert max(np.abs(x.astype(int) - y.astype(int)).max() for x, y in zip(a, b, strict=True)) <= 1
+
+
 def test_calls_from_several_threads_give_the_images_of_calls_one_by_one(sd_pipe):
     """A web server may call one pipeline from several threads; each call sets the shared scheduler's state."""
     from concurrent.futures import ThreadPoolExecutor
