@@ -30,7 +30,9 @@ def locate_adapter(path: str) -> Tuple[str, str]:
     if name.endswith(PICKLE_SUFFIXES):
         raise ValueError(f'lora_dir={path!r} holds a pickle file ({name}), which can run code when loaded. '
                          'Convert it to .safetensors, or retrain with this package\'s trainer.')
-    _refuse_full_checkpoint(path, check_safetensors(os.path.join(folder, name)))
+    keys = check_safetensors(os.path.join(folder, name))
+    _refuse_full_checkpoint(path, keys)
+    _refuse_lycoris(path, keys)
     return folder, name
 
 
@@ -39,6 +41,19 @@ def _refuse_full_checkpoint(path: str, keys: List[str]) -> None:
     if any(k.startswith('model.diffusion_model.') for k in keys) and not any('lora' in k for k in keys):
         raise ValueError(f'lora_dir={path!r} is a whole single-file model checkpoint, not a LoRA adapter: load it '
                          'as the model, pipeline(task=..., model=..., pipeline_name=modelscope_sd.PIPELINE_NAME).')
+
+
+# LyCORIS adapter types (common on civitai) by a key suffix each has; diffusers loads LoRA and LoCon only
+LYCORIS_TYPES = {'.hada_w1_a': 'LoHa', '.lokr_w1': 'LoKr', '.lokr_w1_a': 'LoKr', '.on_input': '(IA)^3',
+                 '.a1.weight': 'GLoRA', '.oft_blocks': 'OFT', '.oft_diag': 'OFT'}
+
+
+def _refuse_lycoris(path: str, keys: List[str]) -> None:
+    found = sorted({kind for k in keys for suffix, kind in LYCORIS_TYPES.items() if k.endswith(suffix)})
+    if found:
+        raise ValueError(f'lora_dir={path!r} is a LyCORIS {"/".join(found)} adapter, which diffusers cannot load '
+                         '(it loads LoRA and LoCon). Merge it into a model with LyCORIS or kohya\'s tools and load '
+                         'that model, or use a LoRA version of the adapter.')
 
 
 def _pick_weight_file(folder: str) -> str:

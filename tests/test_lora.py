@@ -101,6 +101,18 @@ def test_a_whole_model_as_lora_dir_is_refused_by_name(tiny_model_dir, tiny_singl
         _pipe(tiny_model_dir, lora_dir=tiny_single_file)
 
 
+@pytest.mark.parametrize('kind, tensors', [
+    ('LoHa', ('hada_w1_a', 'hada_w1_b', 'hada_w2_a', 'hada_w2_b')),  # LyCORIS' names, as civitai files hold them
+    ('LoKr', ('lokr_w1', 'lokr_w2_a', 'lokr_w2_b')),
+])
+def test_lycoris_adapters_are_refused_by_kind(tiny_model_dir, tmp_path, kind, tensors):
+    key = 'lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q'
+    state = {f'{key}.{name}': torch.ones(4, 4) for name in tensors}
+    save_file({**state, f'{key}.alpha': torch.tensor(4.0)}, str(tmp_path / 'adapter.safetensors'))
+    with pytest.raises(ValueError, match=f'is a LyCORIS {kind} adapter, which diffusers cannot load'):
+        _pipe(tiny_model_dir, lora_dir=str(tmp_path / 'adapter.safetensors'))
+
+
 def test_missing_lora_dir(tiny_model_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match='lora_dir='):
         _pipe(tiny_model_dir, lora_dir=str(tmp_path / 'nope'))
