@@ -37,6 +37,8 @@ CLASS_IMAGE_NAME = re.compile(r'class-(\d+)\.png')
 
 def main(config: DreamBoothConfig, notes: Optional[List[str]] = None) -> str:
     accelerator = start_run(config, notes)
+    if config.with_prior_preservation:
+        check_class_images(config)  # before any model loads
     with accelerator.main_process_first():  # one process downloads, the others then read the cache
         instance = check_images(instance_records(config), config.skip_bad_images)
         parts = load_components(config.pretrained_model_name_or_path, config.revision)  # also checks the base
@@ -106,6 +108,24 @@ def generate_class_images(config: DreamBoothConfig, accelerator) -> int:
         _render_class_images(config, accelerator.device, mine)
     accelerator.wait_for_everyone()
     return sum(n for _, n in mine)
+
+
+def check_class_images(config: DreamBoothConfig) -> None:
+    """The class images this trainer made carry their prompt. Ones made for another class prompt (a shared
+    class_data_dir, or an output_dir trained over with a new class) would be reused as this class's prior."""
+    from PIL import Image
+    stale = []
+    for path in image_paths(config.class_data_dir) if os.path.isdir(config.class_data_dir) else []:
+        if CLASS_IMAGE_NAME.fullmatch(os.path.basename(path)):
+            with Image.open(path) as image:  # our text chunk comes before the pixels: nothing is decoded
+                prompt = image.info.get(CLASS_PROMPT_KEY)
+            if prompt is not None and prompt != config.class_prompt:
+                stale.append((os.path.basename(path), prompt))
+    if stale:
+        raise ValueError(f'class_data_dir={config.class_data_dir!r} holds {len(stale)} class image(s) made for '
+                         f'another class prompt ({stale[0][1]!r}, e.g. {stale[0][0]}), not class_prompt='
+                         f'{config.class_prompt!r}. Delete them to have them made again, or pass another '
+                         '--class_data_dir.')
 
 
 def class_image_runs(config: DreamBoothConfig) -> List[Tuple[int, int]]:

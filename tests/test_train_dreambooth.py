@@ -113,6 +113,11 @@ def test_class_images_come_from_the_class_prompt_and_batches_hold_both(tiny_mode
     _train(_config(tiny_model_dir, instance_dir, tmp_path / 'out2', with_prior_preservation=True, num_class_images=3,
                    class_data_dir=str(class_dir), max_train_steps=1, checkpointing_steps=None))
     assert prompts == []
+    # ... but not for another class: they would teach 'a photo of cat' what dogs look like
+    with pytest.raises(ValueError, match="3 class image.*made for another class prompt \\('a photo of dog'"):
+        _train(_config(tiny_model_dir, instance_dir, tmp_path / 'out3', with_prior_preservation=True,
+                       num_class_images=3, class_data_dir=str(class_dir), class_prompt='a photo of cat',
+                       instance_prompt='a photo of sks cat'))
 
 
 def test_class_images_are_split_over_processes_and_refill_any_gap(tiny_model_dir, instance_dir, tmp_path,
