@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -133,16 +134,22 @@ def records_from_image_folder(folder: str, caption: Optional[str] = None) -> Lis
     return records
 
 
+def _read_error(path: str) -> Optional[str]:
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        return f'{path} ({type(err).__name__}: {err})'
+    return None
+
+
 def check_images(records: List[Record], skip_bad: bool) -> List[Record]:
-    """Open every image once before training: a bad file fails now, listed, not after an hour."""
-    good, bad = [], []
-    for record in records:
-        try:
-            with Image.open(record.image) as image:
-                image.load()
-            good.append(record)
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            bad.append(f'{record.image} ({type(err).__name__}: {err})')
+    """Decode every image once before training: a bad file fails now, listed, not after an hour. Threads
+    share the work (decoding releases the GIL): ~9 ms a 1024 px JPEG, 15 minutes for 100k on one core."""
+    with ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
+        errors = list(pool.map(_read_error, [record.image for record in records]))
+    good = [record for record, error in zip(records, errors) if error is None]
+    bad = [error for error in errors if error is not None]
     if bad and not skip_bad:
         raise ValueError(f'{len(bad)} unreadable image(s): {bad[:10]}. Fix or remove them, or pass '
                          '--skip_bad_images to train without them.')
