@@ -37,6 +37,8 @@ class TrainConfig:
     resolution: int = _help('training size in pixels (multiple of 8)', default=512)
     center_crop: bool = _help('center crop instead of a random crop', default=False)
     random_flip: bool = _help('flip images horizontally at random', default=False)
+    enable_bucket: bool = _help('aspect-ratio buckets (kohya\'s flag): each image trains at the size of about '
+                                'resolution² pixels nearest its shape, not as a cropped square', default=False)
     skip_bad_images: bool = _help('skip unreadable images (counted in the log) instead of failing', default=False)
     dataloader_num_workers: int = _help('data loading processes (0: in the main process)', default=0)
     # output
@@ -221,6 +223,9 @@ class DreamBoothConfig(LoraOptions, TrainConfig):
                                  'it must describe the class in general.')
             if self.class_prompt.strip() == self.instance_prompt.strip():
                 raise ValueError('class_prompt equals instance_prompt: the class prompt must not name the subject.')
+            if self.enable_bucket:
+                raise ValueError('enable_bucket does not combine with with_prior_preservation: each batch pairs '
+                                 'an instance image with a class image of the same size. Drop one of the two.')
         if self.num_class_images < 1:
             raise ValueError(f'num_class_images={self.num_class_images} must be >= 1.')
         if self.prior_loss_weight < 0:

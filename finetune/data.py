@@ -9,7 +9,7 @@ import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 from modelscope_sd.images import to_rgb
 from modelscope_sd.prompts import CHUNK, window_ids
 
+from .buckets import assign_buckets, size_step
 from .diffusion import encode_prompt_ids
 
 logger = logging.getLogger(__name__)
@@ -161,18 +162,21 @@ def check_images(records: List[Record], skip_bad: bool) -> List[Record]:
 
 
 # ---------------------------------------------------------------- images to tensors
-def prepare_image(path: str, resolution: int, center_crop: bool, flip: bool, rng: random.Random) -> torch.Tensor:
-    """Resize the short side to ``resolution``, crop a square, optionally flip; [-1, 1] CHW float."""
+def prepare_image(path: str, resolution: Union[int, Tuple[int, int]], center_crop: bool, flip: bool,
+                  rng: random.Random) -> torch.Tensor:
+    """Resize to cover ``resolution`` (a square side, or an aspect bucket's (width, height)), crop it out,
+    optionally flip; [-1, 1] CHW float."""
+    width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
     with Image.open(path) as raw:
         image = to_rgb(raw)
-    scale = resolution / min(image.size)
-    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    scale = max(width / image.width, height / image.height)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
     image = image.resize(size, Image.BILINEAR)
     if center_crop:
-        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+        left, top = (image.width - width) // 2, (image.height - height) // 2
     else:
-        left, top = rng.randint(0, image.width - resolution), rng.randint(0, image.height - resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
+        left, top = rng.randint(0, image.width - width), rng.randint(0, image.height - height)
+    image = image.crop((left, top, left + width, top + height))
     if flip and rng.random() < 0.5:
         image = ImageOps.mirror(image)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
@@ -194,11 +198,13 @@ def report_long_captions(records: List[Record], tokenizer, max_windows: int) -> 
 
 
 class CaptionDataset(torch.utils.data.Dataset):
-    """Indexed by (epoch, i) from ``EpochSampler``: augmentation is a function of (seed, epoch, i)."""
+    """Indexed by (epoch, i) from ``EpochSampler``: augmentation is a function of (seed, epoch, i). With
+    ``targets`` (aspect buckets, one (width, height) per record) images take their bucket's size, not a square."""
 
     def __init__(self, records: List[Record], tokenizer, resolution: int, center_crop: bool = False,
-                 random_flip: bool = False, seed: int = 0, max_windows: int = 1):
-        self.records = records
+                 random_flip: bool = False, seed: int = 0, max_windows: int = 1,
+                 targets: Optional[List[Tuple[int, int]]] = None):
+        self.records, self.targets = records, targets
         self.tokenizer = tokenizer
         self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
         self.max_windows = max_windows
@@ -219,8 +225,18 @@ class CaptionDataset(torch.utils.data.Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         record = self.records[index]
         rng = random.Random(f'{self.seed}-{epoch}-{index}')
-        return {'pixel_values': prepare_image(record.image, self.resolution, self.center_crop, self.random_flip, rng),
+        size = self.resolution if self.targets is None else self.targets[index]
+        return {'pixel_values': prepare_image(record.image, size, self.center_crop, self.random_flip, rng),
                 'input_ids': self.tokenize(record.caption)}
+
+
+def training_dataset(config, records: List[Record], tokenizer, unet) -> CaptionDataset:
+    """A trainer's dataset: the config's size, crop, flip, seed and caption windows, and with
+    ``--enable_bucket`` each image's aspect bucket."""
+    targets = (assign_buckets([r.image for r in records], config.resolution, size_step(unet))
+               if config.enable_bucket else None)
+    return CaptionDataset(records, tokenizer, config.resolution, config.center_crop, config.random_flip,
+                          config.seed, config.max_token_length // CHUNK, targets)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -299,7 +315,7 @@ class CachedDataset(torch.utils.data.Dataset):
     def __init__(self, dataset: CaptionDataset, vae, text_encoder=None, on_device: bool = False):
         self.items = []
         used = 0
-        self.empty = dict(dataset.empty)
+        self.empty, self.targets = dict(dataset.empty), dataset.targets
         with torch.no_grad():
             if text_encoder is not None:
                 ids = self.empty['input_ids'][None].to(text_encoder.device)

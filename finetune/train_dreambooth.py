@@ -20,13 +20,12 @@ from typing import List, Optional, Tuple
 
 from finetune.checkpoint import TEMP_PREFIX
 from finetune.config import DreamBoothConfig, parse_args
-from finetune.data import (CaptionDataset, PriorPreservationDataset, check_images, image_paths, load_records,
-                           records_from_image_folder)
+from finetune.data import (PriorPreservationDataset, check_images, image_paths, load_records,
+                           records_from_image_folder, training_dataset)
 from finetune.models import load_components, save_lora, training_metadata
 from finetune.training import prepare_models, render_result, start_run, train_loop, validation_pipeline_factory
 from modelscope_sd.constants import MODEL_INDEX
 from modelscope_sd.loading import write_configuration
-from modelscope_sd.prompts import CHUNK
 from modelscope_sd.single_file import save_single_file
 
 logger = logging.getLogger('finetune.train_dreambooth')
@@ -47,8 +46,7 @@ def main(config: DreamBoothConfig, notes: Optional[List[str]] = None) -> str:
     trained = prepare_models(accelerator, config, parts, lora=config.use_lora)
 
     def dataset(records):
-        return CaptionDataset(records, parts['tokenizer'], config.resolution, config.center_crop,
-                              config.random_flip, config.seed, config.max_token_length // CHUNK)
+        return training_dataset(config, records, parts['tokenizer'], parts['unet'])
 
     data = dataset(instance)
     if config.with_prior_preservation:

@@ -14,11 +14,10 @@ import sys
 from typing import List, Optional
 
 from finetune.config import LoraTrainConfig, parse_args
-from finetune.data import CaptionDataset, check_images, load_records
+from finetune.data import check_images, load_records, training_dataset
 from finetune.models import load_components, save_lora, training_metadata
 from finetune.training import prepare_models, render_result, start_run, train_loop, validation_pipeline_factory
 from modelscope_sd.constants import LORA_WEIGHT_NAME
-from modelscope_sd.prompts import CHUNK
 
 logger = logging.getLogger('finetune.train_lora')
 RESULT_IMAGE = 'lora_result.png'
@@ -35,8 +34,7 @@ def main(config: LoraTrainConfig, notes: Optional[List[str]] = None) -> str:
     trained = prepare_models(accelerator, config, parts, lora=True)
 
     def dataset(items):
-        return CaptionDataset(items, parts['tokenizer'], config.resolution, config.center_crop,
-                              config.random_flip, config.seed, config.max_token_length // CHUNK)
+        return training_dataset(config, items, parts['tokenizer'], parts['unet'])
 
     train_loop(accelerator, config, parts, trained, dataset(records),
                validation_dataset=dataset(check_images(validation, config.skip_bad_images)) if validation else None,

@@ -15,6 +15,7 @@ from modelscope_sd import prompts
 from .checkpoint import (check_resume_settings, find_checkpoint, read_state, remove_partial_writes,
                          save_checkpoint)
 from .config import target_module_list
+from .buckets import BucketBatchSampler
 from .data import EpochSampler, cache_dataset, collate
 from .diffusion import denoising_loss
 from .interrupt import StopRequests, TrainingInterrupted, ignore_stop_signals, restore_ctrl_c
@@ -183,6 +184,21 @@ def render_result(prompt: str, seed: int, filename: str, model: str, revision: O
     return path
 
 
+def make_loader(dataset, batch_size: int, seed: int, shuffle: bool = True, num_workers: int = 0):
+    """(loader, sampler): batches of one aspect bucket when the dataset has bucket ``targets``
+    (--enable_bucket), else a seeded shuffle; either sampler's ``start_epoch`` sets the epoch and the skip.
+    Unshuffled (validation) bucket batches are not topped up: each image counts once."""
+    if getattr(dataset, 'targets', None) is not None:
+        sampler = BucketBatchSampler(dataset.targets, batch_size, seed, shuffle, full=shuffle)
+        batching = {'batch_sampler': sampler}
+    else:
+        sampler = EpochSampler(len(dataset), seed, shuffle)
+        batching = {'batch_size': batch_size, 'sampler': sampler}
+    loader = torch.utils.data.DataLoader(dataset, collate_fn=getattr(dataset, 'collate', collate),
+                                         num_workers=num_workers, worker_init_fn=ignore_stop_signals, **batching)
+    return loader, sampler
+
+
 def step_seed(seed: int, micro_step: int, process: int) -> int:
     return (seed * 1_000_003 + micro_step) * 64 + process
 
@@ -200,10 +216,8 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
     if config.cache_latents:
         dataset = cache_dataset(dataset, vae, None if any(m is text_encoder for m in trained) else text_encoder,
                                 on_device=config.dataloader_num_workers == 0)
-    sampler = EpochSampler(len(dataset), config.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler,
-                                         collate_fn=getattr(dataset, 'collate', collate),
-                                         num_workers=config.dataloader_num_workers, worker_init_fn=ignore_stop_signals)
+    loader, sampler = make_loader(dataset, config.train_batch_size, config.seed,
+                                  num_workers=config.dataloader_num_workers)
     # accelerate shards the loader over the processes (padding the last round): each epoch is this many
     # batches per process, and that, not len(loader), sets the optimizer steps per epoch
     batches = len(loader)
@@ -349,9 +363,7 @@ def _validate(accelerator, config, parts, make_pipeline, validation_dataset, ste
 
 
 def validation_loss(accelerator, config, parts, dataset) -> float:
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size,
-                                         sampler=EpochSampler(len(dataset), config.seed, shuffle=False),
-                                         collate_fn=getattr(dataset, 'collate', collate))
+    loader, _ = make_loader(dataset, config.train_batch_size, config.seed, shuffle=False)
     torch.manual_seed(config.seed)
     total, count = 0.0, 0
     for batch in loader:

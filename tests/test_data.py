@@ -115,3 +115,56 @@ def test_long_caption_training_encoding_is_the_pipelines(sd_pipe):
         training = encode_prompt_ids(sd.text_encoder, ids)
     assert training.shape == (1, 154, sd.text_encoder.config.hidden_size)
     assert torch.allclose(training, prompts.encode(sd, [caption], None, 2), atol=1e-6)
+
+
+# ---------------------------------------------------------------- aspect-ratio buckets
+def test_bucket_sizes_are_steps_of_about_resolution_squared_pixels():
+    from finetune.buckets import bucket_sizes
+    sizes = bucket_sizes(512, 64)
+    assert (512, 512) in sizes and (768, 320) in sizes and (320, 768) in sizes and (1024, 256) in sizes
+    assert all(w % 64 == 0 and h % 64 == 0 and w * h <= 512 * 512 and 256 <= min(w, h) <= max(w, h) <= 1024
+               for w, h in sizes)
+    assert all((h, w) in sizes for w, h in sizes)
+
+
+def test_images_go_to_the_bucket_of_their_shape_exif_rotation_included(tmp_path):
+    from finetune.buckets import assign_buckets
+    Image.new('RGB', (80, 30)).save(tmp_path / 'landscape.png')
+    Image.new('RGB', (30, 80)).save(tmp_path / 'portrait.png')
+    Image.new('RGB', (50, 50)).save(tmp_path / 'square.png')
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated by 90°: a portrait
+    Image.new('RGB', (80, 30)).save(tmp_path / 'rotated.jpg', exif=exif)
+    paths = [str(tmp_path / n) for n in ('landscape.png', 'portrait.png', 'square.png', 'rotated.jpg')]
+    assert assign_buckets(paths, 32, 16) == [(48, 16), (16, 48), (32, 32), (16, 48)]
+    tensor = prepare_image(paths[0], (48, 16), center_crop=True, flip=False, rng=None)
+    assert tensor.shape == (3, 16, 48)
+
+
+def test_bucket_batches_are_one_bucket_each_full_seeded_and_skippable():
+    from finetune.buckets import BucketBatchSampler
+    targets = [(48, 16)] * 5 + [(16, 48)] * 2 + [(32, 32)]
+    sampler = BucketBatchSampler(targets, batch_size=2, seed=3)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 5  # 3 + 1 + 1
+    assert all(len(b) == 2 and len({targets[i] for _, i in b}) == 1 for b in batches)
+    assert {i for b in batches for _, i in b} == set(range(8))  # short batches topped up from their own bucket
+    assert list(sampler) == batches
+    sampler.start_epoch(1)
+    assert list(sampler) != batches and all(epoch == 1 for b in sampler for epoch, _ in b)
+    epoch_one = list(sampler)
+    sampler.start_epoch(1, skip=4)  # two batches of two done before a resume
+    assert list(sampler) == epoch_one[2:] and len(sampler) == 3
+    unshuffled = BucketBatchSampler(targets, batch_size=2, seed=3, shuffle=False, full=False)
+    assert sorted(len(b) for b in unshuffled) == [1, 1, 2, 2, 2]  # validation: every image once
+
+
+def test_accelerate_deals_bucket_batches_to_processes_without_mixing_buckets():
+    from accelerate.data_loader import BatchSamplerShard
+
+    from finetune.buckets import BucketBatchSampler
+    targets = [(48, 16)] * 5 + [(16, 48)] * 2 + [(32, 32)]
+    sampler = BucketBatchSampler(targets, batch_size=2, seed=3)
+    shards = [list(BatchSamplerShard(sampler, 2, rank, split_batches=False, even_batches=True)) for rank in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 3  # 5 batches, the last round filled
+    assert all(len(b) == 2 and len({targets[i] for _, i in b}) == 1 for shard in shards for b in shard)

@@ -253,6 +253,7 @@ def test_modelscope_example_command_line_runs_unchanged(tiny_model_dir, instance
     (dict(optimizer='adafactor', use_8bit_adam=True), ValueError, 'use_8bit_adam applies to optimizer=adamw'),
     (dict(use_lora=True, export_checkpoint=True), ValueError, 'pass --export_kohya'),
     (dict(with_prior_preservation=True, class_data_dir='INSTANCE'), ValueError, 'is the instance folder'),
+    (dict(with_prior_preservation=True, enable_bucket=True), ValueError, 'enable_bucket does not combine'),
 ])
 def test_bad_config(instance_dir, tmp_path, kwargs, error, message):
     if kwargs.get('class_data_dir') == 'INSTANCE':

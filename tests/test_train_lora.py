@@ -149,6 +149,30 @@ def test_trainer_takes_back_the_ctrl_c_its_launcher_ignores(tiny_model_dir, csv_
         signal.signal(signal.SIGINT, before)
 
 
+def test_enable_bucket_trains_each_image_at_its_bucket_size_and_resumes_exactly(tiny_model_dir, tmp_path,
+                                                                                 monkeypatch):
+    import finetune.training as training
+    data = tmp_path / 'images'
+    data.mkdir()
+    for i, size in enumerate([(80, 30), (90, 30), (30, 80), (30, 90)]):
+        Image.new('RGB', size, (60 * i, 100, 200)).save(data / f'img{i}.png')
+        (data / f'img{i}.txt').write_text(f'a photo {i}')
+    settings = dict(enable_bucket=True, train_batch_size=2, max_train_steps=4, checkpointing_steps=3)
+    shapes, real_loss = [], training.denoising_loss
+    monkeypatch.setattr(training, 'denoising_loss', lambda *a, **kw: shapes.append(a[4]['pixel_values'].shape)
+                        or real_loss(*a, **kw))
+    reference = load_file(_train(_config(tiny_model_dir, str(data), tmp_path / 'a', **settings)))
+    assert {tuple(s) for s in shapes} == {(2, 3, 16, 48), (2, 3, 48, 16)}  # landscapes and portraits, uncropped
+    monkeypatch.undo()
+    revive = kill_at_loss_call(monkeypatch, 4)  # in step 4: resume from step 3, one batch into the second epoch
+    with pytest.raises(Killed):
+        _train(_config(tiny_model_dir, str(data), tmp_path / 'b', **settings))
+    revive()
+    resumed = load_file(_train(_config(tiny_model_dir, str(data), tmp_path / 'b', resume_from_checkpoint='latest',
+                                       **settings)))
+    _assert_same_adapter(resumed, reference)
+
+
 def test_a_second_ctrl_c_quits_without_saving(tiny_model_dir, csv_dataset, tmp_path, monkeypatch):
     import finetune.interrupt
     monkeypatch.setattr(finetune.interrupt, 'SAME_REQUEST_S', -1.0)  # no waiting a second between the two
