@@ -47,6 +47,9 @@ def _generate_parser(sub):
     parser.add_argument('--clip_skip', type=int)
     parser.add_argument('--lora', type=_lora, action='append', default=[], metavar='PATH[=SCALE]',
                         help='LoRA adapter (diffusers or kohya), repeatable')
+    parser.add_argument('--textual_inversion', action='append', default=[], metavar='PATH',
+                        help='embedding file (A1111 or diffusers), used by writing its file name in the prompt or '
+                             'negative prompt; repeatable')
     parser.add_argument('--image', help='start image (image-to-image)')
     parser.add_argument('--mask_image', help='mask (inpainting; white repaints)')
     parser.add_argument('--strength', type=float)
@@ -61,11 +64,12 @@ def generate(args) -> List[str]:
     from . import metadata
     from .pipeline import StableDiffusionText2ImagePipeline
 
-    call, model, loras = {}, args.model, list(args.lora)
+    call, model, loras, embeddings = {}, args.model, list(args.lora), list(args.textual_inversion)
     if args.from_png:
         saved = metadata.read_png(args.from_png)
         call, model = saved['call'], model or saved['model']
         loras = loras or list(zip(saved['lora_dir'], saved['lora_scale']))
+        embeddings = embeddings or saved['textual_inversion']
     elif not args.prompt:
         raise SystemExit('modelscope-sd generate: --prompt is required (or --from_png FILE).')
     overrides = {'text': args.prompt, 'negative_prompt': args.negative_prompt,
@@ -81,12 +85,12 @@ def generate(args) -> List[str]:
     pipe = StableDiffusionText2ImagePipeline(
         model, model_revision=revision, device=args.device, local_files_only=args.local_files_only,
         lora_dir=[path for path, _ in loras] or None, lora_scale=[scale for _, scale in loras] or 1.0,
-        fast=args.fast)
+        textual_inversion=embeddings or None, fast=args.fast)
     os.makedirs(args.output_dir, exist_ok=True)
     paths = []
     for part in _batches(call, args.batch_size):
         output = pipe(part)
-        texts = metadata.describe_outputs(pipe, part, output, model, loras)
+        texts = metadata.describe_outputs(pipe, part, output, model, loras, embeddings)
         for i, (image, text) in enumerate(zip(output['output_imgs'], texts)):
             name = f"{output['seeds'][i]}.png" if output.get('seeds') else f'{len(paths)}.png'
             paths.append(metadata.save_png(os.path.join(args.output_dir, name), image, text))

@@ -45,7 +45,7 @@ def _quote(value: str) -> str:
 def format_parameters(prompt: str, negative_prompt: Optional[str], steps: int, scheduler: str,
                       guidance_scale: float, seed: Optional[int], width: int, height: int, model: str,
                       loras: Sequence[Tuple[str, float]] = (), clip_skip: Optional[int] = None,
-                      strength: Optional[float] = None) -> str:
+                      strength: Optional[float] = None, embeddings: Sequence[str] = ()) -> str:
     lines = [prompt]
     if negative_prompt:
         lines.append(f'Negative prompt: {negative_prompt}')
@@ -57,6 +57,8 @@ def format_parameters(prompt: str, negative_prompt: Optional[str], steps: int, s
         fields.append(('Denoising strength', strength))
     if loras:
         fields.append(('Lora', '; '.join(f'{path}={scale}' for path, scale in loras)))
+    if embeddings:  # our key: A1111's "TI hashes" name files by hash, which cannot be loaded back
+        fields.append(('Textual inversion', '; '.join(embeddings)))
     lines.append(', '.join(f'{key}: {_quote(str(value))}' for key, value in fields if value is not None))
     return '\n'.join(lines)
 
@@ -70,7 +72,7 @@ def _sampler(sampler: str, schedule: Optional[str]) -> str:
 
 def parse_parameters(text: str) -> Dict[str, Any]:
     """A1111 ``parameters`` text → {'call': options for the pipeline call, 'model': ..., 'lora_dir': [...],
-    'lora_scale': [...]}."""
+    'lora_scale': [...], 'textual_inversion': [...]}."""
     lines = text.strip('\n').split('\n')
     params = {k.strip(): (json.loads(v) if v.startswith('"') else v.strip()) for k, v in _PARAM.findall(lines[-1])}
     if 'Steps' not in params:
@@ -91,8 +93,9 @@ def parse_parameters(text: str) -> Dict[str, Any]:
     if 'Denoising strength' in params and 'Hires upscale' not in params:  # else: the strength of A1111's hires pass
         call['strength'] = float(params['Denoising strength'])
     loras = [item.rsplit('=', 1) for item in params['Lora'].split('; ')] if params.get('Lora') else []
+    embeddings = params['Textual inversion'].split('; ') if params.get('Textual inversion') else []
     return {'call': call, 'model': params.get('Model'), 'lora_dir': [p for p, _ in loras],
-            'lora_scale': [float(s) for _, s in loras]}
+            'lora_scale': [float(s) for _, s in loras], 'textual_inversion': embeddings}
 
 
 def save_png(path: str, image_bgr: np.ndarray, parameters: str) -> str:
@@ -126,7 +129,7 @@ def read_png(path: str) -> Dict[str, Any]:
 
 
 def describe_outputs(pipe, options: Dict[str, Any], output: Dict[str, Any], model: str,
-                     loras: List[Tuple[str, float]]) -> List[str]:
+                     loras: List[Tuple[str, float]], embeddings: Sequence[str] = ()) -> List[str]:
     """One ``parameters`` text per image of a call, each with that image's own seed."""
     texts = []
     scheduler = scheduler_name(options.get('scheduler') or pipe.base_scheduler)
@@ -139,5 +142,5 @@ def describe_outputs(pipe, options: Dict[str, Any], output: Dict[str, Any], mode
         texts.append(format_parameters(
             prompts[i // per_prompt], negatives[i // per_prompt], options.get('num_inference_steps', 50),
             scheduler, options.get('guidance_scale', 7.5), seeds[i] if seeds else None, image.shape[1],
-            image.shape[0], model, loras, options.get('clip_skip'), options.get('strength')))
+            image.shape[0], model, loras, options.get('clip_skip'), options.get('strength'), embeddings))
     return texts

@@ -17,6 +17,7 @@ from PIL import Image
 from . import images as images_lib
 from . import lora as lora_utils
 from . import prompts as prompts_lib
+from .embeddings import load_embeddings
 from .loading import load_pipeline, resolve_device
 from .schedulers import make_scheduler
 
@@ -75,6 +76,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         progress_bar: show a tqdm bar over the denoising steps (each call can override it).
         lora_dir: a LoRA adapter (folder or file, diffusers/peft or kohya/A1111 format), or a list of them.
         lora_scale: the adapter weight, or one weight per adapter.
+        textual_inversion: embedding file(s) (A1111 or diffusers), each used by writing its file name in a prompt
+            (e.g. ``negative_prompt='EasyNegative'``), or {word: path}.
         fuse_lora: merge the adapters into the weights once, for speed (scales are then fixed).
         fast: fused QKV, channels_last, and torch.compile of the whole denoising step, captured as CUDA
             graphs on CUDA (adapters are fused). The first call per size and batch compiles; later calls, other
@@ -87,12 +90,13 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                  allow_pickle: bool = False, load_safety_checker: bool = True,
                  local_files_only: bool = False, progress_bar: bool = True,
                  lora_dir=None, lora_scale: Union[float, List[float]] = 1.0, fuse_lora: bool = False,
-                 fast: bool = False, compile_mode: str = 'reduce-overhead', trust_remote_code: bool = False,
-                 **kwargs):
+                 textual_inversion=None, fast: bool = False, compile_mode: str = 'reduce-overhead',
+                 trust_remote_code: bool = False, **kwargs):
         if kwargs:
             raise ValueError(_unknown_message('pipeline argument', kwargs, [
                 'device', 'torch_dtype', 'model_revision', 'config', 'allow_pickle', 'load_safety_checker',
-                'local_files_only', 'progress_bar', 'lora_dir', 'lora_scale', 'fuse_lora', 'fast', 'compile_mode']))
+                'local_files_only', 'progress_bar', 'lora_dir', 'lora_scale', 'fuse_lora', 'textual_inversion',
+                'fast', 'compile_mode']))
         if torch_type is not None and torch_dtype is not None:
             raise ValueError('Pass torch_dtype or its alias torch_type, not both.')
         # ModelScope's Pipeline.__init__ would build a ModelScope Model from configuration.json (and import
@@ -118,6 +122,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         self.adapters = lora_utils.load_adapters(self.sd, lora_dir, lora_scale, fuse=fuse_lora)
         self.lora_scales = lora_utils.check_scales(lora_scale, self.adapters) if self.adapters else []
         self.lora_fused = fuse_lora and lora_dir is not None
+        self.embeddings = load_embeddings(self.sd, textual_inversion, allow_pickle)  # words to use in prompts
         self.denoiser = None  # fast=True: the whole-step compiled text-to-image loop
         # one call at a time: a call sets the shared scheduler's timesteps and state, the adapter scales, and
         # (fast=True) replays CUDA graphs over static buffers, so calls from a web server's threads would

@@ -133,13 +133,17 @@ def text_inputs(pipe, prompt: Union[str, List[str]], negative_prompt: Union[str,
     exact encoding); longer or weighted ones as embeddings in 75-token windows with per-token weights."""
     prompts = prompt if isinstance(prompt, list) else [prompt]
     negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ''] * len(prompts)
-    if not any(needs_long_path(pipe.tokenizer, t) for t in prompts + negatives):
+    # a textual-inversion word of n vectors stands for n tokens: 'word word_1 … word_{n-1}'. diffusers expands it
+    # itself on its own path, so only the length check and our encoding see the expanded text
+    expand = getattr(pipe, 'maybe_convert_prompt', lambda text, tokenizer: text)
+    expanded = [expand(t, pipe.tokenizer) if t else t for t in prompts + negatives]
+    if not any(needs_long_path(pipe.tokenizer, t) for t in expanded):
         # lists on both sides: diffusers refuses a str beside a list
         return {'prompt': prompts, 'negative_prompt': None if negative_prompt is None else negatives,
                 'clip_skip': clip_skip}
-    windows = window_count(pipe.tokenizer, prompts + negatives)
-    return {'prompt_embeds': encode(pipe, prompts, clip_skip, windows),
-            'negative_prompt_embeds': encode(pipe, negatives, clip_skip, windows)}
+    windows = window_count(pipe.tokenizer, expanded)
+    return {'prompt_embeds': encode(pipe, expanded[:len(prompts)], clip_skip, windows),
+            'negative_prompt_embeds': encode(pipe, expanded[len(prompts):], clip_skip, windows)}
 
 
 def window_count(tokenizer, texts: List[Optional[str]]) -> int:
