@@ -210,6 +210,29 @@ def test_a_kill_while_saving_never_leaves_a_complete_looking_checkpoint(tiny_mod
     assert sorted(os.listdir(tmp_path / 'out')) == ['checkpoint-4', 'pytorch_lora_weights.safetensors']
 
 
+def test_sd2_style_v_prediction_model_trains_on_velocity_and_generates_as_diffusers(csv_dataset, tmp_path,
+                                                                                     monkeypatch):
+    """SD 2.x differs in what the UNet predicts (v), its attention layout and scheduler: nothing here assumes SD1."""
+    import finetune.training as training
+    from diffusers import StableDiffusionPipeline
+
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    from tiny_sd import build_tiny_sd
+    model = build_tiny_sd(str(tmp_path / 'sd2'), safety_checker=False, sd2=True)
+    targets, real_loss = [], training.denoising_loss
+    monkeypatch.setattr(training, 'denoising_loss', lambda *a, **kw: targets.append(a[3].config.prediction_type)
+                        or real_loss(*a, **kw))
+    _train(_config(model, csv_dataset, tmp_path / 'out', max_train_steps=2, learning_rate=5e-2))
+    assert targets and set(targets) == {'v_prediction'}  # training and validation-loss steps
+    args = dict(num_inference_steps=3, seed=0)
+    base = StableDiffusionText2ImagePipeline(model, device='cpu', progress_bar=False)('a photo', **args)
+    vanilla = StableDiffusionPipeline.from_pretrained(model)('a photo', num_inference_steps=3, output_type='np',
+                                                             generator=[torch.Generator().manual_seed(0)]).images[0]
+    assert np.abs(base['output_imgs'][0].astype(int) - (vanilla * 255).round().astype(int)[..., ::-1]).max() <= 1
+    tuned = StableDiffusionText2ImagePipeline(model, device='cpu', progress_bar=False, lora_dir=str(tmp_path / 'out'))
+    assert np.abs(tuned('a photo', **args)['output_imgs'][0].astype(int) - base['output_imgs'][0].astype(int)).max() > 0
+
+
 def test_kohya_export_is_written_and_loads(tiny_model_dir, csv_dataset, tmp_path):
     from modelscope_sd import StableDiffusionText2ImagePipeline
     _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'out', export_kohya=True, max_train_steps=2,

@@ -72,10 +72,18 @@ def tiny_components(workdir: str, seed: int = 0, safety_checker: bool = True, in
     return components
 
 
-def build_tiny_sd(path: str, seed: int = 0, safety_checker: bool = True, configuration: bool = True) -> str:
-    """Write a complete diffusers folder (plus ModelScope's configuration.json) to ``path``."""
-    from diffusers import StableDiffusionPipeline
+def build_tiny_sd(path: str, seed: int = 0, safety_checker: bool = True, configuration: bool = True,
+                  sd2: bool = False) -> str:
+    """Write a complete diffusers folder (plus ModelScope's configuration.json) to ``path``. ``sd2``: SD 2.x's
+    differences instead: v-prediction with DDIM, linear projections and per-block head counts in the UNet."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     components = tiny_components(os.path.join(path, '.tok'), seed=seed, safety_checker=safety_checker)
+    if sd2:
+        unet = components['unet']
+        components['unet'] = UNet2DConditionModel(**{**unet.config, 'attention_head_dim': (2, 4),
+                                                     'use_linear_projection': True})
+        components['scheduler'] = DDIMScheduler.from_config({**SD15_SCHEDULER_CONFIG,
+                                                             'prediction_type': 'v_prediction'})
     pipe = StableDiffusionPipeline(**components, requires_safety_checker=safety_checker)
     pipe.save_pretrained(path)
     if configuration:  # as the hub repo AI-ModelScope/stable-diffusion-v1-5 has it
