@@ -77,7 +77,8 @@ class TrainConfig:
                                   '(kohya\'s values): a longer caption is encoded in 75-token windows side by side, '
                                   'as the pipeline encodes long prompts', default=75)
     cache_latents: bool = _help('encode images (and prompts, unless the text encoder trains) once before '
-                                'training; needs --center_crop and no --random_flip', default=False)
+                                'training; needs --center_crop (with --random_flip both orientations are cached)',
+                                default=False)
     # checkpoints
     checkpointing_steps: Optional[int] = _help('save a resumable checkpoint every N steps', default=500)
     checkpointing_epochs: Optional[int] = _help('save a resumable checkpoint every N epochs', default=None)
@@ -129,9 +130,9 @@ class TrainConfig:
             raise ValueError(f"prediction_type={self.prediction_type!r} must be 'epsilon' or 'v_prediction'.")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f'snr_gamma={self.snr_gamma} must be > 0 (5.0 is usual), or unset.')
-        if self.cache_latents and (self.random_flip or not self.center_crop):
-            raise ValueError('cache_latents needs fixed images: pass --center_crop and drop --random_flip '
-                             '(random crops and flips change the latents every epoch).')
+        if self.cache_latents and not self.center_crop:
+            raise ValueError('cache_latents needs --center_crop: a random crop changes the latents every epoch '
+                             '(--random_flip is fine: both orientations are cached).')
         if self.dataloader_num_workers < 0:
             raise ValueError(f'dataloader_num_workers={self.dataloader_num_workers} must be >= 0.')
         if self.report_to is not None:

@@ -223,11 +223,22 @@ class CaptionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        record = self.records[index]
-        rng = random.Random(f'{self.seed}-{epoch}-{index}')
+        return {'pixel_values': self.pixels(index, self._rng(epoch, index), self.random_flip),
+                'input_ids': self.tokenize(self.records[index].caption)}
+
+    def _rng(self, epoch: int, index: int) -> random.Random:
+        return random.Random(f'{self.seed}-{epoch}-{index}')
+
+    def pixels(self, index: int, rng: Optional[random.Random], flip) -> torch.Tensor:
+        """Image ``index`` at its size: ``flip`` True/False, or ``rng``'s draw when ``random_flip``."""
         size = self.resolution if self.targets is None else self.targets[index]
-        return {'pixel_values': prepare_image(record.image, size, self.center_crop, self.random_flip, rng),
-                'input_ids': self.tokenize(record.caption)}
+        return prepare_image(self.records[index].image, size, self.center_crop, flip, rng)
+
+    def flipped(self, epoch: int, index: int) -> bool:
+        """Whether ``__getitem__`` flips this image this epoch. Only with a centre crop (which draws nothing
+        before the flip): a random crop's draws depend on the image."""
+        assert self.center_crop, 'flipped() needs center_crop'
+        return self.random_flip and self._rng(epoch, index).random() < 0.5
 
 
 def training_dataset(config, records: List[Record], tokenizer, unet) -> CaptionDataset:
@@ -306,6 +317,7 @@ class PriorPreservationDataset(torch.utils.data.Dataset):
 class CachedDataset(torch.utils.data.Dataset):
     """A ``CaptionDataset`` whose images were encoded once: each item holds the VAE posterior's parameters
     (a fresh latent is still sampled every step) and, with ``text_encoder``, the prompt embedding. With
+    ``random_flip`` both orientations are encoded, and each epoch takes the one the dataset's flip would. With
     ``on_device`` they stay where the VAE is, up to ``DEVICE_CACHE_BYTES``, so a step copies nothing from host
     memory (a copy from pageable memory makes the CPU wait for the GPU); a DataLoader with workers needs them
     in host memory."""
@@ -316,18 +328,21 @@ class CachedDataset(torch.utils.data.Dataset):
         self.items = []
         used = 0
         self.empty, self.targets = dict(dataset.empty), dataset.targets
+        self.flipped = dataset.flipped if dataset.random_flip else None
         with torch.no_grad():
             if text_encoder is not None:
                 ids = self.empty['input_ids'][None].to(text_encoder.device)
                 self.empty['encoder_hidden_states'] = encode_prompt_ids(text_encoder, ids)[0]
             for index in range(len(dataset)):
-                item = dataset[(0, index)]
-                pixels = item['pixel_values'][None].to(vae.device, vae.dtype)
+                pixels = dataset.pixels(index, None, flip=False)[None].to(vae.device, vae.dtype)
                 entry = {'latent_params': vae.encode(pixels).latent_dist.parameters[0]}
+                if self.flipped:  # a mirrored crop is the crop mirrored: the same pixels prepare_image flips
+                    entry['flipped_latent_params'] = vae.encode(pixels.flip(-1)).latent_dist.parameters[0]
+                ids = dataset.tokenize(dataset.records[index].caption)
                 if text_encoder is None:
-                    entry['input_ids'] = item['input_ids']
+                    entry['input_ids'] = ids
                 else:
-                    ids = item['input_ids'][None].to(text_encoder.device)
+                    ids = ids[None].to(text_encoder.device)
                     entry['encoder_hidden_states'] = encode_prompt_ids(text_encoder, ids)[0]
                 self.items.append(entry)
                 used += sum(t.numel() * t.element_size() for t in entry.values())
@@ -343,7 +358,12 @@ class CachedDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, key):
-        return self.items[key[1] if isinstance(key, tuple) else key]
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        item = dict(self.items[index])
+        flipped = item.pop('flipped_latent_params', None)
+        if flipped is not None and self.flipped(epoch, index):
+            item['latent_params'] = flipped
+        return item
 
     def collate(self, examples):
         return collate(examples, self.empty)
