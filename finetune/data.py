@@ -229,8 +229,8 @@ class CaptionDataset(torch.utils.data.Dataset):
     def _rng(self, epoch: int, index: int) -> random.Random:
         return random.Random(f'{self.seed}-{epoch}-{index}')
 
-    def pixels(self, index: int, rng: Optional[random.Random], flip) -> torch.Tensor:
-        """Image ``index`` at its size: ``flip`` True/False, or ``rng``'s draw when ``random_flip``."""
+    def pixels(self, index: int, rng: Optional[random.Random], flip: bool) -> torch.Tensor:
+        """Image ``index`` at its size, cropped and (with ``flip``) mirrored half the time, as ``rng`` draws."""
         size = self.resolution if self.targets is None else self.targets[index]
         return prepare_image(self.records[index].image, size, self.center_crop, flip, rng)
 

@@ -12,10 +12,10 @@ from tqdm.auto import tqdm
 
 from modelscope_sd import prompts
 
+from .buckets import BucketBatchSampler
 from .checkpoint import (check_resume_settings, find_checkpoint, read_state, remove_partial_writes,
                          save_checkpoint)
 from .config import target_module_list
-from .buckets import BucketBatchSampler
 from .data import EpochSampler, cache_dataset, collate
 from .diffusion import denoising_loss
 from .interrupt import StopRequests, TrainingInterrupted, ignore_stop_signals, restore_ctrl_c
