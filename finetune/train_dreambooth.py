@@ -23,7 +23,8 @@ from finetune.config import DreamBoothConfig, parse_args
 from finetune.data import (PriorPreservationDataset, check_images, image_paths, load_records,
                            records_from_image_folder, training_dataset)
 from finetune.models import load_components, save_lora, training_metadata
-from finetune.training import prepare_models, render_result, start_run, train_loop, validation_pipeline_factory
+from finetune.training import (log_how_to_load, prepare_models, render_result, start_run, train_loop,
+                               validation_pipeline_factory)
 from modelscope_sd.constants import MODEL_INDEX
 from modelscope_sd.loading import write_configuration
 from modelscope_sd.single_file import save_single_file
@@ -67,6 +68,7 @@ def main(config: DreamBoothConfig, notes: Optional[List[str]] = None) -> str:
                                         metadata=training_metadata(config, parts['model_dir']))
                 logger.info('Single-file checkpoint for A1111/ComfyUI: %s', path)
         logger.info('Saved to %s', config.output_dir)
+        log_how_to_load(config, lora=config.use_lora)
         if config.prompt:
             if config.use_lora:
                 render_result(config.prompt, config.seed, RESULT_IMAGE, config.pretrained_model_name_or_path,

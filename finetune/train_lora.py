@@ -16,7 +16,8 @@ from typing import List, Optional
 from finetune.config import LoraTrainConfig, parse_args
 from finetune.data import check_images, load_records, training_dataset
 from finetune.models import load_components, save_lora, training_metadata
-from finetune.training import prepare_models, render_result, start_run, train_loop, validation_pipeline_factory
+from finetune.training import (log_how_to_load, prepare_models, render_result, start_run, train_loop,
+                               validation_pipeline_factory)
 from modelscope_sd.constants import LORA_WEIGHT_NAME
 
 logger = logging.getLogger('finetune.train_lora')
@@ -45,6 +46,7 @@ def main(config: LoraTrainConfig, notes: Optional[List[str]] = None) -> str:
                          accelerator.unwrap_model(parts['text_encoder']) if config.train_text_encoder else None,
                          metadata=training_metadata(config, parts['model_dir']), export_kohya=config.export_kohya)
         logger.info('Adapter saved to %s', path)
+        log_how_to_load(config, lora=True)
         if config.prompt:
             render_result(config.prompt, config.seed, RESULT_IMAGE, config.pretrained_model_name_or_path,
                           config.revision, lora_dir=config.output_dir)

@@ -199,6 +199,18 @@ def make_loader(dataset, batch_size: int, seed: int, shuffle: bool = True, num_w
     return loader, sampler
 
 
+def log_how_to_load(config, lora: bool) -> None:
+    """The lines that use what was just saved, for copying from the log."""
+    out = config.output_dir
+    if lora:
+        logger.info("Load it: pipeline(Tasks.text_to_image_synthesis, model=%r, lora_dir=%r), or "
+                    "modelscope-sd generate --model %s --lora %s --prompt '...'",
+                    config.pretrained_model_name_or_path, out, config.pretrained_model_name_or_path, out)
+    else:
+        logger.info("Load it: pipeline(Tasks.text_to_image_synthesis, model=%r), or "
+                    "modelscope-sd generate --model %s --prompt '...'", out, out)
+
+
 def step_seed(seed: int, micro_step: int, process: int) -> int:
     return (seed * 1_000_003 + micro_step) * 64 + process
 

@@ -114,7 +114,8 @@ def encode(pipe, prompts: List[str], clip_skip: Optional[int], windows: int) -> 
                 states = text_encoder(input_ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
                 hidden = text_encoder.text_model.final_layer_norm(states) if hasattr(
                     text_encoder, 'text_model') else text_encoder.final_layer_norm(states)
-            parts.append(hidden * torch.tensor(chunk_w, device=device, dtype=hidden.dtype)[None, :, None])
+            # hidden.device, not device: an offload hook may have run the encoder elsewhere
+            parts.append(hidden * torch.tensor(chunk_w, device=hidden.device, dtype=hidden.dtype)[None, :, None])
         out.append(torch.cat(parts, dim=1))
     return torch.cat(out).to(pipe.unet.dtype)
 

@@ -50,10 +50,11 @@ def test_full_fine_tune_via_shell_loads_as_model_and_changes_the_image(tiny_mode
     import modelscope_sd
     from modelscope.pipelines import pipeline
     from modelscope.utils.constant import Tasks
-    _bash(['--with_prior_preservation', '--num_class_images', '2', '--class_inference_steps', '2',
-           '--learning_rate', '1e-3', '--export_checkpoint'],
-          {'MODEL': tiny_model_dir, 'INSTANCE_DIR': instance_dir, 'OUTPUT_DIR': str(tmp_path / 'out'),
-           'RESOLUTION': '32', 'MAX_TRAIN_STEPS': '3'}, tmp_path)
+    log = _bash(['--with_prior_preservation', '--num_class_images', '2', '--class_inference_steps', '2',
+                 '--learning_rate', '1e-3', '--export_checkpoint'],
+                {'MODEL': tiny_model_dir, 'INSTANCE_DIR': instance_dir, 'OUTPUT_DIR': str(tmp_path / 'out'),
+                 'RESOLUTION': '32', 'MAX_TRAIN_STEPS': '3'}, tmp_path)
+    assert f"Load it: pipeline(Tasks.text_to_image_synthesis, model={str(tmp_path / 'out')!r})" in log
     pipe = pipeline(task=Tasks.text_to_image_synthesis, model=str(tmp_path / 'out'), device='cpu')
     assert isinstance(pipe, modelscope_sd.StableDiffusionText2ImagePipeline)
     pipe.progress_bar = False

@@ -250,12 +250,18 @@ def _bash(args, env, cwd):
     return run_launcher('run_train_lora.sh', args, env, cwd)
 
 
-def test_shell_launcher_with_environment_overrides(tiny_model_dir, tmp_path):
+def test_shell_launcher_with_environment_overrides(tiny_model_dir, tmp_path, monkeypatch):
     make_images(str(tmp_path / 'images'), count=2)
-    _bash([], {'MODEL': tiny_model_dir, 'DATASET': str(tmp_path / 'images'), 'OUTPUT_DIR': str(tmp_path / 'out'),
-               'RESOLUTION': '32', 'MAX_TRAIN_STEPS': '2', 'RANK': '2'}, tmp_path)
+    log = _bash([], {'MODEL': tiny_model_dir, 'DATASET': str(tmp_path / 'images'), 'OUTPUT_DIR': 'out',
+                     'RESOLUTION': '32', 'MAX_TRAIN_STEPS': '2', 'RANK': '2'}, tmp_path)
     with safe_open(str(tmp_path / 'out' / 'pytorch_lora_weights.safetensors'), framework='pt') as f:
         assert f.metadata()['modelscope_sd.rank'] == '2'
+    # the log ends with how to load the adapter, and that command works as printed
+    command = re.search(r"(modelscope-sd generate --model \S+ --lora \S+) --prompt '\.\.\.'", log).group(1)
+    assert f"model={tiny_model_dir!r}, lora_dir='out')" in log
+    from modelscope_sd.cli import main
+    monkeypatch.chdir(tmp_path)  # the paths in the log are the user's, relative to where they ran the script
+    assert main([*command.split()[1:], '--prompt', 'a photo', '--num_inference_steps', '2', '--device', 'cpu'])
 
 
 def test_two_processes_reach_max_train_steps_and_resume_exactly(tiny_model_dir, tmp_path):
