@@ -12,8 +12,9 @@ from .loading import check_safetensors, is_hub_id, resolve_model_dir
 LEGACY_WEIGHT_NAMES = ('pytorch_lora_weights.bin',)  # ModelScope's old trainer wrote this pickle
 
 
-def locate_adapter(path: str) -> Tuple[str, str]:
-    """``lora_dir`` (a folder, a .safetensors file or a ModelScope hub id) → (folder, weight file name)."""
+def locate_adapter(path: str, allow_pickle: bool = False) -> Tuple[str, str]:
+    """``lora_dir`` (a folder, a .safetensors file or a ModelScope hub id) → (folder, weight file name). Pickle
+    files (ModelScope's old trainer wrote ``pytorch_lora_weights.bin``) only with ``allow_pickle``."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f'lora_dir must be a path or a list of paths, got {type(path).__name__}')
     path = os.fspath(path)
@@ -28,8 +29,11 @@ def locate_adapter(path: str) -> Tuple[str, str]:
     else:
         raise FileNotFoundError(f'lora_dir={path!r}: no such file or folder.')
     if name.endswith(PICKLE_SUFFIXES):
-        raise ValueError(f'lora_dir={path!r} holds a pickle file ({name}), which can run code when loaded. '
-                         'Convert it to .safetensors, or retrain with this package\'s trainer.')
+        if not allow_pickle:
+            raise ValueError(f'lora_dir={path!r} holds a pickle file ({name}), which can run code when loaded. '
+                             'Pass allow_pickle=True if you trust it (diffusers reads the attention-processor '
+                             'format of ModelScope\'s old trainer), or convert it to .safetensors.')
+        return folder, name
     keys = check_safetensors(os.path.join(folder, name))
     _refuse_full_checkpoint(path, keys)
     _refuse_lycoris(path, keys)
@@ -84,7 +88,8 @@ def check_scales(scales, adapters: Sequence[str]) -> List[float]:
                      f'(one per adapter in lora_dir).')
 
 
-def load_adapters(pipe, lora_dir, lora_scale: Union[float, Sequence[float]] = 1.0, fuse: bool = False) -> List[str]:
+def load_adapters(pipe, lora_dir, lora_scale: Union[float, Sequence[float]] = 1.0, fuse: bool = False,
+                  allow_pickle: bool = False) -> List[str]:
     """Load each adapter of ``lora_dir`` under its own name and weigh them; ``fuse`` merges them into the
     base weights (no per-step LoRA cost, scales fixed). Returns the adapter names, empty when fused."""
     if lora_dir is None:
@@ -95,9 +100,12 @@ def load_adapters(pipe, lora_dir, lora_scale: Union[float, Sequence[float]] = 1.
     names = [f'lora_{i}' for i in range(len(paths))]
     scales = check_scales(lora_scale, names)
     for name, path in zip(names, paths):
-        folder, weight_name = locate_adapter(path)
+        folder, weight_name = locate_adapter(path, allow_pickle)
         try:
-            pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name=name)
+            if weight_name.endswith(PICKLE_SUFFIXES):
+                pipe.load_lora_weights(_read_pickled_adapter(os.path.join(folder, weight_name)), adapter_name=name)
+            else:
+                pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name=name)
         except (RuntimeError, ValueError, KeyError) as err:
             raise ValueError(f'lora_dir={path!r} could not be loaded into this model: {err}. An adapter only '
                              'fits the base model family it was trained on (SD1.x here).') from err
@@ -110,6 +118,16 @@ def load_adapters(pipe, lora_dir, lora_scale: Union[float, Sequence[float]] = 1.
         pipe.unload_lora_weights()  # the deltas are in the base weights now
         return []
     return names
+
+
+def _read_pickled_adapter(path: str) -> dict:
+    """A pickle adapter the caller allowed. ModelScope's old trainer saved ``unet.save_attn_procs()``: UNet keys
+    in the attention-processor format, without the ``unet.`` prefix that diffusers now loads by."""
+    import torch
+    state = torch.load(path, map_location='cpu', weights_only=True)
+    if not any(k.startswith(('unet.', 'text_encoder.', 'lora_unet_', 'lora_te_')) for k in state):
+        state = {f'unet.{k}': v for k, v in state.items()}
+    return state
 
 
 def _has_adapter(pipe, name: str) -> bool:

@@ -70,7 +70,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         torch_dtype: default fp16 on CUDA, fp32 on the CPU. ``torch_type`` (ModelScope's name) is an alias.
         model_revision: hub revision when ``model`` is a hub id and this class is built directly.
         config: for single files, the diffusers folder or hub id holding the component configs.
-        allow_pickle: allow ``.ckpt``/``.bin`` single files (they can run code when loaded).
+        allow_pickle: allow pickle files (they can run code when loaded): ``.ckpt``/``.bin`` single files,
+            LoRA ``.bin`` files of ModelScope's old trainer, ``.pt`` embeddings.
         load_safety_checker: load the model's safety checker when it has one.
         local_files_only: resolve hub ids from the ModelScope cache only, never asking the hub.
         progress_bar: show a tqdm bar over the denoising steps (each call can override it).
@@ -119,7 +120,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         self._schedulers: Dict[str, Any] = {}
         self._variants: Dict[str, Any] = {}
         fuse_lora = fuse_lora or fast  # compiled kernels take plain weights
-        self.adapters = lora_utils.load_adapters(self.sd, lora_dir, lora_scale, fuse=fuse_lora)
+        self.adapters = lora_utils.load_adapters(self.sd, lora_dir, lora_scale, fuse=fuse_lora,
+                                                 allow_pickle=allow_pickle)
         self.lora_scales = lora_utils.check_scales(lora_scale, self.adapters) if self.adapters else []
         self.lora_fused = fuse_lora and lora_dir is not None
         self.embeddings = load_embeddings(self.sd, textual_inversion, allow_pickle)  # words to use in prompts

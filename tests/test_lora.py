@@ -113,6 +113,23 @@ def test_lycoris_adapters_are_refused_by_kind(tiny_model_dir, tmp_path, kind, te
         _pipe(tiny_model_dir, lora_dir=str(tmp_path / 'adapter.safetensors'))
 
 
+def test_modelscope_old_trainer_bin_adapter_loads_with_allow_pickle(tiny_model_dir, adapters, sd_pipe, tmp_path):
+    """ModelScope's old LoRA trainer saved ``unet.save_attn_procs``: a pickle ``pytorch_lora_weights.bin`` with
+    attention-processor keys (``attn1.processor.to_q_lora.down.weight``)."""
+    state = load_file(os.path.join(adapters[1], 'pytorch_lora_weights.safetensors'))  # UNet only, alpha = rank
+    old = {}
+    for key, value in state.items():
+        module, kind = key[len('unet.'):].split('.lora_')
+        attention, projection = module.split('.to_')
+        old[f"{attention}.processor.to_{projection.split('.')[0]}_lora.{'down' if kind[0] == 'A' else 'up'}.weight"] = value
+    torch.save(old, tmp_path / 'pytorch_lora_weights.bin')
+    with pytest.raises(ValueError, match='holds a pickle file.*allow_pickle=True'):
+        _pipe(tiny_model_dir, lora_dir=str(tmp_path))
+    loaded = _image(_pipe(tiny_model_dir, lora_dir=str(tmp_path), allow_pickle=True))
+    assert np.abs(loaded - _image(_pipe(tiny_model_dir, lora_dir=adapters[1]))).max() <= 1
+    assert np.abs(loaded - _image(sd_pipe)).max() > 10
+
+
 def test_missing_lora_dir(tiny_model_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match='lora_dir='):
         _pipe(tiny_model_dir, lora_dir=str(tmp_path / 'nope'))
