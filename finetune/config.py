@@ -95,6 +95,13 @@ class TrainConfig:
                                   default=None)
 
     def __post_init__(self):
+        model = self.pretrained_model_name_or_path
+        if isinstance(model, str) and os.path.isfile(model):
+            folder = os.path.splitext(os.path.basename(model))[0]
+            raise ValueError(f'pretrained_model_name_or_path={model!r} is a single-file checkpoint; the trainers read '
+                             f'a diffusers folder. Convert it once: modelscope-sd convert-model {model} {folder} '
+                             f'(add --config for a non-SD1.5 architecture), then pass --pretrained_model_name_or_path '
+                             f'{folder}.')
         if self.revision is None and self.pretrained_model_name_or_path == DEFAULT_MODEL_ID:
             self.revision = DEFAULT_MODEL_REVISION  # the model card's revision; another repo may not have it
         _positive(self, 'resolution', 'train_batch_size', 'num_train_epochs', 'gradient_accumulation_steps',

@@ -6,11 +6,13 @@
     modelscope-sd train-dreambooth --instance_data_dir ./dog --instance_prompt 'a photo of sks dog'
     modelscope-sd convert-lora my-lora/pytorch_lora_weights.safetensors my-lora-kohya.safetensors
     modelscope-sd convert-model sd-dreambooth sd-dreambooth.safetensors   # one file for A1111/ComfyUI
+    modelscope-sd convert-model civitai-model.safetensors civitai-model    # a folder the trainers start from
 """
 
 import argparse
 import os
 import secrets
+import shutil
 import sys
 from typing import List, Optional
 
@@ -122,11 +124,29 @@ def _convert_model(args) -> str:
 
     from .loading import load_pipeline
     from .single_file import check_output_path, save_single_file
+    dtype = torch.float32 if args.fp32 else torch.float16
+    if os.path.isfile(args.model):
+        return _single_file_to_folder(args, dtype)
     check_output_path(args.output)  # before minutes of loading
     pipe = load_pipeline(args.model, revision=args.model_revision, device='cpu', torch_dtype=torch.float32,
                          load_safety_checker=False)
-    return save_single_file(pipe, args.output, torch.float32 if args.fp32 else torch.float16,
-                            metadata={'modelscope_sd.source': args.model})
+    return save_single_file(pipe, args.output, dtype, metadata={'modelscope_sd.source': args.model})
+
+
+def _single_file_to_folder(args, dtype) -> str:
+    """A single-file checkpoint → a diffusers folder with configuration.json, written as ``OUTPUT.partial``
+    and renamed when complete."""
+    from .loading import load_pipeline, write_configuration
+    if os.path.exists(args.output):
+        raise ValueError(f'{args.output!r} exists: the diffusers folder is written to a new path.')
+    pipe = load_pipeline(args.model, device='cpu', torch_dtype=dtype, config=args.config,
+                         allow_pickle=args.allow_pickle, load_safety_checker=False)
+    partial = args.output + '.partial'
+    shutil.rmtree(partial, ignore_errors=True)
+    pipe.save_pretrained(partial)
+    write_configuration(partial)
+    os.replace(partial, args.output)
+    return args.output
 
 
 def main(argv: Optional[List[str]] = None):
@@ -143,11 +163,16 @@ def main(argv: Optional[List[str]] = None):
     convert.add_argument('output')
     convert.add_argument('--to', choices=('kohya', 'diffusers'), default='kohya')
     model = sub.add_parser('convert-model', help='diffusers model (folder or hub id) → one original-layout '
-                                                 '.safetensors checkpoint for A1111/ComfyUI')
-    model.add_argument('model', help='diffusers folder (e.g. a DreamBooth output_dir) or ModelScope id')
-    model.add_argument('output', help='the .safetensors file to write')
+                                                 '.safetensors checkpoint for A1111/ComfyUI, or such a checkpoint '
+                                                 '→ a diffusers folder (what the trainers start from)')
+    model.add_argument('model', help='diffusers folder (e.g. a DreamBooth output_dir), ModelScope id, or a '
+                                     'single-file checkpoint')
+    model.add_argument('output', help='the .safetensors file to write, or for a single-file model the folder')
     model.add_argument('--model_revision', default=None)
     model.add_argument('--fp32', action='store_true', help='keep fp32 weights (default fp16: half the size)')
+    model.add_argument('--config', help="single-file model: diffusers folder or hub id with the component configs "
+                                        "(default: AI-ModelScope/stable-diffusion-v1-5's)")
+    model.add_argument('--allow_pickle', action='store_true', help='single-file model: read a .ckpt (pickle) file')
     if argv[:1] in (['train-lora'], ['train-dreambooth']):
         return _train(argv[0], argv[1:])  # the trainers own their flags (and --help)
     args = parser.parse_args(argv)

@@ -5,6 +5,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from modelscope_sd import metadata
@@ -130,6 +131,30 @@ def test_convert_model_writes_one_file_that_loads_with_the_same_images(tiny_mode
         main(['convert-model', tiny_model_dir, str(tmp_path / 'tiny.ckpt')])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("modelscope-sd convert-model: error: '")  # the path, then the fix
+
+
+def test_convert_model_turns_a_single_file_into_the_folder_the_trainers_need(tiny_model_dir, tiny_single_file,
+                                                                             sd_pipe, tmp_path, capsys):
+    from safetensors import safe_open
+
+    from finetune.config import LoraTrainConfig
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    with pytest.raises(ValueError, match='is a single-file checkpoint; the trainers read a diffusers folder.*'
+                                         'modelscope-sd convert-model'):
+        LoraTrainConfig(pretrained_model_name_or_path=tiny_single_file, dataset_name='unused')
+    out = str(tmp_path / 'from-file')
+    main(['convert-model', tiny_single_file, out, '--config', tiny_model_dir, '--fp32'])
+    assert os.path.isfile(os.path.join(out, 'configuration.json')) and not os.path.exists(out + '.partial')
+    pipe = StableDiffusionText2ImagePipeline(out, device='cpu', progress_bar=False)
+    args = dict(num_inference_steps=2, seed=0)
+    assert np.array_equal(pipe('a cat', **args)['output_imgs'][0], sd_pipe('a cat', **args)['output_imgs'][0])
+    LoraTrainConfig(pretrained_model_name_or_path=out, dataset_name='unused')  # accepted now
+    main(['convert-model', tiny_single_file, str(tmp_path / 'half'), '--config', tiny_model_dir])
+    with safe_open(str(tmp_path / 'half' / 'unet' / 'diffusion_pytorch_model.safetensors'), framework='pt') as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16  # fp16 unless --fp32
+    with pytest.raises(SystemExit):  # never over an existing folder
+        main(['convert-model', tiny_single_file, out, '--config', tiny_model_dir])
+    assert 'exists' in capsys.readouterr().err
 
 
 def test_convert_lora_both_ways_keeps_the_effect(tiny_model_dir, tmp_path):
