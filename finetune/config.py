@@ -97,11 +97,7 @@ class TrainConfig:
     def __post_init__(self):
         model = self.pretrained_model_name_or_path
         if isinstance(model, str) and os.path.isfile(model):
-            folder = os.path.splitext(os.path.basename(model))[0]
-            raise ValueError(f'pretrained_model_name_or_path={model!r} is a single-file checkpoint; the trainers read '
-                             f'a diffusers folder. Convert it once: modelscope-sd convert-model {model} {folder} '
-                             f'(add --config for a non-SD1.5 architecture), then pass --pretrained_model_name_or_path '
-                             f'{folder}.')
+            raise ValueError(single_file_message(model, model))
         if self.revision is None and self.pretrained_model_name_or_path == DEFAULT_MODEL_ID:
             self.revision = DEFAULT_MODEL_REVISION  # the model card's revision; another repo may not have it
         _positive(self, 'resolution', 'train_batch_size', 'num_train_epochs', 'gradient_accumulation_steps',
@@ -144,6 +140,14 @@ class TrainConfig:
             raise ValueError(f'dataloader_num_workers={self.dataloader_num_workers} must be >= 0.')
         if self.report_to is not None:
             _check_tracker(self.report_to)
+
+
+def single_file_message(model: str, checkpoint: str) -> str:
+    """The trainers' answer to a single-file base model: how to convert it once."""
+    folder = os.path.splitext(os.path.basename(checkpoint))[0]
+    return (f'pretrained_model_name_or_path={model!r} is a single-file checkpoint ({os.path.basename(checkpoint)}); '
+            f'the trainers read a diffusers folder. Convert it once: modelscope-sd convert-model {checkpoint} '
+            f'{folder} (add --config for a non-SD1.5 architecture), then pass --pretrained_model_name_or_path {folder}.')
 
 
 @dataclass

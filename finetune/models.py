@@ -13,9 +13,10 @@ from safetensors.torch import load_file, save_file
 
 from modelscope_sd.constants import LORA_WEIGHT_NAME
 from modelscope_sd.files import save_safetensors
-from modelscope_sd.loading import check_model_dir, resolve_model_dir
+from modelscope_sd.loading import check_model_dir, lone_checkpoint, resolve_model_dir
 
 from .checkpoint import TEMP_PREFIX
+from .config import single_file_message
 
 KOHYA_WEIGHT_NAME = 'pytorch_lora_weights_kohya.safetensors'
 TEXT_ENCODER_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'out_proj']
@@ -27,6 +28,9 @@ def load_components(model: str, revision: Optional[str]) -> Dict[str, object]:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = resolve_model_dir(model, revision)
+    checkpoint = lone_checkpoint(path)
+    if checkpoint is not None:
+        raise ValueError(single_file_message(model, checkpoint))
     check_model_dir(path)
     unet_channels = UNet2DConditionModel.load_config(path, subfolder='unet')['in_channels']
     latent_channels = AutoencoderKL.load_config(path, subfolder='vae')['latent_channels']

@@ -176,10 +176,29 @@ def load_pipeline(model, *, revision: Optional[str] = None, torch_dtype=None, de
         pipe = _load_single_file(os.fspath(model), config, allow_pickle, dtype, local_files_only)
     else:
         path = resolve_model_dir(os.fspath(model), revision, local_files_only)
-        check_model_dir(path)
-        extra = {} if load_safety_checker else {'safety_checker': None, 'requires_safety_checker': False}
-        pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **extra)
+        checkpoint = lone_checkpoint(path)
+        if checkpoint is not None:  # a hub repo or folder that holds one original-layout checkpoint
+            pipe = _load_single_file(checkpoint, config, allow_pickle, dtype, local_files_only)
+        else:
+            check_model_dir(path)
+            extra = {} if load_safety_checker else {'safety_checker': None, 'requires_safety_checker': False}
+            pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **extra)
     return pipe.to(device)  # already in dtype
+
+
+def lone_checkpoint(folder: str) -> Optional[str]:
+    """The single-file checkpoint a folder without the diffusers layout holds (as community repos on the hub
+    often do), or None. Several are refused by name: which one to load is the caller's choice."""
+    if os.path.isfile(os.path.join(folder, MODEL_INDEX)):
+        return None
+    names = sorted(n for n in os.listdir(folder) if n.endswith(('.safetensors',) + PICKLE_SUFFIXES)
+                   and os.path.isfile(os.path.join(folder, n)))
+    safetensors = [n for n in names if n.endswith('.safetensors')]
+    candidates = safetensors or names
+    if len(candidates) > 1:
+        raise ValueError(f'model={folder!r} holds several checkpoints {candidates} and no {MODEL_INDEX}: pass the path '
+                         'of the one to load.')
+    return os.path.join(folder, candidates[0]) if candidates else None
 
 
 def _load_single_file(path: str, config: Optional[str], allow_pickle: bool, dtype, local_files_only: bool):

@@ -5,6 +5,7 @@ import shutil
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 BUILTIN_MODULE = 'modelscope.pipelines.multi_modal.diffusers_wrapped.stable_diffusion.stable_diffusion_pipeline'
@@ -111,6 +112,32 @@ def test_hub_download_skips_weight_files_that_loading_never_reads(fake_hub, tiny
     # a pickle-only component keeps its .bin; an fp16 variant is skipped only beside full weights
     assert unread_weight_files(['te/pytorch_model.bin', 'te/model.fp16.safetensors', 'vae/x.fp16.safetensors']) == [
         'te/model.fp16.safetensors']
+
+
+def test_a_hub_repo_holding_one_checkpoint_loads_it(fake_hub, tiny_single_file, tiny_model_dir, sd_pipe,
+                                                    tmp_path, monkeypatch):
+    """Community models on the hub are often one original-layout .safetensors and a README, no diffusers layout."""
+    import modelscope_sd
+    from modelscope.pipelines import pipeline
+    from modelscope.utils.constant import Tasks
+    repo = tmp_path / 'repo'
+    repo.mkdir()
+    shutil.copy(tiny_single_file, repo / 'dreamy-v2.safetensors')
+    (repo / 'README.md').write_text('a community model')
+    fake_hub.add_repo('someone/dreamy-v2', str(repo))
+    monkeypatch.setenv('MODELSCOPE_CACHE', str(tmp_path / 'cache'))
+    pipe = pipeline(task=Tasks.text_to_image_synthesis, model='someone/dreamy-v2', model_revision='v1.0.0',
+                    pipeline_name=modelscope_sd.PIPELINE_NAME, config=tiny_model_dir, device='cpu')
+    args = dict(num_inference_steps=2, seed=0)
+    got, expected = pipe('a cat', **args)['output_imgs'][0], sd_pipe('a cat', **args)['output_imgs'][0]
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+    # the trainers say how to convert it; two checkpoints in one folder are the caller's choice
+    from finetune.models import load_components
+    with pytest.raises(ValueError, match='is a single-file checkpoint \\(dreamy-v2.safetensors\\).*convert-model'):
+        load_components(str(repo), None)
+    shutil.copy(tiny_single_file, repo / 'dreamy-v2-inpainting.safetensors')
+    with pytest.raises(ValueError, match='holds several checkpoints.*pass the path of the one to load'):
+        modelscope_sd.StableDiffusionText2ImagePipeline(str(repo), config=tiny_model_dir, device='cpu')
 
 
 def test_offline_mode_without_cache_names_the_fix(fake_hub, tmp_path):
