@@ -113,7 +113,7 @@ def records_from_image_folder(folder: str, caption: Optional[str] = None) -> Lis
     metadata = os.path.join(folder, 'metadata.jsonl')
     captions = {}
     if os.path.isfile(metadata):
-        with open(metadata, encoding='utf-8') as f:
+        with open(metadata, encoding='utf-8-sig') as f:
             for line in f:
                 if line.strip():
                     row = json.loads(line)
@@ -124,7 +124,7 @@ def records_from_image_folder(folder: str, caption: Optional[str] = None) -> Lis
         text = captions.get(os.path.normpath(path))
         txt = os.path.splitext(path)[0] + '.txt'
         if text is None and os.path.isfile(txt):
-            with open(txt, encoding='utf-8') as f:
+            with open(txt, encoding='utf-8-sig') as f:
                 text = f.read().strip()
         if text is None:
             missing.append(os.path.relpath(path, folder))

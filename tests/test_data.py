@@ -51,6 +51,17 @@ def test_metadata_jsonl_captions(tmp_path):
     assert [r.caption for r in records_from_image_folder(str(tmp_path))] == ['caption 0', 'caption 1']
 
 
+def test_captions_saved_with_a_byte_order_mark_read_clean(tmp_path):
+    """Windows editors often save UTF-8 with a BOM, which would become the caption's first 'character'."""
+    make_images(str(tmp_path / 'txt'), count=1, captions=False)
+    (tmp_path / 'txt' / 'img0.txt').write_bytes('\ufeff一只猫\r\n'.encode('utf-8'))
+    make_images(str(tmp_path / 'jsonl'), count=1, captions=False)
+    (tmp_path / 'jsonl' / 'metadata.jsonl').write_bytes(
+        ('\ufeff' + json.dumps({'file_name': 'img0.png', 'text': 'a cat'}) + '\n').encode('utf-8'))
+    assert records_from_image_folder(str(tmp_path / 'txt'))[0].caption == '一只猫'
+    assert records_from_image_folder(str(tmp_path / 'jsonl'))[0].caption == 'a cat'
+
+
 def test_hub_dataset_items_map_to_records(monkeypatch):
     """MsDataset items for buptwq/lora-stable-diffusion-finetune: {'Text', 'Target:FILE'} dicts."""
     from modelscope.msdatasets import MsDataset
