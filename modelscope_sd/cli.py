@@ -2,6 +2,7 @@
 
     modelscope-sd generate --prompt '飞流直下三千尺,油画' --num_images 2 --seed 42 --output_dir outputs
     modelscope-sd generate --from_png outputs/42.png            # re-create an image from its metadata
+    modelscope-sd generate --prompt_file prompts.txt --batch_size 4   # one prompt per line
     modelscope-sd train-lora --dataset_name ./my-images --output_dir my-lora --max_train_steps 1000
     modelscope-sd train-dreambooth --instance_data_dir ./dog --instance_prompt 'a photo of sks dog'
     modelscope-sd convert-lora my-lora/pytorch_lora_weights.safetensors my-lora-kohya.safetensors
@@ -32,7 +33,9 @@ def _generate_parser(sub):
     parser = sub.add_parser('generate', help='text-to-image, image-to-image or inpainting; PNGs with metadata',
                             description='Writes one PNG per image, named by its seed, with the settings that '
                                         're-create it in a "parameters" text chunk (A1111 format).')
-    parser.add_argument('--prompt', help='the prompt (required unless --from_png)')
+    parser.add_argument('--prompt', help='the prompt (required unless --prompt_file or --from_png)')
+    parser.add_argument('--prompt_file', help='a text file with one prompt per line (blank lines skipped); each gets '
+                                              '--num_images images, seeds counting on from --seed')
     parser.add_argument('--negative_prompt')
     parser.add_argument('--model', default=None, help=f'hub id, diffusers folder or .safetensors file '
                                                       f'(default {DEFAULT_MODEL_ID})')
@@ -72,9 +75,12 @@ def generate(args) -> List[str]:
         call, model = saved['call'], model or saved['model']
         loras = loras or list(zip(saved['lora_dir'], saved['lora_scale']))
         embeddings = embeddings or saved['textual_inversion']
-    elif not args.prompt:
-        raise SystemExit('modelscope-sd generate: --prompt is required (or --from_png FILE).')
-    overrides = {'text': args.prompt, 'negative_prompt': args.negative_prompt,
+    elif not (args.prompt or args.prompt_file):
+        raise SystemExit('modelscope-sd generate: --prompt is required (or --prompt_file FILE, or --from_png FILE).')
+    if args.prompt and args.prompt_file:
+        raise ValueError('Pass --prompt or --prompt_file, not both.')
+    overrides = {'text': _read_prompts(args.prompt_file) if args.prompt_file else args.prompt,
+                 'negative_prompt': args.negative_prompt,
                  'num_inference_steps': args.num_inference_steps, 'guidance_scale': args.guidance_scale,
                  'height': args.height, 'width': args.width, 'seed': args.seed, 'scheduler': args.scheduler,
                  'num_images_per_prompt': args.num_images, 'clip_skip': args.clip_skip, 'image': args.image,
@@ -100,16 +106,29 @@ def generate(args) -> List[str]:
     return paths
 
 
+def _read_prompts(path: str) -> List[str]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'--prompt_file {path!r}: no such file.')
+    with open(path, encoding='utf-8-sig') as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f'--prompt_file {path!r} holds no prompts (one per line).')
+    return prompts
+
+
 def _batches(call: dict, batch_size: Optional[int]):
-    """The call as calls of at most ``batch_size`` images, whose seeds continue one another: the images are
-    those of one call, and a stop keeps the batches already written."""
-    n_images = call.get('num_images_per_prompt', 1)
+    """The call as calls of at most ``batch_size`` images (image i: prompt i // num_images, seed + i): the images
+    are those of one call, and a stop keeps the batches already written."""
+    prompts = call['text'] if isinstance(call['text'], list) else [call['text']]
+    per_prompt = call.get('num_images_per_prompt', 1)
+    n_images = len(prompts) * per_prompt
     if batch_size is None or batch_size >= n_images:
         yield call
         return
     seed = call['seed'] if call.get('seed') is not None else secrets.randbelow(2**32)
     for start in range(0, n_images, batch_size):
-        yield dict(call, seed=seed + start, num_images_per_prompt=min(batch_size, n_images - start))
+        index = range(start, min(start + batch_size, n_images))
+        yield dict(call, text=[prompts[i // per_prompt] for i in index], seed=seed + start, num_images_per_prompt=1)
 
 
 def _convert(args) -> str:

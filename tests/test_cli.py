@@ -92,8 +92,25 @@ def test_generate_in_batches_writes_each_batch_as_it_is_made(tiny_model_dir, tmp
         assert Image.open(a).text['parameters'] == Image.open(b).text['parameters']
 
 
+def test_prompt_file_gives_each_prompt_its_images_and_seeds_batched_or_not(tiny_model_dir, tmp_path):
+    (tmp_path / 'prompts.txt').write_text('a red ball\n\na blue cube\na tree\n', encoding='utf-8')
+    args = ['generate', '--prompt_file', str(tmp_path / 'prompts.txt'), '--model', tiny_model_dir, '--num_images', '2',
+            '--seed', '10', '--num_inference_steps', '2', '--device', 'cpu']
+    whole = main([*args, '--output_dir', str(tmp_path / 'whole')])
+    split = main([*args, '--batch_size', '4', '--output_dir', str(tmp_path / 'split')])
+    assert [os.path.basename(p) for p in split] == [f'{seed}.png' for seed in range(10, 16)]
+    for a, b in zip(split, whole, strict=True):
+        assert Image.open(a).text['parameters'] == Image.open(b).text['parameters']
+        assert np.abs(np.asarray(Image.open(a), int) - np.asarray(Image.open(b), int)).max() <= 1
+    assert [metadata.read_png(p)['call']['text'] for p in split[1:4]] == ['a red ball', 'a blue cube', 'a blue cube']
+    assert metadata.read_png(split[3])['call']['seed'] == 13
+    with pytest.raises(SystemExit, match='2'):
+        main(['generate', '--prompt_file', str(tmp_path / 'none.txt'), '--model', tiny_model_dir, '--device', 'cpu'])
+
+
 def test_bad_generate_options_are_one_line_errors(tiny_model_dir, tmp_path, capsys):
     for args, message in ((['--seed', '-1'], 'seed=-1 is out of range'), (['--batch_size', '0'], '--batch_size 0'),
+                          (['--prompt_file', __file__], '--prompt or --prompt_file, not both'),
                           (['--image', str(tmp_path / 'nope.png')], 'nope.png')):
         with pytest.raises(SystemExit) as exit_info:
             main(['generate', '--prompt', 'a cat', '--model', tiny_model_dir, '--device', 'cpu',

@@ -49,11 +49,13 @@ def test_readme_generate_commands_run_as_written(cached_model, fake_hub, tmp_pat
 
     from modelscope_sd.cli import main
     monkeypatch.chdir(tmp_path)
+    (tmp_path / 'prompts.txt').write_text('一只猫,油画\n', encoding='utf-8')
     lines = [line for line in _readme().splitlines() if line.startswith('modelscope-sd generate')]
-    assert len(lines) == 3
+    assert len(lines) == 4
     for line in lines:
-        main(shlex.split(line)[1:])
-    assert sorted(os.listdir(tmp_path / 'outputs')) == ['42.png', '43.png', '7.png']
+        main(shlex.split(line, comments=True)[1:])  # as bash reads it
+    assert sorted(os.listdir(tmp_path / 'outputs')) == sorted(['42.png', '43.png', '7.png'] +
+                                                              [f'{seed}.png' for seed in range(100, 104)])
     import numpy as np
     from PIL import Image
     assert np.array_equal(np.asarray(Image.open(tmp_path / 'outputs' / '43.png')),
