@@ -171,6 +171,9 @@ def test_enable_bucket_trains_each_image_at_its_bucket_size_and_resumes_exactly(
     resumed = load_file(_train(_config(tiny_model_dir, str(data), tmp_path / 'b', resume_from_checkpoint='latest',
                                        **settings)))
     _assert_same_adapter(resumed, reference)
+    # cached latents keep their buckets: a batch of two never stacks a landscape with a portrait
+    _train(_config(tiny_model_dir, str(data), tmp_path / 'c', cache_latents=True, center_crop=True, random_flip=True,
+                   **settings))
 
 
 def test_a_second_ctrl_c_quits_without_saving(tiny_model_dir, csv_dataset, tmp_path, monkeypatch):
