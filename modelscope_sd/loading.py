@@ -186,6 +186,21 @@ def load_pipeline(model, *, revision: Optional[str] = None, torch_dtype=None, de
     return pipe.to(device)  # already in dtype
 
 
+def _check_checkpoint_keys(path: str, keys: List[str]) -> None:
+    """An original-layout model has its UNet under ``model.diffusion_model.``; adapters and embeddings, which
+    users also keep as lone .safetensors files, are named for where they go."""
+    if any(k.startswith('model.diffusion_model.') for k in keys):
+        return
+    if any('lora' in k for k in keys):
+        raise ValueError(f'model={path!r} is a LoRA adapter, not a model: load a base model and pass '
+                         f'lora_dir={path!r}.')
+    if len(keys) <= 2:  # emb_params, or A1111/SDXL embedding pairs
+        raise ValueError(f'model={path!r} holds {keys}, as a textual-inversion embedding does, not a model: load a '
+                         f'base model and pass textual_inversion={path!r}.')
+    raise ValueError(f'model={path!r} holds no Stable Diffusion UNet weights (model.diffusion_model.*): it is not '
+                     'an original-layout SD checkpoint.')
+
+
 def lone_checkpoint(folder: str) -> Optional[str]:
     """The single-file checkpoint a folder without the diffusers layout holds (as community repos on the hub
     often do), or None. Several are refused by name: which one to load is the caller's choice."""
@@ -215,7 +230,7 @@ def _load_single_file(path: str, config: Optional[str], allow_pickle: bool, dtyp
                 '.safetensors version of the checkpoint (e.g. v1-5-pruned-emaonly.safetensors), or pass '
                 'allow_pickle=True if you trust this file.')
     elif suffix == '.safetensors':
-        check_safetensors(path)
+        _check_checkpoint_keys(path, check_safetensors(path))
     else:
         raise ValueError(f'model={path!r}: single-file checkpoints must be .safetensors '
                          f'(or, with allow_pickle=True, one of {PICKLE_SUFFIXES}).')

@@ -93,6 +93,19 @@ def test_single_file_through_modelscope_with_configs_from_the_sd15_repo(tiny_sin
     assert pipe('a cat', seed=0, num_inference_steps=1)['output_imgs'][0].shape == (32, 32, 3)
 
 
+def test_an_adapter_or_embedding_passed_as_the_model_says_where_it_goes(tiny_model_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from train_helpers import make_random_lora
+    lora = make_random_lora(tiny_model_dir, str(tmp_path / 'lora'))
+    for model in (lora, str(tmp_path / 'lora')):  # the file, or the folder that holds only it
+        with pytest.raises(ValueError, match="is a LoRA adapter, not a model.*lora_dir="):
+            StableDiffusionText2ImagePipeline(model, config=tiny_model_dir, device='cpu')
+    save_file({'emb_params': torch.zeros(2, 32)}, str(tmp_path / 'style.safetensors'))
+    with pytest.raises(ValueError, match="textual-inversion embedding.*textual_inversion="):
+        StableDiffusionText2ImagePipeline(str(tmp_path / 'style.safetensors'), config=tiny_model_dir, device='cpu')
+
+
 def test_corrupt_single_file(tmp_path):
     weights = tmp_path / 'v1-5-pruned-emaonly.safetensors'
     weights.write_bytes(b'\x00' * 64)
