@@ -4,6 +4,7 @@ number; the same command with ``--resume_from_checkpoint latest`` then continues
 quits at once without saving."""
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -29,10 +30,11 @@ class StopRequests:
     polls ``agreed`` at each optimizer step. Outside, the signals act as they did before."""
 
     def __init__(self):
-        self.signum, self._at, self._previous = None, 0.0, {}
+        self.signum, self._at, self._previous, self._pid = None, 0.0, {}, None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # Python only lets the main thread
+            self._pid = os.getpid()
             self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self
 
@@ -42,6 +44,8 @@ class StopRequests:
         self._previous = {}
 
     def _handle(self, signum, frame):
+        if os.getpid() != self._pid:  # a DataLoader worker forked while this was in place, not yet ignoring
+            return
         if self.signum is None:
             self.signum, self._at = signum, time.monotonic()
             logger.warning('%s: stopping after this step and saving a checkpoint; send it again to quit '

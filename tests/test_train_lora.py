@@ -176,6 +176,20 @@ def test_enable_bucket_trains_each_image_at_its_bucket_size_and_resumes_exactly(
                    **settings))
 
 
+def test_a_dataloader_worker_forked_before_it_ignores_signals_leaves_the_stop_to_the_trainer(monkeypatch):
+    """A worker forked inside the loop inherits the handler until its worker_init_fn runs: a Ctrl-C in that
+    window must not count as a stop request of its own (it logged a second 'stopping' line)."""
+    from finetune.interrupt import StopRequests
+    with StopRequests() as stop:
+        trainer = os.getpid()
+        monkeypatch.setattr(os, 'getpid', lambda: trainer + 1)  # as seen from the forked worker
+        stop._handle(signal.SIGINT, None)
+        assert stop.signum is None
+        monkeypatch.undo()
+        stop._handle(signal.SIGINT, None)
+        assert stop.signum == signal.SIGINT
+
+
 def test_a_second_ctrl_c_quits_without_saving(tiny_model_dir, csv_dataset, tmp_path, monkeypatch):
     import finetune.interrupt
     monkeypatch.setattr(finetune.interrupt, 'SAME_REQUEST_S', -1.0)  # no waiting a second between the two
@@ -286,18 +300,20 @@ def test_two_processes_reach_max_train_steps_and_resume_exactly(tiny_model_dir, 
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
 
 
-def _children(pid):
-    """Linux: the processes whose parent is ``pid``."""
+def _trainers(launcher_pid):
+    """Linux: the launcher's child processes that run the trainer script (not helpers it may start)."""
     found = []
     for entry in filter(str.isdigit, os.listdir('/proc')):
         try:
             with open(f'/proc/{entry}/stat') as f:
-                stat = f.read()
+                parent = int(f.read().rsplit(')', 1)[1].split()[1])
+            with open(f'/proc/{entry}/cmdline', 'rb') as f:
+                command = f.read()
         except OSError:  # gone meanwhile
             continue
-        if int(stat.rsplit(')', 1)[1].split()[1]) == pid:
+        if parent == launcher_pid and b'train_lora.py' in command:
             found.append(int(entry))
-    return found
+    return sorted(found)
 
 
 @pytest.mark.parametrize('processes', [1, 2])
@@ -324,7 +340,9 @@ def test_a_stop_signal_saves_a_checkpoint_and_ends_every_process(tiny_model_dir,
         if processes == 1:
             os.killpg(launcher.pid, signal.SIGINT)
         else:
-            os.kill(_children(launcher.pid)[-1], signal.SIGTERM)  # bash exec'd accelerate: its children train
+            trainers = _trainers(launcher.pid)  # bash exec'd accelerate: its children train
+            assert len(trainers) == processes
+            os.kill(trainers[-1], signal.SIGTERM)
         launcher.wait(timeout=120)
     finally:
         if launcher.poll() is None:
