@@ -9,7 +9,7 @@ from typing import Dict, Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from modelscope_sd.constants import LORA_WEIGHT_NAME
 from modelscope_sd.files import save_safetensors
@@ -75,8 +75,10 @@ def lora_state_dict(model) -> Dict[str, torch.Tensor]:
     return state
 
 
-def register_lora_checkpoint_hooks(accelerator, models: Dict[str, torch.nn.Module]) -> None:
-    """Checkpoints of LoRA runs hold the adapters (MBs), not the frozen base weights (GBs)."""
+def register_lora_checkpoint_hooks(accelerator, models: Dict[str, torch.nn.Module],
+                                   metadata: Optional[Dict[str, str]] = None) -> None:
+    """Checkpoints of LoRA runs hold the adapters (MBs), not the frozen base weights (GBs), in the file the run
+    ends with: every ``checkpoint-N`` loads with ``lora_dir=``, to compare steps."""
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
     def role_of(model):
@@ -84,24 +86,33 @@ def register_lora_checkpoint_hooks(accelerator, models: Dict[str, torch.nn.Modul
         return next((role for role, m in models.items() if m is unwrapped and has_lora(m)), None)
 
     def save_hook(hook_models, weights, output_dir):
+        trained = {}
         for i in reversed(range(len(hook_models))):
             role = role_of(hook_models[i])
             if role is not None:
-                if accelerator.is_main_process:
-                    save_file(get_peft_model_state_dict(accelerator.unwrap_model(hook_models[i])),
-                              os.path.join(output_dir, f'{role}_lora.safetensors'))
+                trained[role] = accelerator.unwrap_model(hook_models[i])
                 weights.pop(i)
+        if trained and accelerator.is_main_process:
+            save_lora(output_dir, trained['unet'], trained.get('text_encoder'), metadata=metadata)
 
     def load_hook(hook_models, input_dir):
+        adapter = os.path.join(input_dir, LORA_WEIGHT_NAME)
+        saved = load_file(adapter) if os.path.isfile(adapter) else None
         for i in reversed(range(len(hook_models))):
-            model = hook_models[i]
+            model = accelerator.unwrap_model(hook_models[i])
             role = role_of(model)
-            if role is not None:
+            if role is None:
+                continue
+            if saved is None:  # written before checkpoints held the adapter file: one file per model
                 state = load_file(os.path.join(input_dir, f'{role}_lora.safetensors'))
-                result = set_peft_model_state_dict(accelerator.unwrap_model(model), state)
-                if getattr(result, 'unexpected_keys', None):
-                    raise ValueError(f'{input_dir}: adapter keys do not match this model: {result.unexpected_keys[:5]}')
-                hook_models.pop(i)
+            else:
+                state = {k[len(role) + 1:]: v for k, v in saved.items() if k.startswith(role + '.')}
+                if not any(k.startswith('text_model.') for k in get_peft_model_state_dict(model)):
+                    state = {k.removeprefix('text_model.'): v for k, v in state.items()}  # see lora_state_dict
+            result = set_peft_model_state_dict(model, state)
+            if getattr(result, 'unexpected_keys', None):
+                raise ValueError(f'{input_dir}: adapter keys do not match this model: {result.unexpected_keys[:5]}')
+            hook_models.pop(i)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -115,7 +126,7 @@ def training_metadata(config, base_model_dir: str) -> Dict[str, str]:
         'modelscope_sd.base_model': str(config.pretrained_model_name_or_path),
         'modelscope_sd.base_model_revision': str(config.revision),
         'modelscope_sd.training': json.dumps(settings, sort_keys=True),
-        'modelscope_sd.base_model_dir': base_model_dir,
+        'modelscope_sd.base_model_dir': str(base_model_dir),
     }
     if getattr(config, 'use_lora', True):  # the LoRA trainer, or DreamBooth --use_lora
         metadata['modelscope_sd.rank'] = str(getattr(config, 'rank', ''))

@@ -118,7 +118,7 @@ def prepare_models(accelerator, config, parts: dict, lora: bool) -> List[torch.n
     fine-tune. Frozen weights live in the compute precision, trained ones in fp32. Returns what trains."""
     from accelerate.utils import set_seed
 
-    from .models import TEXT_ENCODER_TARGETS, add_lora, register_lora_checkpoint_hooks
+    from .models import TEXT_ENCODER_TARGETS, add_lora, register_lora_checkpoint_hooks, training_metadata
 
     unet, text_encoder, vae = parts['unet'], parts['text_encoder'], parts['vae']
     dtype = weight_dtype(accelerator)
@@ -133,7 +133,8 @@ def prepare_models(accelerator, config, parts: dict, lora: bool) -> List[torch.n
         add_lora(unet, config.rank, config.lora_alpha, config.lora_dropout, targets)
         if config.train_text_encoder:
             add_lora(text_encoder, config.rank, config.lora_alpha, config.lora_dropout, TEXT_ENCODER_TARGETS)
-        register_lora_checkpoint_hooks(accelerator, {'unet': unet, 'text_encoder': text_encoder})
+        register_lora_checkpoint_hooks(accelerator, {'unet': unet, 'text_encoder': text_encoder},
+                                       training_metadata(config, parts.get('model_dir')))
     else:
         for module in trained:
             module.requires_grad_(True)

@@ -94,7 +94,7 @@ def test_loss_goes_down_when_overfitting_one_image(tiny_model_dir, tmp_path):
 
 
 RESUME_SETTINGS = dict(max_train_steps=6, checkpointing_steps=2, lr_scheduler='linear', random_flip=True,
-                       gradient_accumulation_steps=2, lora_dropout=0.1)
+                       gradient_accumulation_steps=2, lora_dropout=0.1, train_text_encoder=True)
 
 
 @pytest.fixture(scope='module')
@@ -119,6 +119,26 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_model_dir, csv_da
     assert sorted(os.listdir(tmp_path / 'b')) == ['checkpoint-2']
     resumed = load_file(_train(_config(tiny_model_dir, csv_dataset, tmp_path / 'b', resume_from_checkpoint='latest',
                                        **settings)))
+    _assert_same_adapter(resumed, uninterrupted)
+
+
+def test_checkpoints_written_before_they_held_the_adapter_file_still_resume(tiny_model_dir, csv_dataset, tmp_path,
+                                                                            monkeypatch, uninterrupted):
+    """Earlier versions wrote unet_lora.safetensors and text_encoder_lora.safetensors (peft keys as the models
+    name them) instead of pytorch_lora_weights.safetensors."""
+    from safetensors.torch import save_file
+    revive = kill_at_loss_call(monkeypatch, 7)
+    with pytest.raises(Killed):
+        _train(_config(tiny_model_dir, csv_dataset, tmp_path, **RESUME_SETTINGS))
+    revive()
+    checkpoint = tmp_path / 'checkpoint-2'
+    saved = load_file(str(checkpoint / 'pytorch_lora_weights.safetensors'))
+    for role in ('unet', 'text_encoder'):
+        save_file({k[len(role) + 1:].removeprefix('text_model.'): v for k, v in saved.items() if k.startswith(role)},
+                  str(checkpoint / f'{role}_lora.safetensors'))
+    os.remove(checkpoint / 'pytorch_lora_weights.safetensors')
+    resumed = load_file(_train(_config(tiny_model_dir, csv_dataset, tmp_path, resume_from_checkpoint='latest',
+                                       **RESUME_SETTINGS)))
     _assert_same_adapter(resumed, uninterrupted)
 
 
@@ -248,6 +268,20 @@ def test_sd2_style_v_prediction_model_trains_on_velocity_and_generates_as_diffus
     assert np.abs(base['output_imgs'][0].astype(int) - (vanilla * 255).round().astype(int)[..., ::-1]).max() <= 1
     tuned = StableDiffusionText2ImagePipeline(model, device='cpu', progress_bar=False, lora_dir=str(tmp_path / 'out'))
     assert np.abs(tuned('a photo', **args)['output_imgs'][0].astype(int) - base['output_imgs'][0].astype(int)).max() > 0
+
+
+def test_every_checkpoint_holds_the_adapter_file_and_loads_with_lora_dir(tiny_model_dir, csv_dataset, tmp_path):
+    """To compare steps, as diffusers' example allows: each checkpoint-N has pytorch_lora_weights.safetensors."""
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    final = _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'out', learning_rate=5e-2, train_text_encoder=True))
+    assert load_file(str(tmp_path / 'out' / 'checkpoint-4' / 'pytorch_lora_weights.safetensors')).keys() == \
+        load_file(final).keys()
+
+    def image(lora_dir):
+        pipe = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False, lora_dir=lora_dir)
+        return pipe('a photo', num_inference_steps=2, seed=0)['output_imgs'][0].astype(int)
+    assert np.array_equal(image(str(tmp_path / 'out' / 'checkpoint-4')), image(str(tmp_path / 'out')))
+    assert np.abs(image(str(tmp_path / 'out' / 'checkpoint-2')) - image(str(tmp_path / 'out'))).max() > 0
 
 
 def test_kohya_export_is_written_and_loads(tiny_model_dir, csv_dataset, tmp_path):
