@@ -49,9 +49,6 @@ def find_checkpoint(output_dir: str, resume_from_checkpoint: Optional[str]) -> O
         return None
     if resume_from_checkpoint == 'latest':
         checkpoints = list_checkpoints(output_dir)
-        if not checkpoints:
-            logger.warning("resume_from_checkpoint='latest' but %s holds no checkpoint: starting a new run.",
-                           output_dir)
         return checkpoints[-1] if checkpoints else None
     path = resume_from_checkpoint
     if not os.path.isdir(path) and os.path.isdir(os.path.join(output_dir, path)):

@@ -65,6 +65,9 @@ def start_run(config, notes=None):
     prepare_output_dir(config, resuming=checkpoint is not None)
     if checkpoint:
         check_resume_settings(checkpoint, resume_settings(config))
+    elif config.resume_from_checkpoint == 'latest':  # said here, once: train_loop looks the checkpoint up again
+        logger.warning("resume_from_checkpoint='latest' but %s holds no checkpoint: starting a new run.",
+                       config.output_dir)
     accelerator = make_accelerator(config)
     for note in notes or []:
         logger.info(note)

@@ -519,6 +519,15 @@ def test_output_dir_holding_a_run_is_refused(tiny_model_dir, csv_dataset, tmp_pa
     assert os.listdir(out) == ['pytorch_lora_weights.safetensors']
 
 
+def test_latest_with_no_checkpoint_starts_a_new_run_and_says_so_once(tiny_model_dir, csv_dataset, tmp_path, caplog):
+    with caplog.at_level('WARNING', logger='finetune'):
+        _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'new', resume_from_checkpoint='latest',
+                       max_train_steps=1, checkpointing_steps=None))
+    assert [r.getMessage() for r in caplog.records].count(
+        f"resume_from_checkpoint='latest' but {tmp_path / 'new'} holds no checkpoint: starting a new run.") == 1
+    assert os.path.isfile(tmp_path / 'new' / 'pytorch_lora_weights.safetensors')
+
+
 @pytest.mark.parametrize('random_flip', [False, True])
 def test_cached_latents_train_the_same_adapter(tiny_model_dir, csv_dataset, tmp_path, random_flip):
     """Encoding once gives the same training as encoding every step (same seeds, same samples); with flips,
