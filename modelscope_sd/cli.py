@@ -153,14 +153,15 @@ def _convert_model(args) -> str:
 
 
 def _single_file_to_folder(args, dtype) -> str:
-    """A single-file checkpoint → a diffusers folder with configuration.json, written as ``OUTPUT.partial``
-    and renamed when complete."""
+    """A single-file checkpoint → a diffusers folder with configuration.json, written under the partial-write
+    suffix the other writers use and renamed when complete."""
+    from .files import PARTIAL_SUFFIX
     from .loading import load_pipeline, write_configuration
     if os.path.exists(args.output):
         raise ValueError(f'{args.output!r} exists: the diffusers folder is written to a new path.')
     pipe = load_pipeline(args.model, device='cpu', torch_dtype=dtype, config=args.config,
                          allow_pickle=args.allow_pickle, load_safety_checker=False)
-    partial = args.output + '.partial'
+    partial = args.output + PARTIAL_SUFFIX
     shutil.rmtree(partial, ignore_errors=True)
     pipe.save_pretrained(partial)
     write_configuration(partial)
