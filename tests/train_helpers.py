@@ -84,33 +84,31 @@ class Killed(Exception):
     """Stands in for a kill (Ctrl-C, OOM, preemption) at a chosen point of a training run."""
 
 
-def kill_at_loss_call(monkeypatch, call: int):
-    """Make the ``call``-th forward pass of the training loss raise ``Killed``; returns the undo."""
+def at_loss_calls(monkeypatch, calls, action):
+    """Run ``action()`` at each of the given forward passes (1-based; repeats run it again) of the training
+    loss, before the pass; returns the undo."""
     import finetune.training as training
-    real_loss, calls = training.denoising_loss, []
+    real_loss, count = training.denoising_loss, []
 
-    def dies(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == call:
-            raise Killed
+    def wrapped(*args, **kwargs):
+        count.append(1)
+        for _ in range(calls.count(len(count))):
+            action()
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(training, 'denoising_loss', dies)
+    monkeypatch.setattr(training, 'denoising_loss', wrapped)
     return lambda: monkeypatch.setattr(training, 'denoising_loss', real_loss)
+
+
+def kill_at_loss_call(monkeypatch, call: int):
+    """Make the ``call``-th forward pass of the training loss raise ``Killed``; returns the undo."""
+    def dies():
+        raise Killed
+    return at_loss_calls(monkeypatch, [call], dies)
 
 
 def signal_at_loss_calls(monkeypatch, signum, calls):
     """Send this process ``signum`` (a real signal, as Ctrl-C or a scheduler would) at each of the given
     forward passes of the training loss; every pass still runs."""
     import signal
-    import finetune.training as training
-    real_loss, count = training.denoising_loss, []
-
-    def signalled(*args, **kwargs):
-        count.append(1)
-        for _ in range(calls.count(len(count))):
-            signal.raise_signal(signum)
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(training, 'denoising_loss', signalled)
-
+    return at_loss_calls(monkeypatch, calls, lambda: signal.raise_signal(signum))
