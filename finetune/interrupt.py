@@ -64,11 +64,15 @@ class StopRequests:
         return accelerator.check_trigger()
 
 
-def restore_ctrl_c() -> None:
-    """The shell launchers start accelerate with Ctrl-C ignored, so that it waits while this process saves
-    (it would otherwise return to the prompt after 0.25 s): this process, inheriting that, takes it back."""
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+def restore_stop_signals() -> None:
+    """The shell launchers start accelerate with SIGINT and SIGTERM ignored, so that it waits while this
+    process saves (it would otherwise return to the prompt after 0.25 s, or die and leave this process
+    running alone): this process, inheriting that, takes both back."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            signal.signal(signum, default)
 
 
 def ignore_stop_signals(worker_id: int) -> None:

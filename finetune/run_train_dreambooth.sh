@@ -22,10 +22,11 @@ ACCELERATE_ARGS="${ACCELERATE_ARGS:-}"                   # e.g. "--num_processes
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export PYTHONPATH="$(dirname "$HERE")${PYTHONPATH:+:$PYTHONPATH}"
-# Ctrl-C: the trainer saves a checkpoint first; accelerate's launcher, ignoring it, waits for that
-trap '' INT
+# Ctrl-C or SIGTERM: the trainer saves a checkpoint first, and this script returns when it has
+# shellcheck source=launch.sh
+source "$HERE/launch.sh"
 # shellcheck disable=SC2086  # ACCELERATE_ARGS is a list of flags
-exec accelerate launch $ACCELERATE_ARGS "$HERE/train_dreambooth.py" \
+launch_trainer $ACCELERATE_ARGS "$HERE/train_dreambooth.py" \
   --pretrained_model_name_or_path "$MODEL" ${REVISION:+--revision "$REVISION"} \
   ${INSTANCE_DIR:+--instance_data_dir "$INSTANCE_DIR"} \
   --instance_prompt "$INSTANCE_PROMPT" --class_prompt "$CLASS_PROMPT" \

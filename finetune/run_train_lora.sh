@@ -20,10 +20,11 @@ ACCELERATE_ARGS="${ACCELERATE_ARGS:-}"                   # e.g. "--num_processes
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export PYTHONPATH="$(dirname "$HERE")${PYTHONPATH:+:$PYTHONPATH}"
-# Ctrl-C: the trainer saves a checkpoint first; accelerate's launcher, ignoring it, waits for that
-trap '' INT
+# Ctrl-C or SIGTERM: the trainer saves a checkpoint first, and this script returns when it has
+# shellcheck source=launch.sh
+source "$HERE/launch.sh"
 # shellcheck disable=SC2086  # ACCELERATE_ARGS is a list of flags
-exec accelerate launch $ACCELERATE_ARGS "$HERE/train_lora.py" \
+launch_trainer $ACCELERATE_ARGS "$HERE/train_lora.py" \
   --pretrained_model_name_or_path "$MODEL" ${REVISION:+--revision "$REVISION"} \
   --dataset_name "$DATASET" --output_dir "$OUTPUT_DIR" --resolution "$RESOLUTION" \
   --num_train_epochs "$NUM_TRAIN_EPOCHS" ${MAX_TRAIN_STEPS:+--max_train_steps "$MAX_TRAIN_STEPS"} \

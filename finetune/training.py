@@ -18,7 +18,7 @@ from .checkpoint import (check_resume_settings, find_checkpoint, read_state, rem
 from .config import target_module_list
 from .data import EpochSampler, cache_dataset, collate
 from .diffusion import denoising_loss
-from .interrupt import StopRequests, TrainingInterrupted, ignore_stop_signals, restore_ctrl_c
+from .interrupt import StopRequests, TrainingInterrupted, ignore_stop_signals, restore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def resume_settings(config) -> dict:
 def start_run(config, notes=None):
     """Check the output folder (and a checkpoint to resume against this run's settings), make the
     accelerator, log how ModelScope flags were mapped."""
-    restore_ctrl_c()
+    restore_stop_signals()
     checkpoint = find_checkpoint(config.output_dir, config.resume_from_checkpoint)
     prepare_output_dir(config, resuming=checkpoint is not None)
     if checkpoint:

@@ -159,14 +159,18 @@ def test_ctrl_c_saves_a_checkpoint_where_the_run_stands_and_resuming_matches(tin
     _assert_same_adapter(resumed, uninterrupted)
 
 
-def test_trainer_takes_back_the_ctrl_c_its_launcher_ignores(tiny_model_dir, csv_dataset, tmp_path):
-    """The launchers start accelerate with SIGINT ignored (so it waits for the save), which its child inherits."""
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+def test_trainer_takes_back_the_stop_signals_its_launcher_ignores(tiny_model_dir, csv_dataset, tmp_path):
+    """The launchers start accelerate with SIGINT and SIGTERM ignored (so it waits for the save), which its
+    child inherits."""
+    stops = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.signal(s, signal.SIG_IGN) for s in stops}
     try:
         _train(_config(tiny_model_dir, csv_dataset, tmp_path, max_train_steps=1, checkpointing_steps=None))
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     finally:
-        signal.signal(signal.SIGINT, before)
+        for s in stops:
+            signal.signal(s, before[s])
 
 
 def test_enable_bucket_trains_each_image_at_its_bucket_size_and_resumes_exactly(tiny_model_dir, tmp_path,
@@ -335,8 +339,9 @@ def test_two_processes_reach_max_train_steps_and_resume_exactly(tiny_model_dir, 
 
 
 def _trainers(launcher_pid):
-    """Linux: the launcher's child processes that run the trainer script (not helpers it may start)."""
-    found = []
+    """Linux: the processes that run the trainer script under a shell launcher (bash, then accelerate's
+    launcher, then the trainers), not the data-loading workers they start."""
+    parents = {}
     for entry in filter(str.isdigit, os.listdir('/proc')):
         try:
             with open(f'/proc/{entry}/stat') as f:
@@ -345,17 +350,20 @@ def _trainers(launcher_pid):
                 command = f.read()
         except OSError:  # gone meanwhile
             continue
-        if parent == launcher_pid and b'train_lora.py' in command:
-            found.append(int(entry))
-    return sorted(found)
+        parents[int(entry)] = parent, command
+    return sorted(pid for pid, (parent, command) in parents.items()
+                  if b'train_lora.py' in command and parents.get(parent, (None,))[0] == launcher_pid)
 
 
-@pytest.mark.parametrize('processes', [1, 2])
-def test_a_stop_signal_saves_a_checkpoint_and_ends_every_process(tiny_model_dir, tmp_path, processes):
-    """One process: Ctrl-C in a terminal, which reaches its whole process group (bash, accelerate's launcher,
-    the trainer, its data-loading worker); the launcher waits for the save. Two processes (as on two GPUs):
-    SIGTERM to one trainer only, as a scheduler or a user's ``kill`` may send; the other must stop at the same
-    step, or the save's collectives hang. Either way the checkpoint is saved and no process is left."""
+@pytest.mark.parametrize('processes, stop', [(1, 'ctrl_c'), (1, 'sigterm_to_launcher'), (2, 'sigterm_to_trainer'), (2, 'sigterm_to_launcher')])
+def test_a_stop_signal_saves_a_checkpoint_and_ends_every_process(tiny_model_dir, tmp_path, processes, stop):
+    """Ctrl-C in a terminal reaches the whole process group (bash, accelerate's launcher, the trainer, its
+    data-loading worker); the launcher waits for the save. SIGTERM to the launcher alone, as ``kill PID`` or
+    ``docker stop`` sends it, reaches the trainer through the launcher (accelerate's one-process launcher
+    would die and leave the trainer running). Two processes (as on two GPUs): SIGTERM to one trainer only, as
+    a scheduler may send; the other must stop at the same step, or the save's collectives hang; SIGTERM to the
+    launcher alone reaches both. Each way the checkpoint is saved, the launcher exits with 128 + the signal's
+    number when it saw the signal, and no process is left."""
     from finetune.checkpoint import list_checkpoints, read_state
     make_images(str(tmp_path / 'images'), count=4)
     env = {**os.environ, 'MODEL': tiny_model_dir, 'DATASET': str(tmp_path / 'images'), 'RESOLUTION': '32',
@@ -371,19 +379,27 @@ def test_a_stop_signal_saves_a_checkpoint_and_ends_every_process(tiny_model_dir,
         while 'loss=' not in (tmp_path / 'log').read_text() and launcher.poll() is None:
             assert time.monotonic() < deadline, (tmp_path / 'log').read_text()[-3000:]
             time.sleep(0.2)
-        if processes == 1:
+        trainers = _trainers(launcher.pid)
+        assert len(trainers) == processes
+        if stop == 'ctrl_c':
             os.killpg(launcher.pid, signal.SIGINT)
+        elif stop == 'sigterm_to_launcher':
+            os.kill(launcher.pid, signal.SIGTERM)
         else:
-            trainers = _trainers(launcher.pid)  # bash exec'd accelerate: its children train
-            assert len(trainers) == processes
             os.kill(trainers[-1], signal.SIGTERM)
         launcher.wait(timeout=120)
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
     text = (tmp_path / 'log').read_text()
-    assert launcher.returncode != 0 and 'Stopped at step' in text, text[-3000:]
-    assert text.count('stopping after this step') == 1  # the signalled trainer's; its data worker ignores it
+    if stop == 'sigterm_to_trainer':  # the launcher did not see the signal: accelerate reports a failure
+        assert launcher.returncode == 1, text[-3000:]
+    else:
+        assert launcher.returncode == 128 + (signal.SIGINT if stop == 'ctrl_c' else signal.SIGTERM), text[-3000:]
+    assert 'Stopped at step' in text, text[-3000:]
+    assert 'CalledProcessError' not in text  # accelerate adds no traceback of its own
+    # one line per signalled trainer, however many copies reached it; its data worker ignores the signal
+    assert text.count('stopping after this step') == (processes if stop == 'sigterm_to_launcher' else 1)
     with pytest.raises(ProcessLookupError):  # no trainer or worker still running in the background
         os.killpg(launcher.pid, 0)
     [checkpoint] = list_checkpoints(str(tmp_path / 'out'))
