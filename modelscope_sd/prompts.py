@@ -4,7 +4,8 @@
 is a literal parenthesis. Unbalanced brackets are read literally, with a warning. A long prompt is cut
 into 75-token windows, each encoded as its own 77-token CLIP sequence, and the results are concatenated
 (what A1111 does); the UNet's cross-attention takes any sequence length. Each token's embedding is
-multiplied by its weight, so emphasis changes the emphasised tokens only.
+multiplied by its weight, so emphasis changes the emphasised tokens only. ``BREAK`` (in capitals, a word of
+its own) ends the window it is in, padded, and the text after it starts the next one, as in A1111.
 """
 
 import logging
@@ -18,10 +19,11 @@ logger = logging.getLogger(__name__)
 CHUNK = 75  # tokens per window, plus BOS and EOS = CLIP's 77
 _TOKEN = re.compile(r'\\[()\[\]]|\(|\)|\[|\]|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|[^\\()\[\]:]+|:|\\')
 _SYNTAX = re.compile(r'(?<!\\)[()\[\]]')
+_BREAK = re.compile(r'\s*\bBREAK\b\s*')
 
 
 def has_syntax(text: str) -> bool:
-    return bool(_SYNTAX.search(text))
+    return bool(_SYNTAX.search(text) or _BREAK.search(text))
 
 
 def parse_weights(text: str) -> List[Tuple[str, float]]:
@@ -74,10 +76,19 @@ def _balanced(text: str) -> bool:
 def tokens_with_weights(tokenizer, text: str) -> Tuple[List[int], List[float]]:
     ids, weights = [], []
     for piece, weight in parse_weights(text):
-        piece_ids = tokenizer(piece, add_special_tokens=False, verbose=False).input_ids
-        ids.extend(piece_ids)
-        weights.extend([weight] * len(piece_ids))
+        for i, part in enumerate(_BREAK.split(piece)):
+            if i:  # BREAK: pad to the window's end (a full window needs none; at the start, a whole empty one)
+                fill = -len(ids) % CHUNK if ids else CHUNK
+                ids.extend([_pad_id(tokenizer)] * fill)
+                weights.extend([1.0] * fill)
+            part_ids = tokenizer(part, add_special_tokens=False, verbose=False).input_ids
+            ids.extend(part_ids)
+            weights.extend([weight] * len(part_ids))
     return ids, weights
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def needs_long_path(tokenizer, text: Optional[str]) -> bool:
@@ -88,8 +99,7 @@ def needs_long_path(tokenizer, text: Optional[str]) -> bool:
 
 
 def _windows(tokenizer, ids: List[int], weights: List[float], count: int):
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, _pad_id(tokenizer)
     for i in range(count):
         chunk_ids, chunk_w = ids[i * CHUNK:(i + 1) * CHUNK], weights[i * CHUNK:(i + 1) * CHUNK]
         fill = CHUNK - len(chunk_ids)

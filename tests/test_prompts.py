@@ -67,3 +67,23 @@ def test_weighted_prompt_changes_the_image_and_negative_lengths_match(sd_pipe):
     plain = sd_pipe('a red hat', **STEPS)['output_imgs'][0].astype(int)
     weighted = sd_pipe({'text': 'a (red:1.8) hat', 'negative_prompt': 'blurry, ' * 60, **STEPS})['output_imgs'][0]
     assert np.abs(weighted.astype(int) - plain).max() > 0
+
+
+def test_break_starts_a_new_window_as_in_a1111(sd_pipe):
+    pipe = sd_pipe.sd
+    cat, dog = (prompts.encode(pipe, [text], None, 1) for text in ('a cat', 'a dog'))
+    torch.testing.assert_close(prompts.encode(pipe, ['a cat BREAK a dog'], None, 2), torch.cat([cat, dog], dim=1))
+    weighted = prompts.encode(pipe, ['(a cat BREAK a dog:1.5)'], None, 2)  # inside a group, the weight carries on
+    torch.testing.assert_close(weighted, torch.cat([prompts.encode(pipe, [f'({t}:1.5)'], None, 1)
+                                                     for t in ('a cat', 'a dog')], dim=1))
+    # a window that is full needs no padding; a trailing BREAK adds no window; lower case is a word
+    full = prompts.tokens_with_weights(pipe.tokenizer, 'x' * prompts.CHUNK)[0]
+    assert len(full) == prompts.CHUNK
+    assert prompts.tokens_with_weights(pipe.tokenizer, 'x' * prompts.CHUNK + ' BREAK a dog')[0] == (
+        full + prompts.tokens_with_weights(pipe.tokenizer, 'a dog')[0])
+    assert prompts.window_count(pipe.tokenizer, ['a cat BREAK ']) == 1
+    assert prompts.tokens_with_weights(pipe.tokenizer, 'a cat break a dog')[0] == pipe.tokenizer(
+        'a cat break a dog', add_special_tokens=False).input_ids
+    # the pipeline takes this path for a short prompt with BREAK
+    torch.testing.assert_close(prompts.text_inputs(pipe, 'a cat BREAK a dog')['prompt_embeds'],
+                               torch.cat([cat, dog], dim=1))
