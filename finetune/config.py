@@ -90,7 +90,8 @@ class TrainConfig:
     num_validation_images: int = _help('validation images per render', default=1)
     logging_steps: int = _help('log loss and lr every N steps', default=10)
     report_to: Optional[str] = _help("'tensorboard' (pip install tensorboard) or another accelerate tracker to log "
-                                     'loss and lr there', default=None)
+                                     'loss and lr there (validation images too: tensorboard, wandb, swanlab)',
+                                     default=None)
     prompt: Optional[str] = _help('after training, render this prompt with the result (ModelScope example)',
                                   default=None)
 

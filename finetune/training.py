@@ -7,6 +7,7 @@ import os
 import signal
 from typing import List, Optional
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -372,10 +373,21 @@ def _validate(accelerator, config, parts, make_pipeline, validation_dataset, ste
                                   generator=generator).images
                 for i, image in enumerate(images):
                     image.save(os.path.join(folder, f'step-{step:06d}-{i}.png'))
+                _log_images(accelerator, images, step)
     finally:
         torch.set_rng_state(rng_state)
         unet.train(modes[0])
         text_encoder.train(modes[1])
+
+
+def _log_images(accelerator, images, step: int) -> None:
+    """Validation images to the --report_to trackers that show images, each in the form it takes."""
+    for tracker in accelerator.trackers:
+        if tracker.name == 'tensorboard':
+            tracker.log_images({'validation': np.stack([np.asarray(image) for image in images])}, step,
+                               dataformats='NHWC')
+        elif tracker.name in ('wandb', 'swanlab'):
+            tracker.log_images({'validation': images}, step)
 
 
 def validation_loss(accelerator, config, parts, dataset) -> float:

@@ -1,5 +1,6 @@
 """LoRA trainer on the tiny model: it learns, resumes exactly, survives kills, and refuses bad input."""
 
+import io
 import os
 import re
 import signal
@@ -585,15 +586,25 @@ def test_long_captions_train_in_windows_cached_or_not(tiny_model_dir, tmp_path, 
 
 
 def test_validation_image_is_what_the_pipeline_makes_of_a_long_prompt(tiny_model_dir, csv_dataset, tmp_path):
+    """... and it goes to tensorboard with the loss, as the PNG written beside the run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from modelscope_sd import StableDiffusionText2ImagePipeline
     prompt = 'a photo of a red house by a lake, (golden hour:1.2), ' * 2  # past 75 tokens, with emphasis
     _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'out', learning_rate=5e-2, validation_prompt=prompt,
-                   validation_steps=4, checkpointing_steps=None))
+                   validation_steps=4, checkpointing_steps=None, report_to='tensorboard', logging_steps=2))
     validation = np.asarray(Image.open(tmp_path / 'out' / 'validation' / 'step-000004-0.png')).astype(int)
     pipe = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False,
                                              load_safety_checker=False, lora_dir=str(tmp_path / 'out'))
     ours = pipe(prompt, num_inference_steps=25, seed=3)['output_imgs'][0][..., ::-1].astype(int)  # seed: _config's
     assert np.abs(validation - ours).max() <= 1  # 0 here; the prompt cut at 77 tokens differed by 4
+    events = EventAccumulator(str(tmp_path / 'out' / 'logs' / 'modelscope-sd'), size_guidance={'images': 0})
+    events.Reload()
+    [logged] = events.Images('validation')
+    assert logged.step == 4
+    shown = np.asarray(Image.open(io.BytesIO(logged.encoded_image_string)).convert('RGB')).astype(int)
+    assert np.array_equal(shown, validation)
+    assert [e.step for e in events.Scalars('loss')] == [2, 4]
 
 
 def test_cache_latents_refuses_random_crops():
