@@ -42,6 +42,8 @@ def _generate_parser(sub):
     parser.add_argument('--model_revision', default=None, help=f'hub revision (default {DEFAULT_MODEL_REVISION})')
     parser.add_argument('--num_inference_steps', type=int, default=None, help='default 50')
     parser.add_argument('--guidance_scale', type=float, default=None, help='default 7.5')
+    parser.add_argument('--guidance_rescale', type=float, default=None,
+                        help='text-to-image: 0 (off, default) to 1; 0.7 suits v-prediction models')
     parser.add_argument('--height', type=int)
     parser.add_argument('--width', type=int)
     parser.add_argument('--seed', type=int, help='image i gets seed + i (default: random)')
@@ -82,6 +84,7 @@ def generate(args) -> List[str]:
     overrides = {'text': _read_prompts(args.prompt_file) if args.prompt_file else args.prompt,
                  'negative_prompt': args.negative_prompt,
                  'num_inference_steps': args.num_inference_steps, 'guidance_scale': args.guidance_scale,
+                 'guidance_rescale': args.guidance_rescale,
                  'height': args.height, 'width': args.width, 'seed': args.seed, 'scheduler': args.scheduler,
                  'num_images_per_prompt': args.num_images, 'clip_skip': args.clip_skip, 'image': args.image,
                  'mask_image': args.mask_image, 'strength': args.strength}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.utils.torch_utils import randn_tensor
 
 from .linear_steps import plan_scheduler
@@ -131,8 +132,9 @@ class WholeStepDenoiser:
                           timesteps=list(plan.timesteps.to(device, torch.float32).unbind()),
                           noise_dtypes=plan.noise_dtypes, capacity=capacity)
 
-    def _step(self, x0, history, coefs, scale, timestep, embeds, guidance):
-        """One denoising step: latents from the table, CFG batch, UNet, guidance → the guided model output."""
+    def _step(self, x0, history, coefs, scale, timestep, embeds, guidance, rescale):
+        """One denoising step: latents from the table, CFG batch, UNet, guidance (and its rescale, when given)
+        → the guided model output."""
         latents = coefs[0] * x0 + torch.tensordot(coefs[1:], history, dims=1)
         model_input = (latents * scale).to(embeds.dtype)
         if guidance is not None:
@@ -143,9 +145,12 @@ class WholeStepDenoiser:
         if guidance is not None:
             uncond, text = noise_pred.chunk(2)
             noise_pred = uncond + guidance * (text - uncond)
+            if rescale is not None:
+                noise_pred = rescale_noise_cfg(noise_pred, text, guidance_rescale=rescale)
         return noise_pred
 
-    def denoise(self, plan: DevicePlan, latents, embeds, guidance_scale: Optional[float], generator, progress_bar):
+    def denoise(self, plan: DevicePlan, latents, embeds, guidance_scale: Optional[float], generator, progress_bar,
+                guidance_rescale: float = 0.0):
         """``latents``: the start latents as ``prepare_latents`` gives them. Noise for stochastic schedulers is
         drawn up front, in the order the scheduler would draw it, so seeds give the pictures of the plain path."""
         n = plan.num_model_calls
@@ -158,15 +163,20 @@ class WholeStepDenoiser:
         # a fill kernel, not a copy from host memory: nothing in here waits for the GPU
         guidance = (None if guidance_scale is None
                     else torch.full((), guidance_scale, dtype=torch.float32, device=latents.device))
+        # None when off: the default step's graph stays as it is, and a rescaled call compiles its own once
+        rescale = (None if guidance is None or not guidance_rescale
+                   else torch.full((), guidance_rescale, dtype=torch.float32, device=latents.device))
         for i in range(n):
-            history[i] = self.step(x0, history, plan.rows[i], plan.scales[i], plan.timesteps[i], embeds, guidance)
+            history[i] = self.step(x0, history, plan.rows[i], plan.scales[i], plan.timesteps[i], embeds, guidance,
+                                   rescale)
             progress_bar.update()
         final = plan.rows[n]
         return (final[0] * x0 + torch.tensordot(final[1:], history, dims=1)).to(latents.dtype)
 
     def generate(self, pipe, text_inputs: Dict[str, Any], num_inference_steps: int, guidance_scale: float,
                  num_images_per_prompt: int, eta: float, generator, height: Optional[int] = None,
-                 width: Optional[int] = None, latents=None, image=None, strength: Optional[float] = None):
+                 width: Optional[int] = None, latents=None, image=None, strength: Optional[float] = None,
+                 guidance_rescale: float = 0.0):
         """Text-to-image (``pipe``: the pipeline) or image-to-image (``pipe``: its img2img twin, ``image`` given)
         through the whole-step loop. Returns float images in [0, 1] (N, H, W, 3) and the safety checker's
         flags, or None when the scheduler has no table (the caller then runs diffusers' loop)."""
@@ -181,10 +191,10 @@ class WholeStepDenoiser:
             return None
         with torch.inference_mode():
             return self._generate(pipe, plan, begin, text_inputs, guidance_scale, num_images_per_prompt, generator,
-                                  height, width, latents, image)
+                                  height, width, latents, image, guidance_rescale)
 
     def _generate(self, pipe, plan, begin, text_inputs, guidance_scale, num_images_per_prompt, generator, height,
-                  width, latents, image):
+                  width, latents, image, guidance_rescale):
         """diffusers' steps around `denoise`: encode → start latents → denoise → decode → safety check."""
         device = pipe._execution_device
         cfg = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
@@ -203,7 +213,7 @@ class WholeStepDenoiser:
             start = pipe.prepare_latents(pipe.image_processor.preprocess(image), first, batch, 1, dtype, device,
                                          generator)
         with pipe.progress_bar(total=plan.num_model_calls) as bar:
-            final = self.denoise(plan, start, embeds, guidance_scale if cfg else None, generator, bar)
+            final = self.denoise(plan, start, embeds, guidance_scale if cfg else None, generator, bar, guidance_rescale)
         decoded = pipe.vae.decode(final / pipe.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
         decoded, nsfw = pipe.run_safety_checker(decoded, device, dtype)
         denormalize = [True] * decoded.shape[0] if nsfw is None else [not flagged for flagged in nsfw]

@@ -45,12 +45,15 @@ def _quote(value: str) -> str:
 def format_parameters(prompt: str, negative_prompt: Optional[str], steps: int, scheduler: str,
                       guidance_scale: float, seed: Optional[int], width: int, height: int, model: str,
                       loras: Sequence[Tuple[str, float]] = (), clip_skip: Optional[int] = None,
-                      strength: Optional[float] = None, embeddings: Sequence[str] = ()) -> str:
+                      strength: Optional[float] = None, embeddings: Sequence[str] = (),
+                      guidance_rescale: float = 0.0) -> str:
     lines = [prompt]
     if negative_prompt:
         lines.append(f'Negative prompt: {negative_prompt}')
     fields = [('Steps', steps), ('Sampler', A1111_SAMPLERS.get(scheduler, scheduler)), ('CFG scale', guidance_scale),
               ('Seed', seed), ('Size', f'{width}x{height}'), ('Model', model)]
+    if guidance_rescale:
+        fields.append(('Rescale CFG', guidance_rescale))  # Forge's key
     if clip_skip is not None:
         fields.append(('Clip skip', clip_skip + 1))  # A1111 counts the last layer as 1
     if strength is not None:
@@ -88,6 +91,8 @@ def parse_parameters(text: str) -> Dict[str, Any]:
         call['negative_prompt'] = negative
     if params.get('Seed') not in (None, 'None'):
         call['seed'] = int(params['Seed'])
+    if 'Rescale CFG' in params:
+        call['guidance_rescale'] = float(params['Rescale CFG'])
     if 'Clip skip' in params:
         call['clip_skip'] = int(params['Clip skip']) - 1
     if 'Denoising strength' in params and 'Hires upscale' not in params:  # else: the strength of A1111's hires pass
@@ -142,5 +147,6 @@ def describe_outputs(pipe, options: Dict[str, Any], output: Dict[str, Any], mode
         texts.append(format_parameters(
             prompts[i // per_prompt], negatives[i // per_prompt], options.get('num_inference_steps', 50),
             scheduler, options.get('guidance_scale', 7.5), seeds[i] if seeds else None, image.shape[1],
-            image.shape[0], model, loras, options.get('clip_skip'), options.get('strength'), embeddings))
+            image.shape[0], model, loras, options.get('clip_skip'), options.get('strength'), embeddings,
+            options.get('guidance_rescale', 0.0)))
     return texts

@@ -28,6 +28,7 @@ CALL_DEFAULTS: Dict[str, Any] = {
     'negative_prompt': None,
     'num_inference_steps': 50,
     'guidance_scale': 7.5,
+    'guidance_rescale': 0.0,  # text-to-image: rescale the guided prediction's std (0.7 suits v-prediction models)
     'height': None,  # None: the model's own size (512 for SD1.5)
     'width': None,
     'num_images_per_prompt': 1,
@@ -171,8 +172,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             raise ValueError(_unknown_message('option', unknown, ['text'] + list(CALL_DEFAULTS)))
         return {**CALL_DEFAULTS, **options}
 
-    def check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
-                     num_images_per_prompt, eta, seed, generator, latents, scheduler, clip_skip,
+    def check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale, guidance_rescale,
+                     height, width, num_images_per_prompt, eta, seed, generator, latents, scheduler, clip_skip,
                      lora_scale, progress_bar, image, mask_image, strength, batch_size) -> None:
         """Every user-facing option, checked once, with what was given and what is allowed."""
         if prompt is None:
@@ -202,6 +203,12 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         if batch_size is not None:
             _check_int('batch_size', batch_size, minimum=1)
         _check_number('guidance_scale', guidance_scale, minimum=0.0)
+        _check_number('guidance_rescale', guidance_rescale, minimum=0.0)
+        if guidance_rescale > 1:
+            raise ValueError(f'guidance_rescale={guidance_rescale} must be between 0 (off) and 1; 0.7 is the usual value.')
+        if guidance_rescale and image is not None:
+            raise ValueError('guidance_rescale applies to text-to-image only: diffusers\' image-to-image and '
+                             'inpainting pipelines do not take it. Leave it out (0) with image=...')
         _check_number('eta', eta, minimum=0.0)
         if seed is not None:
             _check_int('seed', seed, minimum=0, maximum=_MAX_SEED)
@@ -297,9 +304,9 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             self._variants[kind] = cls.from_pipe(self.sd)
         return self._variants[kind]
 
-    def _pipeline_for(self, image, mask_image, strength, height, width, latents):
-        if image is None:
-            return self.sd, {'height': height, 'width': width, 'latents': latents}
+    def _pipeline_for(self, image, mask_image, strength, height, width, latents, guidance_rescale):
+        if image is None:  # only text-to-image takes guidance_rescale (checked)
+            return self.sd, {'height': height, 'width': width, 'latents': latents, 'guidance_rescale': guidance_rescale}
         if mask_image is None:
             return self._variant('img2img'), {'image': image, 'strength': strength}
         return self._variant('inpaint'), {'image': image, 'mask_image': mask_image, 'strength': strength,
@@ -330,8 +337,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         return {**merged, 'seeds': seeds} if seeds is not None else merged
 
     @torch.inference_mode()
-    def _generate(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
-                  num_images_per_prompt, eta, seed, generator, latents, scheduler, clip_skip, lora_scale,
+    def _generate(self, prompt, negative_prompt, num_inference_steps, guidance_scale, guidance_rescale, height,
+                  width, num_images_per_prompt, eta, seed, generator, latents, scheduler, clip_skip, lora_scale,
                   progress_bar, image, mask_image, strength) -> Dict[str, Any]:
         # 1. batch and randomness
         n_images = (len(prompt) if isinstance(prompt, list) else 1) * num_images_per_prompt
@@ -350,7 +357,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                 return self._output(np.repeat(unchanged, n_images, axis=0), seeds, None)
         if latents is not None:  # diffusers moves latents to the device but keeps their dtype: fp32 into fp16 fails
             latents = latents.to(self.sd.device, self.sd.unet.dtype)
-        pipe, extra = self._pipeline_for(image, mask_image, strength, height, width, latents)
+        pipe, extra = self._pipeline_for(image, mask_image, strength, height, width, latents, guidance_rescale)
         # 3. scheduler, progress bar and adapter weights for this call
         pipe.scheduler = self._scheduler(scheduler)
         pipe.set_progress_bar_config(disable=not (self.progress_bar if progress_bar is None else progress_bar))

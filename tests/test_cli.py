@@ -15,12 +15,13 @@ from modelscope_sd.cli import main
 def test_parameters_round_trip():
     text = metadata.format_parameters('a cat, (red hat:1.3)\nsecond line', 'blurry, dark', 20, 'dpm++_2m_karras',
                                       6.5, 42, 512, 448, 'AI-ModelScope/stable-diffusion-v1-5',
-                                      [('my-lora', 0.8), ('/x/kohya.safetensors', 1.0)], clip_skip=1)
-    assert 'Sampler: DPM++ 2M Karras' in text and 'Clip skip: 2' in text
+                                      [('my-lora', 0.8), ('/x/kohya.safetensors', 1.0)], clip_skip=1,
+                                      guidance_rescale=0.7)
+    assert 'Sampler: DPM++ 2M Karras' in text and 'Clip skip: 2' in text and 'Rescale CFG: 0.7' in text
     parsed = metadata.parse_parameters(text)
     assert parsed['call'] == {'text': 'a cat, (red hat:1.3)\nsecond line', 'negative_prompt': 'blurry, dark',
                               'num_inference_steps': 20, 'guidance_scale': 6.5, 'width': 512, 'height': 448,
-                              'scheduler': 'dpm++_2m_karras', 'seed': 42, 'clip_skip': 1}
+                              'scheduler': 'dpm++_2m_karras', 'seed': 42, 'clip_skip': 1, 'guidance_rescale': 0.7}
     assert parsed['model'] == 'AI-ModelScope/stable-diffusion-v1-5'
     assert parsed['lora_dir'] == ['my-lora', '/x/kohya.safetensors'] and parsed['lora_scale'] == [0.8, 1.0]
 
@@ -58,11 +59,12 @@ def test_save_png_never_replaces_an_existing_image(tmp_path):
 
 def test_generate_writes_pngs_that_recreate_themselves(tiny_model_dir, tmp_path):
     paths = main(['generate', '--prompt', '飞流直下三千尺,油画', '--model', tiny_model_dir, '--num_inference_steps', '3',
-                  '--num_images', '2', '--seed', '42', '--scheduler', 'euler_a', '--device', 'cpu',
-                  '--output_dir', str(tmp_path / 'first')])
+                  '--num_images', '2', '--seed', '42', '--scheduler', 'euler_a', '--guidance_rescale', '0.7',
+                  '--device', 'cpu', '--output_dir', str(tmp_path / 'first')])
     assert [os.path.basename(p) for p in paths] == ['42.png', '43.png']
     saved = metadata.read_png(paths[1])
     assert saved['call']['seed'] == 43 and saved['call']['scheduler'] == 'euler_ancestral'
+    assert saved['call']['guidance_rescale'] == 0.7
     again = main(['generate', '--from_png', paths[1], '--device', 'cpu', '--output_dir', str(tmp_path / 'again')])
     assert np.array_equal(np.asarray(Image.open(paths[1])), np.asarray(Image.open(again[0])))
 

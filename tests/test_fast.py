@@ -45,6 +45,20 @@ def test_every_offered_scheduler_has_a_table_that_matches_diffusers_loop(fast_pi
     np.testing.assert_allclose(got, expected, atol=2e-4)
 
 
+@pytest.mark.parametrize('name', ['pndm', 'euler_ancestral', 'dpm++_2m_karras'])
+def test_guidance_rescale_in_the_step_matches_diffusers_loop(fast_pipe, vanilla_pipe, name):
+    scheduler = make_scheduler(name, vanilla_pipe.scheduler.config)
+    expected = _vanilla(vanilla_pipe, scheduler, [3, 4], prompt='a red house', guidance_rescale=0.7,
+                        num_images_per_prompt=2, **ARGS)
+    fast_pipe.sd.scheduler = scheduler
+    got, _ = fast_pipe.denoiser.generate(fast_pipe.sd, {'prompt': 'a red house'}, 4, 7.5, 2, 0.0,
+                                         [torch.Generator('cpu').manual_seed(s) for s in (3, 4)],
+                                         guidance_rescale=0.7)
+    np.testing.assert_allclose(got, expected, atol=2e-4)
+    plain = _vanilla(vanilla_pipe, scheduler, [3, 4], prompt='a red house', num_images_per_prompt=2, **ARGS)
+    assert np.abs(got - plain).max() > 1e-2  # the rescale did change the images
+
+
 @pytest.mark.parametrize('name', ['pndm', 'euler_ancestral', 'heun', 'dpm++_2m_sde_karras', 'unipc'])
 def test_image_to_image_tables_start_part_way_like_diffusers(fast_pipe, vanilla_pipe, name):
     from diffusers import StableDiffusionImg2ImgPipeline

@@ -30,6 +30,14 @@ def test_images_equal_vanilla_diffusers(sd_pipe, vanilla_pipe, scheduler):
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
 
 
+def test_guidance_rescale_equals_vanilla_diffusers_and_changes_the_image(sd_pipe, vanilla_pipe):
+    expected = _vanilla_bgr(vanilla_pipe, prompt='a cat', guidance_rescale=0.7, **FAST)
+    got = sd_pipe('a cat', seed=0, guidance_rescale=0.7, **FAST)[OutputKeys.OUTPUT_IMGS][0]
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+    plain = sd_pipe('a cat', seed=0, **FAST)[OutputKeys.OUTPUT_IMGS][0]
+    assert np.abs(got.astype(int) - plain.astype(int)).max() > 1
+
+
 def test_same_seed_same_pixels_other_seed_differs(sd_pipe):
     a = sd_pipe('a cat', seed=7, **FAST)[OutputKeys.OUTPUT_IMGS][0]
     b = sd_pipe('a cat', seed=7, **FAST)[OutputKeys.OUTPUT_IMGS][0]
