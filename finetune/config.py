@@ -71,6 +71,9 @@ class TrainConfig:
     seed: int = _help('seed for data order, augmentation, noise and timesteps (resume-exact)', default=0)
     snr_gamma: Optional[float] = _help('min-SNR-gamma loss weighting (5.0 is the paper value)', default=None)
     noise_offset: float = _help('noise offset (0.05-0.1 helps very dark/bright images)', default=0.0)
+    proportion_empty_prompts: float = _help("share of captions replaced by the empty prompt, drawn anew each epoch "
+                                            "(caption dropout, kohya's --caption_dropout_rate; 0.05-0.1 is usual): "
+                                            'keeps the unconditional prediction that guidance uses', default=0.0)
     prediction_type: Optional[str] = _help("'epsilon' or 'v_prediction'; default: the scheduler's", default=None)
     train_text_encoder: bool = _help('also train the text encoder', default=False)
     max_token_length: int = _help('caption tokens the text encoder reads: 75 (one CLIP window), or 150 or 225 '
@@ -114,6 +117,9 @@ class TrainConfig:
         for name in ('adam_weight_decay', 'adam_epsilon', 'noise_offset'):
             if getattr(self, name) < 0:
                 raise ValueError(f'{name}={getattr(self, name)} must be >= 0.')
+        if not 0 <= self.proportion_empty_prompts < 1:
+            raise ValueError(f'proportion_empty_prompts={self.proportion_empty_prompts} must be in [0, 1) '
+                             '(0.05-0.1 is usual; 0 keeps every caption).')
         if self.max_grad_norm <= 0:  # 0 would zero every gradient, a negative norm would flip them
             raise ValueError(f'max_grad_norm={self.max_grad_norm} must be > 0 (1.0 is usual).')
         if self.max_token_length < CHUNK or self.max_token_length % CHUNK:

@@ -199,12 +199,15 @@ def report_long_captions(records: List[Record], tokenizer, max_windows: int) -> 
 
 class CaptionDataset(torch.utils.data.Dataset):
     """Indexed by (epoch, i) from ``EpochSampler``: augmentation is a function of (seed, epoch, i). With
-    ``targets`` (aspect buckets, one (width, height) per record) images take their bucket's size, not a square."""
+    ``targets`` (aspect buckets, one (width, height) per record) images take their bucket's size, not a square.
+    With ``proportion_empty_prompts`` that share of the items, drawn anew each epoch, come with the empty prompt
+    instead of their caption (caption dropout), so the model keeps learning the unconditional prediction that
+    classifier-free guidance subtracts."""
 
     def __init__(self, records: List[Record], tokenizer, resolution: int, center_crop: bool = False,
                  random_flip: bool = False, seed: int = 0, max_windows: int = 1,
-                 targets: Optional[List[Tuple[int, int]]] = None):
-        self.records, self.targets = records, targets
+                 targets: Optional[List[Tuple[int, int]]] = None, proportion_empty_prompts: float = 0.0):
+        self.records, self.targets, self.proportion_empty_prompts = records, targets, proportion_empty_prompts
         self.tokenizer = tokenizer
         self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
         self.max_windows = max_windows
@@ -224,7 +227,14 @@ class CaptionDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         return {'pixel_values': self.pixels(index, self._rng(epoch, index), self.random_flip),
-                'input_ids': self.tokenize(self.records[index].caption)}
+                'input_ids': self.empty['input_ids'] if self.drops_caption(epoch, index)
+                else self.tokenize(self.records[index].caption)}
+
+    def drops_caption(self, epoch: int, index: int) -> bool:
+        """Whether item ``index`` trains with the empty prompt this epoch: a function of (seed, epoch, index), drawn
+        apart from the augmentation's numbers (which stay those of a run without caption dropout)."""
+        return bool(self.proportion_empty_prompts) and \
+            random.Random(f'{self.seed}-{epoch}-{index}-caption').random() < self.proportion_empty_prompts
 
     def _rng(self, epoch: int, index: int) -> random.Random:
         return random.Random(f'{self.seed}-{epoch}-{index}')
@@ -241,13 +251,14 @@ class CaptionDataset(torch.utils.data.Dataset):
         return self.random_flip and self._rng(epoch, index).random() < 0.5
 
 
-def training_dataset(config, records: List[Record], tokenizer, unet) -> CaptionDataset:
-    """A trainer's dataset: the config's size, crop, flip, seed and caption windows, and with
-    ``--enable_bucket`` each image's aspect bucket."""
+def training_dataset(config, records: List[Record], tokenizer, unet, validation: bool = False) -> CaptionDataset:
+    """A trainer's dataset: the config's size, crop, flip, seed, caption windows and (not for ``validation``)
+    caption dropout, and with ``--enable_bucket`` each image's aspect bucket."""
     targets = (assign_buckets([r.image for r in records], config.resolution, size_step(unet))
                if config.enable_bucket else None)
     return CaptionDataset(records, tokenizer, config.resolution, config.center_crop, config.random_flip,
-                          config.seed, config.max_token_length // CHUNK, targets)
+                          config.seed, config.max_token_length // CHUNK, targets,
+                          0.0 if validation else config.proportion_empty_prompts)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -329,6 +340,7 @@ class CachedDataset(torch.utils.data.Dataset):
         used = 0
         self.empty, self.targets = dict(dataset.empty), dataset.targets
         self.flipped = dataset.flipped if dataset.random_flip else None
+        self.drops_caption = dataset.drops_caption
         with torch.no_grad():
             if text_encoder is not None:
                 ids = self.empty['input_ids'][None].to(text_encoder.device)
@@ -363,6 +375,8 @@ class CachedDataset(torch.utils.data.Dataset):
         flipped = item.pop('flipped_latent_params', None)
         if flipped is not None and self.flipped(epoch, index):
             item['latent_params'] = flipped
+        if self.drops_caption(epoch, index):  # the empty prompt's ids, or its cached embedding
+            item.update({k: self.empty[k] for k in ('input_ids', 'encoder_hidden_states') if k in item})
         return item
 
     def collate(self, examples):

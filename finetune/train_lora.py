@@ -34,11 +34,12 @@ def main(config: LoraTrainConfig, notes: Optional[List[str]] = None) -> str:
         parts = load_components(config.pretrained_model_name_or_path, config.revision)
     trained = prepare_models(accelerator, config, parts, lora=True)
 
-    def dataset(items):
-        return training_dataset(config, items, parts['tokenizer'], parts['unet'])
+    def dataset(items, validation=False):
+        return training_dataset(config, items, parts['tokenizer'], parts['unet'], validation)
 
     train_loop(accelerator, config, parts, trained, dataset(records),
-               validation_dataset=dataset(check_images(validation, config.skip_bad_images)) if validation else None,
+               validation_dataset=dataset(check_images(validation, config.skip_bad_images), validation=True)
+               if validation else None,
                pipeline_for_validation=validation_pipeline_factory(accelerator, parts))
     path = os.path.join(config.output_dir, LORA_WEIGHT_NAME)
     if accelerator.is_main_process:

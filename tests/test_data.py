@@ -88,6 +88,35 @@ def test_sampler_order_is_a_function_of_seed_and_epoch():
     assert [i for _, i in sampler] != [i for _, i in full]
 
 
+def test_caption_dropout_is_drawn_per_epoch_and_leaves_the_augmentation_as_it_was(sd_pipe, tmp_path):
+    import torch
+
+    from finetune.data import CaptionDataset, CachedDataset
+    make_images(str(tmp_path), count=8)
+    records = records_from_image_folder(str(tmp_path))
+    tokenizer = sd_pipe.sd.tokenizer
+
+    def dataset(proportion):
+        return CaptionDataset(records, tokenizer, 32, center_crop=True, random_flip=True, seed=3,
+                              proportion_empty_prompts=proportion)
+
+    plain, dropping = dataset(0.0), dataset(0.5)
+    keys = [(epoch, i) for epoch in range(4) for i in range(8)]
+    dropped = [key for key in keys if torch.equal(dropping[key]['input_ids'], dropping.empty['input_ids'])]
+    assert 8 <= len(dropped) <= 24  # about half of 32, a new draw each epoch
+    assert {i for e, i in dropped if e == 0} != {i for e, i in dropped if e == 1}
+    assert dropped == [key for key in keys if dataset(0.5).drops_caption(*key)]  # seeded: a resume draws the same
+    for key in keys:
+        assert torch.equal(dropping[key]['pixel_values'], plain[key]['pixel_values'])  # crops and flips unchanged
+        if key not in dropped:
+            assert torch.equal(dropping[key]['input_ids'], plain[key]['input_ids'])
+    # cached: the same items get the empty prompt's embedding
+    sd = sd_pipe.sd
+    cached = CachedDataset(dropping, sd.vae, sd.text_encoder)
+    empty = cached.empty['encoder_hidden_states']
+    assert [key for key in keys if torch.equal(cached[key]['encoder_hidden_states'], empty)] == dropped
+
+
 def test_captions_past_clips_window_are_reported_or_get_more_windows(tmp_path, caplog):
     import torch
 

@@ -488,6 +488,7 @@ def test_typo_flag_fails_instead_of_vanishing(capsys):
     (dict(adam_epsilon=-1e-8), 'adam_epsilon=-1e-08 must be >= 0'),
     (dict(lr_warmup_steps=-1), 'lr_warmup_steps=-1 must be >= 0'),
     (dict(max_token_length=100), 'max_token_length=100 must be a multiple of 75'),
+    (dict(proportion_empty_prompts=1.0), 'proportion_empty_prompts=1.0 must be in [0, 1)'),
 ])
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -545,17 +546,21 @@ def test_latest_with_no_checkpoint_starts_a_new_run_and_says_so_once(tiny_model_
     assert os.path.isfile(tmp_path / 'new' / 'pytorch_lora_weights.safetensors')
 
 
-@pytest.mark.parametrize('random_flip', [False, True])
-def test_cached_latents_train_the_same_adapter(tiny_model_dir, csv_dataset, tmp_path, random_flip):
+@pytest.mark.parametrize('extra', [{}, {'random_flip': True}, {'proportion_empty_prompts': 0.5}])
+def test_cached_latents_train_the_same_adapter(tiny_model_dir, csv_dataset, tmp_path, extra):
     """Encoding once gives the same training as encoding every step (same seeds, same samples); with flips,
-    each step takes the orientation the uncached run draws."""
-    settings = dict(center_crop=True, max_train_steps=6 if random_flip else 3, checkpointing_steps=None,
-                    random_flip=random_flip)
+    each step takes the orientation the uncached run draws; with caption dropout, the same steps get the empty
+    prompt."""
+    settings = dict(center_crop=True, max_train_steps=6 if extra else 3, checkpointing_steps=None, **extra)
     plain = load_file(_train(_config(tiny_model_dir, csv_dataset, tmp_path / 'plain', **settings)))
     cached = load_file(_train(_config(tiny_model_dir, csv_dataset, tmp_path / 'cached', cache_latents=True,
                                       **settings)))
     for key in plain:
         torch.testing.assert_close(cached[key], plain[key], rtol=1e-4, atol=1e-5)
+    if 'proportion_empty_prompts' in extra:  # and the dropout did change the training
+        kept = load_file(_train(_config(tiny_model_dir, csv_dataset, tmp_path / 'kept', center_crop=True,
+                                        max_train_steps=6, checkpointing_steps=None)))
+        assert any(not torch.allclose(kept[key], plain[key]) for key in plain)
 
 
 def test_long_captions_train_in_windows_cached_or_not(tiny_model_dir, tmp_path, monkeypatch):
