@@ -173,8 +173,9 @@ class LoraTrainConfig(LoraOptions, TrainConfig):
     """LoRA fine-tuning on image-caption data."""
     dataset_name: Optional[str] = _help('ModelScope dataset id or local folder (csv with Text, Target:FILE)',
                                         default='buptwq/lora-stable-diffusion-finetune')
-    train_data_dir: Optional[str] = _help('image folder with a .txt caption per image or metadata.jsonl '
-                                          '(used instead of dataset_name)', default=None)
+    train_data_dir: Optional[str] = _help('image folder with a .txt caption per image, or a metadata.jsonl or '
+                                          'metadata.csv (file_name, and text, caption or prompt) as in Hugging '
+                                          "Face's imagefolder (used instead of dataset_name)", default=None)
     output_dir: str = _help('where the adapter, checkpoints and validation images go', default='sd-lora')
 
     def __post_init__(self):

@@ -103,21 +103,15 @@ def image_paths(folder: str) -> List[str]:
 
 
 def records_from_image_folder(folder: str, caption: Optional[str] = None) -> List[Record]:
-    """Images with a same-named .txt caption, or a metadata.jsonl of {"file_name", "text"}; with
-    ``caption`` (DreamBooth's instance prompt) every image gets that caption."""
+    """Images with a same-named .txt caption, or a metadata.jsonl / metadata.csv as Hugging Face's imagefolder
+    has it ({"file_name", "text"}; the caption column may also be caption or prompt); with ``caption``
+    (DreamBooth's instance prompt) every image gets that caption."""
     images = image_paths(folder)
     if not images:
         raise ValueError(f'{folder!r} holds no images ({", ".join(IMAGE_EXTENSIONS)}).')
     if caption is not None:
         return [Record(p, caption) for p in images]
-    metadata = os.path.join(folder, 'metadata.jsonl')
-    captions = {}
-    if os.path.isfile(metadata):
-        with open(metadata, encoding='utf-8-sig') as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    captions[os.path.normpath(os.path.join(folder, row['file_name']))] = row.get('text', '')
+    captions = _metadata_captions(folder)
     missing = []
     records = []
     for path in images:
@@ -131,8 +125,25 @@ def records_from_image_folder(folder: str, caption: Optional[str] = None) -> Lis
         records.append(Record(path, text))
     if missing:
         raise ValueError(f'{len(missing)} image(s) in {folder!r} have no caption: {missing[:10]}. Add a .txt '
-                         'with the same name beside each image, or a metadata.jsonl.')
+                         'with the same name beside each image, or a metadata.jsonl or metadata.csv (file_name, text).')
     return records
+
+
+def _metadata_captions(folder: str) -> dict:
+    """{image path: caption} from the folder's metadata.jsonl or metadata.csv (empty without one). Its columns
+    are picked as in the csv layouts: a file without a caption column is refused, not read as empty captions."""
+    for name in ('metadata.jsonl', 'metadata.csv'):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, newline='', encoding='utf-8-sig') as f:
+            rows = (list(csv.DictReader(f)) if name.endswith('.csv')
+                    else [json.loads(line) for line in f if line.strip()])
+        if not rows:
+            return {}
+        image, caption = _pick_columns(list(rows[0]), path)
+        return {os.path.normpath(os.path.join(folder, row[image])): row.get(caption) or '' for row in rows}
+    return {}
 
 
 def _read_error(path: str) -> Optional[str]:

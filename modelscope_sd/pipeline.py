@@ -205,7 +205,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         _check_number('guidance_scale', guidance_scale, minimum=0.0)
         _check_number('guidance_rescale', guidance_rescale, minimum=0.0)
         if guidance_rescale > 1:
-            raise ValueError(f'guidance_rescale={guidance_rescale} must be between 0 (off) and 1; 0.7 is the usual value.')
+            raise ValueError(f'guidance_rescale={guidance_rescale} must be between 0 (off) and 1; 0.7 is the usual '
+                             'value.')
         if guidance_rescale and image is not None:
             raise ValueError('guidance_rescale applies to text-to-image only: diffusers\' image-to-image and '
                              'inpainting pipelines do not take it. Leave it out (0) with image=...')

@@ -51,6 +51,24 @@ def test_metadata_jsonl_captions(tmp_path):
     assert [r.caption for r in records_from_image_folder(str(tmp_path))] == ['caption 0', 'caption 1']
 
 
+@pytest.mark.parametrize('name, text', [
+    ('metadata.jsonl', '{"file_name": "img0.png", "caption": "a red fox"}\n'),  # another caption column
+    ('metadata.csv', 'file_name,text\nimg0.png,"a red fox, in snow"\n'),  # Hugging Face imagefolder's csv
+])
+def test_imagefolder_metadata_in_other_columns_or_csv(tmp_path, name, text):
+    make_images(str(tmp_path), count=1, captions=False)
+    (tmp_path / name).write_text(text)
+    assert records_from_image_folder(str(tmp_path))[0].caption.startswith('a red fox')
+
+
+def test_metadata_without_a_caption_column_is_refused_not_read_as_empty_captions(tmp_path):
+    make_images(str(tmp_path), count=1, captions=False)
+    (tmp_path / 'metadata.jsonl').write_text('{"file_name": "img0.png", "tags": "fox, snow"}\n')
+    with pytest.raises(ValueError, match=r"metadata.jsonl: expected .* caption column .* "
+                                         r"found \['file_name', 'tags'\]"):
+        records_from_image_folder(str(tmp_path))
+
+
 def test_captions_saved_with_a_byte_order_mark_read_clean(tmp_path):
     """Windows editors often save UTF-8 with a BOM, which would become the caption's first 'character'."""
     make_images(str(tmp_path / 'txt'), count=1, captions=False)
