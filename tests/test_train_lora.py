@@ -339,6 +339,15 @@ def test_two_processes_reach_max_train_steps_and_resume_exactly(tiny_model_dir, 
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
 
 
+def _kill(pid: int, signum: int) -> bool:
+    """Whether ``pid`` was still there to be sent ``signum``."""
+    try:
+        os.kill(pid, signum)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 def _trainers(launcher_pid):
     """Linux: the processes that run the trainer script under a shell launcher (bash, then accelerate's
     launcher, then the trainers), not the data-loading workers they start."""
@@ -375,6 +384,7 @@ def test_a_stop_signal_saves_a_checkpoint_and_ends_every_process(tiny_model_dir,
         launcher = subprocess.Popen(['bash', os.path.join(REPO, 'finetune', 'run_train_lora.sh'),
                                      '--dataloader_num_workers', '1', '--logging_steps', '1'],
                                     cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    trainers = []
     try:
         deadline = time.monotonic() + 120
         while 'loss=' not in (tmp_path / 'log').read_text() and launcher.poll() is None:
@@ -392,6 +402,8 @@ def test_a_stop_signal_saves_a_checkpoint_and_ends_every_process(tiny_model_dir,
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
+        alive = [pid for pid in trainers if _kill(pid, signal.SIGKILL)]  # torch's workers: each in its own session
+    assert not alive, 'trainers outlived their launcher'
     text = (tmp_path / 'log').read_text()
     if stop == 'sigterm_to_trainer':  # the launcher did not see the signal: accelerate reports a failure
         assert launcher.returncode == 1, text[-3000:]
@@ -648,3 +660,4 @@ def test_compiled_unet_trains_the_same_adapter(tiny_model_dir, csv_dataset, tmp_
     resumed = load_file(_train(_config(tiny_model_dir, csv_dataset, out, torch_compile=True, overwrite_output_dir=True,
                                        resume_from_checkpoint='latest', **{**settings, 'max_train_steps': 4})))
     assert set(resumed) == set(eager)
+
