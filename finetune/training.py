@@ -4,6 +4,7 @@ and state; per-step seeding so that a resumed run repeats an uninterrupted one e
 import logging
 import math
 import os
+import shutil
 import signal
 from typing import List, Optional
 
@@ -115,6 +116,29 @@ def make_optimizer(config, params, device: torch.device, lr: float):
         optimizer_cls, extra = torch.optim.AdamW, ({'fused': True} if device.type == 'cuda' else {})
     return optimizer_cls(params, lr=lr, betas=(config.adam_beta1, config.adam_beta2),
                          weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, **extra)
+
+
+# bytes of optimizer state per trained parameter (Adafactor's factored moments are a few per matrix row and column)
+_STATE_BYTES = {'adamw': 8, 'adamw8bit': 2, 'adafactor': 0}
+
+
+def warn_if_checkpoints_outgrow_the_disk(config, params, max_steps: int, every_epochs: Optional[int]) -> None:
+    """A full fine-tune's checkpoint holds the fp32 UNet and its optimizer state (~10 GiB for SD1.5 with AdamW),
+    one every --checkpointing_steps: say so before the run fills the disk hours in, not when a save fails."""
+    state = _STATE_BYTES['adamw8bit' if config.use_8bit_adam else config.optimizer]
+    size = sum(p.numel() * (p.element_size() + state) for p in params)
+    due = [every for every in (config.checkpointing_steps, every_epochs) if every]
+    count = sum(max_steps // every for every in due)  # an upper bound: both kinds may fall on one step
+    if config.checkpoints_total_limit:
+        count = min(count, config.checkpoints_total_limit + 1)  # the newest is written before the oldest goes
+    free = shutil.disk_usage(config.output_dir).free
+    if count and count * size > free:
+        fit = int(free // size) - 1
+        advice = (f'pass --checkpoints_total_limit {fit}, a larger --checkpointing_steps, or free space'
+                  if fit >= 1 else 'free space, or pass a --checkpointing_steps past --max_train_steps')
+        logger.warning('Checkpoints hold about %.1f GiB each (trained weights and optimizer state); the %d this run '
+                       'may write need %.1f GiB, but %s has %.1f GiB free: %s.', size / 2**30, count,
+                       count * size / 2**30, config.output_dir, free / 2**30, advice)
 
 
 def prepare_models(accelerator, config, parts: dict, lora: bool) -> List[torch.nn.Module]:
@@ -249,6 +273,8 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
     if config.scale_lr:
         lr *= config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
     optimizer = make_optimizer(config, params, accelerator.device, lr)
+    if accelerator.is_main_process:
+        warn_if_checkpoints_outgrow_the_disk(config, params, max_steps, checkpoint_every_epochs)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes)

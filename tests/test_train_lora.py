@@ -661,3 +661,24 @@ def test_compiled_unet_trains_the_same_adapter(tiny_model_dir, csv_dataset, tmp_
                                        resume_from_checkpoint='latest', **{**settings, 'max_train_steps': 4})))
     assert set(resumed) == set(eager)
 
+
+def test_checkpoints_that_would_outgrow_the_disk_are_warned_of_before_training(tiny_model_dir, csv_dataset, tmp_path,
+                                                                              monkeypatch, caplog):
+    import collections
+
+    import finetune.training as training
+    usage = collections.namedtuple('usage', 'total used free')
+    free = {'bytes': 50_000}
+    monkeypatch.setattr(training.shutil, 'disk_usage', lambda path: usage(0, 0, free['bytes']))
+    params = [torch.zeros(1000)]  # fp32 weights + AdamW's two moments: 12,000 bytes a checkpoint
+    config = LoraTrainConfig(dataset_name='x', output_dir=str(tmp_path), checkpointing_steps=100)
+    training.warn_if_checkpoints_outgrow_the_disk(config, params, 1000, None)  # 10 checkpoints: 120,000 bytes
+    assert '--checkpoints_total_limit 3' in caplog.text  # 3 kept + the one being written fit in 50,000
+    caplog.clear()
+    config = LoraTrainConfig(dataset_name='x', output_dir=str(tmp_path), checkpointing_steps=100,
+                             checkpoints_total_limit=3)
+    training.warn_if_checkpoints_outgrow_the_disk(config, params, 1000, None)
+    assert not caplog.text
+    free['bytes'] = 1  # and a training run says so before its first step
+    _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'out', max_train_steps=1, checkpointing_steps=1))
+    assert 'free space, or pass a --checkpointing_steps past --max_train_steps' in caplog.text
