@@ -118,15 +118,24 @@ def make_optimizer(config, params, device: torch.device, lr: float):
                          weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, **extra)
 
 
-# bytes of optimizer state per trained parameter (Adafactor's factored moments are a few per matrix row and column)
-_STATE_BYTES = {'adamw': 8, 'adamw8bit': 2, 'adafactor': 0}
+def checkpoint_bytes(config, params) -> int:
+    """About what a checkpoint holds: the fp32 trained weights and the optimizer's state for them (AdamW two fp32
+    moments, 8-bit AdamW two bytes, Adafactor one fp32 row and column of second moments per matrix: for a 3×3
+    convolution that is 2/3 of its size)."""
+    total = 0
+    for p in params:
+        if config.optimizer == 'adafactor':
+            state = 4 * (p.numel() // p.shape[-1] + p.numel() // p.shape[-2]) if p.dim() >= 2 else 4 * p.numel()
+        else:
+            state = p.numel() * (2 if config.use_8bit_adam else 8)
+        total += p.numel() * p.element_size() + state
+    return total
 
 
 def warn_if_checkpoints_outgrow_the_disk(config, params, max_steps: int, every_epochs: Optional[int]) -> None:
     """A full fine-tune's checkpoint holds the fp32 UNet and its optimizer state (~10 GiB for SD1.5 with AdamW),
     one every --checkpointing_steps: say so before the run fills the disk hours in, not when a save fails."""
-    state = _STATE_BYTES['adamw8bit' if config.use_8bit_adam else config.optimizer]
-    size = sum(p.numel() * (p.element_size() + state) for p in params)
+    size = checkpoint_bytes(config, params)
     due = [every for every in (config.checkpointing_steps, every_epochs) if every]
     count = sum(max_steps // every for every in due)  # an upper bound: both kinds may fall on one step
     if config.checkpoints_total_limit:

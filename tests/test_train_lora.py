@@ -679,6 +679,8 @@ def test_checkpoints_that_would_outgrow_the_disk_are_warned_of_before_training(t
                              checkpoints_total_limit=3)
     training.warn_if_checkpoints_outgrow_the_disk(config, params, 1000, None)
     assert not caplog.text
+    conv = [torch.zeros(8, 8, 3, 3)]  # Adafactor: a row and a column of second moments per 3×3 kernel matrix
+    assert training.checkpoint_bytes(LoraTrainConfig(dataset_name='x', optimizer='adafactor'), conv) == 4 * (576 + 384)
     free['bytes'] = 1  # and a training run says so before its first step
     _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'out', max_train_steps=1, checkpointing_steps=1))
     assert 'free space, or pass a --checkpointing_steps past --max_train_steps' in caplog.text
