@@ -150,9 +150,25 @@ class TrainConfig:
 
 
 def single_file_message(model: str, checkpoint: str) -> str:
-    """The trainers' answer to a single-file base model: how to convert it once."""
-    folder = os.path.splitext(os.path.basename(checkpoint))[0]
-    return (f'pretrained_model_name_or_path={model!r} is a single-file checkpoint ({os.path.basename(checkpoint)}); '
+    """The trainers' answer to a single-file base model: how to convert it once; or, for an adapter or an
+    embedding given as the base model, that it is not one."""
+    from modelscope_sd.loading import check_safetensors, checkpoint_kind
+    name = os.path.basename(checkpoint)
+    kind = checkpoint_kind(check_safetensors(checkpoint)) if checkpoint.endswith('.safetensors') else 'model'
+    if kind == 'lora':
+        from safetensors import safe_open
+        with safe_open(checkpoint, framework='pt') as f:
+            base = (f.metadata() or {}).get('modelscope_sd.base_model')
+        return (f'pretrained_model_name_or_path={model!r} is a LoRA adapter ({name}), not a base model: pass the model '
+                f'it was trained on' + (f' ({base})' if base else '') + ' as --pretrained_model_name_or_path.')
+    if kind == 'embedding':
+        return (f'pretrained_model_name_or_path={model!r} is a textual-inversion embedding ({name}), not a base '
+                'model: pass the model to fine-tune as --pretrained_model_name_or_path.')
+    if kind == 'unknown':
+        return (f'pretrained_model_name_or_path={model!r}: {name} holds no Stable Diffusion UNet weights '
+                '(model.diffusion_model.*), so it is neither a diffusers folder nor an original-layout SD checkpoint.')
+    folder = os.path.splitext(name)[0]
+    return (f'pretrained_model_name_or_path={model!r} is a single-file checkpoint ({name}); '
             f'the trainers read a diffusers folder. Convert it once: modelscope-sd convert-model {checkpoint} '
             f'{folder} (add --config for a non-SD1.5 architecture), then pass --pretrained_model_name_or_path {folder}.')
 

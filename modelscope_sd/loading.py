@@ -186,19 +186,30 @@ def load_pipeline(model, *, revision: Optional[str] = None, torch_dtype=None, de
     return pipe.to(device)  # already in dtype
 
 
-def _check_checkpoint_keys(path: str, keys: List[str]) -> None:
-    """An original-layout model has its UNet under ``model.diffusion_model.``; adapters and embeddings, which
-    users also keep as lone .safetensors files, are named for where they go."""
+def checkpoint_kind(keys: List[str]) -> str:
+    """What a lone .safetensors file holds, by its keys: 'model' (original layout: the UNet under
+    ``model.diffusion_model.``), 'lora', 'embedding', or 'unknown'. Users keep adapters and embeddings as lone
+    files beside their models, named for where they go."""
     if any(k.startswith('model.diffusion_model.') for k in keys):
-        return
+        return 'model'
     if any('lora' in k for k in keys):
+        return 'lora'
+    if len(keys) <= 2:  # emb_params, or A1111/SDXL embedding pairs
+        return 'embedding'
+    return 'unknown'
+
+
+def _check_checkpoint_keys(path: str, keys: List[str]) -> None:
+    kind = checkpoint_kind(keys)
+    if kind == 'lora':
         raise ValueError(f'model={path!r} is a LoRA adapter, not a model: load a base model and pass '
                          f'lora_dir={path!r}.')
-    if len(keys) <= 2:  # emb_params, or A1111/SDXL embedding pairs
+    if kind == 'embedding':
         raise ValueError(f'model={path!r} holds {keys}, as a textual-inversion embedding does, not a model: load a '
                          f'base model and pass textual_inversion={path!r}.')
-    raise ValueError(f'model={path!r} holds no Stable Diffusion UNet weights (model.diffusion_model.*): it is not '
-                     'an original-layout SD checkpoint.')
+    if kind == 'unknown':
+        raise ValueError(f'model={path!r} holds no Stable Diffusion UNet weights (model.diffusion_model.*): it is '
+                         'not an original-layout SD checkpoint.')
 
 
 def lone_checkpoint(folder: str) -> Optional[str]:

@@ -466,6 +466,25 @@ def test_inpainting_base_model_is_refused_by_name(tmp_path):
         load_components(str(tmp_path / 'inpaint'), None)
 
 
+def test_an_adapter_or_embedding_given_as_the_base_model_is_refused_as_what_it_is(tiny_model_dir, csv_dataset,
+                                                                                   tmp_path):
+    """A trained LoRA's output folder as --pretrained_model_name_or_path was read as a single-file model, and the
+    advice was to convert the adapter into a model."""
+    from safetensors.torch import save_file
+
+    from finetune.models import load_components
+    out = tmp_path / 'lora'
+    _train(_config(tiny_model_dir, csv_dataset, out, max_train_steps=1, checkpointing_steps=None))
+    for model in (str(out), str(out / 'pytorch_lora_weights.safetensors')):
+        with pytest.raises(ValueError, match=f"is a LoRA adapter .*not a base model: pass the model it was trained on "
+                                             f"\\({re.escape(tiny_model_dir)}\\)"):
+            load_components(model, None) if os.path.isdir(model) else LoraTrainConfig(
+                pretrained_model_name_or_path=model, dataset_name='x')
+    save_file({'emb_params': torch.zeros(2, 32)}, str(tmp_path / 'style.safetensors'))
+    with pytest.raises(ValueError, match='is a textual-inversion embedding .*not a base model'):
+        LoraTrainConfig(pretrained_model_name_or_path=str(tmp_path / 'style.safetensors'), dataset_name='x')
+
+
 def test_report_to_a_tracker_that_cannot_log_is_refused(monkeypatch):
     import accelerate.tracking
     monkeypatch.setattr(accelerate.tracking, 'get_available_trackers', lambda: [])
