@@ -221,6 +221,9 @@ def lone_checkpoint(folder: str) -> Optional[str]:
                    and os.path.isfile(os.path.join(folder, n)))
     safetensors = [n for n in names if n.endswith('.safetensors')]
     candidates = safetensors or names
+    if len(candidates) > 1 and safetensors:  # beside a model, adapters and embeddings are not candidates
+        models = [n for n in candidates if checkpoint_kind(check_safetensors(os.path.join(folder, n))) == 'model']
+        candidates = models or candidates[:1]  # no model at all: the first says what it is instead
     if len(candidates) > 1:
         raise ValueError(f'model={folder!r} holds several checkpoints {candidates} and no {MODEL_INDEX}: pass the path '
                          'of the one to load.')

@@ -135,6 +135,11 @@ def test_a_hub_repo_holding_one_checkpoint_loads_it(fake_hub, tiny_single_file, 
     from finetune.models import load_components
     with pytest.raises(ValueError, match='is a single-file checkpoint \\(dreamy-v2.safetensors\\).*convert-model'):
         load_components(str(repo), None)
+    from train_helpers import make_random_lora
+    make_random_lora(tiny_model_dir, str(tmp_path / 'lora'))  # an adapter beside the model is no second candidate
+    shutil.copy(tmp_path / 'lora' / 'pytorch_lora_weights.safetensors', repo / 'dreamy-style-lora.safetensors')
+    with pytest.raises(ValueError, match='is a single-file checkpoint \\(dreamy-v2.safetensors\\)'):
+        load_components(str(repo), None)
     shutil.copy(tiny_single_file, repo / 'dreamy-v2-inpainting.safetensors')
     with pytest.raises(ValueError, match='holds several checkpoints.*pass the path of the one to load'):
         modelscope_sd.StableDiffusionText2ImagePipeline(str(repo), config=tiny_model_dir, device='cpu')

@@ -473,8 +473,8 @@ def test_an_adapter_or_embedding_given_as_the_base_model_is_refused_as_what_it_i
     from safetensors.torch import save_file
 
     from finetune.models import load_components
-    out = tmp_path / 'lora'
-    _train(_config(tiny_model_dir, csv_dataset, out, max_train_steps=1, checkpointing_steps=None))
+    out = tmp_path / 'lora'  # with its kohya copy: two adapter files, no model
+    _train(_config(tiny_model_dir, csv_dataset, out, max_train_steps=1, checkpointing_steps=None, export_kohya=True))
     for model in (str(out), str(out / 'pytorch_lora_weights.safetensors')):
         with pytest.raises(ValueError, match=f"is a LoRA adapter .*not a base model: pass the model it was trained on "
                                              f"\\({re.escape(tiny_model_dir)}\\)"):
