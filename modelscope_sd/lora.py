@@ -7,7 +7,7 @@ import os
 from typing import List, Sequence, Tuple, Union
 
 from .constants import LORA_WEIGHT_NAME, MODEL_INDEX, PICKLE_SUFFIXES
-from .loading import check_safetensors, is_hub_id, resolve_model_dir
+from .loading import check_safetensors, checkpoint_kind, is_hub_id, resolve_model_dir
 
 LEGACY_WEIGHT_NAMES = ('pytorch_lora_weights.bin',)  # ModelScope's old trainer wrote this pickle
 
@@ -41,10 +41,14 @@ def locate_adapter(path: str, allow_pickle: bool = False) -> Tuple[str, str]:
 
 
 def _refuse_full_checkpoint(path: str, keys: List[str]) -> None:
-    """A single-file model (A1111's ``model.diffusion_model.…`` keys, no LoRA keys) is not an adapter."""
+    """A single-file model (A1111's ``model.diffusion_model.…`` keys, no LoRA keys) or an embedding is not an
+    adapter."""
     if any(k.startswith('model.diffusion_model.') for k in keys) and not any('lora' in k for k in keys):
         raise ValueError(f'lora_dir={path!r} is a whole single-file model checkpoint, not a LoRA adapter: load it '
                          'as the model, pipeline(task=..., model=..., pipeline_name=modelscope_sd.PIPELINE_NAME).')
+    if checkpoint_kind(keys) == 'embedding':
+        raise ValueError(f'lora_dir={path!r} holds {keys}, as a textual-inversion embedding does, not a LoRA '
+                         f'adapter: pass it as textual_inversion={path!r}.')
 
 
 # LyCORIS adapter types (common on civitai) by a key suffix each has; diffusers loads LoRA and LoCon only

@@ -94,6 +94,13 @@ def test_folder_without_adapter(tiny_model_dir, tmp_path):
         _pipe(tiny_model_dir, lora_dir=str(tmp_path))
 
 
+def test_an_embedding_as_lora_dir_is_refused_by_name(tiny_model_dir, tmp_path):
+    save_file({'emb_params': torch.zeros(2, 32)}, str(tmp_path / 'EasyNegative.safetensors'))
+    with pytest.raises(ValueError, match="holds \\['emb_params'\\], as a textual-inversion embedding does.*"
+                                         "textual_inversion="):
+        _pipe(tiny_model_dir, lora_dir=str(tmp_path / 'EasyNegative.safetensors'))
+
+
 def test_a_whole_model_as_lora_dir_is_refused_by_name(tiny_model_dir, tiny_single_file):
     with pytest.raises(ValueError, match='is a whole Stable Diffusion model.*not an adapter'):
         _pipe(tiny_model_dir, lora_dir=tiny_model_dir)
