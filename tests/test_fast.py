@@ -161,3 +161,11 @@ def test_compiled_step_is_one_graph_for_every_scheduler_and_step_count(tiny_mode
             a = compiled('a cat', **args)['output_imgs'][0].astype(int)
             b = eager('a cat', **args)['output_imgs'][0].astype(int)
             assert np.abs(a - b).max() <= 1, scheduler
+    # guidance_rescale compiles its own graph once; other values and schedulers reuse it
+    compiled('a cat', seed=1, guidance_rescale=0.7, **ARGS)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for scheduler, rescale in (('euler_a', 0.5), ('dpm++_2m', 0.9)):
+            args = dict(seed=2, scheduler=scheduler, guidance_rescale=rescale, **ARGS)
+            a = compiled('a cat', **args)['output_imgs'][0].astype(int)
+            b = eager('a cat', **args)['output_imgs'][0].astype(int)
+            assert np.abs(a - b).max() <= 1, scheduler
