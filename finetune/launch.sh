@@ -1,8 +1,10 @@
 # Sourced by run_train_*.sh. launch_trainer ARGS... runs `accelerate launch ARGS...` so that a stop signal
-# always ends in a saved checkpoint, and returns when the trainers have saved it, with 130 (SIGINT) or 143
-# (SIGTERM). Ctrl-C in a terminal reaches every process of the group; a signal sent to this script alone
-# (`kill PID`, `docker stop` when it is the container's first process, Kubernetes) is passed on to the
-# trainers here, as accelerate's one-process launcher would not pass it on: its trainer would run on alone.
+# always ends in a saved checkpoint, and returns when the trainers have saved it, with 130 (SIGINT), 143
+# (SIGTERM) or 129 (SIGHUP: the terminal closed). accelerate runs in a process group of its own, so a stop
+# reaches it only through this script: Ctrl-C in a terminal, `kill PID`, `timeout`, `docker stop` (when the
+# script is the container's first process) all land here, and go to the trainers alone. accelerate's
+# one-process launcher would not pass a signal on (its trainer ran on alone), and torch's multi-GPU launcher
+# kills its trainers 30 s after it passes one on, which can cut a large checkpoint short.
 
 # The processes whose parent is $1: /proc on Linux (slim container images lack pgrep), pgrep elsewhere.
 _children_of() {
@@ -22,7 +24,7 @@ _children_of() {
   return 0
 }
 
-_forward_stop() {  # SIGNAL NUMBER
+_forward_stop() {  # SIGNAL (sent to the trainers) NUMBER (of the one received)
   _stopped=$((128 + $2)) _interrupted=1
   local pid
   for pid in $(_children_of "$_launcher"); do
@@ -33,11 +35,15 @@ _forward_stop() {  # SIGNAL NUMBER
 launch_trainer() {
   # accelerate inherits these ignored and waits for its trainers, which set their own handlers
   trap '' INT TERM
-  # --quiet: the trainer prints its own errors; accelerate would add a traceback of its own to each
+  # --quiet: the trainer prints its own errors; accelerate would add a traceback of its own to each.
+  # set -m: its own process group, out of reach of the terminal's Ctrl-C and of signals to this script's group
+  set -m
   accelerate launch --quiet "$@" &
   _launcher=$! _stopped=0
+  set +m
   trap '_forward_stop INT 2' INT
   trap '_forward_stop TERM 15' TERM
+  trap '_forward_stop TERM 1' HUP
   local status
   while :; do  # a trapped signal ends `wait` early: then wait again
     _interrupted=0

@@ -365,15 +365,15 @@ def _trainers(launcher_pid):
                   if b'train_lora.py' in command and parents.get(parent, (None,))[0] == launcher_pid)
 
 
-@pytest.mark.parametrize('processes, stop', [(1, 'ctrl_c'), (1, 'sigterm_to_launcher'), (2, 'sigterm_to_trainer'), (2, 'sigterm_to_launcher')])
+@pytest.mark.parametrize('processes, stop', [(1, 'ctrl_c'), (1, 'sigterm_to_launcher'), (1, 'terminal_closed'),
+                                             (2, 'ctrl_c'), (2, 'sigterm_to_trainer')])
 def test_a_stop_signal_saves_a_checkpoint_and_ends_every_process(tiny_model_dir, tmp_path, processes, stop):
-    """Ctrl-C in a terminal reaches the whole process group (bash, accelerate's launcher, the trainer, its
-    data-loading worker); the launcher waits for the save. SIGTERM to the launcher alone, as ``kill PID`` or
-    ``docker stop`` sends it, reaches the trainer through the launcher (accelerate's one-process launcher
-    would die and leave the trainer running). Two processes (as on two GPUs): SIGTERM to one trainer only, as
-    a scheduler may send; the other must stop at the same step, or the save's collectives hang; SIGTERM to the
-    launcher alone reaches both. Each way the checkpoint is saved, the launcher exits with 128 + the signal's
-    number when it saw the signal, and no process is left."""
+    """Ctrl-C in a terminal (SIGINT to the script's process group), SIGTERM to the script alone (``kill PID``,
+    ``docker stop``) and a closed terminal (SIGHUP) reach the trainers through the script, which waits for the
+    save; accelerate's one-process launcher would die and leave its trainer running, and torch's multi-GPU
+    launcher would kill its trainers 30 s after passing the signal on. SIGTERM to one of two trainers only, as a
+    scheduler may send it: the other must stop at the same step, or the save's collectives hang. Each way the
+    checkpoint is saved, the script exits with 128 + the number of the signal it got, and no process is left."""
     from finetune.checkpoint import list_checkpoints, read_state
     make_images(str(tmp_path / 'images'), count=4)
     env = {**os.environ, 'MODEL': tiny_model_dir, 'DATASET': str(tmp_path / 'images'), 'RESOLUTION': '32',
@@ -392,8 +392,11 @@ def test_a_stop_signal_saves_a_checkpoint_and_ends_every_process(tiny_model_dir,
             time.sleep(0.2)
         trainers = _trainers(launcher.pid)
         assert len(trainers) == processes
+        assert launcher.pid not in map(os.getpgid, trainers)  # only the script gets the group's signals
         if stop == 'ctrl_c':
             os.killpg(launcher.pid, signal.SIGINT)
+        elif stop == 'terminal_closed':
+            os.killpg(launcher.pid, signal.SIGHUP)
         elif stop == 'sigterm_to_launcher':
             os.kill(launcher.pid, signal.SIGTERM)
         else:
@@ -405,14 +408,15 @@ def test_a_stop_signal_saves_a_checkpoint_and_ends_every_process(tiny_model_dir,
         alive = [pid for pid in trainers if _kill(pid, signal.SIGKILL)]  # torch's workers: each in its own session
     assert not alive, 'trainers outlived their launcher'
     text = (tmp_path / 'log').read_text()
-    if stop == 'sigterm_to_trainer':  # the launcher did not see the signal: accelerate reports a failure
+    received = {'ctrl_c': signal.SIGINT, 'terminal_closed': signal.SIGHUP, 'sigterm_to_launcher': signal.SIGTERM}
+    if stop in received:
+        assert launcher.returncode == 128 + received[stop], text[-3000:]
+    else:  # the launcher did not see the signal: accelerate reports a failure
         assert launcher.returncode == 1, text[-3000:]
-    else:
-        assert launcher.returncode == 128 + (signal.SIGINT if stop == 'ctrl_c' else signal.SIGTERM), text[-3000:]
     assert 'Stopped at step' in text, text[-3000:]
     assert 'CalledProcessError' not in text  # accelerate adds no traceback of its own
-    # one line per signalled trainer, however many copies reached it; its data worker ignores the signal
-    assert text.count('stopping after this step') == (processes if stop == 'sigterm_to_launcher' else 1)
+    # one line per signalled trainer; its data worker ignores the signal
+    assert text.count('stopping after this step') == (1 if stop == 'sigterm_to_trainer' else processes)
     with pytest.raises(ProcessLookupError):  # no trainer or worker still running in the background
         os.killpg(launcher.pid, 0)
     [checkpoint] = list_checkpoints(str(tmp_path / 'out'))
