@@ -1,6 +1,7 @@
 """The training loop both trainers run, top to bottom: accelerate for devices, precision, accumulation
 and state; per-step seeding so that a resumed run repeats an uninterrupted one exactly."""
 
+import contextlib
 import logging
 import math
 import os
@@ -310,7 +311,10 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
                 max_steps, config.train_batch_size, config.gradient_accumulation_steps, accelerator.num_processes)
     progress = tqdm(range(max_steps), initial=global_step, desc='steps', disable=not accelerator.is_local_main_process)
     # 4. the loop
-    with StopRequests() as stop:  # Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit
+    last_saved, updating = global_step, False
+    # Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit; out of memory: save the last step, say what helps
+    with StopRequests() as stop, saved_on_out_of_memory(accelerator, config, lambda: (global_step, last_saved,
+                                                                                       updating)):
         for epoch in range(first_epoch, epochs):
             if global_step >= max_steps:
                 break
@@ -330,9 +334,11 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    updating = True  # weights change from here: a failure now leaves a step half done
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+                    updating = False
                 if not accelerator.sync_gradients:
                     continue
                 global_step += 1
@@ -344,7 +350,7 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
                     accelerator.log(logs, step=global_step)
                 saved = None
                 if _due(global_step, config.checkpointing_steps) or _due(global_step, checkpoint_every_epochs):
-                    saved = _checkpoint(accelerator, config, global_step)
+                    saved, last_saved = _checkpoint(accelerator, config, global_step), global_step
                 if _due(global_step, config.validation_steps) and accelerator.is_main_process:
                     _validate(accelerator, config, parts, pipeline_for_validation, validation_dataset, global_step)
                 if global_step >= max_steps:
@@ -365,6 +371,41 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
 def _checkpoint(accelerator, config, step: int) -> str:
     return save_checkpoint(accelerator, config.output_dir, step,
                            {'global_step': step, 'settings': resume_settings(config)}, config.checkpoints_total_limit)
+
+
+@contextlib.contextmanager
+def saved_on_out_of_memory(accelerator, config, where):
+    """GPU out of memory in the loop: save the last finished step (``where()`` gives it, the step last saved and
+    whether the weights were being updated), then say which flags use less memory, before the error goes on.
+    One process only: with several, the others wait in collectives and the save would hang."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        step, saved, updating = where()
+        if accelerator.num_processes == 1 and step > saved and not updating:
+            torch.cuda.empty_cache()
+            path = _checkpoint(accelerator, config, step)
+            logger.error('Out of memory after step %d; saved %s: --resume_from_checkpoint latest continues from '
+                         'there.', step, path)
+        logger.error('Out of GPU memory. Flags that use less: %s.',
+                     ', '.join(memory_advice(config, accelerator.mixed_precision)))
+        raise
+
+
+def memory_advice(config, mixed_precision: str) -> List[str]:
+    """The memory-saving flags this run does not use yet, biggest saving first."""
+    full = not getattr(config, 'use_lora', True)  # DreamBooth's full fine-tune: optimizer state is GiBs
+    advice = [
+        ('--mixed_precision bf16', mixed_precision == 'no'),
+        ('--use_8bit_adam or --optimizer adafactor', full and config.optimizer == 'adamw' and not config.use_8bit_adam),
+        ('--use_lora', full),
+        (f'--train_batch_size {max(1, config.train_batch_size // 2)} with --gradient_accumulation_steps '
+         f'{config.gradient_accumulation_steps * 2} (the same images per step)', config.train_batch_size > 1),
+        ('--gradient_checkpointing', not config.gradient_checkpointing),
+        ('--cache_latents --center_crop', not config.cache_latents),
+        (f'a lower --resolution (e.g. {config.resolution * 3 // 4 // 8 * 8})', True),
+    ]
+    return [flag for flag, applies in advice if applies]
 
 
 def _stop(accelerator, config, step: int, signum: Optional[int], saved: Optional[str]):

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from finetune.config import LoraTrainConfig, parse_args
-from train_helpers import (REPO, Killed, kill_at_loss_call, make_images, make_modelscope_csv_dataset,
+from train_helpers import (REPO, Killed, at_loss_calls, kill_at_loss_call, make_images, make_modelscope_csv_dataset,
                            reset_accelerate, run_launcher, signal_at_loss_calls)
 
 
@@ -707,3 +707,33 @@ def test_checkpoints_that_would_outgrow_the_disk_are_warned_of_before_training(t
     free['bytes'] = 1  # and a training run says so before its first step
     _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'out', max_train_steps=1, checkpointing_steps=1))
     assert 'free space, or pass a --checkpointing_steps past --max_train_steps' in caplog.text
+
+
+def test_out_of_memory_saves_the_last_finished_step_and_names_the_flags_that_help(tiny_model_dir, csv_dataset, tmp_path,
+                                                                                  monkeypatch, uninterrupted, caplog):
+    """An OOM mid-run (a larger bucket, a validation render) lost every step since the last checkpoint."""
+    def out_of_memory():
+        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
+    revive = at_loss_calls(monkeypatch, [8], out_of_memory)  # the second micro-batch of step 4: step 3 is whole
+    with pytest.raises(torch.OutOfMemoryError):
+        _train(_config(tiny_model_dir, csv_dataset, tmp_path, **RESUME_SETTINGS))
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint-2', 'checkpoint-3']
+    assert 'Flags that use less: --mixed_precision bf16, --gradient_checkpointing' in caplog.text
+    revive()
+    resumed = load_file(_train(_config(tiny_model_dir, csv_dataset, tmp_path, resume_from_checkpoint='latest',
+                                       **RESUME_SETTINGS)))
+    _assert_same_adapter(resumed, uninterrupted)
+    # in the weight update of step 4 the step is half done: step 3 is not saved from it
+    import finetune.training as training
+    monkeypatch.setattr(training, 'make_optimizer', lambda config, params, device, lr: _OutOfMemoryInStep4(params))
+    with pytest.raises(torch.OutOfMemoryError):
+        _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'b', **RESUME_SETTINGS))
+    assert os.listdir(tmp_path / 'b') == ['checkpoint-2']
+
+
+class _OutOfMemoryInStep4(torch.optim.AdamW):
+    def step(self, closure=None):
+        self.steps = getattr(self, 'steps', 0) + 1
+        if self.steps == 4:
+            raise torch.OutOfMemoryError('CUDA out of memory in the optimizer step')
+        return super().step(closure)
