@@ -182,6 +182,8 @@ class LoraOptions:
     target_modules: str = _help('comma-separated UNet modules that get adapters',
                                 default='to_k,to_q,to_v,to_out.0')
     export_kohya: bool = _help('also write a kohya/A1111 .safetensors next to the diffusers file', default=False)
+    network_weights: Optional[str] = _help("start from this LoRA (file or folder, diffusers or kohya format; kohya's "
+                                           'flag): same --rank, modules within --target_modules', default=None)
 
 
 @dataclass
@@ -232,6 +234,9 @@ class DreamBoothConfig(LoraOptions, TrainConfig):
         super().__post_init__()
         if self.use_lora:
             check_lora_fields(self)
+        elif self.network_weights:
+            raise ValueError('network_weights starts the LoRA adapters from a file: pass --use_lora as well (a full '
+                             'fine-tune starts from --pretrained_model_name_or_path).')
         if self.export_checkpoint and self.use_lora:
             raise ValueError('export_checkpoint writes a full model; with --use_lora the adapter is the result: '
                              'pass --export_kohya for an A1111/ComfyUI file instead.')
@@ -289,6 +294,33 @@ def check_lora_fields(config) -> None:
         raise ValueError(f'lora_dropout={config.lora_dropout} must be in [0, 1).')
     if not target_module_list(config.target_modules):
         raise ValueError('target_modules is empty: name at least one module, e.g. to_q,to_k,to_v,to_out.0.')
+    if config.network_weights is not None:
+        check_network_weights(config)
+
+
+def check_network_weights(config) -> None:
+    """The adapter to start from must fit this run's adapters: its rank, modules within --target_modules, and
+    text-encoder weights only with --train_text_encoder. Checked before any model loads."""
+    from .models import adapter_modules, adapter_state
+    path = config.network_weights
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'network_weights={path!r}: no such file or folder.')
+    state = adapter_state(path)
+    ranks = {v.shape[0] for k, v in state.items() if '.lora_A.' in k}
+    if ranks != {config.rank}:
+        raise ValueError(f'network_weights={path!r} has rank {sorted(ranks)}, this run --rank {config.rank}: pass '
+                         f'--rank {max(ranks)} to continue it.')
+    targets = target_module_list(config.target_modules)
+    outside = sorted({m for m in adapter_modules(state, 'unet')
+                      if not any(m == t or m.endswith('.' + t) for t in targets)})
+    if outside:
+        names = sorted({'.'.join(m.split('.')[-2:]) if m.split('.')[-1].isdigit() else m.split('.')[-1]
+                        for m in outside})
+        raise ValueError(f'network_weights={path!r} adapts modules outside --target_modules {config.target_modules} '
+                         f'({", ".join(names)}, e.g. {outside[0]}): add them to --target_modules.')
+    if adapter_modules(state, 'text_encoder') and not config.train_text_encoder:
+        raise ValueError(f'network_weights={path!r} holds text-encoder weights too: pass --train_text_encoder to go on '
+                         'training them, or they would be dropped from the result.')
 
 
 def _check_tracker(name: str) -> None:

@@ -5,7 +5,7 @@ import json
 import os
 import tempfile
 from dataclasses import asdict
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from safetensors import safe_open
@@ -79,8 +79,6 @@ def register_lora_checkpoint_hooks(accelerator, models: Dict[str, torch.nn.Modul
                                    metadata: Optional[Dict[str, str]] = None) -> None:
     """Checkpoints of LoRA runs hold the adapters (MBs), not the frozen base weights (GBs), in the file the run
     ends with: every ``checkpoint-N`` loads with ``lora_dir=``, to compare steps."""
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-
     def role_of(model):
         unwrapped = accelerator.unwrap_model(model)
         return next((role for role, m in models.items() if m is unwrapped and has_lora(m)), None)
@@ -107,15 +105,55 @@ def register_lora_checkpoint_hooks(accelerator, models: Dict[str, torch.nn.Modul
                 state = load_file(os.path.join(input_dir, f'{role}_lora.safetensors'))
             else:
                 state = {k[len(role) + 1:]: v for k, v in saved.items() if k.startswith(role + '.')}
-                if not any(k.startswith('text_model.') for k in get_peft_model_state_dict(model)):
-                    state = {k.removeprefix('text_model.'): v for k, v in state.items()}  # see lora_state_dict
-            result = set_peft_model_state_dict(model, state)
-            if getattr(result, 'unexpected_keys', None):
-                raise ValueError(f'{input_dir}: adapter keys do not match this model: {result.unexpected_keys[:5]}')
+            set_adapter_state(model, state, input_dir)
             hook_models.pop(i)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def set_adapter_state(model, state: Dict[str, torch.Tensor], source: str) -> None:
+    """Adapter weights with peft's key names (as ``lora_state_dict`` writes them) into ``model``'s adapter."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    if not any(k.startswith('text_model.') for k in get_peft_model_state_dict(model)):
+        state = {k.removeprefix('text_model.'): v for k, v in state.items()}  # see lora_state_dict
+    result = set_peft_model_state_dict(model, state)
+    if getattr(result, 'unexpected_keys', None):
+        raise ValueError(f'{source}: adapter keys do not match this model: {result.unexpected_keys[:5]}')
+
+
+def adapter_state(path: str) -> Dict[str, torch.Tensor]:
+    """A LoRA file or folder (diffusers/peft or kohya/A1111 keys) as peft-named tensors under ``unet.`` and
+    ``text_encoder.``, each module's alpha/rank scale folded into its up-projection: the same adapter at scale 1."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_peft
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    from modelscope_sd.lora import locate_adapter
+    folder, name = locate_adapter(path)  # refuses pickles, models, embeddings and LyCORIS by name
+    state, alphas, adapter_config = StableDiffusionPipeline.lora_state_dict(folder, weight_name=name,
+                                                                           return_lora_metadata=True)
+    state, adapter_config = dict(state), adapter_config or {}
+    for key, alpha in (alphas or {}).items():  # kohya: an alpha per module
+        down = key[:-len('.alpha')]
+        if down in state:
+            up = down.replace('.down.', '.up.')
+            state[up] = state[up] * (float(alpha) / state[down].shape[0])
+    out = {}
+    for role, to_peft in (('unet', convert_unet_state_dict_to_peft), ('text_encoder', convert_state_dict_to_peft)):
+        part = {k[len(role) + 1:]: v for k, v in state.items() if k.startswith(role + '.')}
+        if not part:
+            continue
+        rank, alpha = adapter_config.get(f'{role}.r'), adapter_config.get(f'{role}.lora_alpha')
+        scale = alpha / rank if rank and alpha and not alphas else 1.0  # diffusers' files record their alpha
+        peft = part if any('.lora_A.' in k for k in part) else to_peft(part)  # ours and diffusers' are already
+        out.update({f'{role}.{k}': v * scale if '.lora_B.' in k else v for k, v in peft.items()})
+    return out
+
+
+def adapter_modules(state: Dict[str, torch.Tensor], role: str) -> List[str]:
+    """The module paths an adapter state holds weights for, e.g. 'down_blocks.0.attentions.0.….attn1.to_q'."""
+    return sorted({k[len(role) + 1:].split('.lora_')[0] for k in state if k.startswith(role + '.')})
 
 
 def training_metadata(config, base_model_dir: str) -> Dict[str, str]:
@@ -190,20 +228,4 @@ def _adapter_alpha(metadata: Dict[str, str]) -> Optional[float]:
 def import_kohya_lora(kohya_file: str, diffusers_file: str) -> str:
     """kohya/A1111 adapter → our diffusers/peft-key file. diffusers reads the kohya keys; each module's
     alpha/rank scale is folded into its up-projection, so the file needs no alpha to mean the same."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_peft
-    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
-
-    state, alphas = StableDiffusionPipeline.lora_state_dict(kohya_file)
-    state = dict(state)
-    for key, alpha in (alphas or {}).items():
-        down = key[:-len('.alpha')]
-        if down in state:
-            up = down.replace('.down.', '.up.')
-            state[up] = state[up] * (float(alpha) / state[down].shape[0])
-    unet = {k[len('unet.'):]: v for k, v in state.items() if k.startswith('unet.')}
-    text = {k[len('text_encoder.'):]: v for k, v in state.items() if k.startswith('text_encoder.')}
-    out = {'unet.' + k: v for k, v in convert_unet_state_dict_to_peft(unet).items()}
-    if text:
-        out.update({'text_encoder.' + k: v for k, v in convert_state_dict_to_peft(text).items()})
-    return save_safetensors(out, diffusers_file)
+    return save_safetensors(adapter_state(kohya_file), diffusers_file)

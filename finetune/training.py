@@ -180,6 +180,8 @@ def prepare_models(accelerator, config, parts: dict, lora: bool) -> List[torch.n
         for param in module.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
+    if lora and config.network_weights:  # a resume's checkpoint still replaces these
+        load_network_weights(config, unet, text_encoder)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
@@ -187,6 +189,20 @@ def prepare_models(accelerator, config, parts: dict, lora: bool) -> List[torch.n
     if config.torch_compile:
         unet.compile()  # in place: the module, its hooks and its state-dict keys stay as they are
     return trained
+
+
+def load_network_weights(config, unet, text_encoder) -> None:
+    """--network_weights into the new adapters, at this run's alpha/rank scale (the file's scale is folded into
+    it first), so the run starts from the adapter's exact effect."""
+    from .models import adapter_state, set_adapter_state
+    state = adapter_state(config.network_weights)
+    scale = (config.lora_alpha or config.rank) / config.rank
+    for role, model in (('unet', unet), ('text_encoder', text_encoder)):
+        part = {k[len(role) + 1:]: v / scale if '.lora_B.' in k else v
+                for k, v in state.items() if k.startswith(role + '.')}
+        if part:
+            set_adapter_state(model, part, config.network_weights)
+    logger.info('Adapters start from %s.', config.network_weights)
 
 
 def validation_pipeline_factory(accelerator, parts: dict):

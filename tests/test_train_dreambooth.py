@@ -255,6 +255,8 @@ def test_modelscope_example_command_line_runs_unchanged(tiny_model_dir, instance
     (dict(use_lora=True, export_checkpoint=True), ValueError, 'pass --export_kohya'),
     (dict(with_prior_preservation=True, class_data_dir='INSTANCE'), ValueError, 'is the instance folder'),
     (dict(with_prior_preservation=True, enable_bucket=True), ValueError, 'enable_bucket does not combine'),
+    (dict(network_weights='some-lora'), ValueError, 'network_weights starts the LoRA adapters .*pass --use_lora'),
+    (dict(use_lora=True, network_weights='/no/such/lora'), FileNotFoundError, 'network_weights=.*no such file'),
 ])
 def test_bad_config(instance_dir, tmp_path, kwargs, error, message):
     if kwargs.get('class_data_dir') == 'INSTANCE':

@@ -737,3 +737,33 @@ class _OutOfMemoryInStep4(torch.optim.AdamW):
         if self.steps == 4:
             raise torch.OutOfMemoryError('CUDA out of memory in the optimizer step')
         return super().step(closure)
+
+
+def test_network_weights_start_the_adapter_where_a_trained_one_ends(tiny_model_dir, csv_dataset, tmp_path):
+    """kohya's --network_weights: a diffusers or kohya file at another alpha starts the run with the same effect on
+    the images; an adapter that does not fit is refused before any model loads."""
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    shape = dict(train_text_encoder=True, checkpointing_steps=None)
+    first = tmp_path / 'first'
+    _train(_config(tiny_model_dir, csv_dataset, first, learning_rate=5e-2, max_train_steps=2, lora_alpha=2,
+                   export_kohya=True, **shape))
+    base = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False)
+
+    def image(lora_dir):
+        pipe = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False, lora_dir=lora_dir)
+        return pipe('a photo', num_inference_steps=2, seed=0)['output_imgs'][0].astype(int)
+
+    expected = image(str(first))
+    assert np.abs(expected - base('a photo', num_inference_steps=2, seed=0)['output_imgs'][0].astype(int)).max() > 5
+    for name, source in (('diffusers', first), ('kohya', first / 'pytorch_lora_weights_kohya.safetensors')):
+        # a step at a learning rate of 1e-12 leaves the weights as they started
+        _train(_config(tiny_model_dir, csv_dataset, tmp_path / name, learning_rate=1e-12, max_train_steps=1,
+                       lora_alpha=8, network_weights=str(source), **shape))
+        assert np.abs(image(str(tmp_path / name)) - expected).max() <= 1, name
+    for settings, message in ((dict(rank=8, **shape), r'has rank \[4\], this run --rank 8: pass --rank 4'),
+                              (dict(checkpointing_steps=None),
+                               'holds text-encoder weights too: pass --train_text_encoder'),
+                              (dict(target_modules='to_q,to_k', **shape), r'adapts modules outside --target_modules '
+                                                                          r'to_q,to_k \(to_out.0, to_v, e.g.')):
+        with pytest.raises(ValueError, match=message):
+            LoraTrainConfig(dataset_name='x', network_weights=str(first), **settings)
