@@ -307,6 +307,8 @@ def check_network_weights(config) -> None:
         raise FileNotFoundError(f'network_weights={path!r}: no such file or folder.')
     state = adapter_state(path)
     ranks = {v.shape[0] for k, v in state.items() if '.lora_A.' in k}
+    if not ranks:
+        raise ValueError(f'network_weights={path!r} holds no LoRA weights for the UNet or the text encoder.')
     if ranks != {config.rank}:
         raise ValueError(f'network_weights={path!r} has rank {sorted(ranks)}, this run --rank {config.rank}: pass '
                          f'--rank {max(ranks)} to continue it.')
