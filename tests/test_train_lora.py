@@ -767,3 +767,7 @@ def test_network_weights_start_the_adapter_where_a_trained_one_ends(tiny_model_d
                                                                           r'to_q,to_k \(to_out.0, to_v, e.g.')):
         with pytest.raises(ValueError, match=message):
             LoraTrainConfig(dataset_name='x', network_weights=str(first), **settings)
+    from safetensors.torch import save_file
+    save_file({f'layer{i}.weight': torch.zeros(2, 2) for i in range(3)}, str(tmp_path / 'other.safetensors'))
+    with pytest.raises(ValueError, match='holds no LoRA weights for the UNet or the text encoder'):
+        LoraTrainConfig(dataset_name='x', network_weights=str(tmp_path / 'other.safetensors'))
