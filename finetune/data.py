@@ -217,8 +217,10 @@ class CaptionDataset(torch.utils.data.Dataset):
 
     def __init__(self, records: List[Record], tokenizer, resolution: int, center_crop: bool = False,
                  random_flip: bool = False, seed: int = 0, max_windows: int = 1,
-                 targets: Optional[List[Tuple[int, int]]] = None, proportion_empty_prompts: float = 0.0):
+                 targets: Optional[List[Tuple[int, int]]] = None, proportion_empty_prompts: float = 0.0,
+                 name: str = ''):
         self.records, self.targets, self.proportion_empty_prompts = records, targets, proportion_empty_prompts
+        self.name = name  # datasets trained side by side (instance and class images) draw their dropout apart
         self.tokenizer = tokenizer
         self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
         self.max_windows = max_windows
@@ -245,7 +247,7 @@ class CaptionDataset(torch.utils.data.Dataset):
         """Whether item ``index`` trains with the empty prompt this epoch: a function of (seed, epoch, index), drawn
         apart from the augmentation's numbers (which stay those of a run without caption dropout)."""
         return bool(self.proportion_empty_prompts) and \
-            random.Random(f'{self.seed}-{epoch}-{index}-caption').random() < self.proportion_empty_prompts
+            random.Random(f'{self.seed}-{epoch}-{index}-caption{self.name}').random() < self.proportion_empty_prompts
 
     def _rng(self, epoch: int, index: int) -> random.Random:
         return random.Random(f'{self.seed}-{epoch}-{index}')
@@ -262,14 +264,16 @@ class CaptionDataset(torch.utils.data.Dataset):
         return self.random_flip and self._rng(epoch, index).random() < 0.5
 
 
-def training_dataset(config, records: List[Record], tokenizer, unet, validation: bool = False) -> CaptionDataset:
+def training_dataset(config, records: List[Record], tokenizer, unet, validation: bool = False,
+                     name: str = '') -> CaptionDataset:
     """A trainer's dataset: the config's size, crop, flip, seed, caption windows and (not for ``validation``)
-    caption dropout, and with ``--enable_bucket`` each image's aspect bucket."""
+    caption dropout, and with ``--enable_bucket`` each image's aspect bucket. ``name`` tells apart datasets
+    trained side by side."""
     targets = (assign_buckets([r.image for r in records], config.resolution, size_step(unet))
                if config.enable_bucket else None)
     return CaptionDataset(records, tokenizer, config.resolution, config.center_crop, config.random_flip,
                           config.seed, config.max_token_length // CHUNK, targets,
-                          0.0 if validation else config.proportion_empty_prompts)
+                          0.0 if validation else config.proportion_empty_prompts, name)
 
 
 class EpochSampler(torch.utils.data.Sampler):

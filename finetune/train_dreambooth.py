@@ -46,13 +46,14 @@ def main(config: DreamBoothConfig, notes: Optional[List[str]] = None) -> str:
         generate_class_images(config, accelerator)
     trained = prepare_models(accelerator, config, parts, lora=config.use_lora)
 
-    def dataset(records):
-        return training_dataset(config, records, parts['tokenizer'], parts['unet'])
+    def dataset(records, name=''):
+        return training_dataset(config, records, parts['tokenizer'], parts['unet'], name=name)
 
     data = dataset(instance)
     if config.with_prior_preservation:
         classes = records_from_image_folder(config.class_data_dir, caption=config.class_prompt)
-        data = PriorPreservationDataset(data, dataset(classes[:config.num_class_images]), config.prior_loss_weight)
+        data = PriorPreservationDataset(data, dataset(classes[:config.num_class_images], 'class'),
+                                        config.prior_loss_weight)
     train_loop(accelerator, config, parts, trained, data,
                pipeline_for_validation=validation_pipeline_factory(accelerator, parts))
     if accelerator.is_main_process:

@@ -133,6 +133,10 @@ def test_caption_dropout_is_drawn_per_epoch_and_leaves_the_augmentation_as_it_wa
     cached = CachedDataset(dropping, sd.vae, sd.text_encoder)
     empty = cached.empty['encoder_hidden_states']
     assert [key for key in keys if torch.equal(cached[key]['encoder_hidden_states'], empty)] == dropped
+    # DreamBooth's class images, trained beside the instance images, draw apart from them
+    classes = CaptionDataset(records, tokenizer, 32, center_crop=True, seed=3, proportion_empty_prompts=0.5,
+                             name='class')
+    assert [key for key in keys if classes.drops_caption(*key)] != dropped
 
 
 def test_captions_past_clips_window_are_reported_or_get_more_windows(tmp_path, caplog):
