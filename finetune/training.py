@@ -285,6 +285,10 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
                                 on_device=config.dataloader_num_workers == 0)
     loader, sampler = make_loader(dataset, config.train_batch_size, config.seed,
                                   num_workers=config.dataloader_num_workers)
+    if getattr(dataset, 'targets', None) is None and len(dataset) < config.train_batch_size:
+        logger.warning('train_batch_size=%d but the dataset holds %d example(s): every batch holds %d, and '
+                       '--scale_lr would scale as if it held %d. Lower --train_batch_size to %d, or add images.',
+                       config.train_batch_size, len(dataset), len(dataset), config.train_batch_size, len(dataset))
     # accelerate shards the loader over the processes (padding the last round): each epoch is this many
     # batches per process, and that, not len(loader), sets the optimizer steps per epoch
     batches = len(loader)

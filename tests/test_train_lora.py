@@ -771,3 +771,10 @@ def test_network_weights_start_the_adapter_where_a_trained_one_ends(tiny_model_d
     save_file({f'layer{i}.weight': torch.zeros(2, 2) for i in range(3)}, str(tmp_path / 'other.safetensors'))
     with pytest.raises(ValueError, match='holds no LoRA weights for the UNet or the text encoder'):
         LoraTrainConfig(dataset_name='x', network_weights=str(tmp_path / 'other.safetensors'))
+
+
+def test_a_batch_size_past_the_dataset_is_said_to_hold_fewer_images(tiny_model_dir, tmp_path, caplog):
+    make_images(str(tmp_path / 'one'), count=1)
+    _train(_config(tiny_model_dir, str(tmp_path / 'one'), tmp_path / 'out', train_batch_size=4, max_train_steps=1,
+                   checkpointing_steps=None))
+    assert 'train_batch_size=4 but the dataset holds 1 example(s): every batch holds 1' in caplog.text
