@@ -42,7 +42,7 @@ def load_records(source: str, split: str = 'train', caption: Optional[str] = Non
         csv_path = _split_csv(source, split)
         if not csv_path:
             return records_from_image_folder(source, caption) if split == 'train' else []
-        records = _records_from_csv(csv_path, os.path.dirname(csv_path))
+        records = _records_from_table(csv_path, os.path.dirname(csv_path))
     elif os.path.exists(source):
         raise ValueError(f'dataset={source!r} is a file: pass a folder or a ModelScope dataset id.')
     elif source.count('/') != 1:
@@ -68,13 +68,15 @@ def _pick_columns(columns: Sequence[str], where: str) -> Tuple[str, str]:
     return image, caption
 
 
-def _records_from_csv(path: str, root: str) -> List[Record]:
+def _records_from_table(path: str, root: str) -> List[Record]:
+    """Rows of a .csv, or of a .jsonl (one JSON object a line), with image paths relative to ``root``."""
     with open(path, newline='', encoding='utf-8-sig') as f:
-        rows = list(csv.DictReader(f))
+        rows = (list(csv.DictReader(f)) if path.endswith('.csv')
+                else [json.loads(line) for line in f if line.strip()])
     if not rows:
         return []
     image, caption = _pick_columns(list(rows[0]), path)
-    return [Record(os.path.join(root, row[image]), row[caption] or '') for row in rows]
+    return [Record(os.path.join(root, row[image]), row.get(caption) or '') for row in rows]
 
 
 def _records_from_msdataset(name: str, split: str) -> List[Record]:
@@ -134,15 +136,8 @@ def _metadata_captions(folder: str) -> dict:
     are picked as in the csv layouts: a file without a caption column is refused, not read as empty captions."""
     for name in ('metadata.jsonl', 'metadata.csv'):
         path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            continue
-        with open(path, newline='', encoding='utf-8-sig') as f:
-            rows = (list(csv.DictReader(f)) if name.endswith('.csv')
-                    else [json.loads(line) for line in f if line.strip()])
-        if not rows:
-            return {}
-        image, caption = _pick_columns(list(rows[0]), path)
-        return {os.path.normpath(os.path.join(folder, row[image])): row.get(caption) or '' for row in rows}
+        if os.path.isfile(path):
+            return {os.path.normpath(r.image): r.caption for r in _records_from_table(path, folder)}
     return {}
 
 
