@@ -104,7 +104,7 @@ def register_lora_checkpoint_hooks(accelerator, models: Dict[str, torch.nn.Modul
             if saved is None:  # written before checkpoints held the adapter file: one file per model
                 state = load_file(os.path.join(input_dir, f'{role}_lora.safetensors'))
             else:
-                state = {k[len(role) + 1:]: v for k, v in saved.items() if k.startswith(role + '.')}
+                state = adapter_part(saved, role)
             set_adapter_state(model, state, input_dir)
             hook_models.pop(i)
 
@@ -141,7 +141,7 @@ def adapter_state(path: str) -> Dict[str, torch.Tensor]:
             state[up] = state[up] * (float(alpha) / state[down].shape[0])
     out = {}
     for role, to_peft in (('unet', convert_unet_state_dict_to_peft), ('text_encoder', convert_state_dict_to_peft)):
-        part = {k[len(role) + 1:]: v for k, v in state.items() if k.startswith(role + '.')}
+        part = adapter_part(state, role)
         if not part:
             continue
         rank, alpha = adapter_config.get(f'{role}.r'), adapter_config.get(f'{role}.lora_alpha')
@@ -151,9 +151,14 @@ def adapter_state(path: str) -> Dict[str, torch.Tensor]:
     return out
 
 
+def adapter_part(state: Dict[str, torch.Tensor], role: str) -> Dict[str, torch.Tensor]:
+    """The tensors of one model (``role``: 'unet' or 'text_encoder') in a whole-adapter state, without the prefix."""
+    return {k[len(role) + 1:]: v for k, v in state.items() if k.startswith(role + '.')}
+
+
 def adapter_modules(state: Dict[str, torch.Tensor], role: str) -> List[str]:
     """The module paths an adapter state holds weights for, e.g. 'down_blocks.0.attentions.0.….attn1.to_q'."""
-    return sorted({k[len(role) + 1:].split('.lora_')[0] for k in state if k.startswith(role + '.')})
+    return sorted({k.split('.lora_')[0] for k in adapter_part(state, role)})
 
 
 def training_metadata(config, base_model_dir: str) -> Dict[str, str]:

@@ -194,12 +194,11 @@ def prepare_models(accelerator, config, parts: dict, lora: bool) -> List[torch.n
 def load_network_weights(config, unet, text_encoder) -> None:
     """--network_weights into the new adapters, at this run's alpha/rank scale (the file's scale is folded into
     it first), so the run starts from the adapter's exact effect."""
-    from .models import adapter_state, set_adapter_state
+    from .models import adapter_part, adapter_state, set_adapter_state
     state = adapter_state(config.network_weights)
     scale = (config.lora_alpha or config.rank) / config.rank
     for role, model in (('unet', unet), ('text_encoder', text_encoder)):
-        part = {k[len(role) + 1:]: v / scale if '.lora_B.' in k else v
-                for k, v in state.items() if k.startswith(role + '.')}
+        part = {k: v / scale if '.lora_B.' in k else v for k, v in adapter_part(state, role).items()}
         if part:
             set_adapter_state(model, part, config.network_weights)
     logger.info('Adapters start from %s.', config.network_weights)
