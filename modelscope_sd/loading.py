@@ -69,11 +69,7 @@ def resolve_model_dir(model: str, revision: Optional[str] = None, local_files_on
             f"'{DEFAULT_MODEL_ID}', a diffusers model folder, or a .safetensors checkpoint file.")
     from modelscope.hub.snapshot_download import snapshot_download
     try:
-        ignore = None
-        if not allow_patterns:
-            ignore = list(HUB_IGNORE_PATTERNS)
-            if not local_files_only:
-                ignore += _unread_hub_files(model, revision)
+        ignore = None if allow_patterns else hub_ignore_patterns(model, revision, local_files_only)
         return snapshot_download(
             model, revision=revision, local_files_only=local_files_only, cache_dir=cache_dir,
             allow_file_pattern=list(allow_patterns) if allow_patterns else None, ignore_file_pattern=ignore)
@@ -84,6 +80,12 @@ def resolve_model_dir(model: str, revision: Optional[str] = None, local_files_on
                 f"({cache_dir or os.environ.get('MODELSCOPE_CACHE', '~/.cache/modelscope')}) and local_files_only=True: "
                 'download it once with network access, or pass a local folder.') from err
         raise
+
+
+def hub_ignore_patterns(model: str, revision: Optional[str], local_files_only: bool = False) -> List[str]:
+    """What a hub download of a diffusers model can leave out: original checkpoints and non-EMA copies by name,
+    and (when the hub's file list can be had) the weight files loading never reads."""
+    return list(HUB_IGNORE_PATTERNS) + ([] if local_files_only else _unread_hub_files(model, revision))
 
 
 def _unread_hub_files(model: str, revision: Optional[str]) -> List[str]:

@@ -114,6 +114,42 @@ def test_hub_download_skips_weight_files_that_loading_never_reads(fake_hub, tiny
         'te/model.fp16.safetensors']
 
 
+def test_pipeline_downloads_only_what_loading_reads(fake_hub, tiny_model_dir, tmp_path, monkeypatch):
+    """ModelScope's pipeline() fetches the hub repo before our class runs; SD1.5's repo carries original
+    checkpoints and each weight file up to four times, tens of GB that the snippet must not download."""
+    import modelscope_sd  # noqa: F401
+    from modelscope.pipelines import builder, pipeline
+    from modelscope.utils.constant import Tasks
+    repo = tmp_path / 'repo'
+    shutil.copytree(tiny_model_dir, repo)
+    unet = repo / 'unet' / 'diffusion_pytorch_model.safetensors'
+    unread = ['unet/diffusion_pytorch_model.bin', 'unet/diffusion_pytorch_model.fp16.safetensors',
+              'v1-5-pruned-emaonly.safetensors', 'v1-5-pruned.ckpt', 'unet/diffusion_pytorch_model.non_ema.bin']
+    for name in unread:
+        shutil.copy(unet, repo / name)
+    fake_hub.add_repo('AI-ModelScope/sd-full-repo', str(repo))
+    monkeypatch.setenv('MODELSCOPE_CACHE', str(tmp_path / 'cache'))
+    before = len(fake_hub.downloads())
+    pipe = pipeline(task=Tasks.text_to_image_synthesis, model='AI-ModelScope/sd-full-repo',
+                    model_revision='v1.0.0', device='cpu')
+    fetched = ' '.join(fake_hub.downloads()[before:])
+    assert 'diffusion_pytorch_model.safetensors' in fetched and 'model_index.json' in fetched
+    assert not [name for name in unread if os.path.basename(name) in fetched]
+    assert pipe('a cat', num_inference_steps=2, seed=0)['output_imgs'][0].shape == (32, 32, 3)
+    # the caller's own ignore_file_pattern wins, and other pipelines' repos download as ModelScope always did
+    monkeypatch.setenv('MODELSCOPE_CACHE', str(tmp_path / 'cache2'))
+    path = builder.normalize_model_input('AI-ModelScope/sd-full-repo', 'v1.0.0', ignore_file_pattern=['*.ckpt'])
+    assert os.path.isfile(os.path.join(path, 'unet', 'diffusion_pytorch_model.bin'))
+    assert not os.path.exists(os.path.join(path, 'v1-5-pruned.ckpt'))
+    other = tmp_path / 'other'
+    shutil.copytree(repo, other)
+    (other / 'configuration.json').write_text('{"framework": "pytorch", "task": "text-to-image-synthesis", '
+                                              '"pipeline": {"type": "someone-elses-pipeline"}}')
+    fake_hub.add_repo('someone/other', str(other))
+    path = builder.normalize_model_input('someone/other', 'v1.0.0')
+    assert all(os.path.isfile(os.path.join(path, name)) for name in unread)
+
+
 def test_a_hub_repo_holding_one_checkpoint_loads_it(fake_hub, tiny_single_file, tiny_model_dir, sd_pipe,
                                                     tmp_path, monkeypatch):
     """Community models on the hub are often one original-layout .safetensors and a README, no diffusers layout."""
