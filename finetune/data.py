@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageOps
 
 from modelscope_sd.images import to_rgb
-from modelscope_sd.prompts import CHUNK, window_ids
+from modelscope_sd.prompts import CHUNK, window_count_of, window_ids, window_layout
 
 from .buckets import assign_buckets, size_step
 from .diffusion import encode_prompt_ids
@@ -193,10 +193,8 @@ def report_long_captions(records: List[Record], tokenizer, max_windows: int) -> 
     """Say how many captions are cut at ``max_windows`` 75-token CLIP windows (a Chinese character is about 3
     tokens: some 25 characters fit one window)."""
     captions = sorted({r.caption for r in records})
-    lengths = ([len(ids) for ids in tokenizer(captions, add_special_tokens=False, verbose=False).input_ids]
-               if captions else [])
+    long = [c for c in captions if window_count_of(window_layout(tokenizer, [(c, 1.0)])[0]) > max_windows]
     limit = max_windows * CHUNK
-    long = [c for c, n in zip(captions, lengths) if n > limit]
     if long:
         logger.warning('%d of %d captions are longer than %d tokens and are cut there for training (e.g. %r)%s.',
                        len(long), len(captions), limit, long[0][:80],

@@ -3,9 +3,11 @@
 ``(word)`` weighs by 1.1, ``[word]`` by 1/1.1, ``(word:1.5)`` by 1.5; they nest and multiply; ``\\(``
 is a literal parenthesis. Unbalanced brackets are read literally, with a warning. A long prompt is cut
 into 75-token windows, each encoded as its own 77-token CLIP sequence, and the results are concatenated
-(what A1111 does); the UNet's cross-attention takes any sequence length. Each token's embedding is
-multiplied by its weight, so emphasis changes the emphasised tokens only. ``BREAK`` (in capitals, a word of
-its own) ends the window it is in, padded, and the text after it starts the next one, as in A1111.
+(what A1111 does); the UNet's cross-attention takes any sequence length. A window that fills up within
+20 tokens of a comma ends at that comma instead, and the words after it start the next window (A1111's
+default comma backtracking). ``BREAK`` (in capitals, a word of its own) ends the window it is in, padded,
+and the text after it starts the next one, as in A1111. Each token's embedding is multiplied by its weight,
+then the window is rescaled to the mean it had before (A1111's default "Original" emphasis).
 """
 
 import logging
@@ -17,6 +19,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 CHUNK = 75  # tokens per window, plus BOS and EOS = CLIP's 77
+COMMA_BACKTRACK = 20  # A1111's "comma_padding_backtrack" default
 _TOKEN = re.compile(r'\\[()\[\]]|\(|\)|\[|\]|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|[^\\()\[\]:]+|:|\\')
 _SYNTAX = re.compile(r'(?<!\\)[()\[\]]')
 _BREAK = re.compile(r'\s*\bBREAK\b\s*')
@@ -74,17 +77,53 @@ def _balanced(text: str) -> bool:
 
 
 def tokens_with_weights(tokenizer, text: str) -> Tuple[List[int], List[float]]:
-    ids, weights = [], []
-    for piece, weight in parse_weights(text):
+    """Token ids and weights of ``text``, laid out in windows (``window_layout``)."""
+    return window_layout(tokenizer, parse_weights(text))
+
+
+def window_layout(tokenizer, pieces: List[Tuple[str, float]],
+                  max_windows: Optional[int] = None) -> Tuple[List[int], List[float]]:
+    """Token ids and weights of (text, weight) pieces, laid out so that every ``CHUNK`` of them is one window:
+    where BREAK or a comma ends a window early, the rest of it is padding. The last window is not padded. With
+    ``max_windows`` (text past them will be cut), the last of them does not end at a comma: it keeps the words
+    a plain cut keeps."""
+    comma = _comma_id(tokenizer)
+    windows: List[Tuple[List[int], List[float]]] = [([], [])]
+    last_comma = -1  # where the current window's last comma is
+    for piece, weight in pieces:
         for i, part in enumerate(_BREAK.split(piece)):
-            if i:  # BREAK: pad to the window's end (a full window needs none; at the start, a whole empty one)
-                fill = -len(ids) % CHUNK if ids else CHUNK
-                ids.extend([_pad_id(tokenizer)] * fill)
-                weights.extend([1.0] * fill)
-            part_ids = tokenizer(part, add_special_tokens=False, verbose=False).input_ids
-            ids.extend(part_ids)
-            weights.extend([weight] * len(part_ids))
-    return ids, weights
+            if i:
+                windows.append(([], []))
+                last_comma = -1
+            for token in tokenizer(part, add_special_tokens=False, verbose=False).input_ids:
+                ids, weights = windows[-1]
+                if token == comma:
+                    last_comma = len(ids)
+                elif len(ids) == CHUNK and last_comma >= 0 and CHUNK - last_comma <= COMMA_BACKTRACK and \
+                        (max_windows is None or len(windows) < max_windows):
+                    # the words after the window's last comma move on to the next window
+                    windows.append((ids[last_comma + 1:], weights[last_comma + 1:]))
+                    del ids[last_comma + 1:], weights[last_comma + 1:]
+                    ids, weights = windows[-1]
+                    last_comma = -1
+                if len(ids) == CHUNK:
+                    windows.append(([], []))
+                    ids, weights = windows[-1]
+                    last_comma = -1
+                ids.append(token)
+                weights.append(weight)
+    pad = _pad_id(tokenizer)
+    flat_ids, flat_weights = [], []
+    for n, (ids, weights) in enumerate(windows):
+        fill = CHUNK - len(ids) if n < len(windows) - 1 else 0
+        flat_ids += ids + [pad] * fill
+        flat_weights += weights + [1.0] * fill
+    return flat_ids, flat_weights
+
+
+def _comma_id(tokenizer) -> Optional[int]:
+    ids = tokenizer(',', add_special_tokens=False, verbose=False).input_ids
+    return ids[0] if len(ids) == 1 else None
 
 
 def _pad_id(tokenizer) -> int:
@@ -125,16 +164,20 @@ def encode(pipe, prompts: List[str], clip_skip: Optional[int], windows: int) -> 
                 hidden = text_encoder.text_model.final_layer_norm(states) if hasattr(
                     text_encoder, 'text_model') else text_encoder.final_layer_norm(states)
             # hidden.device, not device: an offload hook may have run the encoder elsewhere
-            parts.append(hidden * torch.tensor(chunk_w, device=hidden.device, dtype=hidden.dtype)[None, :, None])
+            weights = torch.tensor(chunk_w, device=hidden.device, dtype=torch.float32)[None, :, None]
+            weighted = hidden.float() * weights
+            weighted *= hidden.float().mean() / weighted.mean()  # A1111's "Original": the window keeps its mean
+            parts.append(weighted.to(hidden.dtype))
         out.append(torch.cat(parts, dim=1))
     return torch.cat(out).to(pipe.unet.dtype)
 
 
 def window_ids(tokenizer, text: str, max_windows: int) -> List[int]:
-    """``text`` as ``encode`` feeds it to CLIP, unweighted: as many windows of BOS + 75 tokens + EOS (padded) as it
-    needs, at most ``max_windows`` (tokens past them are cut), concatenated. One window is CLIP's usual 77 ids."""
-    ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
-    windows = max(1, min(max_windows, -(-len(ids) // CHUNK)))
+    """``text`` as ``encode`` feeds it to CLIP, brackets read literally (a caption): as many windows of BOS +
+    75 tokens + EOS (padded) as it needs, at most ``max_windows`` (tokens past them are cut), concatenated. One
+    window is CLIP's usual 77 ids."""
+    ids = window_layout(tokenizer, [(text, 1.0)], max_windows)[0]
+    windows = min(max_windows, window_count_of(ids))
     return [i for chunk, _ in _windows(tokenizer, ids, [1.0] * len(ids), windows) for i in chunk]
 
 
@@ -158,5 +201,8 @@ def text_inputs(pipe, prompt: Union[str, List[str]], negative_prompt: Union[str,
 
 
 def window_count(tokenizer, texts: List[Optional[str]]) -> int:
-    longest = max(len(tokens_with_weights(tokenizer, t or '')[0]) for t in texts)
-    return max(1, -(-longest // CHUNK))
+    return max(window_count_of(tokens_with_weights(tokenizer, t or '')[0]) for t in texts)
+
+
+def window_count_of(ids: List[int]) -> int:
+    return max(1, -(-len(ids) // CHUNK))

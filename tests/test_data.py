@@ -165,18 +165,20 @@ def test_captions_past_clips_window_are_reported_or_get_more_windows(tmp_path, c
 
 
 def test_long_caption_training_encoding_is_the_pipelines(sd_pipe):
-    """Training reads a long caption as the pipeline reads a long prompt: 75-token windows side by side."""
+    """Training reads a long caption as the pipeline reads a long prompt: 75-token windows side by side, a window
+    that fills up just past a comma ending at the comma, and BREAK starting a new window."""
     import torch
 
     from finetune.diffusion import encode_prompt_ids
     from modelscope_sd import prompts
-    caption = 'a watercolor painting of a red fox in a snowy forest at dawn ' * 4  # cut to 2 windows
     sd = sd_pipe.sd
-    ids = torch.tensor([prompts.window_ids(sd.tokenizer, caption, 2)])
-    with torch.no_grad():
-        training = encode_prompt_ids(sd.text_encoder, ids)
-    assert training.shape == (1, 154, sd.text_encoder.config.hidden_size)
-    assert torch.allclose(training, prompts.encode(sd, [caption], None, 2), atol=1e-6)
+    for caption, windows in [('a watercolor painting of a red fox in a snowy forest at dawn ' * 4, 2),  # cut to 2
+                             ('x' * 60 + ', ' + 'y' * 30 + ' BREAK a fox', 3)]:  # byte tokens: the comma is 61st
+        ids = torch.tensor([prompts.window_ids(sd.tokenizer, caption, windows)])
+        with torch.no_grad():
+            training = encode_prompt_ids(sd.text_encoder, ids)
+        assert training.shape == (1, 77 * windows, sd.text_encoder.config.hidden_size)
+        assert torch.allclose(training, prompts.encode(sd, [caption], None, windows), atol=1e-6)
 
 
 # ---------------------------------------------------------------- aspect-ratio buckets

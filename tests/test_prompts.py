@@ -34,16 +34,36 @@ def test_one_window_encoding_equals_diffusers(sd_pipe):
     torch.testing.assert_close(ours, theirs)
 
 
-def test_weight_changes_only_the_weighted_tokens(sd_pipe):
+def test_weights_scale_their_tokens_and_the_window_keeps_its_mean(sd_pipe):
+    """A1111's default ("Original") emphasis: each token's embedding times its weight, then the whole window
+    rescaled to the mean it had unweighted."""
     plain = prompts.encode(sd_pipe.sd, ['a red hat'], None, 1)
     weighted = prompts.encode(sd_pipe.sd, ['a (red:1.5) hat'], None, 1)
     # byte-level tiny tokenizer: 'a', ' '… are tokens; 'red' is three tokens at positions 3-5 (after BOS, 'a', ' ')
     ids, weights = prompts.tokens_with_weights(sd_pipe.sd.tokenizer, 'a (red:1.5) hat')
     changed = [i + 1 for i, w in enumerate(weights) if w != 1.0]
     assert len(changed) == 3
-    torch.testing.assert_close(weighted[0, changed], plain[0, changed] * 1.5)
-    others = [i for i in range(plain.shape[1]) if i not in changed]
-    torch.testing.assert_close(weighted[0, others], plain[0, others])
+    scaled = plain.clone()
+    scaled[0, changed] *= 1.5
+    torch.testing.assert_close(weighted, scaled * plain.mean() / scaled.mean())
+    assert abs(plain.mean() / scaled.mean() - 1) > 1e-3  # the rescale is not a no-op on this model
+
+
+@pytest.mark.parametrize('comma_at, moved', [(55, True), (54, False), (74, True)])
+def test_a_window_ends_at_a_comma_close_to_its_end(sd_pipe, comma_at, moved):
+    """A1111's comma backtracking: when a window fills up within 20 tokens of its last comma, the words after
+    that comma start the next window instead of being cut in two."""
+    tokenizer = sd_pipe.sd.tokenizer
+    words = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    head, tail = 'x' * comma_at, 'y' * 30  # the tiny tokenizer is byte-level: one token per character
+    ids, weights = prompts.tokens_with_weights(tokenizer, f'{head}, ({tail}:1.2)')
+    if moved:
+        fill = prompts.CHUNK - comma_at - 1
+        assert ids == words(head + ',') + [tokenizer.eos_token_id] * fill + words(tail)
+        assert weights == [1.0] * prompts.CHUNK + [pytest.approx(1.2)] * 30
+    else:
+        assert ids == words(f'{head},{tail}')
+    assert prompts.window_count(tokenizer, [f'{head}, {tail}']) == 2
 
 
 def test_long_prompt_uses_tokens_past_77(sd_pipe):

@@ -58,5 +58,6 @@ def test_readme_generate_commands_run_as_written(cached_model, fake_hub, tmp_pat
                                                               [f'{seed}.png' for seed in range(100, 104)])
     import numpy as np
     from PIL import Image
-    assert np.array_equal(np.asarray(Image.open(tmp_path / 'outputs' / '43.png')),
-                          np.asarray(Image.open(tmp_path / 'again' / '43.png')))
+    # made in a batch of two, re-made alone: a batch's arithmetic may round one value the other way
+    first, again = (np.asarray(Image.open(tmp_path / d / '43.png')).astype(int) for d in ('outputs', 'again'))
+    assert np.abs(first - again).max() <= 1

@@ -60,6 +60,10 @@ def tiny_components(workdir: str, seed: int = 0, safety_checker: bool = True, in
     text_config = dict(bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=32, intermediate_size=37,
                        num_attention_heads=4, num_hidden_layers=2, vocab_size=514, projection_dim=32)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    # a bias, as trained CLIP has: at zero, every token's output would average 0, while A1111's emphasis rescales
+    # each window to its mean
+    with torch.no_grad():
+        getattr(text_encoder, 'text_model', text_encoder).final_layer_norm.bias.normal_()
     scheduler = PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)
     components = dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(workdir),
                       scheduler=scheduler, safety_checker=None, feature_extractor=None)
