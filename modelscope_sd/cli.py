@@ -11,6 +11,7 @@
 """
 
 import argparse
+import logging
 import os
 import secrets
 import shutil
@@ -18,6 +19,8 @@ import sys
 from typing import List, Optional
 
 from .constants import DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION
+
+logger = logging.getLogger(__name__)
 
 
 def _lora(value: str):
@@ -77,6 +80,9 @@ def generate(args) -> List[str]:
         call, model = saved['call'], model or saved['model']
         loras = loras or list(zip(saved['lora_dir'], saved['lora_scale']))
         embeddings = embeddings or saved['textual_inversion']
+        if saved['not_applied']:
+            logger.warning('%s: these settings are not applied, so the image will differ: %s.', args.from_png,
+                           ', '.join(saved['not_applied']))
     elif not (args.prompt or args.prompt_file):
         raise SystemExit('modelscope-sd generate: --prompt is required (or --prompt_file FILE, or --from_png FILE).')
     if args.prompt and args.prompt_file:

@@ -21,6 +21,10 @@ A1111_SAMPLERS = {
     'dpm++_2m_sde': 'DPM++ 2M SDE', 'dpm++_2m_sde_karras': 'DPM++ 2M SDE Karras', 'unipc': 'UniPC',
 }
 _FROM_A1111 = {v.lower(): k for k, v in A1111_SAMPLERS.items()}
+# keys read back into the call, and A1111's keys that only describe files (hashes, its version)
+_APPLIED = {'Steps', 'Sampler', 'Schedule type', 'CFG scale', 'Seed', 'Size', 'Model', 'Rescale CFG', 'Clip skip',
+            'Denoising strength', 'Lora', 'Textual inversion'}
+_INFORMATIONAL = {'Model hash', 'VAE hash', 'Lora hashes', 'TI hashes', 'Hashes', 'Version'}
 # A1111's own pattern for "Key: value, Key: "quoted, value""
 _PARAM = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
@@ -75,7 +79,7 @@ def _sampler(sampler: str, schedule: Optional[str]) -> str:
 
 def parse_parameters(text: str) -> Dict[str, Any]:
     """A1111 ``parameters`` text → {'call': options for the pipeline call, 'model': ..., 'lora_dir': [...],
-    'lora_scale': [...], 'textual_inversion': [...]}."""
+    'lora_scale': [...], 'textual_inversion': [...], 'not_applied': settings the call leaves out}."""
     lines = text.strip('\n').split('\n')
     params = {k.strip(): (json.loads(v) if v.startswith('"') else v.strip()) for k, v in _PARAM.findall(lines[-1])}
     if 'Steps' not in params:
@@ -95,12 +99,18 @@ def parse_parameters(text: str) -> Dict[str, Any]:
         call['guidance_rescale'] = float(params['Rescale CFG'])
     if 'Clip skip' in params:
         call['clip_skip'] = int(params['Clip skip']) - 1
+    not_applied = [key for key in params if key not in _APPLIED | _INFORMATIONAL]
     if 'Denoising strength' in params and 'Hires upscale' not in params:  # else: the strength of A1111's hires pass
         call['strength'] = float(params['Denoising strength'])
+    elif 'Denoising strength' in params:
+        not_applied.append('Denoising strength')
+    schedule = params.get('Schedule type', 'Automatic')
+    if schedule.lower() != 'automatic' and not (schedule.lower() == 'karras' and call['scheduler'].endswith('karras')):
+        not_applied.append(f'Schedule type {schedule}')
     loras = [item.rsplit('=', 1) for item in params['Lora'].split('; ')] if params.get('Lora') else []
     embeddings = params['Textual inversion'].split('; ') if params.get('Textual inversion') else []
     return {'call': call, 'model': params.get('Model'), 'lora_dir': [p for p, _ in loras],
-            'lora_scale': [float(s) for _, s in loras], 'textual_inversion': embeddings}
+            'lora_scale': [float(s) for _, s in loras], 'textual_inversion': embeddings, 'not_applied': not_applied}
 
 
 def save_png(path: str, image_bgr: np.ndarray, parameters: str) -> str:

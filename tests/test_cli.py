@@ -29,15 +29,23 @@ def test_parameters_round_trip():
 def test_reads_an_a1111_parameters_text():
     text = ('masterpiece, a castle\nNegative prompt: lowres\nSteps: 30, Sampler: Euler a, Schedule type: '
             'Automatic, CFG scale: 7, Seed: 1234, Size: 512x768, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly')
-    call = metadata.parse_parameters(text)['call']
+    parsed = metadata.parse_parameters(text)
+    call = parsed['call']
     assert call['scheduler'] == 'euler_ancestral' and call['seed'] == 1234 and call['height'] == 768
+    assert parsed['not_applied'] == []  # a model hash only describes the file
 
 
 def test_reads_a1111_19_schedule_type_and_ignores_the_hires_pass_strength():
     text = ('a castle\nSteps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1234, Size: 512x768, '
             'Denoising strength: 0.7, Hires upscale: 2, Hires steps: 20, Hires upscaler: Latent, Version: v1.10.1')
-    call = metadata.parse_parameters(text)['call']
+    parsed = metadata.parse_parameters(text)
+    call = parsed['call']
     assert call['scheduler'] == 'dpm++_2m_karras' and 'strength' not in call  # txt2img; the strength was hires'
+    # what the call leaves out is named, for --from_png to warn that the image will differ
+    assert parsed['not_applied'] == ['Hires upscale', 'Hires steps', 'Hires upscaler', 'Denoising strength']
+    other = 'a castle\nSteps: 30, Sampler: Euler, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512, ' \
+        'Emphasis: No norm, VAE: kl-f8-anime2.ckpt'
+    assert metadata.parse_parameters(other)['not_applied'] == ['Emphasis', 'VAE', 'Schedule type Karras']
     img2img = 'a castle\nSteps: 30, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Denoising strength: 0.6'
     assert metadata.parse_parameters(img2img)['call']['strength'] == 0.6
 
@@ -63,6 +71,7 @@ def test_generate_writes_pngs_that_recreate_themselves(tiny_model_dir, tmp_path)
                   '--device', 'cpu', '--output_dir', str(tmp_path / 'first')])
     assert [os.path.basename(p) for p in paths] == ['42.png', '43.png']
     saved = metadata.read_png(paths[1])
+    assert saved['not_applied'] == []
     assert saved['call']['seed'] == 43 and saved['call']['scheduler'] == 'euler_ancestral'
     assert saved['call']['guidance_rescale'] == 0.7
     again = main(['generate', '--from_png', paths[1], '--device', 'cpu', '--output_dir', str(tmp_path / 'again')])
