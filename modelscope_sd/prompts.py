@@ -86,8 +86,9 @@ def window_layout(tokenizer, pieces: List[Tuple[str, float]],
     """Token ids and weights of (text, weight) pieces, laid out so that every ``CHUNK`` of them is one window:
     where BREAK or a comma ends a window early, the rest of it is padding. The last window is not padded. With
     ``max_windows`` (text past them will be cut), the last of them does not end at a comma: it keeps the words
-    a plain cut keeps."""
-    comma = _comma_id(tokenizer)
+    a plain cut keeps. A textual-inversion word of several vectors that does not fit in the rest of a window
+    starts the next one, as in A1111."""
+    comma, vectors = _comma_id(tokenizer), _embedding_lengths(tokenizer)
     windows: List[Tuple[List[int], List[float]]] = [([], [])]
     last_comma = -1  # where the current window's last comma is
     for piece, weight in pieces:
@@ -106,7 +107,8 @@ def window_layout(tokenizer, pieces: List[Tuple[str, float]],
                     del ids[last_comma + 1:], weights[last_comma + 1:]
                     ids, weights = windows[-1]
                     last_comma = -1
-                if len(ids) == CHUNK:
+                n = vectors.get(token, 1)  # an embedding's vectors stay in one window
+                if len(ids) == CHUNK or (n > 1 and ids and len(ids) + n > CHUNK >= n):
                     windows.append(([], []))
                     ids, weights = windows[-1]
                     last_comma = -1
@@ -119,6 +121,18 @@ def window_layout(tokenizer, pieces: List[Tuple[str, float]],
         flat_ids += ids + [pad] * fill
         flat_weights += weights + [1.0] * fill
     return flat_ids, flat_weights
+
+
+def _embedding_lengths(tokenizer) -> Dict[int, int]:
+    """{id of a textual-inversion word: its vectors} for words of several vectors, which diffusers adds to the
+    tokenizer as ``word``, ``word_1``, … ``word_{n-1}`` (and a prompt spells out in full)."""
+    added = getattr(tokenizer, 'added_tokens_encoder', {})
+    lengths = {}
+    for name in added:
+        word, _, n = name.rpartition('_')
+        if n.isdigit() and word in added:
+            lengths[added[word]] = max(lengths.get(added[word], 1), int(n) + 1)
+    return lengths
 
 
 def _comma_id(tokenizer) -> Optional[int]:

@@ -51,6 +51,18 @@ def test_embedding_word_works_as_in_diffusers_and_in_weighted_prompts(tiny_model
     assert np.array_equal(_image(ours, 'a photo'), _image(base, 'a photo'))
 
 
+def test_an_embedding_that_does_not_fit_a_windows_rest_starts_the_next_window(tiny_model_dir, tmp_path):
+    """As A1111 does: a 10-vector word after 70 tokens is not cut 5 + 5 across two windows."""
+    from modelscope_sd import prompts
+    pipe = _pipe(tiny_model_dir, textual_inversion=_embedding(str(tmp_path), vectors=10)).sd
+    head, word = 'x' * 70, pipe.maybe_convert_prompt('mystyle', pipe.tokenizer)  # byte tokens: 70
+    assert len(pipe.tokenizer(word, add_special_tokens=False).input_ids) == 10
+    torch.testing.assert_close(prompts.encode(pipe, [f'{head} {word}'], None, 2),
+                               torch.cat([prompts.encode(pipe, [t], None, 1) for t in (head, word)], dim=1))
+    fits = prompts.tokens_with_weights(pipe.tokenizer, f'{"x" * 65} {word}')[0]  # 65 + 10: one window
+    assert len(fits) == prompts.CHUNK
+
+
 def test_a1111_pickle_embedding_needs_allow_pickle(tiny_model_dir, tmp_path):
     path = str(tmp_path / 'oldstyle.pt')
     torch.save({'string_to_param': {'*': torch.randn(3, WIDTH)}, 'name': 'oldstyle', 'step': 1000}, path)
