@@ -80,6 +80,19 @@ def _pick_weight_file(folder: str) -> str:
                      'pass the path of the one to load.')
 
 
+def a1111_names(lora_dir) -> List[str]:
+    """What A1111's ``<lora:name:weight>`` tags call each adapter of ``lora_dir``: a file's name without its
+    extension, a folder's name, or a hub id's name."""
+    if lora_dir is None:
+        return []
+    paths = list(lora_dir) if isinstance(lora_dir, (list, tuple)) else [lora_dir]
+    names = []
+    for path in map(os.fspath, paths):
+        base = os.path.basename(os.path.normpath(path))
+        names.append(os.path.splitext(base)[0] if os.path.isfile(path) else base)
+    return names
+
+
 def check_scales(scales, adapters: Sequence[str]) -> List[float]:
     """One finite number for all adapters, or one per adapter."""
     def is_scale(value):

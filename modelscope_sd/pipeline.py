@@ -123,7 +123,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         fuse_lora = fuse_lora or fast  # compiled kernels take plain weights
         self.adapters = lora_utils.load_adapters(self.sd, lora_dir, lora_scale, fuse=fuse_lora,
                                                  allow_pickle=allow_pickle)
-        self.lora_scales = lora_utils.check_scales(lora_scale, self.adapters) if self.adapters else []
+        self.lora_names = lora_utils.a1111_names(lora_dir)  # what <lora:name:weight> tags in prompts call them
+        self.lora_scales = lora_utils.check_scales(lora_scale, self.lora_names) if self.lora_names else []
         self.lora_fused = fuse_lora and lora_dir is not None
         self.embeddings = load_embeddings(self.sd, textual_inversion, allow_pickle)  # words to use in prompts
         self.denoiser = None  # fast=True: the whole-step compiled text-to-image loop
@@ -142,7 +143,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         ``pipe({'text': ...}, num_inference_steps=20)``. A list of dicts gives a list of outputs."""
         if isinstance(input, list) and input and all(isinstance(item, dict) for item in input):
             return [self(item, **kwargs) for item in input]
-        options = self._gather_options(input, kwargs)
+        options = self._lora_tags(self._gather_options(input, kwargs))
         if options['image'] is not None:
             options['image'] = images_lib.load_image(options['image'], 'image')
         if options['mask_image'] is not None:
@@ -172,6 +173,38 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             raise ValueError(_unknown_message('option', unknown, ['text'] + list(CALL_DEFAULTS)))
         return {**CALL_DEFAULTS, **options}
 
+    def _lora_tags(self, options: Dict[str, Any]) -> Dict[str, Any]:
+        """A1111's ``<lora:name:weight>`` tags out of the prompts, as this call's ``lora_scale`` of the adapters
+        they name; adapters a prompt does not name keep their weight."""
+        prompt = options['prompt']
+        prompts = prompt if isinstance(prompt, list) else [prompt]
+        if not all(isinstance(p, str) for p in prompts):
+            return options  # check_inputs says what is wrong
+        texts, tags = zip(*(prompts_lib.lora_tags(p) for p in prompts))
+        if not any(tags):
+            return options
+        if any(t != tags[0] for t in tags):
+            raise ValueError('The prompts of one call give different <lora:name:weight> tags, but adapter weights '
+                             'apply to a whole call: make one call per set of weights.')
+        if options['lora_scale'] is not None:
+            raise ValueError('Give adapter weights in one place: <lora:name:weight> in the prompt, or lora_scale.')
+        for name in tags[0]:
+            if self.lora_names.count(name) != 1:
+                found = 'two adapters' if name in self.lora_names else 'no adapter'
+                loaded = ', '.join(self.lora_names) or 'none'
+                raise ValueError(f'text: <lora:{name}:…> names {found} of those loaded (loaded: {loaded}). Load '
+                                 f"it with lora_dir='…/{name}.safetensors' when building the pipeline: a tag only "
+                                 'sets the weight of an adapter loaded there.')
+        scales = [tags[0].get(name, scale) for name, scale in zip(self.lora_names, self.lora_scales)]
+        options = dict(options, prompt=list(texts) if isinstance(prompt, list) else texts[0])
+        if scales == self.lora_scales:
+            return options
+        if self.lora_fused:
+            raise ValueError(f'<lora:…> tags ask for adapter weights {scales}, but the adapters were fused into the '
+                             f'model at {self.lora_scales} (fast=True or fuse_lora=True). Build the pipeline with '
+                             f'lora_scale={scales}, or without fusing to vary the weights per call.')
+        return dict(options, lora_scale=scales)
+
     def check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale, guidance_rescale,
                      height, width, num_images_per_prompt, eta, seed, generator, latents, scheduler, clip_skip,
                      lora_scale, progress_bar, image, mask_image, strength, batch_size) -> None:
@@ -183,6 +216,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                 raise TypeError(f'text must be a str or a non-empty list of str, got {prompt!r:.80}')
         elif not isinstance(prompt, str):
             raise TypeError(f'text must be a str or a list of str, got {type(prompt).__name__}')
+        for text in prompt if isinstance(prompt, list) else [prompt]:
+            prompts_lib.check_syntax('text', text)
         if negative_prompt is not None:
             if isinstance(negative_prompt, list):
                 n_prompts = len(prompt) if isinstance(prompt, list) else 1
@@ -191,6 +226,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                                      f'got {negative_prompt!r:.80}')
             elif not isinstance(negative_prompt, str):
                 raise TypeError(f'negative_prompt must be a str or a list of str, got {type(negative_prompt).__name__}')
+            for text in negative_prompt if isinstance(negative_prompt, list) else [negative_prompt]:
+                prompts_lib.check_syntax('negative_prompt', text)
         for name, value in (('height', height), ('width', width)):
             if value is None:
                 continue

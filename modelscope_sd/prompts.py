@@ -25,6 +25,63 @@ _SYNTAX = re.compile(r'(?<!\\)[()\[\]]')
 _BREAK = re.compile(r'\s*\bBREAK\b\s*')
 
 
+_EXTRA_NETWORK = re.compile(r'<(\w+):([^>]+)>')  # A1111's pattern: <lora:name:weight>, <hypernet:name:weight>
+
+
+def lora_tags(text: str) -> Tuple[str, Dict[str, float]]:
+    """A1111's ``<lora:name:weight>`` tags (``<lyco:…>`` too; weight 1 when left out) taken out of ``text``, as
+    A1111 takes them out: 'a castle, <lora:detail:0.5>' → ('a castle, ', {'detail': 0.5})."""
+    tags: Dict[str, float] = {}
+    for match in _EXTRA_NETWORK.finditer(text):
+        kind, args = match.group(1), match.group(2).split(':')
+        if kind not in ('lora', 'lyco'):
+            raise ValueError(f'text: {match.group(0)} is an A1111 {kind} network, which this pipeline does not run; '
+                             'only <lora:name:weight> tags are read. Take it out of the prompt.')
+        if len(args) > 2:
+            raise ValueError(f'text: {match.group(0)} gives the text encoder and the UNet weights of their own, '
+                             'which this pipeline does not do: write one weight, <lora:name:0.8>.')
+        try:
+            weight = float(args[1]) if len(args) == 2 else 1.0
+        except ValueError:
+            raise ValueError(f'text: {match.group(0)}: the weight must be a number, as in <lora:name:0.8>.') from None
+        if tags.get(args[0], weight) != weight:
+            raise ValueError(f'text names <lora:{args[0]}:…> twice, with weights {tags[args[0]]} and {weight}.')
+        tags[args[0]] = weight
+    return _EXTRA_NETWORK.sub('', text), tags
+
+
+def check_syntax(name: str, text: str) -> None:
+    """Refuse A1111 syntax that the encoding would otherwise read as words."""
+    editing = _prompt_editing(text)
+    if editing:
+        raise ValueError(f'{name}: {editing!r} is A1111\'s prompt editing (a prompt that changes during '
+                         'sampling), which this pipeline does not run. Write one prompt, or escape the brackets '
+                         '(\\[ \\]) to keep them as words.')
+    if name != 'text' and _EXTRA_NETWORK.search(text):
+        raise ValueError(f'{name}: {_EXTRA_NETWORK.search(text).group(0)} tags go in the prompt (text), not here.')
+
+
+def _prompt_editing(text: str) -> Optional[str]:
+    """The first square-bracket group with a ':' or '|' of its own (not inside a nested group): A1111's
+    [from:to:when], [to:when] and [a|b]. Emphasis such as [(red:1.2)] has its colon inside the parentheses."""
+    groups: List[list] = []  # [opening bracket, where, has ':' or '|']
+    escaped = False
+    for i, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif char == '\\':
+            escaped = True
+        elif char in '([':
+            groups.append([char, i, False])
+        elif char in ')]' and groups:
+            opener, start, editing = groups.pop()
+            if opener == '[' and editing:
+                return text[start:i + 1]
+        elif char in ':|' and groups:
+            groups[-1][2] = True
+    return None
+
+
 def has_syntax(text: str) -> bool:
     return bool(_SYNTAX.search(text) or _BREAK.search(text))
 

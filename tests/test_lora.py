@@ -69,6 +69,30 @@ def test_fused_equals_unfused(tiny_model_dir, adapters):
         fast_pipe('a', lora_scale=0.5)
 
 
+def test_a1111_lora_tags_set_the_weights_of_loaded_adapters_for_the_call(tiny_model_dir, adapters):
+    """A prompt pasted from A1111 or civitai carries <lora:name:weight>: the tag leaves the prompt, and the adapter
+    of that name (file or folder name) takes that weight for the call; the others keep theirs."""
+    pipe = _pipe(tiny_model_dir, lora_dir=list(adapters), lora_scale=[1.0, 0.8])
+    assert pipe.lora_names == ['a', 'b']
+    tagged = pipe('<lora:b:0.3>a cat', **STEPS)['output_imgs'][0].astype(int)
+    assert np.array_equal(tagged, _image(pipe, lora_scale=[1.0, 0.3]))
+    assert np.abs(tagged - _image(pipe)).max() > 0
+    assert np.array_equal(pipe(['<lora:a>a cat'] * 2, **STEPS)['output_imgs'][0].astype(int), _image(pipe))
+    for prompt, kwargs, message in [
+            ('<lora:c:0.5>a cat', {}, 'names no adapter of those loaded \\(loaded: a, b\\).*lora_dir='),
+            ('<lora:a:0.5>a cat', {'lora_scale': 0.5}, 'in one place'),
+            (['<lora:a:0.5>a cat', 'a dog'], {}, 'different <lora:name:weight> tags.*one call per set'),
+            ('a cat', {'negative_prompt': '<lora:a:-1>'}, 'negative_prompt: <lora:a:-1> tags go in the prompt'),
+            ('<lora:a:0.5:0.2>a cat', {}, 'text encoder and the UNet weights'),
+            ('<hypernet:anime:1>a cat', {}, 'hypernet network.*Take it out')]:
+        with pytest.raises(ValueError, match=message):
+            pipe(prompt, **STEPS, **kwargs)
+    fused = _pipe(tiny_model_dir, lora_dir=adapters[0], fuse_lora=True)  # weights fixed: only the fused one fits
+    assert np.array_equal(fused('<lora:a:1>a cat', **STEPS)['output_imgs'][0].astype(int), _image(fused))
+    with pytest.raises(ValueError, match='fused into the model at \\[1.0\\].*lora_scale=\\[0.5\\]'):
+        fused('<lora:a:0.5>a cat', **STEPS)
+
+
 def test_kohya_file_loads_with_the_same_effect(tiny_model_dir, adapters, tmp_path):
     from finetune.models import export_kohya_lora
     kohya = export_kohya_lora(os.path.join(adapters[0], 'pytorch_lora_weights.safetensors'),
