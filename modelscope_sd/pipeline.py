@@ -178,7 +178,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         they name; adapters a prompt does not name keep their weight."""
         prompt = options['prompt']
         prompts = prompt if isinstance(prompt, list) else [prompt]
-        if not all(isinstance(p, str) for p in prompts):
+        if not prompts or not all(isinstance(p, str) for p in prompts):
             return options  # check_inputs says what is wrong
         texts, tags = zip(*(prompts_lib.lora_tags(p) for p in prompts))
         if not any(tags):
