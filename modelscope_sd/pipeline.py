@@ -150,7 +150,25 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             options['mask_image'] = images_lib.load_mask(options['mask_image'], 'mask_image')
         self.check_inputs(**options)
         with self._call_lock:
-            return self._generate_in_batches(**options)
+            try:
+                return self._generate_in_batches(**options)
+            except torch.OutOfMemoryError as err:
+                raise torch.OutOfMemoryError(f'{err}\n\n{self._memory_advice(**options)}') from err
+
+    def _memory_advice(self, prompt, num_images_per_prompt, height, width, batch_size, **_) -> str:
+        """What to change when a call runs out of GPU memory, in the order that costs least."""
+        n_images = (len(prompt) if isinstance(prompt, list) else 1) * num_images_per_prompt
+        size = f'{width or "default"}x{height or "default"}'
+        advice = [f'Out of GPU memory making {n_images} image(s) at {size}.']
+        if n_images > 1 and (batch_size or n_images) > 1:
+            advice.append(f'Make them a few at a time with batch_size={max(1, (batch_size or n_images) // 2)}: '
+                          'the same images, less memory.')
+        advice.append('Decode one image at a time with pipe.sd.vae.enable_slicing(), or in tiles with '
+                      'pipe.sd.vae.enable_tiling() (large sizes).')
+        if self.denoiser is None:
+            advice.append('Keep only the running model on the GPU with pipe.sd.enable_model_cpu_offload() '
+                          '(slower).')
+        return ' '.join(advice)
 
     @staticmethod
     def _gather_options(input, kwargs: Dict[str, Any]) -> Dict[str, Any]:

@@ -139,6 +139,31 @@ def test_batch_size_makes_the_images_of_one_batch_in_smaller_batches(sd_pipe, mo
     assert max(np.abs(x.astype(int) - y.astype(int)).max() for x, y in zip(a, b, strict=True)) <= 1
 
 
+def test_out_of_memory_says_what_to_change_and_the_next_call_runs(sd_pipe, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
+    real = StableDiffusionPipeline.__call__
+    monkeypatch.setattr(StableDiffusionPipeline, '__call__', out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError, match=r'(?s)Tried to allocate 2.00 GiB.*making 8 image\(s\) at 64x64.*'
+                                                     r'batch_size=4: the same images.*vae.enable_slicing.*'
+                                                     r'enable_model_cpu_offload'):
+        sd_pipe(['a cat', 'a dog'], num_images_per_prompt=4, height=64, width=64, **FAST)
+    monkeypatch.setattr(StableDiffusionPipeline, '__call__', real)
+    assert len(sd_pipe('a cat', seed=0, **FAST)[OutputKeys.OUTPUT_IMGS]) == 1  # nothing was left locked
+
+
+def test_diffusers_memory_savers_on_pipe_sd_keep_the_images(sd_pipe):
+    before = sd_pipe(['a cat', 'a dog'], seed=0, **FAST)[OutputKeys.OUTPUT_IMGS]
+    sd_pipe.sd.vae.enable_slicing()
+    try:
+        after = sd_pipe(['a cat', 'a dog'], seed=0, **FAST)[OutputKeys.OUTPUT_IMGS]
+    finally:
+        sd_pipe.sd.vae.disable_slicing()
+    assert all(np.abs(a.astype(int) - b.astype(int)).max() <= 1 for a, b in zip(before, after))
+
+
 def test_calls_from_several_threads_give_the_images_of_calls_one_by_one(sd_pipe):
     """A web server may call one pipeline from several threads; each call sets the shared scheduler's state."""
     from concurrent.futures import ThreadPoolExecutor
