@@ -57,3 +57,14 @@ def test_fast_denoising_loop_never_waits_for_the_gpu(gpu_pipes):
         denoiser.denoise(plan, latents, embeds, 7.5, None, Bar())
     finally:
         torch.cuda.set_sync_debug_mode('default')
+
+
+def test_model_cpu_offload_on_pipe_sd_keeps_the_images(tiny_model_dir):
+    """README's memory saver for small GPUs: models move to the GPU while they run, weighted prompts included."""
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    pipe = StableDiffusionText2ImagePipeline(tiny_model_dir, device='gpu', progress_bar=False)
+    args = dict(num_inference_steps=4, seed=0)
+    before = [pipe(text, **args)['output_imgs'][0].astype(int) for text in ('a cat', 'a (red:1.3) cat')]
+    pipe.sd.enable_model_cpu_offload()
+    after = [pipe(text, **args)['output_imgs'][0].astype(int) for text in ('a cat', 'a (red:1.3) cat')]
+    assert all(np.abs(a - b).max() <= 1 for a, b in zip(before, after))
