@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from modelscope_sd.constants import DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION
-from modelscope_sd.prompts import CHUNK
+from modelscope_sd.prompts import CHUNK, check_syntax
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +128,8 @@ class TrainConfig:
             raise ValueError(f'resolution={self.resolution} must be a multiple of 8 (e.g. 512 or 768).')
         if self.learning_rate <= 0:
             raise ValueError(f'learning_rate={self.learning_rate} must be > 0.')
+        if self.validation_prompt:  # A1111 syntax the pipeline would read as words
+            check_syntax('validation_prompt', self.validation_prompt)
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f'lr_scheduler={self.lr_scheduler!r} is not one of {LR_SCHEDULERS}.')
         if self.optimizer not in OPTIMIZERS:

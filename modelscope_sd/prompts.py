@@ -57,8 +57,9 @@ def check_syntax(name: str, text: str) -> None:
         raise ValueError(f'{name}: {editing!r} is A1111\'s prompt editing (a prompt that changes during '
                          'sampling), which this pipeline does not run. Write one prompt, or escape the brackets '
                          '(\\[ \\]) to keep them as words.')
-    if name != 'text' and _EXTRA_NETWORK.search(text):
-        raise ValueError(f'{name}: {_EXTRA_NETWORK.search(text).group(0)} tags go in the prompt (text), not here.')
+    tag = _EXTRA_NETWORK.search(text)
+    if name != 'text' and tag:
+        raise ValueError(f'{name}: {tag.group(0)}: A1111 network tags go in the text of a pipeline call, not here.')
 
 
 def _prompt_editing(text: str) -> Optional[str]:

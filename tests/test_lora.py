@@ -82,7 +82,7 @@ def test_a1111_lora_tags_set_the_weights_of_loaded_adapters_for_the_call(tiny_mo
             ('<lora:c:0.5>a cat', {}, 'names no adapter of those loaded \\(loaded: a, b\\).*lora_dir='),
             ('<lora:a:0.5>a cat', {'lora_scale': 0.5}, 'in one place'),
             (['<lora:a:0.5>a cat', 'a dog'], {}, 'different <lora:name:weight> tags.*one call per set'),
-            ('a cat', {'negative_prompt': '<lora:a:-1>'}, 'negative_prompt: <lora:a:-1> tags go in the prompt'),
+            ('a cat', {'negative_prompt': '<lora:a:-1>'}, 'negative_prompt: <lora:a:-1>: A1111 network tags go in the text'),
             ('<lora:a:0.5:0.2>a cat', {}, 'text encoder and the UNet weights'),
             ('<hypernet:anime:1>a cat', {}, 'hypernet network.*Take it out')]:
         with pytest.raises(ValueError, match=message):

@@ -524,6 +524,8 @@ def test_typo_flag_fails_instead_of_vanishing(capsys):
     (dict(lr_warmup_steps=-1), 'lr_warmup_steps=-1 must be >= 0'),
     (dict(max_token_length=100), 'max_token_length=100 must be a multiple of 75'),
     (dict(proportion_empty_prompts=1.0), 'proportion_empty_prompts=1.0 must be in [0, 1)'),
+    (dict(validation_prompt='a [cat:dog:0.5]'), "validation_prompt: '[cat:dog:0.5]' is A1111's prompt editing"),
+    (dict(validation_prompt='a cat <lora:x:1>'), 'validation_prompt: <lora:x:1>: A1111 network tags go in the text'),
 ])
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
