@@ -4,6 +4,7 @@ import glob
 import math
 import numbers
 import os
+import warnings
 from typing import List, Sequence, Tuple, Union
 
 from .constants import LORA_WEIGHT_NAME, MODEL_INDEX, PICKLE_SUFFIXES
@@ -119,10 +120,13 @@ def load_adapters(pipe, lora_dir, lora_scale: Union[float, Sequence[float]] = 1.
     for name, path in zip(names, paths):
         folder, weight_name = locate_adapter(path, allow_pickle)
         try:
-            if weight_name.endswith(PICKLE_SUFFIXES):
-                pipe.load_lora_weights(_read_pickled_adapter(os.path.join(folder, weight_name)), adapter_name=name)
-            else:
-                pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name=name)
+            with warnings.catch_warnings():  # peft warns on every adapter after the first; several are the point here
+                warnings.filterwarnings('ignore', message='Already found a `peft_config` attribute')
+                if weight_name.endswith(PICKLE_SUFFIXES):
+                    pipe.load_lora_weights(_read_pickled_adapter(os.path.join(folder, weight_name)),
+                                           adapter_name=name)
+                else:
+                    pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name=name)
         except (RuntimeError, ValueError, KeyError) as err:
             raise ValueError(f'lora_dir={path!r} could not be loaded into this model: {err}. An adapter only '
                              'fits the base model family it was trained on (SD1.x here).') from err
