@@ -8,7 +8,7 @@ import os
 import posixpath
 import re
 from collections import defaultdict
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -16,6 +16,7 @@ from .constants import (CONFIGURATION, DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION,
                         HUB_IGNORE_PATTERNS, MODEL_INDEX, MODELSCOPE_CONFIGURATION, PICKLE_SUFFIXES)
 
 logger = logging.getLogger(__name__)
+
 
 REQUIRED_COMPONENTS = ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler')
 _HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
@@ -184,8 +185,16 @@ def load_pipeline(model, *, revision: Optional[str] = None, torch_dtype=None, de
         else:
             check_model_dir(path)
             extra = {} if load_safety_checker else {'safety_checker': None, 'requires_safety_checker': False}
-            pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, **extra)
+            pipe = StableDiffusionPipeline.from_pretrained(path, **dtype_argument(dtype), **extra)
     return pipe.to(device)  # already in dtype
+
+
+def dtype_argument(dtype: torch.dtype) -> Dict[str, torch.dtype]:
+    """The dtype argument of diffusers' loaders: ``dtype`` since 0.40, as in transformers (``torch_dtype`` then
+    warns on every load); ``torch_dtype`` before, which did not know ``dtype``."""
+    import diffusers
+    from packaging.version import Version
+    return {'dtype' if Version(diffusers.__version__).release >= (0, 40) else 'torch_dtype': dtype}
 
 
 def checkpoint_kind(keys: List[str]) -> str:
@@ -256,5 +265,5 @@ def _load_single_file(path: str, config: Optional[str], allow_pickle: bool, dtyp
     else:
         config_dir = resolve_model_dir(config, None, local_files_only, allow_patterns=HUB_CONFIG_PATTERNS)
     return StableDiffusionPipeline.from_single_file(
-        path, config=config_dir, torch_dtype=dtype, local_files_only=True,
+        path, config=config_dir, **dtype_argument(dtype), local_files_only=True,
         safety_checker=None, requires_safety_checker=False)

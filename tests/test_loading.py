@@ -64,9 +64,12 @@ def test_dtype_defaults_and_names():
     assert resolve_dtype(torch.float16, torch.device('cpu')) == torch.float16
 
 
-def test_torch_dtype_override_on_cpu(tiny_model_dir):
-    pipe = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', torch_dtype='bf16')
-    assert pipe.sd.unet.dtype == torch.bfloat16
+def test_torch_dtype_override_on_cpu(tiny_model_dir, tiny_single_file, recwarn):
+    for model in (tiny_model_dir, tiny_single_file):
+        pipe = StableDiffusionText2ImagePipeline(model, device='cpu', torch_dtype='bf16', config=tiny_model_dir)
+        assert pipe.sd.unet.dtype == torch.bfloat16 and pipe.sd.text_encoder.dtype == torch.bfloat16
+    # diffusers' own argument name for this diffusers: no deprecation warning on every load
+    assert not [w for w in recwarn if 'torch_dtype' in str(w.message)]
 
 
 def test_without_safety_checker(tiny_model_dir):
