@@ -18,6 +18,19 @@ from .constants import (CONFIGURATION, DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION,
 logger = logging.getLogger(__name__)
 
 
+class _TorchvisionAdvice(logging.Filter):
+    """transformers 5 loads the safety checker's image processor with PIL when torchvision is absent (as
+    transformers 4 always did), and warns that you should install torchvision, which breaks beside the CPU
+    build of torch that the README pins. That advice is dropped; the message is about nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return 'requires torchvision (not installed); falling back' not in record.getMessage()
+
+
+_IMPORT_LOGGER = logging.getLogger('transformers.utils.import_utils')
+if not any(isinstance(f, _TorchvisionAdvice) for f in _IMPORT_LOGGER.filters):
+    _IMPORT_LOGGER.addFilter(_TorchvisionAdvice())
+
 REQUIRED_COMPONENTS = ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler')
 _HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
 _DTYPES = {
