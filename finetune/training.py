@@ -164,7 +164,11 @@ def prepare_models(accelerator, config, parts: dict, lora: bool) -> List[torch.n
     trained = [unet] + ([text_encoder] if config.train_text_encoder else [])
     for module in (unet, text_encoder, vae):
         module.requires_grad_(False)
-        module.to(accelerator.device, dtype=None if (module in trained and not lora) else low)
+        module.to(accelerator.device)
+        if low is not None and (lora or module not in trained):
+            # torch's to(), not diffusers' override, which warns of float32-kept modules on every cast even when a
+            # model has none (SD's UNet and VAE have none)
+            torch.nn.Module.to(module, dtype=low)
     set_seed(config.seed)  # adapter initialisation
     if lora:
         targets = target_module_list(config.target_modules)
