@@ -178,6 +178,13 @@ def _single_file_to_folder(args, dtype) -> str:
     return args.output
 
 
+def console() -> int:
+    """The ``modelscope-sd`` command. ``main`` returns what a command made (image paths, the adapter path) for
+    Python callers; a console script's return value is its exit status, where anything but an int is an error."""
+    main()
+    return 0
+
+
 def main(argv: Optional[List[str]] = None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog='modelscope-sd', description=__doc__,
@@ -229,4 +236,4 @@ def _train(command: str, argv: List[str]):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(console())

@@ -210,8 +210,14 @@ def test_train_lora_command(tiny_model_dir, tmp_path, fresh_accelerate):
     assert os.path.isfile(path)
 
 
-def test_console_script_is_installed():
+def test_console_script_is_installed_and_exits_0_when_it_made_the_images(tiny_model_dir, tmp_path):
     result = subprocess.run(['modelscope-sd', '--help'], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     for command in ('generate', 'train-lora', 'train-dreambooth', 'convert-lora'):
         assert command in result.stdout
+    # `modelscope-sd generate … && next-step` must go on: the paths are printed, the status is 0
+    result = subprocess.run(['modelscope-sd', 'generate', '--prompt', 'a cat', '--model', tiny_model_dir, '--seed', '1',
+                             '--num_inference_steps', '1', '--device', 'cpu', '--output_dir', str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == [str(tmp_path / '1.png')]
