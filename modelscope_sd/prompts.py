@@ -7,7 +7,8 @@ into 75-token windows, each encoded as its own 77-token CLIP sequence, and the r
 20 tokens of a comma ends at that comma instead, and the words after it start the next window (A1111's
 default comma backtracking). ``BREAK`` (in capitals, a word of its own) ends the window it is in, padded,
 and the text after it starts the next one, as in A1111. Each token's embedding is multiplied by its weight,
-then the window is rescaled to the mean it had before (A1111's default "Original" emphasis).
+then the window is rescaled to the mean it had before (A1111's default "Original" emphasis). A1111's
+``<lora:name:weight>`` tags are taken out for the pipeline to apply; its prompt editing is refused.
 """
 
 import logging
@@ -23,8 +24,6 @@ COMMA_BACKTRACK = 20  # A1111's "comma_padding_backtrack" default
 _TOKEN = re.compile(r'\\[()\[\]]|\(|\)|\[|\]|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|[^\\()\[\]:]+|:|\\')
 _SYNTAX = re.compile(r'(?<!\\)[()\[\]]')
 _BREAK = re.compile(r'\s*\bBREAK\b\s*')
-
-
 _EXTRA_NETWORK = re.compile(r'<(\w+):([^>]+)>')  # A1111's pattern: <lora:name:weight>, <hypernet:name:weight>
 
 
