@@ -211,8 +211,9 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                 found = 'two adapters' if name in self.lora_names else 'no adapter'
                 loaded = ', '.join(self.lora_names) or 'none'
                 raise ValueError(f'text: <lora:{name}:…> names {found} of those loaded (loaded: {loaded}). Load '
-                                 f"it with lora_dir='…/{name}.safetensors' when building the pipeline: a tag only "
-                                 'sets the weight of an adapter loaded there.')
+                                 f"it with lora_dir='…/{name}.safetensors' when building the pipeline (modelscope-sd "
+                                 f'generate: --lora …/{name}.safetensors): a tag only sets the weight of an adapter '
+                                 'loaded there.')
         scales = [tags[0].get(name, scale) for name, scale in zip(self.lora_names, self.lora_scales)]
         options = dict(options, prompt=list(texts) if isinstance(prompt, list) else texts[0])
         if scales == self.lora_scales:
