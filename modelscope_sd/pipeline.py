@@ -358,7 +358,9 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         if kind not in self._variants:
             from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
             cls = StableDiffusionImg2ImgPipeline if kind == 'img2img' else StableDiffusionInpaintPipeline
-            self._variants[kind] = cls.from_pipe(self.sd)
+            # built on our modules as they are: diffusers' from_pipe casts them (0.40+: to fp32 unless told a dtype)
+            self._variants[kind] = cls(**self.sd.components,
+                                       requires_safety_checker=self.sd.config.requires_safety_checker)
         return self._variants[kind]
 
     def _pipeline_for(self, image, mask_image, strength, height, width, latents, guidance_rescale):

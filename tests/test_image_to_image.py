@@ -111,3 +111,16 @@ def test_bad_image_inputs(sd_pipe, photo, options, error, message):
     bgr, _ = photo
     with pytest.raises(error, match=message):
         sd_pipe({'text': 'a cat', 'image': bgr, **STEPS, **options})
+
+
+def test_image_to_image_keeps_the_pipelines_dtype(tiny_model_dir, photo, mask):
+    """The image-to-image and inpainting pipelines share our modules; diffusers' from_pipe cast them to fp32, so
+    after one such call every later call ran in fp32 (twice the memory on a GPU, and slower)."""
+    import torch
+
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    pipe = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', torch_dtype='bf16', progress_bar=False)
+    _, path = photo
+    pipe({'text': 'a cat', 'image': path, **STEPS})
+    pipe({'text': 'a cat', 'image': path, 'mask_image': mask, **STEPS})
+    assert {pipe.sd.unet.dtype, pipe.sd.vae.dtype, pipe.sd.text_encoder.dtype} == {torch.bfloat16}
