@@ -1,6 +1,7 @@
 """Scheduler by name: the names people use in A1111/ComfyUI mapped onto diffusers classes."""
 
 import difflib
+import inspect
 from typing import Any, Dict, Tuple, Union
 
 import diffusers
@@ -23,6 +24,10 @@ SCHEDULERS: Dict[str, Tuple[str, Dict[str, Any]]] = {
         'algorithm_type': 'sde-dpmsolver++', 'use_karras_sigmas': True}),
     'unipc': ('UniPCMultistepScheduler', {}),
 }
+# What makes a sampler the one it is. A model's own scheduler config may carry another's (one whose default is
+# DPM++ 2M Karras has use_karras_sigmas): each named scheduler resets those its overrides do not set.
+_SAMPLER_DEFAULTS = {'use_karras_sigmas': False, 'use_exponential_sigmas': False, 'use_beta_sigmas': False,
+                     'algorithm_type': 'dpmsolver++'}
 ALIASES = {'plms': 'pndm', 'euler_a': 'euler_ancestral', 'k_euler': 'euler',
            'k_euler_a': 'euler_ancestral', 'k_lms': 'lms', 'dpm_solver++': 'dpm++_2m'}
 
@@ -52,4 +57,7 @@ def make_scheduler(scheduler: Union[str, SchedulerMixin], base_config) -> Schedu
         hint = f" Did you mean '{close[0]}'?" if close else ''
         raise ValueError(f"scheduler={scheduler!r} is not known.{hint} Allowed: {', '.join(scheduler_names())}.")
     class_name, overrides = SCHEDULERS[key]
-    return getattr(diffusers, class_name).from_config(base_config, **overrides)
+    cls = getattr(diffusers, class_name)
+    accepted = inspect.signature(cls.__init__).parameters
+    resets = {k: v for k, v in _SAMPLER_DEFAULTS.items() if k in accepted}
+    return cls.from_config(base_config, **{**resets, **overrides})

@@ -118,6 +118,21 @@ def test_scheduler_choice_is_per_call(sd_pipe):
     assert np.abs(before.astype(int) - euler.astype(int)).max() > 0
 
 
+def test_a_named_scheduler_is_that_sampler_whatever_the_models_default(sd_pipe):
+    """A model whose own scheduler is DPM++ 2M SDE Karras: 'euler' must not inherit its Karras sigmas, nor
+    'dpm++_2m' its SDE algorithm."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from modelscope_sd.schedulers import make_scheduler
+    base = DPMSolverMultistepScheduler.from_config(sd_pipe.base_scheduler.config, use_karras_sigmas=True,
+                                                   algorithm_type='sde-dpmsolver++').config
+    euler, plain, karras = (make_scheduler(name, base) for name in ('euler', 'dpm++_2m', 'dpm++_2m_karras'))
+    assert not euler.config.use_karras_sigmas
+    assert (plain.config.algorithm_type, plain.config.use_karras_sigmas) == ('dpmsolver++', False)
+    assert (karras.config.algorithm_type, karras.config.use_karras_sigmas) == ('dpmsolver++', True)
+    assert make_scheduler('pndm', base).config.steps_offset == base.steps_offset  # the model's own settings stay
+
+
 def test_batch_size_makes_the_images_of_one_batch_in_smaller_batches(sd_pipe, monkeypatch):
     prompts, options = ['a red ball', 'a blue cube', 'a tree'], dict(negative_prompt=['x', 'y', 'z'],
                                                                        num_images_per_prompt=2, **FAST)
