@@ -181,9 +181,11 @@ class WholeStepDenoiser:
         through the whole-step loop. Returns float images in [0, 1] (N, H, W, 3) and the safety checker's
         flags, or None when the scheduler has no table (the caller then runs diffusers' loop)."""
         begin = 0
+        device = pipe._execution_device
+        # this call's timesteps, as diffusers sets them before the start latents: sigma schedulers (Euler, LMS,
+        # DPM++ SDE, …) scale the start noise by the largest sigma of the timesteps set last
+        pipe.scheduler.set_timesteps(num_inference_steps, device=device)
         if image is not None:  # diffusers' own img2img timesteps: strength skips the first ones
-            device = pipe._execution_device
-            pipe.scheduler.set_timesteps(num_inference_steps, device=device)
             remaining, _ = pipe.get_timesteps(num_inference_steps, strength, device)
             begin = len(pipe.scheduler.timesteps) - len(remaining)
         plan = self.plan(pipe.scheduler, num_inference_steps, eta, begin)
