@@ -62,7 +62,13 @@ def _generate_parser(sub):
                              'negative prompt; repeatable')
     parser.add_argument('--image', help='start image (image-to-image)')
     parser.add_argument('--mask_image', help='mask (inpainting; white repaints)')
-    parser.add_argument('--strength', type=float)
+    parser.add_argument('--strength', type=float, help='image-to-image (default 0.8), inpainting (1.0), or the hires '
+                                                       "fix's second pass (0.7)")
+    parser.add_argument('--hr_scale', type=float, help="A1111's hires fix: upscale by this (e.g. 2), then "
+                                                       'image-to-image at the larger size')
+    parser.add_argument('--hr_upscaler', help="hires fix: 'latent' (default) or 'lanczos'")
+    parser.add_argument('--hr_second_pass_steps', type=int, help='hires fix: steps of the second pass '
+                                                                 '(default --num_inference_steps)')
     parser.add_argument('--from_png', help='take every setting from a PNG written here (or by A1111)')
     parser.add_argument('--device', default='gpu')
     parser.add_argument('--fast', action='store_true', help='compiled fast path (CUDA graphs on CUDA); the first image compiles')
@@ -93,7 +99,8 @@ def generate(args) -> List[str]:
                  'guidance_rescale': args.guidance_rescale,
                  'height': args.height, 'width': args.width, 'seed': args.seed, 'scheduler': args.scheduler,
                  'num_images_per_prompt': args.num_images, 'clip_skip': args.clip_skip, 'image': args.image,
-                 'mask_image': args.mask_image, 'strength': args.strength}
+                 'mask_image': args.mask_image, 'strength': args.strength, 'hr_scale': args.hr_scale,
+                 'hr_upscaler': args.hr_upscaler, 'hr_second_pass_steps': args.hr_second_pass_steps}
     call.update({k: v for k, v in overrides.items() if v is not None})
     if args.batch_size is not None and args.batch_size < 1:  # before minutes of loading
         raise ValueError(f'--batch_size {args.batch_size}: must be >= 1 (or left out: all images at once).')

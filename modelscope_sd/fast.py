@@ -176,10 +176,11 @@ class WholeStepDenoiser:
     def generate(self, pipe, text_inputs: Dict[str, Any], num_inference_steps: int, guidance_scale: float,
                  num_images_per_prompt: int, eta: float, generator, height: Optional[int] = None,
                  width: Optional[int] = None, latents=None, image=None, strength: Optional[float] = None,
-                 guidance_rescale: float = 0.0):
+                 guidance_rescale: float = 0.0, output_type: str = 'np'):
         """Text-to-image (``pipe``: the pipeline) or image-to-image (``pipe``: its img2img twin, ``image`` given)
         through the whole-step loop. Returns float images in [0, 1] (N, H, W, 3) and the safety checker's
-        flags, or None when the scheduler has no table (the caller then runs diffusers' loop)."""
+        flags (``output_type='latent'``: the final latents and None), or None when the scheduler has no table (the
+        caller then runs diffusers' loop)."""
         begin = 0
         device = pipe._execution_device
         # this call's timesteps, as diffusers sets them before the start latents: sigma schedulers (Euler, LMS,
@@ -193,10 +194,10 @@ class WholeStepDenoiser:
             return None
         with torch.inference_mode():
             return self._generate(pipe, plan, begin, text_inputs, guidance_scale, num_images_per_prompt, generator,
-                                  height, width, latents, image, guidance_rescale)
+                                  height, width, latents, image, guidance_rescale, output_type)
 
     def _generate(self, pipe, plan, begin, text_inputs, guidance_scale, num_images_per_prompt, generator, height,
-                  width, latents, image, guidance_rescale):
+                  width, latents, image, guidance_rescale, output_type):
         """diffusers' steps around `denoise`: encode → start latents → denoise → decode → safety check."""
         device = pipe._execution_device
         cfg = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
@@ -216,6 +217,8 @@ class WholeStepDenoiser:
                                          generator)
         with pipe.progress_bar(total=plan.num_model_calls) as bar:
             final = self.denoise(plan, start, embeds, guidance_scale if cfg else None, generator, bar, guidance_rescale)
+        if output_type == 'latent':
+            return final, None
         decoded = pipe.vae.decode(final / pipe.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
         decoded, nsfw = pipe.run_safety_checker(decoded, device, dtype)
         denormalize = [True] * decoded.shape[0] if nsfw is None else [not flagged for flagged in nsfw]

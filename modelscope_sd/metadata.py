@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .hires import DEFAULT_STRENGTH, normalize_upscaler
 from .schedulers import SCHEDULERS, normalize_scheduler_name
 
 PARAMETERS_KEY = 'parameters'
@@ -21,9 +22,11 @@ A1111_SAMPLERS = {
     'dpm++_2m_sde': 'DPM++ 2M SDE', 'dpm++_2m_sde_karras': 'DPM++ 2M SDE Karras', 'unipc': 'UniPC',
 }
 _FROM_A1111 = {v.lower(): k for k, v in A1111_SAMPLERS.items()}
+_A1111_UPSCALERS = {'latent': 'Latent', 'lanczos': 'Lanczos'}
 # keys read back into the call, and A1111's keys that only describe files (hashes, its version)
 _APPLIED = {'Steps', 'Sampler', 'Schedule type', 'CFG scale', 'Seed', 'Size', 'Model', 'Rescale CFG', 'Clip skip',
             'Denoising strength', 'Lora', 'Textual inversion'}
+_HIRES = {'Hires upscale', 'Hires steps', 'Hires upscaler'}  # read back when 'Hires upscale' is there
 _INFORMATIONAL = {'Model hash', 'VAE hash', 'Lora hashes', 'TI hashes', 'Hashes', 'Version'}
 # A1111's own pattern for "Key: value, Key: "quoted, value""
 _PARAM = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -50,7 +53,9 @@ def format_parameters(prompt: str, negative_prompt: Optional[str], steps: int, s
                       guidance_scale: float, seed: Optional[int], width: int, height: int, model: str,
                       loras: Sequence[Tuple[str, float]] = (), clip_skip: Optional[int] = None,
                       strength: Optional[float] = None, embeddings: Sequence[str] = (),
-                      guidance_rescale: float = 0.0) -> str:
+                      guidance_rescale: float = 0.0, hires: Optional[Dict[str, Any]] = None) -> str:
+    """A1111's ``parameters`` text. ``width``/``height`` are the first pass's size when ``hires`` (hr_scale,
+    hr_upscaler, hr_second_pass_steps, strength) is given, as A1111 writes them."""
     lines = [prompt]
     if negative_prompt:
         lines.append(f'Negative prompt: {negative_prompt}')
@@ -62,6 +67,9 @@ def format_parameters(prompt: str, negative_prompt: Optional[str], steps: int, s
         fields.append(('Clip skip', clip_skip + 1))  # A1111 counts the last layer as 1
     if strength is not None:
         fields.append(('Denoising strength', strength))
+    if hires:
+        fields += [('Hires upscale', hires['hr_scale']), ('Hires steps', hires.get('hr_second_pass_steps')),
+                   ('Hires upscaler', _A1111_UPSCALERS[normalize_upscaler(hires.get('hr_upscaler'))])]
     if loras:
         fields.append(('Lora', '; '.join(f'{path}={scale}' for path, scale in loras)))
     if embeddings:  # our key: A1111's "TI hashes" name files by hash, which cannot be loaded back
@@ -99,11 +107,20 @@ def parse_parameters(text: str) -> Dict[str, Any]:
         call['guidance_rescale'] = float(params['Rescale CFG'])
     if 'Clip skip' in params:
         call['clip_skip'] = int(params['Clip skip']) - 1
-    not_applied = [key for key in params if key not in _APPLIED | _INFORMATIONAL]
-    if 'Denoising strength' in params and 'Hires upscale' not in params:  # else: the strength of A1111's hires pass
+    applied = _APPLIED | _INFORMATIONAL | (_HIRES if 'Hires upscale' in params else set())
+    not_applied = [key for key in params if key not in applied]
+    if 'Denoising strength' in params and 'Hires resize' in params and 'Hires upscale' not in params:
+        not_applied.append('Denoising strength')  # of a hires pass to a size of its own, which hr_scale cannot say
+    elif 'Denoising strength' in params:  # image-to-image's, or the hires fix's second pass's
         call['strength'] = float(params['Denoising strength'])
-    elif 'Denoising strength' in params:
-        not_applied.append('Denoising strength')
+    if 'Hires upscale' in params:
+        call['hr_scale'] = float(params['Hires upscale'])
+        if int(params.get('Hires steps', 0)):
+            call['hr_second_pass_steps'] = int(params['Hires steps'])
+        upscaler = params.get('Hires upscaler', 'Latent')
+        call['hr_upscaler'] = 'latent' if upscaler.lower().startswith('latent') else 'lanczos'
+        if upscaler.lower() not in _A1111_UPSCALERS:  # A1111's latent variants, ESRGAN and others
+            not_applied.append(f'Hires upscaler {upscaler} (ran as {_A1111_UPSCALERS[call["hr_upscaler"]]})')
     schedule = params.get('Schedule type', 'Automatic')
     if schedule.lower() != 'automatic' and not (schedule.lower() == 'karras' and call['scheduler'].endswith('karras')):
         not_applied.append(f'Schedule type {schedule}')
@@ -152,11 +169,19 @@ def describe_outputs(pipe, options: Dict[str, Any], output: Dict[str, Any], mode
     negative = options.get('negative_prompt')
     negatives = negative if isinstance(negative, list) else [negative] * len(prompts)
     per_prompt = options.get('num_images_per_prompt', 1)
+    hires = {k: options.get(k) for k in ('hr_scale', 'hr_upscaler', 'hr_second_pass_steps')}
+    strength = options.get('strength')
+    if hires['hr_scale'] is not None:
+        strength = DEFAULT_STRENGTH if strength is None else strength
     for i, image in enumerate(output['output_imgs']):
         seeds = output.get('seeds')
+        height, width = image.shape[:2]
+        if hires['hr_scale'] is not None:  # A1111 writes the first pass's size
+            size = pipe.sd.unet.config.sample_size * pipe.sd.vae_scale_factor
+            height, width = options.get('height') or size, options.get('width') or size
         texts.append(format_parameters(
             prompts[i // per_prompt], negatives[i // per_prompt], options.get('num_inference_steps', 50),
-            scheduler, options.get('guidance_scale', 7.5), seeds[i] if seeds else None, image.shape[1],
-            image.shape[0], model, loras, options.get('clip_skip'), options.get('strength'), embeddings,
-            options.get('guidance_rescale', 0.0)))
+            scheduler, options.get('guidance_scale', 7.5), seeds[i] if seeds else None, width, height, model, loras,
+            options.get('clip_skip'), strength, embeddings, options.get('guidance_rescale', 0.0),
+            hires if hires['hr_scale'] is not None else None))
     return texts

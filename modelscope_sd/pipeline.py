@@ -14,6 +14,7 @@ from modelscope.pipelines.base import Pipeline
 
 from PIL import Image
 
+from . import hires
 from . import images as images_lib
 from . import lora as lora_utils
 from . import prompts as prompts_lib
@@ -42,7 +43,10 @@ CALL_DEFAULTS: Dict[str, Any] = {
     'progress_bar': None,  # None: the pipeline's setting
     'image': None,  # image-to-image / inpainting: a path, a BGR array or a PIL image
     'mask_image': None,  # inpainting: white repaints
-    'strength': None,  # None: 0.8 for image-to-image, 1.0 for inpainting
+    'strength': None,  # None: 0.8 for image-to-image, 1.0 for inpainting, 0.7 for the hires fix's second pass
+    'hr_scale': None,  # A1111's hires fix: text-to-image, upscaled by this factor, then image-to-image (None: off)
+    'hr_upscaler': None,  # 'latent' (None) or 'lanczos'
+    'hr_second_pass_steps': None,  # None: num_inference_steps
     'batch_size': None,  # at most this many images per denoising batch (ModelScope's name); None: all at once
 }
 _MAX_SEED = 2**63 - 1
@@ -226,7 +230,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
 
     def check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale, guidance_rescale,
                      height, width, num_images_per_prompt, eta, seed, generator, latents, scheduler, clip_skip,
-                     lora_scale, progress_bar, image, mask_image, strength, batch_size) -> None:
+                     lora_scale, progress_bar, image, mask_image, strength, hr_scale, hr_upscaler,
+                     hr_second_pass_steps, batch_size) -> None:
         """Every user-facing option, checked once, with what was given and what is allowed."""
         if prompt is None:
             raise ValueError("The prompt is missing: call pipe('a photo of a cat') or pipe({'text': '...'}).")
@@ -294,7 +299,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             raise TypeError(f'progress_bar must be True or False, got {progress_bar!r}')
         if scheduler is not None:
             self._scheduler(scheduler)  # raises on unknown names
-        self._check_image_inputs(image, mask_image, strength, latents)
+        self._check_image_inputs(image, mask_image, strength, latents, hr_scale)
+        self._check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, image, guidance_rescale)
         n_images = (len(prompt) if isinstance(prompt, list) else 1) * num_images_per_prompt
         if isinstance(generator, list) and len(generator) != n_images:
             raise ValueError(f'generator is a list of {len(generator)} but this call makes {n_images} images '
@@ -303,14 +309,15 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         if latents is not None:
             self._check_latents(latents, n_images, height, width, image)
 
-    def _check_image_inputs(self, image, mask_image, strength, latents) -> None:
+    def _check_image_inputs(self, image, mask_image, strength, latents, hr_scale) -> None:
         if mask_image is not None and image is None:
             raise ValueError('mask_image needs image: pass the picture to repaint as image=...')
         if self.sd.unet.config.in_channels == 9 and mask_image is None:
             raise ValueError('This is an inpainting model (9-channel UNet): pass image=... and mask_image=...')
         if strength is not None:
-            if image is None:
-                raise ValueError('strength applies to image-to-image and inpainting: pass image=... as well.')
+            if image is None and hr_scale is None:
+                raise ValueError('strength applies to image-to-image and inpainting (pass image=... as well) and to '
+                                 'the hires fix\'s second pass (pass hr_scale=... as well).')
             _check_number('strength', strength, minimum=0.0)
             if strength > 1:
                 raise ValueError(f'strength={strength} must be between 0 and 1 (0 keeps the image, 1 repaints it).')
@@ -319,6 +326,28 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                              f'{image.width}x{image.height}: they must be the same size.')
         if image is not None and mask_image is None and latents is not None:
             raise ValueError('latents cannot be given for image-to-image: the start latents come from image.')
+
+    @staticmethod
+    def _check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, image, guidance_rescale) -> None:
+        if hr_scale is None:
+            for name, value in (('hr_upscaler', hr_upscaler), ('hr_second_pass_steps', hr_second_pass_steps)):
+                if value is not None:
+                    raise ValueError(f'{name} is an option of the hires fix, which hr_scale turns on: pass hr_scale '
+                                     '(e.g. 2) too.')
+            return
+        _check_number('hr_scale', hr_scale, minimum=1.0)
+        if hr_scale > hires.MAX_SCALE:
+            raise ValueError(f'hr_scale={hr_scale} must be between 1 and {hires.MAX_SCALE:g} (2 makes 1024 from 512).')
+        if hires.normalize_upscaler(hr_upscaler) not in hires.UPSCALERS:
+            raise ValueError(f'hr_upscaler={hr_upscaler!r} is not one of {hires.UPSCALERS}.')
+        if hr_second_pass_steps is not None:
+            _check_int('hr_second_pass_steps', hr_second_pass_steps, minimum=1)
+        if image is not None:
+            raise ValueError('hr_scale is the hires fix of text-to-image. With image=..., pass the larger height and '
+                             'width instead, as A1111\'s img2img does.')
+        if guidance_rescale:
+            raise ValueError('guidance_rescale cannot go with hr_scale: the second pass is diffusers\' '
+                             'image-to-image, which does not take it.')
 
     def _check_latents(self, latents, n_images: int, height, width, image) -> None:
         """Start latents of this call's shape; without height/width their size sets the image size. diffusers
@@ -398,7 +427,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
     @torch.inference_mode()
     def _generate(self, prompt, negative_prompt, num_inference_steps, guidance_scale, guidance_rescale, height,
                   width, num_images_per_prompt, eta, seed, generator, latents, scheduler, clip_skip, lora_scale,
-                  progress_bar, image, mask_image, strength) -> Dict[str, Any]:
+                  progress_bar, image, mask_image, strength, hr_scale, hr_upscaler,
+                  hr_second_pass_steps) -> Dict[str, Any]:
         # 1. batch and randomness
         n_images = (len(prompt) if isinstance(prompt, list) else 1) * num_images_per_prompt
         seeds = None
@@ -419,29 +449,56 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         pipe, extra = self._pipeline_for(image, mask_image, strength, height, width, latents, guidance_rescale)
         # 3. scheduler, progress bar and adapter weights for this call
         pipe.scheduler = self._scheduler(scheduler)
-        pipe.set_progress_bar_config(disable=not (self.progress_bar if progress_bar is None else progress_bar))
+        quiet = not (self.progress_bar if progress_bar is None else progress_bar)
+        pipe.set_progress_bar_config(disable=quiet)
         if lora_scale is not None:
             lora_utils.set_scales(self.sd, self.adapters, lora_scale)
         # 4. long or weighted prompts become embeddings here; the fast path or diffusers does the denoising
         text_inputs = prompts_lib.text_inputs(self.sd, prompt, negative_prompt, clip_skip)
+        passes = dict(text_inputs=text_inputs, guidance_scale=guidance_scale, eta=eta, generator=generator,
+                      num_images_per_prompt=num_images_per_prompt, fast=mask_image is None)
         try:
-            fast = None
-            if self.denoiser is not None and mask_image is None:
-                fast = self.denoiser.generate(pipe, text_inputs, num_inference_steps, guidance_scale,
-                                              num_images_per_prompt, eta, generator, **extra)
-            if fast is not None:
-                images, nsfw = fast
+            if hr_scale is None:
+                images, nsfw = self._denoise(pipe, extra, num_inference_steps, **passes)
             else:
-                result = pipe(**text_inputs, **extra, num_inference_steps=num_inference_steps,
-                              guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, eta=eta,
-                              generator=generator, output_type='np')
-                images, nsfw = result.images, result.nsfw_content_detected
+                images, nsfw = self._hires_fix(pipe, extra, num_inference_steps, passes, height, width, strength,
+                                               hr_scale, hr_upscaler, hr_second_pass_steps, quiet)
         finally:
             if lora_scale is not None:
                 lora_utils.set_scales(self.sd, self.adapters, self.lora_scales)
         if mask_image is not None:
             images = np.stack([images_lib.overlay(img, image, mask_image) for img in images])
         return self._output(images, seeds, nsfw)
+
+    def _hires_fix(self, pipe, extra, num_inference_steps, passes, height, width, strength, hr_scale, hr_upscaler,
+                   hr_second_pass_steps, quiet):
+        """A1111's hires fix: a first pass at the base size, its latents upscaled, then image-to-image at the
+        larger size, drawing its noise from the seeds again as A1111's second pass does."""
+        restart = _copies(passes['generator'])
+        latents, _ = self._denoise(pipe, extra, num_inference_steps, **passes, output_type='latent')
+        size = self.sd.unet.config.sample_size * self.sd.vae_scale_factor
+        target = hires.target_size(height or size, width or size, hr_scale)
+        second = self._variant('img2img')
+        second.scheduler = pipe.scheduler
+        second.set_progress_bar_config(disable=quiet)
+        extra = {'image': hires.upscale(self.sd, latents, target, hires.normalize_upscaler(hr_upscaler)),
+                 'strength': hires.DEFAULT_STRENGTH if strength is None else strength}
+        return self._denoise(second, extra, hr_second_pass_steps or num_inference_steps,
+                             **dict(passes, generator=restart))
+
+    def _denoise(self, pipe, extra, num_inference_steps, text_inputs, guidance_scale, num_images_per_prompt, eta,
+                 generator, fast, output_type='np'):
+        """One denoising pass: the fast whole-step loop where it applies, diffusers' loop otherwise. Returns float
+        images (N, H, W, 3) in [0, 1], or latents with ``output_type='latent'``, and the safety checker's flags."""
+        if fast and self.denoiser is not None:
+            made = self.denoiser.generate(pipe, text_inputs, num_inference_steps, guidance_scale,
+                                          num_images_per_prompt, eta, generator, output_type=output_type, **extra)
+            if made is not None:
+                return made
+        result = pipe(**text_inputs, **extra, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                      num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator,
+                      output_type=output_type)
+        return result.images, result.nsfw_content_detected
 
     @staticmethod
     def _output(images: np.ndarray, seeds, nsfw) -> Dict[str, Any]:
@@ -452,6 +509,15 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         if nsfw is not None:
             output['nsfw_content_detected'] = list(nsfw)
         return output
+
+
+def _copies(generator):
+    """New generators in the state ``generator`` (one or a list) is in now."""
+    def copy(g):
+        new = torch.Generator(g.device)
+        new.set_state(g.get_state())
+        return new
+    return [copy(g) for g in generator] if isinstance(generator, list) else copy(generator)
 
 
 def _check_int(name, value, minimum=None, maximum=None):

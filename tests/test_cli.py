@@ -35,19 +35,29 @@ def test_reads_an_a1111_parameters_text():
     assert parsed['not_applied'] == []  # a model hash only describes the file
 
 
-def test_reads_a1111_19_schedule_type_and_ignores_the_hires_pass_strength():
+def test_reads_a1111_19_schedule_type_and_the_hires_fix():
     text = ('a castle\nSteps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1234, Size: 512x768, '
-            'Denoising strength: 0.7, Hires upscale: 2, Hires steps: 20, Hires upscaler: Latent, Version: v1.10.1')
+            'Denoising strength: 0.55, Hires upscale: 2, Hires steps: 20, Hires upscaler: Latent, Version: v1.10.1')
     parsed = metadata.parse_parameters(text)
     call = parsed['call']
-    assert call['scheduler'] == 'dpm++_2m_karras' and 'strength' not in call  # txt2img; the strength was hires'
-    # what the call leaves out is named, for --from_png to warn that the image will differ
-    assert parsed['not_applied'] == ['Hires upscale', 'Hires steps', 'Hires upscaler', 'Denoising strength']
+    assert call['scheduler'] == 'dpm++_2m_karras' and call['width'] == 512 and call['height'] == 768
+    assert (call['hr_scale'], call['hr_second_pass_steps'], call['hr_upscaler'], call['strength']) == (
+        2.0, 20, 'latent', 0.55)
+    assert parsed['not_applied'] == []
+    img2img = 'a castle\nSteps: 30, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Denoising strength: 0.6'
+    assert metadata.parse_parameters(img2img)['call']['strength'] == 0.6
+    # what the call leaves out or runs otherwise is named, for --from_png to warn that the image will differ
+    esrgan = text.replace('Hires upscaler: Latent', 'Hires upscaler: R-ESRGAN 4x+')
+    parsed = metadata.parse_parameters(esrgan)
+    assert parsed['call']['hr_upscaler'] == 'lanczos'
+    assert parsed['not_applied'] == ['Hires upscaler R-ESRGAN 4x+ (ran as Lanczos)']
+    resize = text.replace('Hires upscale: 2', 'Hires resize: 1024x1024')
+    parsed = metadata.parse_parameters(resize)
+    assert 'hr_scale' not in parsed['call'] and 'strength' not in parsed['call']
+    assert parsed['not_applied'] == ['Hires resize', 'Hires steps', 'Hires upscaler', 'Denoising strength']
     other = 'a castle\nSteps: 30, Sampler: Euler, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512, ' \
         'Emphasis: No norm, VAE: kl-f8-anime2.ckpt'
     assert metadata.parse_parameters(other)['not_applied'] == ['Emphasis', 'VAE', 'Schedule type Karras']
-    img2img = 'a castle\nSteps: 30, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Denoising strength: 0.6'
-    assert metadata.parse_parameters(img2img)['call']['strength'] == 0.6
 
 
 def test_png_without_parameters_is_an_error(tmp_path):

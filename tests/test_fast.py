@@ -113,6 +113,15 @@ def test_guidance_off_eta_latents_and_image_to_image_match_the_plain_path(fast_p
     assert len(calls) == len(options_list)
 
 
+@pytest.mark.parametrize('upscaler', ['latent', 'lanczos'])
+def test_hires_fix_runs_both_passes_through_the_table_loop(fast_pipe, sd_pipe, monkeypatch, upscaler):
+    monkeypatch.setattr(fast_pipe.denoiser, 'denoise', _spy(fast_pipe.denoiser.denoise, calls := []))
+    args = dict(seed=3, hr_scale=1.5, hr_upscaler=upscaler, hr_second_pass_steps=3, scheduler='euler_a', **ARGS)
+    a = fast_pipe('a tree', **args)['output_imgs'][0].astype(int)
+    b = sd_pipe('a tree', **args)['output_imgs'][0].astype(int)
+    assert len(calls) == 2 and a.shape == (48, 48, 3) and np.abs(a - b).max() <= 1
+
+
 def test_stochastic_table_draws_noise_in_the_schedulers_order():
     scheduler = make_scheduler('euler_a', EulerDiscreteScheduler().config)
     plan = plan_scheduler(scheduler, 6)

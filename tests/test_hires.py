@@ -1,0 +1,88 @@
+"""A1111's hires fix (hr_scale): diffusers' two passes, seeds per image, clear errors, reproducible PNGs."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+STEPS = dict(num_inference_steps=3)
+
+
+def _two_passes_in_diffusers(vanilla_pipe, prompt, seed, scale, upscaler, strength, second_steps=3):
+    """What hr_scale does, written with diffusers' own pipelines: text-to-image latents, upscaled, then
+    image-to-image at the larger size, each pass drawing its noise from the seed (as A1111's hires pass does)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    latents = vanilla_pipe(prompt, generator=[torch.Generator('cpu').manual_seed(seed)], output_type='latent',
+                           **STEPS).images
+    size = (int(32 * scale) // 8 * 8, int(32 * scale) // 8 * 8)
+    factor = vanilla_pipe.vae_scale_factor
+    if upscaler == 'latent':
+        image = F.interpolate(latents, size=(size[0] // factor, size[1] // factor), mode='bilinear',
+                              align_corners=False)
+    else:
+        with torch.no_grad():
+            decoded = vanilla_pipe.vae.decode(latents / vanilla_pipe.vae.config.scaling_factor, return_dict=False)[0]
+        image = [i.resize(size[::-1], Image.LANCZOS)
+                 for i in vanilla_pipe.image_processor.postprocess(decoded, output_type='pil')]
+    second = StableDiffusionImg2ImgPipeline(**vanilla_pipe.components)
+    second.set_progress_bar_config(disable=True)
+    images = second(prompt, image=image, strength=strength, generator=[torch.Generator('cpu').manual_seed(seed)],
+                    output_type='np',
+                    num_inference_steps=second_steps).images
+    return (images[0] * 255).round().astype(int)[..., ::-1]
+
+
+@pytest.mark.parametrize('upscaler, scale, strength', [('latent', 2, None), ('lanczos', 1.5, 0.5)])
+def test_hires_fix_equals_diffusers_two_passes(sd_pipe, vanilla_pipe, upscaler, scale, strength):
+    out = sd_pipe('a cat', seed=0, hr_scale=scale, hr_upscaler=upscaler, strength=strength, **STEPS)
+    got = out['output_imgs'][0].astype(int)
+    assert got.shape == (int(32 * scale), int(32 * scale), 3)
+    expected = _two_passes_in_diffusers(vanilla_pipe, 'a cat', 0, scale, upscaler,
+                                        0.7 if strength is None else strength)
+    assert np.abs(got - expected).max() <= 1
+    # the second pass is no plain resize of the first
+    first = sd_pipe('a cat', seed=0, **STEPS)['output_imgs'][0]
+    resized = np.asarray(Image.fromarray(first).resize(got.shape[1::-1], Image.LANCZOS)).astype(int)
+    assert np.abs(got - resized).mean() > 1
+
+
+def test_second_pass_steps_and_seeds_per_image(sd_pipe, vanilla_pipe):
+    args = dict(hr_scale=1.5, hr_second_pass_steps=5, **STEPS)
+    batch = sd_pipe(['a cat', 'a dog'], seed=3, **args)
+    alone = sd_pipe('a dog', seed=4, **args)['output_imgs'][0]
+    assert np.abs(batch['output_imgs'][1].astype(int) - alone.astype(int)).max() <= 1
+    expected = _two_passes_in_diffusers(vanilla_pipe, 'a dog', 4, 1.5, 'latent', 0.7, second_steps=5)
+    assert np.abs(alone.astype(int) - expected).max() <= 1
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(hr_upscaler='latent'), 'hr_upscaler is an option of the hires fix, which hr_scale turns on'),
+    (dict(hr_second_pass_steps=10), 'hr_second_pass_steps is an option of the hires fix'),
+    (dict(hr_scale=0.5), 'hr_scale=0.5 must be >= 1.0'),
+    (dict(hr_scale=8), 'hr_scale=8 must be between 1 and 4'),
+    (dict(hr_scale=2, hr_upscaler='R-ESRGAN 4x+'),
+     "hr_upscaler='R-ESRGAN 4x\\+' is not one of \\('latent', 'lanczos'\\)"),
+    (dict(hr_scale=2, hr_second_pass_steps=0), 'hr_second_pass_steps=0 is out of range'),
+    (dict(hr_scale=2, image=np.zeros((32, 32, 3), np.uint8)), 'hr_scale is the hires fix of text-to-image'),
+    (dict(hr_scale=2, guidance_rescale=0.7), 'guidance_rescale cannot go with hr_scale'),
+    (dict(strength=0.5), "strength applies to image-to-image.*and to the hires fix's second pass"),
+])
+def test_bad_hires_options(sd_pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sd_pipe('a cat', seed=0, **STEPS, **kwargs)
+
+
+def test_generate_writes_a1111_hires_parameters_and_from_png_remakes_the_image(tiny_model_dir, tmp_path):
+    from modelscope_sd import metadata
+    from modelscope_sd.cli import main
+    paths = main(['generate', '--prompt', 'a cat', '--model', tiny_model_dir, '--num_inference_steps', '3',
+                  '--seed', '5', '--hr_scale', '2', '--hr_upscaler', 'lanczos', '--device', 'cpu',
+                  '--output_dir', str(tmp_path / 'first')])
+    text = Image.open(paths[0]).text['parameters']
+    assert 'Size: 32x32' in text and 'Denoising strength: 0.7' in text  # A1111 writes the first pass's size
+    assert 'Hires upscale: 2.0' in text and 'Hires upscaler: Lanczos' in text
+    assert metadata.read_png(paths[0])['not_applied'] == []
+    again = main(['generate', '--from_png', paths[0], '--device', 'cpu', '--output_dir', str(tmp_path / 'again')])
+    first, second = (np.asarray(Image.open(p)).astype(int) for p in (paths[0], again[0]))
+    assert first.shape == (64, 64, 3) and np.abs(first - second).max() <= 1
