@@ -185,7 +185,10 @@ def load_pipeline(model, *, revision: Optional[str] = None, torch_dtype=None, de
                                           if k in StableDiffusionPipeline._optional_components
                                           or k in REQUIRED_COMPONENTS},
                                        requires_safety_checker=False)
-        return pipe.to(device, dtype)
+        for module in pipe.components.values():  # torch's to(): diffusers' warns of fp32-kept modules on any cast
+            if isinstance(module, torch.nn.Module):
+                torch.nn.Module.to(module, device, dtype)
+        return pipe
     elif not isinstance(model, (str, os.PathLike)):
         raise TypeError(f'model must be a hub id, a folder or a file path (str), got {type(model).__name__}')
     elif os.path.isfile(model):
