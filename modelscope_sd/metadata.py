@@ -54,8 +54,8 @@ def format_parameters(prompt: str, negative_prompt: Optional[str], steps: int, s
                       loras: Sequence[Tuple[str, float]] = (), clip_skip: Optional[int] = None,
                       strength: Optional[float] = None, embeddings: Sequence[str] = (),
                       guidance_rescale: float = 0.0, hires: Optional[Dict[str, Any]] = None) -> str:
-    """A1111's ``parameters`` text. ``width``/``height`` are the first pass's size when ``hires`` (hr_scale,
-    hr_upscaler, hr_second_pass_steps, strength) is given, as A1111 writes them."""
+    """A1111's ``parameters`` text. With ``hires`` (hr_scale, hr_upscaler, hr_second_pass_steps), ``width`` and
+    ``height`` are the first pass's size and ``strength`` the second pass's, as A1111 writes them."""
     lines = [prompt]
     if negative_prompt:
         lines.append(f'Negative prompt: {negative_prompt}')
