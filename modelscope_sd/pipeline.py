@@ -5,7 +5,7 @@ import math
 import numbers
 import secrets
 import threading
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -147,7 +147,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         ``pipe({'text': ...}, num_inference_steps=20)``. A list of dicts gives a list of outputs."""
         if isinstance(input, list) and input and all(isinstance(item, dict) for item in input):
             return [self(item, **kwargs) for item in input]
-        options = self._lora_tags(self._gather_options(input, kwargs))
+        options, prompt_scales = self._lora_tags(self._gather_options(input, kwargs))
         if options['image'] is not None:
             options['image'] = images_lib.load_image(options['image'], 'image')
         if options['mask_image'] is not None:
@@ -155,7 +155,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         self.check_inputs(**options)
         with self._call_lock:
             try:
-                return self._generate_in_batches(**options)
+                return self._generate_in_batches(**options, prompt_scales=prompt_scales)
             except torch.OutOfMemoryError as err:
                 raise torch.OutOfMemoryError(f'{err}\n\n{self._memory_advice(**options)}') from err
 
@@ -195,22 +195,20 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             raise ValueError(_unknown_message('option', unknown, ['text'] + list(CALL_DEFAULTS)))
         return {**CALL_DEFAULTS, **options}
 
-    def _lora_tags(self, options: Dict[str, Any]) -> Dict[str, Any]:
-        """A1111's ``<lora:name:weight>`` tags out of the prompts, as this call's ``lora_scale`` of the adapters
-        they name; adapters a prompt does not name keep their weight."""
+    def _lora_tags(self, options: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[List[List[float]]]]:
+        """A1111's ``<lora:name:weight>`` tags out of the prompts, as adapter weights: adapters a prompt does not
+        name keep theirs. Returns the options (with ``lora_scale`` when every prompt asks for the same weights) and,
+        when prompts ask for different ones (a weight sweep), the weights of each prompt."""
         prompt = options['prompt']
         prompts = prompt if isinstance(prompt, list) else [prompt]
         if not prompts or not all(isinstance(p, str) for p in prompts):
-            return options  # check_inputs says what is wrong
+            return options, None  # check_inputs says what is wrong
         texts, tags = zip(*(prompts_lib.lora_tags(p) for p in prompts))
         if not any(tags):
-            return options
-        if any(t != tags[0] for t in tags):
-            raise ValueError('The prompts of one call give different <lora:name:weight> tags, but adapter weights '
-                             'apply to a whole call: make one call per set of weights.')
+            return options, None
         if options['lora_scale'] is not None:
             raise ValueError('Give adapter weights in one place: <lora:name:weight> in the prompt, or lora_scale.')
-        for name in tags[0]:
+        for name in {name for named in tags for name in named}:
             if self.lora_names.count(name) != 1:
                 found = 'two adapters' if name in self.lora_names else 'no adapter'
                 loaded = ', '.join(self.lora_names) or 'none'
@@ -218,15 +216,16 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                                  f"it with lora_dir='…/{name}.safetensors' when building the pipeline (modelscope-sd "
                                  f'generate: --lora …/{name}.safetensors): a tag only sets the weight of an adapter '
                                  'loaded there.')
-        scales = [tags[0].get(name, scale) for name, scale in zip(self.lora_names, self.lora_scales)]
+        scales = [[named.get(name, scale) for name, scale in zip(self.lora_names, self.lora_scales)] for named in tags]
         options = dict(options, prompt=list(texts) if isinstance(prompt, list) else texts[0])
-        if scales == self.lora_scales:
-            return options
-        if self.lora_fused:
-            raise ValueError(f'<lora:…> tags ask for adapter weights {scales}, but the adapters were fused into the '
-                             f'model at {self.lora_scales} (fast=True or fuse_lora=True). Build the pipeline with '
-                             f'lora_scale={scales}, or without fusing to vary the weights per call.')
-        return dict(options, lora_scale=scales)
+        changed = [s for s in scales if s != self.lora_scales]
+        if changed and self.lora_fused:
+            raise ValueError(f'<lora:…> tags ask for adapter weights {changed[0]}, but the adapters were fused into '
+                             f'the model at {self.lora_scales} (fast=True or fuse_lora=True). Build the pipeline '
+                             f'with lora_scale={changed[0]}, or without fusing to vary the weights per call.')
+        if any(s != scales[0] for s in scales):
+            return options, scales
+        return (dict(options, lora_scale=scales[0]) if changed else options), None
 
     def check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale, guidance_rescale,
                      height, width, num_images_per_prompt, eta, seed, generator, latents, scheduler, clip_skip,
@@ -400,27 +399,28 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         return self._variant('inpaint'), {'image': image, 'mask_image': mask_image, 'strength': strength,
                                           'height': height, 'width': width, 'latents': latents}
 
-    def _generate_in_batches(self, batch_size, **options) -> Dict[str, Any]:
+    def _generate_in_batches(self, batch_size, prompt_scales=None, **options) -> Dict[str, Any]:
         """At most ``batch_size`` images per denoising batch, in the call's order and with its seeds: each image
         is the one the whole batch would give (within numerical noise; a list mixing prompts of different
-        75-token window counts is padded per batch)."""
+        75-token window counts is padded per batch). With ``prompt_scales`` (adapter weights per prompt) a batch
+        also holds prompts of one set of weights."""
         prompt, per_prompt = options['prompt'], options['num_images_per_prompt']
         prompts = prompt if isinstance(prompt, list) else [prompt]
         n_images = len(prompts) * per_prompt
-        if batch_size is None or n_images <= batch_size:
+        if prompt_scales is None and (batch_size is None or n_images <= batch_size):
             return self._generate(**options)
         negative, generator, latents, seeds = options['negative_prompt'], options['generator'], options['latents'], None
         negatives = negative if isinstance(negative, list) else [negative] * len(prompts)
         if generator is None:
             generator, seeds = self._generators(options['seed'], n_images)
         outputs = []
-        for start in range(0, n_images, batch_size):
-            index = range(start, min(start + batch_size, n_images))  # images are prompt-major, as diffusers orders
+        for index in _image_batches(n_images, batch_size, per_prompt, prompt_scales):
+            weights = {} if prompt_scales is None else {'lora_scale': prompt_scales[index.start // per_prompt]}
             outputs.append(self._generate(**dict(
                 options, prompt=[prompts[i // per_prompt] for i in index], num_images_per_prompt=1, seed=None,
                 negative_prompt=None if negative is None else [negatives[i // per_prompt] for i in index],
                 generator=[generator[i] for i in index] if isinstance(generator, list) else generator,
-                latents=None if latents is None else latents[index.start:index.stop])))
+                latents=None if latents is None else latents[index.start:index.stop], **weights)))
         merged = {key: [item for out in outputs for item in out[key]] for key in outputs[0] if key != 'seeds'}
         return {**merged, 'seeds': seeds} if seeds is not None else merged
 
@@ -509,6 +509,19 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         if nsfw is not None:
             output['nsfw_content_detected'] = list(nsfw)
         return output
+
+
+def _image_batches(n_images: int, batch_size: Optional[int], per_prompt: int, prompt_scales):
+    """Consecutive ranges of image indices (prompt-major, as diffusers orders images): at most ``batch_size``
+    images each, and with ``prompt_scales`` only prompts of one set of adapter weights."""
+    start = 0
+    while start < n_images:
+        end = min(start + (batch_size or n_images), n_images)
+        if prompt_scales is not None:
+            weights = prompt_scales[start // per_prompt]
+            end = next((i for i in range(start, end) if prompt_scales[i // per_prompt] != weights), end)
+        yield range(start, end)
+        start = end
 
 
 def _copies(generator):

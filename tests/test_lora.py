@@ -82,12 +82,17 @@ def test_a1111_lora_tags_set_the_weights_of_loaded_adapters_for_the_call(tiny_mo
     for prompt, kwargs, message in [
             ('<lora:c:0.5>a cat', {}, 'names no adapter of those loaded \\(loaded: a, b\\).*lora_dir='),
             ('<lora:a:0.5>a cat', {'lora_scale': 0.5}, 'in one place'),
-            (['<lora:a:0.5>a cat', 'a dog'], {}, 'different <lora:name:weight> tags.*one call per set'),
             ('a cat', {'negative_prompt': '<lora:a:-1>'}, 'negative_prompt: <lora:a:-1>: A1111 network tags go in the text'),
             ('<lora:a:0.5:0.2>a cat', {}, 'text encoder and the UNet weights'),
             ('<hypernet:anime:1>a cat', {}, 'hypernet network.*Take it out')]:
         with pytest.raises(ValueError, match=message):
             pipe(prompt, **STEPS, **kwargs)
+    # a weight sweep in one call (a prompt file of A1111 prompts): each prompt its weights, the call's seeds
+    sweep = pipe(['<lora:b:0.3>a cat', '<lora:b:0.3>a cat', 'a cat', '<lora:a:0.5>a cat'], **STEPS, batch_size=3)
+    assert sweep['seeds'] == [0, 1, 2, 3]
+    for image, seed, scale in zip(sweep['output_imgs'], sweep['seeds'], ([1.0, 0.3], [1.0, 0.3], None, [0.5, 0.8])):
+        alone = pipe('a cat', num_inference_steps=2, seed=seed, lora_scale=scale)['output_imgs'][0]
+        assert np.abs(image.astype(int) - alone.astype(int)).max() <= 1, scale
     fused = _pipe(tiny_model_dir, lora_dir=adapters[0], fuse_lora=True)  # weights fixed: only the fused one fits
     assert np.array_equal(fused('<lora:a:1>a cat', **STEPS)['output_imgs'][0].astype(int), _image(fused))
     with pytest.raises(ValueError, match='fused into the model at \\[1.0\\].*lora_scale=\\[0.5\\]'):
