@@ -461,8 +461,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             if hr_scale is None:
                 images, nsfw = self._denoise(pipe, extra, num_inference_steps, **passes)
             else:
-                images, nsfw = self._hires_fix(pipe, extra, num_inference_steps, passes, height, width, strength,
-                                               hr_scale, hr_upscaler, hr_second_pass_steps, quiet)
+                images, nsfw = self._hires_fix(pipe, extra, num_inference_steps, passes, strength, hr_scale,
+                                               hr_upscaler, hr_second_pass_steps, quiet)
         finally:
             if lora_scale is not None:
                 lora_utils.set_scales(self.sd, self.adapters, self.lora_scales)
@@ -470,14 +470,14 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             images = np.stack([images_lib.overlay(img, image, mask_image) for img in images])
         return self._output(images, seeds, nsfw)
 
-    def _hires_fix(self, pipe, extra, num_inference_steps, passes, height, width, strength, hr_scale, hr_upscaler,
+    def _hires_fix(self, pipe, extra, num_inference_steps, passes, strength, hr_scale, hr_upscaler,
                    hr_second_pass_steps, quiet):
         """A1111's hires fix: a first pass at the base size, its latents upscaled, then image-to-image at the
         larger size, drawing its noise from the seeds again as A1111's second pass does."""
         restart = _copies(passes['generator'])
         latents, _ = self._denoise(pipe, extra, num_inference_steps, **passes, output_type='latent')
-        size = self.sd.unet.config.sample_size * self.sd.vae_scale_factor
-        target = hires.target_size(height or size, width or size, hr_scale)
+        factor = self.sd.vae_scale_factor  # the first pass's size, however it was set (height/width or latents)
+        target = hires.target_size(latents.shape[-2] * factor, latents.shape[-1] * factor, hr_scale)
         second = self._variant('img2img')
         second.scheduler = pipe.scheduler
         second.set_progress_bar_config(disable=quiet)

@@ -56,6 +56,12 @@ def test_second_pass_steps_and_seeds_per_image(sd_pipe, vanilla_pipe):
     assert np.abs(alone.astype(int) - expected).max() <= 1
 
 
+def test_start_latents_set_the_first_pass_size(sd_pipe):
+    latents = torch.randn((1, 4, 24, 16), generator=torch.Generator().manual_seed(0))  # 48x32 on the tiny VAE
+    out = sd_pipe('a cat', seed=0, latents=latents, hr_scale=2, **STEPS)['output_imgs'][0]
+    assert out.shape == (96, 64, 3)
+
+
 @pytest.mark.parametrize('kwargs, message', [
     (dict(hr_upscaler='latent'), 'hr_upscaler is an option of the hires fix, which hr_scale turns on'),
     (dict(hr_second_pass_steps=10), 'hr_second_pass_steps is an option of the hires fix'),
