@@ -44,10 +44,11 @@ def locate_adapter(path: str, allow_pickle: bool = False) -> Tuple[str, str]:
 def _refuse_full_checkpoint(path: str, keys: List[str]) -> None:
     """A single-file model (A1111's ``model.diffusion_model.…`` keys, no LoRA keys) or an embedding is not an
     adapter."""
-    if any(k.startswith('model.diffusion_model.') for k in keys) and not any('lora' in k for k in keys):
+    kind = checkpoint_kind(keys)
+    if kind == 'model' and not any('lora' in k for k in keys):
         raise ValueError(f'lora_dir={path!r} is a whole single-file model checkpoint, not a LoRA adapter: load it '
                          'as the model, pipeline(task=..., model=..., pipeline_name=modelscope_sd.PIPELINE_NAME).')
-    if checkpoint_kind(keys) == 'embedding':
+    if kind == 'embedding':
         raise ValueError(f'lora_dir={path!r} holds {keys}, as a textual-inversion embedding does, not a LoRA '
                          f'adapter: pass it as textual_inversion={path!r}.')
 

@@ -170,15 +170,14 @@ def describe_outputs(pipe, options: Dict[str, Any], output: Dict[str, Any], mode
     negatives = negative if isinstance(negative, list) else [negative] * len(prompts)
     per_prompt = options.get('num_images_per_prompt', 1)
     hires = {k: options.get(k) for k in ('hr_scale', 'hr_upscaler', 'hr_second_pass_steps')}
-    strength = options.get('strength')
-    if hires['hr_scale'] is not None:
+    strength, first_pass = options.get('strength'), None
+    if hires['hr_scale'] is not None:  # A1111 writes the first pass's size and the second pass's strength
         strength = DEFAULT_STRENGTH if strength is None else strength
+        size = pipe.sd.unet.config.sample_size * pipe.sd.vae_scale_factor
+        first_pass = (options.get('height') or size, options.get('width') or size)
     for i, image in enumerate(output['output_imgs']):
         seeds = output.get('seeds')
-        height, width = image.shape[:2]
-        if hires['hr_scale'] is not None:  # A1111 writes the first pass's size
-            size = pipe.sd.unet.config.sample_size * pipe.sd.vae_scale_factor
-            height, width = options.get('height') or size, options.get('width') or size
+        height, width = first_pass or image.shape[:2]
         texts.append(format_parameters(
             prompts[i // per_prompt], negatives[i // per_prompt], options.get('num_inference_steps', 50),
             scheduler, options.get('guidance_scale', 7.5), seeds[i] if seeds else None, width, height, model, loras,

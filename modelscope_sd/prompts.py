@@ -236,8 +236,9 @@ def encode(pipe, prompts: List[str], clip_skip: Optional[int], windows: int) -> 
                     text_encoder, 'text_model') else text_encoder.final_layer_norm(states)
             # hidden.device, not device: an offload hook may have run the encoder elsewhere
             weights = torch.tensor(chunk_w, device=hidden.device, dtype=torch.float32)[None, :, None]
-            weighted = hidden.float() * weights
-            weighted *= hidden.float().mean() / weighted.mean()  # A1111's "Original": the window keeps its mean
+            plain = hidden.float()
+            weighted = plain * weights
+            weighted *= plain.mean() / weighted.mean()  # A1111's "Original": the window keeps its mean
             parts.append(weighted.to(hidden.dtype))
         out.append(torch.cat(parts, dim=1))
     return torch.cat(out).to(pipe.unet.dtype)
