@@ -85,3 +85,13 @@ def fresh_accelerate():
     reset_accelerate()
     yield
     reset_accelerate()
+
+
+@pytest.fixture
+def diffusers_caplog(caplog):
+    """caplog that also hears diffusers, whose loggers have a handler of their own and do not propagate."""
+    import logging
+    library = logging.getLogger('diffusers')
+    library.addHandler(caplog.handler)
+    yield caplog
+    library.removeHandler(caplog.handler)

@@ -72,22 +72,18 @@ def test_torch_dtype_override_on_cpu(tiny_model_dir, tiny_single_file, recwarn):
     assert not [w for w in recwarn if 'torch_dtype' in str(w.message)]
 
 
-def test_a_diffusers_pipeline_is_taken_in_the_asked_dtype_without_diffusers_cast_warning(vanilla_pipe, caplog):
-    import logging
-
+def test_a_diffusers_pipeline_is_taken_in_the_asked_dtype_without_diffusers_cast_warning(vanilla_pipe,
+                                                                                          diffusers_caplog):
     from diffusers import StableDiffusionPipeline
     source = StableDiffusionPipeline(**vanilla_pipe.components)  # its own object: the modules are cast in place
-    diffusers_logger = logging.getLogger('diffusers')  # its own handler, no propagation: caplog listens in
-    diffusers_logger.addHandler(caplog.handler)
     try:
         pipe = StableDiffusionText2ImagePipeline(source, device='cpu', torch_dtype='bf16')
         dtypes = {pipe.sd.unet.dtype, pipe.sd.vae.dtype, pipe.sd.text_encoder.dtype}
     finally:
-        diffusers_logger.removeHandler(caplog.handler)
         for module in source.components.values():  # shared with the session's vanilla_pipe
             if isinstance(module, torch.nn.Module):
                 torch.nn.Module.to(module, torch.float32)
-    assert dtypes == {torch.bfloat16} and 'should be kept in float32' not in caplog.text
+    assert dtypes == {torch.bfloat16} and 'should be kept in float32' not in diffusers_caplog.text
 
 
 def test_without_safety_checker(tiny_model_dir):

@@ -42,8 +42,7 @@ def _train(config):
 
 @pytest.mark.parametrize('lora', [True, False])
 def test_frozen_weights_take_the_compute_precision_and_trained_ones_stay_fp32(tiny_model_dir, csv_dataset, tmp_path,
-                                                                              lora, caplog):
-    import logging
+                                                                              lora, diffusers_caplog):
     from types import SimpleNamespace
 
     from finetune.models import load_components
@@ -52,16 +51,11 @@ def test_frozen_weights_take_the_compute_precision_and_trained_ones_stay_fp32(ti
                                   register_save_state_pre_hook=lambda hook: None,
                                   register_load_state_pre_hook=lambda hook: None)
     parts = load_components(tiny_model_dir, None)
-    diffusers_logger = logging.getLogger('diffusers')  # its own handler, no propagation: caplog listens in
-    diffusers_logger.addHandler(caplog.handler)
-    try:
-        prepare_models(accelerator, _config(tiny_model_dir, csv_dataset, tmp_path), parts, lora=lora)
-    finally:
-        diffusers_logger.removeHandler(caplog.handler)
+    prepare_models(accelerator, _config(tiny_model_dir, csv_dataset, tmp_path), parts, lora=lora)
     dtypes = {name: {p.dtype for p in parts[name].parameters()} for name in ('unet', 'vae', 'text_encoder')}
     assert dtypes['vae'] == dtypes['text_encoder'] == {torch.bfloat16}
     assert dtypes['unet'] == ({torch.bfloat16, torch.float32} if lora else {torch.float32})  # LoRA: adapters fp32
-    assert 'should be kept in float32' not in caplog.text  # diffusers warns on any cast, for models with none too
+    assert 'should be kept in float32' not in diffusers_caplog.text  # diffusers warns on any cast, models with none too
 
 
 def test_trained_adapter_loads_in_our_pipeline_and_in_vanilla_diffusers(tiny_model_dir, csv_dataset, tmp_path):
