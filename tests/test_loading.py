@@ -1,5 +1,6 @@
 """Model sources and their failures: folders, files, dtypes."""
 
+import copy
 import shutil
 
 import pytest
@@ -75,14 +76,11 @@ def test_torch_dtype_override_on_cpu(tiny_model_dir, tiny_single_file, recwarn):
 def test_a_diffusers_pipeline_is_taken_in_the_asked_dtype_without_diffusers_cast_warning(vanilla_pipe,
                                                                                           diffusers_caplog):
     from diffusers import StableDiffusionPipeline
-    source = StableDiffusionPipeline(**vanilla_pipe.components)  # its own object: the modules are cast in place
-    try:
-        pipe = StableDiffusionText2ImagePipeline(source, device='cpu', torch_dtype='bf16')
-        dtypes = {pipe.sd.unet.dtype, pipe.sd.vae.dtype, pipe.sd.text_encoder.dtype}
-    finally:
-        for module in source.components.values():  # shared with the session's vanilla_pipe
-            if isinstance(module, torch.nn.Module):
-                torch.nn.Module.to(module, torch.float32)
+    # copies: the modules are cast in place, and a bf16 round trip would leave the session's vanilla_pipe rounded
+    source = StableDiffusionPipeline(**{name: copy.deepcopy(module) if isinstance(module, torch.nn.Module) else module
+                                        for name, module in vanilla_pipe.components.items()})
+    pipe = StableDiffusionText2ImagePipeline(source, device='cpu', torch_dtype='bf16')
+    dtypes = {pipe.sd.unet.dtype, pipe.sd.vae.dtype, pipe.sd.text_encoder.dtype}
     assert dtypes == {torch.bfloat16} and 'should be kept in float32' not in diffusers_caplog.text
 
 
