@@ -19,6 +19,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from diffusers.utils.torch_utils import randn_tensor
 
 from .linear_steps import plan_scheduler
+from .prompts import unet_embeds
 
 logger = logging.getLogger(__name__)
 
@@ -150,9 +151,10 @@ class WholeStepDenoiser:
         return noise_pred
 
     def denoise(self, plan: DevicePlan, latents, embeds, guidance_scale: Optional[float], generator, progress_bar,
-                guidance_rescale: float = 0.0):
+                guidance_rescale: float = 0.0, changes: Optional[Dict[int, torch.Tensor]] = None):
         """``latents``: the start latents as ``prepare_latents`` gives them. Noise for stochastic schedulers is
-        drawn up front, in the order the scheduler would draw it, so seeds give the pictures of the plain path."""
+        drawn up front, in the order the scheduler would draw it, so seeds give the pictures of the plain path.
+        ``changes``: {call: embeddings} from that UNet call on (prompt editing); same shape, so the same graph."""
         n = plan.num_model_calls
         # one layout for all callers (the channels_last VAE encoder hands image-to-image latents over in NHWC)
         x0 = latents.to(torch.float32, memory_format=torch.contiguous_format)
@@ -167,6 +169,7 @@ class WholeStepDenoiser:
         rescale = (None if guidance is None or not guidance_rescale
                    else torch.full((), guidance_rescale, dtype=torch.float32, device=latents.device))
         for i in range(n):
+            embeds = changes.get(i, embeds) if changes else embeds
             history[i] = self.step(x0, history, plan.rows[i], plan.scales[i], plan.timesteps[i], embeds, guidance,
                                    rescale)
             progress_bar.update()
@@ -176,11 +179,12 @@ class WholeStepDenoiser:
     def generate(self, pipe, text_inputs: Dict[str, Any], num_inference_steps: int, guidance_scale: float,
                  num_images_per_prompt: int, eta: float, generator, height: Optional[int] = None,
                  width: Optional[int] = None, latents=None, image=None, strength: Optional[float] = None,
-                 guidance_rescale: float = 0.0, output_type: str = 'np'):
+                 guidance_rescale: float = 0.0, output_type: str = 'np',
+                 prompt_changes: Optional[Dict[int, Dict[str, Any]]] = None):
         """Text-to-image (``pipe``: the pipeline) or image-to-image (``pipe``: its img2img twin, ``image`` given)
         through the whole-step loop. Returns float images in [0, 1] (N, H, W, 3) and the safety checker's
         flags (``output_type='latent'``: the final latents and None), or None when the scheduler has no table (the
-        caller then runs diffusers' loop)."""
+        caller then runs diffusers' loop). ``prompt_changes``: {UNet call: text inputs from that call on}."""
         begin = 0
         device = pipe._execution_device
         # this call's timesteps, as diffusers sets them before the start latents: sigma schedulers (Euler, LMS,
@@ -194,19 +198,17 @@ class WholeStepDenoiser:
             return None
         with torch.inference_mode():
             return self._generate(pipe, plan, begin, text_inputs, guidance_scale, num_images_per_prompt, generator,
-                                  height, width, latents, image, guidance_rescale, output_type)
+                                  height, width, latents, image, guidance_rescale, output_type, prompt_changes)
 
     def _generate(self, pipe, plan, begin, text_inputs, guidance_scale, num_images_per_prompt, generator, height,
-                  width, latents, image, guidance_rescale, output_type):
+                  width, latents, image, guidance_rescale, output_type, prompt_changes):
         """diffusers' steps around `denoise`: encode → start latents → denoise → decode → safety check."""
         device = pipe._execution_device
         cfg = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
-        prompt_embeds, negative_embeds = pipe.encode_prompt(
-            text_inputs.get('prompt'), device, num_images_per_prompt, cfg, text_inputs.get('negative_prompt'),
-            prompt_embeds=text_inputs.get('prompt_embeds'), negative_prompt_embeds=text_inputs.get('negative_prompt_embeds'),
-            clip_skip=text_inputs.get('clip_skip'))
-        embeds = torch.cat([negative_embeds, prompt_embeds]) if cfg else prompt_embeds
-        batch, dtype = prompt_embeds.shape[0], prompt_embeds.dtype
+        embeds = unet_embeds(pipe, text_inputs, num_images_per_prompt, cfg)
+        changes = {call: unet_embeds(pipe, inputs, num_images_per_prompt, cfg)
+                   for call, inputs in (prompt_changes or {}).items()}
+        batch, dtype = embeds.shape[0] // (2 if cfg else 1), embeds.dtype
         if image is None:
             size = pipe.unet.config.sample_size * pipe.vae_scale_factor
             start = pipe.prepare_latents(batch, pipe.unet.config.in_channels, height or size, width or size, dtype,
@@ -216,7 +218,8 @@ class WholeStepDenoiser:
             start = pipe.prepare_latents(pipe.image_processor.preprocess(image), first, batch, 1, dtype, device,
                                          generator)
         with pipe.progress_bar(total=plan.num_model_calls) as bar:
-            final = self.denoise(plan, start, embeds, guidance_scale if cfg else None, generator, bar, guidance_rescale)
+            final = self.denoise(plan, start, embeds, guidance_scale if cfg else None, generator, bar, guidance_rescale,
+                                 changes)
         if output_type == 'latent':
             return final, None
         decoded = pipe.vae.decode(final / pipe.vae.config.scaling_factor, return_dict=False, generator=generator)[0]

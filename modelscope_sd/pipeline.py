@@ -240,7 +240,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         elif not isinstance(prompt, str):
             raise TypeError(f'text must be a str or a list of str, got {type(prompt).__name__}')
         for text in prompt if isinstance(prompt, list) else [prompt]:
-            prompts_lib.check_syntax('text', text)
+            prompts_lib.check_syntax('text', text, allow_editing=True)
         if negative_prompt is not None:
             if isinstance(negative_prompt, list):
                 n_prompts = len(prompt) if isinstance(prompt, list) else 1
@@ -250,7 +250,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             elif not isinstance(negative_prompt, str):
                 raise TypeError(f'negative_prompt must be a str or a list of str, got {type(negative_prompt).__name__}')
             for text in negative_prompt if isinstance(negative_prompt, list) else [negative_prompt]:
-                prompts_lib.check_syntax('negative_prompt', text)
+                prompts_lib.check_syntax('negative_prompt', text, allow_editing=True)
         for name, value in (('height', height), ('width', width)):
             if value is None:
                 continue
@@ -447,23 +447,30 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         if latents is not None:  # diffusers moves latents to the device but keeps their dtype: fp32 into fp16 fails
             latents = latents.to(self.sd.device, self.sd.unet.dtype)
         pipe, extra = self._pipeline_for(image, mask_image, strength, height, width, latents, guidance_rescale)
-        # 3. scheduler, progress bar and adapter weights for this call
+        # 3. scheduler, progress bar and adapter weights for this call; the pipeline's own are back afterwards, so
+        # pipe.sd stays as it was built
         pipe.scheduler = self._scheduler(scheduler)
         quiet = not (self.progress_bar if progress_bar is None else progress_bar)
         pipe.set_progress_bar_config(disable=quiet)
         if lora_scale is not None:
             lora_utils.set_scales(self.sd, self.adapters, lora_scale)
-        # 4. long or weighted prompts become embeddings here; the fast path or diffusers does the denoising
-        text_inputs = prompts_lib.text_inputs(self.sd, prompt, negative_prompt, clip_skip)
-        passes = dict(text_inputs=text_inputs, guidance_scale=guidance_scale, eta=eta, generator=generator,
-                      num_images_per_prompt=num_images_per_prompt, fast=mask_image is None)
         try:
+            if image is not None:
+                _check_runs_a_step(pipe, num_inference_steps, strength, 'num_inference_steps')
+            # 4. long or weighted prompts become embeddings here (edited ones per pass, once its steps are known);
+            # the fast path or diffusers does the denoising
+            text_inputs = (prompts_lib.edited_prompts(prompt, negative_prompt, clip_skip)
+                           or prompts_lib.text_inputs(self.sd, prompt, negative_prompt, clip_skip))
+            passes = dict(text_inputs=text_inputs, guidance_scale=guidance_scale, eta=eta, generator=generator,
+                          num_images_per_prompt=num_images_per_prompt, fast=mask_image is None)
             if hr_scale is None:
                 images, nsfw = self._denoise(pipe, extra, num_inference_steps, **passes)
             else:
                 images, nsfw = self._hires_fix(pipe, extra, num_inference_steps, passes, strength, hr_scale,
                                                hr_upscaler, hr_second_pass_steps, quiet)
         finally:
+            for used in (self.sd, *self._variants.values()):
+                used.scheduler = self.base_scheduler
             if lora_scale is not None:
                 lora_utils.set_scales(self.sd, self.adapters, self.lora_scales)
         if mask_image is not None:
@@ -474,30 +481,47 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                    hr_second_pass_steps, quiet):
         """A1111's hires fix: a first pass at the base size, its latents upscaled, then image-to-image at the
         larger size, drawing its noise from the seeds again as A1111's second pass does."""
+        second = self._variant('img2img')
+        second.scheduler = pipe.scheduler
+        second_steps = hr_second_pass_steps or num_inference_steps
+        strength = hires.DEFAULT_STRENGTH if strength is None else strength
+        _check_runs_a_step(second, second_steps, strength,
+                           'num_inference_steps' if hr_second_pass_steps is None else 'hr_second_pass_steps')
         restart = _copies(passes['generator'])
+        # an edited prompt's steps in the second pass count on from the first pass's
+        edited = isinstance(passes['text_inputs'], prompts_lib.EditedPrompts)
+        first_pass_calls = prompts_lib.model_calls(pipe, num_inference_steps) if edited else None
         latents, _ = self._denoise(pipe, extra, num_inference_steps, **passes, output_type='latent')
         factor = self.sd.vae_scale_factor  # the first pass's size, however it was set (height/width or latents)
         target = hires.target_size(latents.shape[-2] * factor, latents.shape[-1] * factor, hr_scale)
-        second = self._variant('img2img')
-        second.scheduler = pipe.scheduler
         second.set_progress_bar_config(disable=quiet)
         extra = {'image': hires.upscale(self.sd, latents, target, hires.normalize_upscaler(hr_upscaler)),
-                 'strength': hires.DEFAULT_STRENGTH if strength is None else strength}
-        return self._denoise(second, extra, hr_second_pass_steps or num_inference_steps,
-                             **dict(passes, generator=restart))
+                 'strength': strength}
+        return self._denoise(second, extra, second_steps,
+                             **dict(passes, generator=restart), first_pass_calls=first_pass_calls)
 
     def _denoise(self, pipe, extra, num_inference_steps, text_inputs, guidance_scale, num_images_per_prompt, eta,
-                 generator, fast, output_type='np'):
+                 generator, fast, output_type='np', first_pass_calls=None):
         """One denoising pass: the fast whole-step loop where it applies, diffusers' loop otherwise. Returns float
-        images (N, H, W, 3) in [0, 1], or latents with ``output_type='latent'``, and the safety checker's flags."""
+        images (N, H, W, 3) in [0, 1], or latents with ``output_type='latent'``, and the safety checker's flags.
+        Edited prompts are encoded here, per UNet call of this pass (``first_pass_calls``: the hires fix's second)."""
+        changes = {}
+        if isinstance(text_inputs, prompts_lib.EditedPrompts):
+            calls = prompts_lib.model_calls(pipe, num_inference_steps, extra.get('strength'))
+            text_inputs, changes = text_inputs.text_inputs(self.sd, calls, first_pass_calls)
         if fast and self.denoiser is not None:
             made = self.denoiser.generate(pipe, text_inputs, num_inference_steps, guidance_scale,
-                                          num_images_per_prompt, eta, generator, output_type=output_type, **extra)
+                                          num_images_per_prompt, eta, generator, output_type=output_type,
+                                          prompt_changes=changes, **extra)
             if made is not None:
                 return made
+        switch = {}
+        if changes:  # diffusers' loop takes the next call's embeddings from its step-end callback
+            callback = prompts_lib.SwitchEmbeddings(changes, num_images_per_prompt)
+            switch = {'callback_on_step_end': callback, 'callback_on_step_end_tensor_inputs': callback.tensor_inputs}
         result = pipe(**text_inputs, **extra, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                       num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator,
-                      output_type=output_type)
+                      output_type=output_type, **switch)
         return result.images, result.nsfw_content_detected
 
     @staticmethod
@@ -522,6 +546,17 @@ def _image_batches(n_images: int, batch_size: Optional[int], per_prompt: int, pr
             end = next((i for i in range(start, end) if prompt_scales[i // per_prompt] != weights), end)
         yield range(start, end)
         start = end
+
+
+def _check_runs_a_step(pipe, num_inference_steps: int, strength: float, name: str) -> None:
+    """Image-to-image runs the last int(strength × steps) timesteps (PNDM one more): none at all would fail deep
+    inside diffusers."""
+    if int(num_inference_steps * strength) >= 1 or prompts_lib.model_calls(pipe, num_inference_steps, strength):
+        return
+    fix = f'{name} to {math.ceil(1 / strength)} or more, or ' if strength else ''
+    least = math.ceil(100 / num_inference_steps) / 100
+    raise ValueError(f'strength={strength} with {name}={num_inference_steps} runs no denoising step (diffusers runs '
+                     f'int(strength × steps) of them): raise {fix}strength to {least} or more.')
 
 
 def _copies(generator):

@@ -8,14 +8,18 @@ into 75-token windows, each encoded as its own 77-token CLIP sequence, and the r
 default comma backtracking). ``BREAK`` (in capitals, a word of its own) ends the window it is in, padded,
 and the text after it starts the next one, as in A1111. Each token's embedding is multiplied by its weight,
 then the window is rescaled to the mean it had before (A1111's default "Original" emphasis). A1111's
-``<lora:name:weight>`` tags are taken out for the pipeline to apply; its prompt editing is refused.
+``<lora:name:weight>`` tags are taken out for the pipeline to apply. A1111's prompt editing is read in
+`prompt_editing`; the texts of each step are encoded here (`EditedPrompts`).
 """
 
 import logging
 import re
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
+
+from . import prompt_editing as editing
 
 logger = logging.getLogger(__name__)
 
@@ -49,37 +53,17 @@ def lora_tags(text: str) -> Tuple[str, Dict[str, float]]:
     return _EXTRA_NETWORK.sub('', text), tags
 
 
-def check_syntax(name: str, text: str) -> None:
-    """Refuse A1111 syntax that the encoding would otherwise read as words."""
-    editing = _prompt_editing(text)
-    if editing:
-        raise ValueError(f'{name}: {editing!r} is A1111\'s prompt editing (a prompt that changes during '
-                         'sampling), which this pipeline does not run. Write one prompt, or escape the brackets '
+def check_syntax(name: str, text: str, allow_editing: bool = False) -> None:
+    """Refuse A1111 syntax that the encoding would otherwise read as words: network tags outside the text, and
+    prompt editing where it is not run (``allow_editing=False``: the trainers' validation prompt)."""
+    edit = None if allow_editing else editing.first_edit(text)
+    if edit:
+        raise ValueError(f'{name}: {edit!r} is A1111\'s prompt editing (a prompt that changes during '
+                         'sampling), which is not run here. Write one prompt, or escape the brackets '
                          '(\\[ \\]) to keep them as words.')
     tag = _EXTRA_NETWORK.search(text)
     if name != 'text' and tag:
         raise ValueError(f'{name}: {tag.group(0)}: A1111 network tags go in the text of a pipeline call, not here.')
-
-
-def _prompt_editing(text: str) -> Optional[str]:
-    """The first square-bracket group with a ':' or '|' of its own (not inside a nested group): A1111's
-    [from:to:when], [to:when] and [a|b]. Emphasis such as [(red:1.2)] has its colon inside the parentheses."""
-    groups: List[list] = []  # [opening bracket, where, has ':' or '|']
-    escaped = False
-    for i, char in enumerate(text):
-        if escaped:
-            escaped = False
-        elif char == '\\':
-            escaped = True
-        elif char in '([':
-            groups.append([char, i, False])
-        elif char in ')]' and groups:
-            opener, start, editing = groups.pop()
-            if opener == '[' and editing:
-                return text[start:i + 1]
-        elif char in ':|' and groups:
-            groups[-1][2] = True
-    return None
 
 
 def has_syntax(text: str) -> bool:
@@ -272,9 +256,83 @@ def text_inputs(pipe, prompt: Union[str, List[str]], negative_prompt: Union[str,
             'negative_prompt_embeds': encode(pipe, expanded[len(prompts):], clip_skip, windows)}
 
 
+def unet_embeds(pipe, text_inputs: Dict[str, Any], num_images_per_prompt: int, cfg: bool) -> torch.Tensor:
+    """The UNet's ``encoder_hidden_states`` for text inputs, laid out as diffusers' loop has them: each prompt's
+    copies side by side, and with classifier-free guidance the negative half first."""
+    positive, negative = pipe.encode_prompt(
+        text_inputs.get('prompt'), pipe._execution_device, num_images_per_prompt, cfg,
+        text_inputs.get('negative_prompt'), prompt_embeds=text_inputs.get('prompt_embeds'),
+        negative_prompt_embeds=text_inputs.get('negative_prompt_embeds'), clip_skip=text_inputs.get('clip_skip'))
+    return torch.cat([negative, positive]) if cfg else positive
+
+
 def window_count(tokenizer, texts: List[Optional[str]]) -> int:
     return max(window_count_of(tokens_with_weights(tokenizer, t or '')[0]) for t in texts)
 
 
 def window_count_of(ids: List[int]) -> int:
     return max(1, -(-len(ids) // CHUNK))
+
+
+# A1111's prompt editing: the texts of each pass, encoded when its UNet calls are known
+
+def model_calls(pipe, num_inference_steps: int, strength: Optional[float] = None) -> int:
+    """How many times a pass of ``pipe`` runs the UNet: the steps prompt editing counts (51 for PNDM's 50 steps;
+    ``strength``: image-to-image, which runs the last part of the timesteps)."""
+    device = pipe._execution_device
+    pipe.scheduler.set_timesteps(num_inference_steps, device=device)
+    if strength is None:
+        return len(pipe.scheduler.timesteps)
+    return len(pipe.get_timesteps(num_inference_steps, strength, device)[0])
+
+
+@dataclass
+class EditedPrompts:
+    """The prompts of a call where one of them (or a negative prompt) is edited; encoded per pass, when the
+    pass's UNet calls are known."""
+    prompts: List[str]
+    negatives: List[str]
+    clip_skip: Optional[int]
+
+    def text_inputs(self, pipe, calls: int, first_pass_calls: Optional[int] = None
+                    ) -> Tuple[Dict[str, torch.Tensor], Dict[int, Dict[str, torch.Tensor]]]:
+        """The embeddings of call 0, and {call: embeddings} for each later call where a text changes. Every text
+        of the call is encoded once, in as many 75-token windows as the longest needs, so all have one shape."""
+        schedules = [editing.schedule(text, calls, first_pass_calls) for text in self.prompts + self.negatives]
+        per_call = [tuple(editing.text_at(s, call) for s in schedules) for call in range(calls)]
+        starts = [call for call in range(calls) if call == 0 or per_call[call] != per_call[call - 1]]
+        expand = getattr(pipe, 'maybe_convert_prompt', lambda text, tokenizer: text)  # textual-inversion words
+        expanded = {text: expand(text, pipe.tokenizer) for call in starts for text in per_call[call]}
+        windows = window_count(pipe.tokenizer, list(expanded.values()))
+        encoded = {text: encode(pipe, [full], self.clip_skip, windows) for text, full in expanded.items()}
+        n = len(self.prompts)
+        inputs = {call: {'prompt_embeds': torch.cat([encoded[t] for t in per_call[call][:n]]),
+                         'negative_prompt_embeds': torch.cat([encoded[t] for t in per_call[call][n:]])}
+                  for call in starts}
+        return inputs.pop(0), inputs
+
+
+def edited_prompts(prompt: Union[str, List[str]], negative_prompt: Union[str, List[str], None],
+                   clip_skip: Optional[int]) -> Optional[EditedPrompts]:
+    """`EditedPrompts` when a prompt or negative prompt of the call is edited, else None (encoded once)."""
+    prompts = prompt if isinstance(prompt, list) else [prompt]
+    negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ''] * len(prompts)
+    if not any(editing.first_edit(text) for text in prompts + negatives):
+        return None
+    return EditedPrompts(list(prompts), list(negatives), clip_skip)
+
+
+class SwitchEmbeddings:
+    """diffusers' ``callback_on_step_end``: after call i, the embeddings of call i + 1 where they change."""
+    tensor_inputs = ['prompt_embeds']
+
+    def __init__(self, changes: Dict[int, Dict[str, torch.Tensor]], num_images_per_prompt: int):
+        self.changes, self.num_images_per_prompt = changes, num_images_per_prompt
+
+    def __call__(self, pipe, i: int, t, callback_kwargs) -> Dict[str, torch.Tensor]:
+        text_inputs = self.changes.get(i + 1)
+        if text_inputs is None:
+            return {}
+        return {'prompt_embeds': unet_embeds(pipe, text_inputs, self.num_images_per_prompt,
+                                             pipe.do_classifier_free_guidance)}
+

@@ -51,6 +51,12 @@ def test_embedding_word_works_as_in_diffusers_and_in_weighted_prompts(tiny_model
     assert np.array_equal(_image(ours, 'a photo'), _image(base, 'a photo'))
 
 
+def test_embedding_word_in_an_edited_prompt_reads_all_its_vectors(tiny_model_dir, tmp_path):
+    ours = _pipe(tiny_model_dir, textual_inversion=_embedding(str(tmp_path)))
+    edited = _image(ours, '[a photo:a photo, mystyle:0]')  # the second text from the first call on
+    assert np.abs(edited - _image(ours, 'a photo, mystyle')).max() <= 1
+
+
 def test_an_embedding_that_does_not_fit_a_windows_rest_starts_the_next_window(tiny_model_dir, tmp_path):
     """As A1111 does: a 10-vector word after 70 tokens is not cut 5 + 5 across two windows."""
     from modelscope_sd import prompts

@@ -38,6 +38,18 @@ def test_fast_path_matches_the_plain_path_for_every_scheduler_without_recompilin
             assert np.abs(a - b).max() <= 3, scheduler
 
 
+def test_edited_prompts_switch_embeddings_in_the_compiled_loop_without_recompiling(gpu_pipes):
+    """Prompt editing hands each CUDA-graph replay the embeddings of its call: same shapes, so no new graph."""
+    plain, fast = gpu_pipes
+    fast('a cat', num_inference_steps=4, seed=0)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for prompt in ('[a cat:a dog:0.5]', 'a [red|blue] cat'):
+            args = dict(num_inference_steps=4, seed=0, negative_prompt='[blurry::2]')
+            a = plain(prompt, **args)['output_imgs'][0].astype(int)
+            b = fast(prompt, **args)['output_imgs'][0].astype(int)
+            assert np.abs(a - b).max() <= 3, prompt
+
+
 def test_fast_denoising_loop_never_waits_for_the_gpu(gpu_pipes):
     """No host sync between steps: the CPU queues all steps' graph replays ahead of the GPU."""
     _, fast = gpu_pipes

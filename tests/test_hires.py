@@ -9,7 +9,8 @@ from PIL import Image
 STEPS = dict(num_inference_steps=3)
 
 
-def _two_passes_in_diffusers(vanilla_pipe, prompt, seed, scale, upscaler, strength, second_steps=3):
+def _two_passes_in_diffusers(vanilla_pipe, prompt, seed, scale, upscaler, strength, second_steps=3,
+                             second_prompt=None):
     """What hr_scale does, written with diffusers' own pipelines: text-to-image latents, upscaled, then
     image-to-image at the larger size, each pass drawing its noise from the seed (as A1111's hires pass does)."""
     from diffusers import StableDiffusionImg2ImgPipeline
@@ -27,9 +28,8 @@ def _two_passes_in_diffusers(vanilla_pipe, prompt, seed, scale, upscaler, streng
                  for i in vanilla_pipe.image_processor.postprocess(decoded, output_type='pil')]
     second = StableDiffusionImg2ImgPipeline(**vanilla_pipe.components)
     second.set_progress_bar_config(disable=True)
-    images = second(prompt, image=image, strength=strength, generator=[torch.Generator('cpu').manual_seed(seed)],
-                    output_type='np',
-                    num_inference_steps=second_steps).images
+    images = second(second_prompt or prompt, image=image, strength=strength, output_type='np',
+                    generator=[torch.Generator('cpu').manual_seed(seed)], num_inference_steps=second_steps).images
     return (images[0] * 255).round().astype(int)[..., ::-1]
 
 
@@ -56,6 +56,13 @@ def test_second_pass_steps_and_seeds_per_image(sd_pipe, vanilla_pipe):
     assert np.abs(alone.astype(int) - expected).max() <= 1
 
 
+def test_edited_prompt_reads_a1111s_hires_schedule_in_the_second_pass(sd_pipe, vanilla_pipe):
+    """[a:b:1.0]: the first pass reads a to its end; in the second pass a fraction counts from 1, so it reads b."""
+    got = sd_pipe('[a cat:a dog:1.0]', seed=0, hr_scale=2, **STEPS)['output_imgs'][0].astype(int)
+    expected = _two_passes_in_diffusers(vanilla_pipe, 'a cat', 0, 2, 'latent', 0.7, second_prompt='a dog')
+    assert np.abs(got - expected).max() <= 1
+
+
 def test_start_latents_set_the_first_pass_size(sd_pipe):
     latents = torch.randn((1, 4, 24, 16), generator=torch.Generator().manual_seed(0))  # 48x32 on the tiny VAE
     out = sd_pipe('a cat', seed=0, latents=latents, hr_scale=2, **STEPS)['output_imgs'][0]
@@ -73,6 +80,8 @@ def test_start_latents_set_the_first_pass_size(sd_pipe):
     (dict(hr_scale=2, image=np.zeros((32, 32, 3), np.uint8)), 'hr_scale is the hires fix of text-to-image'),
     (dict(hr_scale=2, guidance_rescale=0.7), 'guidance_rescale cannot go with hr_scale'),
     (dict(strength=0.5), "strength applies to image-to-image.*and to the hires fix's second pass"),
+    (dict(hr_scale=1.5, hr_second_pass_steps=1, scheduler='euler'),  # int(0.7 × 1) = 0 steps
+     r'strength=0.7 with hr_second_pass_steps=1 runs no denoising step.*hr_second_pass_steps to 2 or more'),
 ])
 def test_bad_hires_options(sd_pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -102,6 +102,9 @@ def test_inpainting_model_with_nine_channel_unet(tmp_path, photo, mask):
     (dict(mask_image=np.zeros((10, 10), np.uint8)), ValueError, 'mask_image is 10x10 but image is 48x40'),
     (dict(image=None, mask_image=np.zeros((40, 48), np.uint8)), ValueError, 'mask_image needs image'),
     (dict(image=None, strength=0.5), ValueError, 'strength applies to image-to-image'),
+    (dict(strength=0.1, scheduler='euler'), ValueError,  # diffusers would fail on an empty batch in the UNet
+     r'strength=0.1 with num_inference_steps=3 runs no denoising step .*num_inference_steps to 10 or more, or '
+     r'strength to 0.34 or more'),
     (dict(image='/no/such.png'), FileNotFoundError, "image='/no/such.png': no such file"),
     (dict(image=3), TypeError, 'image must be a file path or URL, a BGR numpy array or a PIL image'),
     (dict(image=__file__), ValueError, r"image=.*test_image_to_image.py' is not a readable image"),

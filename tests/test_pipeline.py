@@ -30,6 +30,16 @@ def test_images_equal_vanilla_diffusers(sd_pipe, vanilla_pipe, scheduler):
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
 
 
+def test_a_calls_scheduler_does_not_stay_on_pipe_sd(sd_pipe):
+    """pipe.sd is the diffusers pipeline as built, after a call with another scheduler and after a failed one."""
+    image = np.zeros((32, 32, 3), np.uint8)
+    sd_pipe('a cat', seed=0, scheduler='euler', **FAST)
+    with pytest.raises(ValueError, match='runs no denoising step'):
+        sd_pipe('a cat', image=image, strength=0.1, scheduler='euler_a', **FAST)
+    assert sd_pipe.sd.scheduler is sd_pipe.base_scheduler
+    assert all(variant.scheduler is sd_pipe.base_scheduler for variant in sd_pipe._variants.values())
+
+
 def test_guidance_rescale_equals_vanilla_diffusers_and_changes_the_image(sd_pipe, vanilla_pipe):
     strong = {**FAST, 'guidance_scale': 15.0}  # where the rescale shows on the tiny model
     expected = _vanilla_bgr(vanilla_pipe, prompt='a cat', guidance_rescale=0.7, **strong)

@@ -36,7 +36,7 @@ def test_lora_tags_leave_the_prompt_as_in_a1111():
     ('a [cat:dog:0.5]', '[cat:dog:0.5]'), ('a [cat|dog]', '[cat|dog]'), ('[dog:10]', '[dog:10]'),
     ('[cat:(dog:1.2):0.5]', '[cat:(dog:1.2):0.5]'),
     ('[(red:1.2)] hat', None), (r'a \[note: x\]', None), ('time 12:30 [red]', None)])
-def test_prompt_editing_is_refused_and_emphasis_is_not(text, editing):
+def test_check_syntax_refuses_editing_by_default_and_not_emphasis(text, editing):
     if editing is None:
         prompts.check_syntax('text', text)
     else:

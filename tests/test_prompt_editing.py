@@ -1,0 +1,174 @@
+"""A1111's prompt editing ([from:to:when], [a|b]): its schedules, and images whose embeddings change at the UNet
+call A1111's step counter changes them, in diffusers' loop and the fast loop (the hires fix: test_hires)."""
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+
+from modelscope_sd import prompt_editing, prompts
+from modelscope_sd.schedulers import make_scheduler
+
+ARGS = dict(num_inference_steps=4, scheduler='euler', seed=5)  # Euler: one UNet call per step
+
+
+@pytest.mark.parametrize('text, expected', [  # A1111's prompt_parser doctests, 10 steps
+    ('test', [(10, 'test')]),
+    ('a [b:3]', [(3, 'a '), (10, 'a b')]),
+    ('a [b: 3]', [(3, 'a '), (10, 'a b')]),
+    ('a [[[b]]:2]', [(2, 'a '), (10, 'a [[b]]')]),
+    ('[(a:2):3]', [(3, ''), (10, '(a:2)')]),
+    ('a [b : c : 1] d', [(1, 'a b  d'), (10, 'a  c  d')]),
+    ('a[b:[c:d:2]:1]e', [(1, 'abe'), (2, 'ace'), (10, 'ade')]),
+    ('a [unbalanced', [(10, 'a [unbalanced')]),
+    ('a [b:.5] c', [(5, 'a  c'), (10, 'a b c')]),
+    ('((a][:b:c [d:3]', [(3, '((a][:b:c '), (10, '((a][:b:c d')]),
+    ('[a|(b:1.1)]', [(s, 'a' if s % 2 else '(b:1.1)') for s in range(1, 11)]),
+    ('[fe|]male', [(s, 'female' if s % 2 else 'male') for s in range(1, 11)]),
+    ('[fe|||]male', [(s, 'female' if s % 4 == 1 else 'male') for s in range(1, 11)]),
+    ('[cat:dog:0]', [(10, 'dog')]),
+    ('a | [b:3]', [(10, 'a | [b:3]')]),  # a '|' outside brackets: A1111's grammar takes none of it
+    ('time 12:30 [red]', [(10, 'time 12:30 [red]')]),
+])
+def test_schedules_are_a1111s(text, expected):
+    assert prompt_editing.schedule(text, 10) == expected
+
+
+@pytest.mark.parametrize('text, expected', [  # A1111's doctests for a 10-step hires pass after 10 steps
+    ('a [b:.5] c', [(10, 'a b c')]), ('a [b:1.5] c', [(5, 'a  c'), (10, 'a b c')]),
+    ('a [b:13] c', [(3, 'a  c'), (10, 'a b c')])])
+def test_hires_pass_counts_on_from_the_first_pass(text, expected):
+    assert prompt_editing.schedule(text, 10, first_pass_steps=10) == expected
+
+
+def test_each_call_takes_its_text_as_a1111s_step_counter_does():
+    """A1111's counter starts at 0 and a text ends after its step: [a:b:2] reads a for calls 0-2."""
+    assert [prompt_editing.text_at(prompt_editing.schedule('[a:b:2]', 4), c) for c in range(4)] == list('aaab')
+    assert [prompt_editing.text_at(prompt_editing.schedule('[a|b]', 4), c) for c in range(4)] == list('aaba')
+
+
+def test_only_the_trainers_validation_prompt_refuses_editing():
+    prompts.check_syntax('text', 'a [cat:dog:0.5]', allow_editing=True)
+    with pytest.raises(ValueError, match=r"validation_prompt: '\[cat:dog:0.5\]' is A1111's prompt editing"):
+        prompts.check_syntax('validation_prompt', 'a [cat:dog:0.5]')
+
+
+def _expected_embeds(vanilla_pipe, texts_per_call, per_prompt=1):
+    """Each UNet call's encoder_hidden_states, encoded by diffusers itself: [(prompts, negative prompts)] per call."""
+    out = []
+    for prompts_, negatives in texts_per_call:
+        positive, uncond = vanilla_pipe.encode_prompt(list(prompts_), torch.device('cpu'), per_prompt, True,
+                                                      list(negatives))
+        out.append(torch.cat([uncond, positive]))
+    return out
+
+
+@contextlib.contextmanager
+def _unet_inputs(pipe, record):
+    """Records the encoder_hidden_states of each UNet call of diffusers' loop."""
+    hook = pipe.sd.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: record.append(kwargs['encoder_hidden_states'].clone()), with_kwargs=True)
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+def _reference(vanilla_pipe, embeds, seed):
+    """diffusers' loop with each call's embeddings set by a step-end callback written here."""
+    base = vanilla_pipe.scheduler
+    vanilla_pipe.scheduler = make_scheduler('euler', base.config)
+    try:
+        negative, positive = embeds[0].chunk(2)
+        return vanilla_pipe(
+            prompt_embeds=positive, negative_prompt_embeds=negative, num_inference_steps=len(embeds),
+            generator=[torch.Generator('cpu').manual_seed(seed)], output_type='np',
+            callback_on_step_end=lambda pipe, i, t, kw: {'prompt_embeds': embeds[i + 1]} if i + 1 < len(embeds) else {},
+            callback_on_step_end_tensor_inputs=['prompt_embeds']).images[0]
+    finally:
+        vanilla_pipe.scheduler = base
+
+
+def _check_calls(got, expected):
+    assert len(got) == len(expected)
+    for call, (a, b) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a, b, msg=lambda m: f'UNet call {call}: {m}')
+
+
+def test_edited_prompt_and_negative_prompt_switch_at_a1111s_calls(sd_pipe, vanilla_pipe):
+    with _unet_inputs(sd_pipe, got := []):
+        image = sd_pipe('[a red house:a blue car:1]', negative_prompt='[blurry:dark forest:2]', **ARGS)
+    texts = [('a red house', 'blurry')] * 2 + [('a blue car', 'blurry'), ('a blue car', 'dark forest')]
+    expected = _expected_embeds(vanilla_pipe, [([p], [n]) for p, n in texts])
+    _check_calls(got, expected)
+    reference = (_reference(vanilla_pipe, expected, 5) * 255).round().astype(int)[..., ::-1]
+    assert np.abs(image['output_imgs'][0].astype(int) - reference).max() <= 1
+
+
+def test_alternation_changes_every_call(sd_pipe, vanilla_pipe):
+    with _unet_inputs(sd_pipe, got := []):
+        sd_pipe('a [red|blue] house', **ARGS)
+    texts = ['a red house', 'a red house', 'a blue house', 'a red house']
+    _check_calls(got, _expected_embeds(vanilla_pipe, [([t], ['']) for t in texts]))
+
+
+def test_an_edit_at_call_0_is_the_second_text_throughout(sd_pipe):
+    got = sd_pipe('[a red house:a blue car:0]', **ARGS)['output_imgs'][0].astype(int)
+    assert np.abs(got - sd_pipe('a blue car', **ARGS)['output_imgs'][0].astype(int)).max() <= 1
+
+
+def test_batches_keep_each_prompts_own_schedule(sd_pipe, vanilla_pipe):
+    """Edited and plain prompts in one batch, two images each: each image is its prompt made alone."""
+    with _unet_inputs(sd_pipe, got := []):
+        out = sd_pipe(['[a red house:a blue car:1]', 'a green tree'], num_images_per_prompt=2, **ARGS)['output_imgs']
+    texts = [(['a red house', 'a green tree'], ['', ''])] * 2 + [(['a blue car', 'a green tree'], ['', ''])] * 2
+    _check_calls(got, _expected_embeds(vanilla_pipe, texts, per_prompt=2))
+    alone = sd_pipe('[a red house:a blue car:1]', **dict(ARGS, seed=6))['output_imgs'][0]
+    tree = sd_pipe('a green tree', **dict(ARGS, seed=8))['output_imgs'][0]
+    assert np.abs(out[1].astype(int) - alone.astype(int)).max() <= 1
+    assert np.abs(out[3].astype(int) - tree.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize('mask', [False, True])
+def test_image_to_image_and_inpainting_count_the_calls_they_run(sd_pipe, vanilla_pipe, mask):
+    """strength 0.5 of 8 steps runs 4 UNet calls: [a:b:0.5] switches after call 2 of them."""
+    image = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    extra = {'mask_image': np.full((32, 32), 255, dtype=np.uint8)} if mask else {}
+    with _unet_inputs(sd_pipe, got := []):
+        sd_pipe('[a red house:a blue car:0.5]', image=image, strength=0.5, **dict(ARGS, num_inference_steps=8),
+                **extra)
+    texts = ['a red house'] * 3 + ['a blue car']
+    _check_calls(got, _expected_embeds(vanilla_pipe, [([t], ['']) for t in texts]))
+
+
+def test_steps_count_unet_calls(sd_pipe):
+    variant = sd_pipe._variant('img2img')
+    variant.scheduler = make_scheduler('euler', sd_pipe.base_scheduler.config)
+    assert prompts.model_calls(variant, 8, strength=0.5) == 4
+    sd_pipe.sd.scheduler = make_scheduler('pndm', sd_pipe.base_scheduler.config)
+    assert prompts.model_calls(sd_pipe.sd, 50) == 51  # PNDM's first step calls the UNet twice
+
+
+@pytest.mark.parametrize('scheduler', ['euler_a', 'pndm', 'heun'])
+def test_fast_loop_switches_at_the_same_calls(sd_pipe, scheduler):
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    from modelscope_sd.fast import WholeStepDenoiser
+    fast = StableDiffusionText2ImagePipeline(sd_pipe.sd, device='cpu', progress_bar=False)
+    fast.denoiser = WholeStepDenoiser(fast.sd)
+    args = dict(ARGS, scheduler=scheduler, num_images_per_prompt=2)
+    texts = ['[a red house:a blue car:0.5]', 'a [red|blue] house']
+    step, fast_calls = fast.denoiser.step, []
+
+    def recording_step(x0, history, coefs, scale, timestep, embeds, *rest):
+        fast_calls.append(embeds.clone())
+        return step(x0, history, coefs, scale, timestep, embeds, *rest)
+
+    fast.denoiser.step = recording_step
+    a = fast(texts, negative_prompt='[blurry::2]', **args)['output_imgs']
+    with _unet_inputs(sd_pipe, plain_calls := []):
+        b = sd_pipe(texts, negative_prompt='[blurry::2]', **args)['output_imgs']
+    _check_calls(fast_calls, plain_calls)
+    assert sum(not torch.equal(x, y) for x, y in zip(plain_calls, plain_calls[1:])) >= 2  # the texts did change
+    assert max(np.abs(x.astype(int) - y.astype(int)).max() for x, y in zip(a, b)) <= 1
+
