@@ -1,8 +1,5 @@
 """The ModelScope text-to-image pipeline: ModelScope inputs → one diffusers call → ``output_imgs``."""
 
-import difflib
-import math
-import numbers
 import secrets
 import threading
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -14,6 +11,7 @@ from modelscope.pipelines.base import Pipeline
 
 from PIL import Image
 
+from . import checks
 from . import hires
 from . import images as images_lib
 from . import lora as lora_utils
@@ -48,18 +46,9 @@ CALL_DEFAULTS: Dict[str, Any] = {
     'hr_upscaler': None,  # 'latent' (None) or 'lanczos'
     'hr_second_pass_steps': None,  # None: num_inference_steps
     'batch_size': None,  # at most this many images per denoising batch (ModelScope's name); None: all at once
+    'callback_on_step_end': None,  # diffusers' step-end callback (progress, previews, stopping early)
+    'callback_on_step_end_tensor_inputs': None,  # None: ['latents'], or a diffusers PipelineCallback's own
 }
-_MAX_SEED = 2**63 - 1
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def to_bgr_uint8(images: np.ndarray) -> List[np.ndarray]:
     """diffusers' float RGB in [0, 1] → OpenCV's uint8 BGR, rounded as diffusers' ``numpy_to_pil`` does."""
     return [np.ascontiguousarray((img * 255).round().astype(np.uint8)[..., ::-1]) for img in images]
@@ -99,7 +88,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                  textual_inversion=None, fast: bool = False, compile_mode: str = 'reduce-overhead',
                  trust_remote_code: bool = False, **kwargs):
         if kwargs:
-            raise ValueError(_unknown_message('pipeline argument', kwargs, [
+            raise ValueError(checks.unknown_message('pipeline argument', kwargs, [
                 'device', 'torch_dtype', 'model_revision', 'config', 'allow_pickle', 'load_safety_checker',
                 'local_files_only', 'progress_bar', 'lora_dir', 'lora_scale', 'fuse_lora', 'textual_inversion',
                 'fast', 'compile_mode']))
@@ -192,7 +181,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             options[key] = value
         unknown = {k: v for k, v in options.items() if k not in CALL_DEFAULTS}
         if unknown:
-            raise ValueError(_unknown_message('option', unknown, ['text'] + list(CALL_DEFAULTS)))
+            raise ValueError(checks.unknown_message('option', unknown, ['text'] + list(CALL_DEFAULTS)))
         return {**CALL_DEFAULTS, **options}
 
     def _lora_tags(self, options: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[List[List[float]]]]:
@@ -227,142 +216,9 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             return options, scales
         return (dict(options, lora_scale=scales[0]) if changed else options), None
 
-    def check_inputs(self, prompt, negative_prompt, num_inference_steps, guidance_scale, guidance_rescale,
-                     height, width, num_images_per_prompt, eta, seed, generator, latents, scheduler, clip_skip,
-                     lora_scale, progress_bar, image, mask_image, strength, hr_scale, hr_upscaler,
-                     hr_second_pass_steps, batch_size) -> None:
-        """Every user-facing option, checked once, with what was given and what is allowed."""
-        if prompt is None:
-            raise ValueError("The prompt is missing: call pipe('a photo of a cat') or pipe({'text': '...'}).")
-        if isinstance(prompt, list):
-            if not prompt or not all(isinstance(p, str) for p in prompt):
-                raise TypeError(f'text must be a str or a non-empty list of str, got {prompt!r:.80}')
-        elif not isinstance(prompt, str):
-            raise TypeError(f'text must be a str or a list of str, got {type(prompt).__name__}')
-        for text in prompt if isinstance(prompt, list) else [prompt]:
-            prompts_lib.check_syntax('text', text, allow_editing=True)
-        if negative_prompt is not None:
-            if isinstance(negative_prompt, list):
-                n_prompts = len(prompt) if isinstance(prompt, list) else 1
-                if len(negative_prompt) != n_prompts or not all(isinstance(p, str) for p in negative_prompt):
-                    raise ValueError(f'negative_prompt as a list needs one str per prompt ({n_prompts}), '
-                                     f'got {negative_prompt!r:.80}')
-            elif not isinstance(negative_prompt, str):
-                raise TypeError(f'negative_prompt must be a str or a list of str, got {type(negative_prompt).__name__}')
-            for text in negative_prompt if isinstance(negative_prompt, list) else [negative_prompt]:
-                prompts_lib.check_syntax('negative_prompt', text, allow_editing=True)
-        for name, value in (('height', height), ('width', width)):
-            if value is None:
-                continue
-            if not _is_int(value):
-                raise TypeError(f'{name} must be an int, got {value!r} ({type(value).__name__})')
-            if value <= 0 or value % 8:
-                raise ValueError(f'{name}={value} must be a positive multiple of 8 (e.g. 512, 576, 768).')
-        _check_int('num_inference_steps', num_inference_steps, minimum=1)
-        _check_int('num_images_per_prompt', num_images_per_prompt, minimum=1)
-        if batch_size is not None:
-            _check_int('batch_size', batch_size, minimum=1)
-        _check_number('guidance_scale', guidance_scale, minimum=0.0)
-        _check_number('guidance_rescale', guidance_rescale, minimum=0.0)
-        if guidance_rescale > 1:
-            raise ValueError(f'guidance_rescale={guidance_rescale} must be between 0 (off) and 1; 0.7 is the usual '
-                             'value.')
-        if guidance_rescale and image is not None:
-            raise ValueError('guidance_rescale applies to text-to-image only: diffusers\' image-to-image and '
-                             'inpainting pipelines do not take it. Leave it out (0) with image=...')
-        _check_number('eta', eta, minimum=0.0)
-        if seed is not None:
-            _check_int('seed', seed, minimum=0, maximum=_MAX_SEED)
-            if generator is not None:
-                raise ValueError('Pass seed or generator, not both.')
-        if generator is not None and not (isinstance(generator, torch.Generator) or (
-                isinstance(generator, list) and all(isinstance(g, torch.Generator) for g in generator))):
-            raise TypeError(f'generator must be a torch.Generator or a list of them, got {type(generator).__name__}')
-        if latents is not None and not isinstance(latents, torch.Tensor):
-            raise TypeError(f'latents must be a torch.Tensor, got {type(latents).__name__}')
-        if clip_skip is not None:
-            layers = self.sd.text_encoder.config.num_hidden_layers
-            _check_int('clip_skip', clip_skip, minimum=0, maximum=layers - 1)
-        if lora_scale is not None:
-            if self.lora_fused and self.denoiser is not None:
-                raise ValueError('lora_scale cannot change per call with fast=True: the compiled path fuses the '
-                                 'adapters into the weights. Set the weight when building the pipeline '
-                                 '(lora_scale=...), or build it without fast=True to vary it per call.')
-            if self.lora_fused:
-                raise ValueError('lora_scale cannot change per call: the adapters were fused (fuse_lora=True). '
-                                 'Build the pipeline with fuse_lora=False to vary the scale.')
-            if not self.adapters:
-                raise ValueError('lora_scale was given but no LoRA is loaded: build the pipeline with lora_dir=...')
-            lora_utils.check_scales(lora_scale, self.adapters)
-        if progress_bar is not None and not isinstance(progress_bar, bool):
-            raise TypeError(f'progress_bar must be True or False, got {progress_bar!r}')
-        if scheduler is not None:
-            self._scheduler(scheduler)  # raises on unknown names
-        self._check_image_inputs(image, mask_image, strength, latents, hr_scale)
-        self._check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, image, guidance_rescale)
-        n_images = (len(prompt) if isinstance(prompt, list) else 1) * num_images_per_prompt
-        if isinstance(generator, list) and len(generator) != n_images:
-            raise ValueError(f'generator is a list of {len(generator)} but this call makes {n_images} images '
-                             f'(prompts × num_images_per_prompt): pass one generator per image, one generator, '
-                             f'or seed=...')
-        if latents is not None:
-            self._check_latents(latents, n_images, height, width, image)
-
-    def _check_image_inputs(self, image, mask_image, strength, latents, hr_scale) -> None:
-        if mask_image is not None and image is None:
-            raise ValueError('mask_image needs image: pass the picture to repaint as image=...')
-        if self.sd.unet.config.in_channels == 9 and mask_image is None:
-            raise ValueError('This is an inpainting model (9-channel UNet): pass image=... and mask_image=...')
-        if strength is not None:
-            if image is None and hr_scale is None:
-                raise ValueError('strength applies to image-to-image and inpainting (pass image=... as well) and to '
-                                 'the hires fix\'s second pass (pass hr_scale=... as well).')
-            _check_number('strength', strength, minimum=0.0)
-            if strength > 1:
-                raise ValueError(f'strength={strength} must be between 0 and 1 (0 keeps the image, 1 repaints it).')
-        if mask_image is not None and mask_image.size != image.size:
-            raise ValueError(f'mask_image is {mask_image.width}x{mask_image.height} but image is '
-                             f'{image.width}x{image.height}: they must be the same size.')
-        if image is not None and mask_image is None and latents is not None:
-            raise ValueError('latents cannot be given for image-to-image: the start latents come from image.')
-
-    @staticmethod
-    def _check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, image, guidance_rescale) -> None:
-        if hr_scale is None:
-            for name, value in (('hr_upscaler', hr_upscaler), ('hr_second_pass_steps', hr_second_pass_steps)):
-                if value is not None:
-                    raise ValueError(f'{name} is an option of the hires fix, which hr_scale turns on: pass hr_scale '
-                                     '(e.g. 2) too.')
-            return
-        _check_number('hr_scale', hr_scale, minimum=1.0)
-        if hr_scale > hires.MAX_SCALE:
-            raise ValueError(f'hr_scale={hr_scale} must be between 1 and {hires.MAX_SCALE:g} (2 makes 1024 from 512).')
-        if hires.normalize_upscaler(hr_upscaler) not in hires.UPSCALERS:
-            raise ValueError(f'hr_upscaler={hr_upscaler!r} is not one of {hires.UPSCALERS}.')
-        if hr_second_pass_steps is not None:
-            _check_int('hr_second_pass_steps', hr_second_pass_steps, minimum=1)
-        if image is not None:
-            raise ValueError('hr_scale is the hires fix of text-to-image. With image=..., pass the larger height and '
-                             'width instead, as A1111\'s img2img does.')
-        if guidance_rescale:
-            raise ValueError('guidance_rescale cannot go with hr_scale: the second pass is diffusers\' '
-                             'image-to-image, which does not take it.')
-
-    def _check_latents(self, latents, n_images: int, height, width, image) -> None:
-        """Start latents of this call's shape; without height/width their size sets the image size. diffusers
-        would fail deep in the UNet, or silently make another size than the one asked for."""
-        factor, channels = self.sd.vae_scale_factor, self.sd.vae.config.latent_channels
-        given = tuple(latents.shape)
-        layout = f'(images, {channels} channels, height/{factor}, width/{factor})'
-        if len(given) != 4:
-            raise ValueError(f'latents must be 4-D {layout}, got shape {given}.')
-        if image is not None:  # inpainting: the output size comes from the image
-            height, width = images_lib.target_size(image, height, width)
-        expected = (n_images, channels, given[2] if height is None else height // factor,
-                    given[3] if width is None else width // factor)
-        if given != expected:
-            raise ValueError(f'latents has shape {given} but this call needs {expected} {layout}: one per image '
-                             f'(prompts × num_images_per_prompt = {n_images}), at height={height}, width={width}.')
+    def check_inputs(self, **options) -> None:
+        """Every user-facing option, checked once, with what was given and what is allowed (`checks.check_call`)."""
+        checks.check_call(self, **options)
 
     def _scheduler(self, name):
         if name is None:
@@ -427,8 +283,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
     @torch.inference_mode()
     def _generate(self, prompt, negative_prompt, num_inference_steps, guidance_scale, guidance_rescale, height,
                   width, num_images_per_prompt, eta, seed, generator, latents, scheduler, clip_skip, lora_scale,
-                  progress_bar, image, mask_image, strength, hr_scale, hr_upscaler,
-                  hr_second_pass_steps) -> Dict[str, Any]:
+                  progress_bar, image, mask_image, strength, hr_scale, hr_upscaler, hr_second_pass_steps,
+                  callback_on_step_end, callback_on_step_end_tensor_inputs) -> Dict[str, Any]:
         # 1. batch and randomness
         n_images = (len(prompt) if isinstance(prompt, list) else 1) * num_images_per_prompt
         seeds = None
@@ -456,13 +312,16 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             lora_utils.set_scales(self.sd, self.adapters, lora_scale)
         try:
             if image is not None:
-                _check_runs_a_step(pipe, num_inference_steps, strength, 'num_inference_steps')
+                checks.check_runs_a_step(pipe, num_inference_steps, strength, 'num_inference_steps')
             # 4. long or weighted prompts become embeddings here (edited ones per pass, once its steps are known);
             # the fast path or diffusers does the denoising
             text_inputs = (prompts_lib.edited_prompts(prompt, negative_prompt, clip_skip)
                            or prompts_lib.text_inputs(self.sd, prompt, negative_prompt, clip_skip))
+            # the fast loop has no step-end callback: with one, diffusers' loop runs (over the compiled UNet)
             passes = dict(text_inputs=text_inputs, guidance_scale=guidance_scale, eta=eta, generator=generator,
-                          num_images_per_prompt=num_images_per_prompt, fast=mask_image is None)
+                          num_images_per_prompt=num_images_per_prompt,
+                          fast=mask_image is None and callback_on_step_end is None,
+                          step_end=(callback_on_step_end, callback_on_step_end_tensor_inputs))
             if hr_scale is None:
                 images, nsfw = self._denoise(pipe, extra, num_inference_steps, **passes)
             else:
@@ -485,7 +344,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         second.scheduler = pipe.scheduler
         second_steps = hr_second_pass_steps or num_inference_steps
         strength = hires.DEFAULT_STRENGTH if strength is None else strength
-        _check_runs_a_step(second, second_steps, strength,
+        checks.check_runs_a_step(second, second_steps, strength,
                            'num_inference_steps' if hr_second_pass_steps is None else 'hr_second_pass_steps')
         restart = _copies(passes['generator'])
         # an edited prompt's steps in the second pass count on from the first pass's
@@ -501,7 +360,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                              **dict(passes, generator=restart), first_pass_calls=first_pass_calls)
 
     def _denoise(self, pipe, extra, num_inference_steps, text_inputs, guidance_scale, num_images_per_prompt, eta,
-                 generator, fast, output_type='np', first_pass_calls=None):
+                 generator, fast, step_end, output_type='np', first_pass_calls=None):
         """One denoising pass: the fast whole-step loop where it applies, diffusers' loop otherwise. Returns float
         images (N, H, W, 3) in [0, 1], or latents with ``output_type='latent'``, and the safety checker's flags.
         Edited prompts are encoded here, per UNet call of this pass (``first_pass_calls``: the hires fix's second)."""
@@ -515,13 +374,9 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                                           prompt_changes=changes, **extra)
             if made is not None:
                 return made
-        switch = {}
-        if changes:  # diffusers' loop takes the next call's embeddings from its step-end callback
-            callback = prompts_lib.SwitchEmbeddings(changes, num_images_per_prompt)
-            switch = {'callback_on_step_end': callback, 'callback_on_step_end_tensor_inputs': callback.tensor_inputs}
         result = pipe(**text_inputs, **extra, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                       num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator,
-                      output_type=output_type, **switch)
+                      output_type=output_type, **_step_end_arguments(*step_end, changes, num_images_per_prompt))
         return result.images, result.nsfw_content_detected
 
     @staticmethod
@@ -548,15 +403,30 @@ def _image_batches(n_images: int, batch_size: Optional[int], per_prompt: int, pr
         start = end
 
 
-def _check_runs_a_step(pipe, num_inference_steps: int, strength: float, name: str) -> None:
-    """Image-to-image runs the last int(strength × steps) timesteps (PNDM one more): none at all would fail deep
-    inside diffusers."""
-    if int(num_inference_steps * strength) >= 1 or prompts_lib.model_calls(pipe, num_inference_steps, strength):
-        return
-    fix = f'{name} to {math.ceil(1 / strength)} or more, or ' if strength else ''
-    least = math.ceil(100 / num_inference_steps) / 100
-    raise ValueError(f'strength={strength} with {name}={num_inference_steps} runs no denoising step (diffusers runs '
-                     f'int(strength × steps) of them): raise {fix}strength to {least} or more.')
+def _step_end_arguments(callback, tensor_inputs, changes, num_images_per_prompt) -> Dict[str, Any]:
+    """diffusers' step-end callback arguments for the caller's callback and prompt editing's switch of embeddings,
+    chained: the caller's runs first and sees what it asked for; at a switch, the next call's embeddings win."""
+    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+    callbacks, wanted = [], []
+    if callback is not None:
+        # diffusers reads a PipelineCallback's own list; a plain function gets diffusers' default
+        own = isinstance(callback, (PipelineCallback, MultiPipelineCallbacks))
+        wanted += callback.tensor_inputs if own else list(tensor_inputs or ['latents'])
+        callbacks.append(callback)
+    if changes:
+        switch = prompts_lib.SwitchEmbeddings(changes, num_images_per_prompt)
+        wanted += switch.tensor_inputs
+        callbacks.append(switch)
+    if not callbacks:
+        return {}
+
+    def step_end(pipe, step, timestep, callback_kwargs):
+        outputs = {}
+        for each in callbacks:
+            outputs.update(each(pipe, step, timestep, dict(callback_kwargs, **outputs)) or {})
+        return outputs
+
+    return {'callback_on_step_end': step_end, 'callback_on_step_end_tensor_inputs': list(dict.fromkeys(wanted))}
 
 
 def _copies(generator):
@@ -566,29 +436,3 @@ def _copies(generator):
         new.set_state(g.get_state())
         return new
     return [copy(g) for g in generator] if isinstance(generator, list) else copy(generator)
-
-
-def _check_int(name, value, minimum=None, maximum=None):
-    if not _is_int(value):
-        raise TypeError(f'{name} must be an int, got {value!r} ({type(value).__name__})')
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        allowed = f'>= {minimum}' if maximum is None else f'between {minimum} and {maximum}'
-        raise ValueError(f'{name}={value} is out of range: it must be {allowed}.')
-
-
-def _check_number(name, value, minimum):
-    if not _is_number(value):
-        raise TypeError(f'{name} must be a number, got {value!r} ({type(value).__name__})')
-    if not math.isfinite(value):
-        raise ValueError(f'{name}={value} must be a finite number.')
-    if value < minimum:
-        raise ValueError(f'{name}={value} must be >= {minimum}.')
-
-
-def _unknown_message(kind: str, unknown: Dict[str, Any], allowed: List[str]) -> str:
-    parts = []
-    for key in unknown:
-        close = difflib.get_close_matches(str(key), allowed, n=1)
-        parts.append(f"{key!r}" + (f" (did you mean '{close[0]}'?)" if close else ''))
-    return f"Unknown {kind}{'s' if len(parts) > 1 else ''} {', '.join(parts)}. Allowed: {', '.join(allowed)}."
-

@@ -86,6 +86,16 @@ def test_pipeline_routes_text_to_image_through_the_table_loop(fast_pipe, sd_pipe
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
+def test_a_step_end_callback_takes_diffusers_loop(fast_pipe, sd_pipe, monkeypatch):
+    """The whole-step loop has no step boundary in Python to call back from: with a callback, diffusers' loop runs."""
+    monkeypatch.setattr(fast_pipe.denoiser, 'denoise', _spy(fast_pipe.denoiser.denoise, calls := []))
+    steps = []
+    a = fast_pipe('a tree', seed=1, callback_on_step_end=lambda pipe, i, t, kw: steps.append(i) or {}, **ARGS)
+    assert not calls and steps == list(range(len(steps))) and len(steps) >= ARGS['num_inference_steps']
+    b = sd_pipe('a tree', seed=1, **ARGS)
+    assert np.abs(a['output_imgs'][0].astype(int) - b['output_imgs'][0].astype(int)).max() <= 1
+
+
 @pytest.mark.parametrize('name', sorted(SCHEDULERS))
 def test_first_call_of_a_new_scheduler_matches_the_plain_path(sd_pipe, name):
     """A scheduler object that has not run yet: sigma schedulers scale the start noise by the largest sigma of

@@ -52,6 +52,11 @@ import pytest
      ['latents has shape (1, 4, 16, 16)', 'needs (2, 4, 16, 16)']),
     (lambda p: p('a', height=64, latents=__import__('torch').randn(1, 4, 16, 16)), ValueError,
      ['needs (1, 4, 32, 16)', 'height=64']),
+    (lambda p: p('a', callback_on_step_end='print'), TypeError, ['callback_on_step_end', 'callable', 'str']),
+    (lambda p: p('a', callback_on_step_end_tensor_inputs=['latents']), ValueError,
+     ['callback_on_step_end_tensor_inputs', 'pass callback_on_step_end too']),
+    (lambda p: p('a', callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=['noise_pred']),
+     ValueError, ["callback_on_step_end_tensor_inputs=['noise_pred']", "'latents', 'prompt_embeds'"]),
 ])
 def test_bad_call_input(sd_pipe, call, error, words):
     with pytest.raises(error) as info:

@@ -40,6 +40,49 @@ def test_a_calls_scheduler_does_not_stay_on_pipe_sd(sd_pipe):
     assert all(variant.scheduler is sd_pipe.base_scheduler for variant in sd_pipe._variants.values())
 
 
+def _in_diffusers_and_ours(sd_pipe, vanilla_pipe, **call):
+    from modelscope_sd.schedulers import make_scheduler
+    base = vanilla_pipe.scheduler
+    try:
+        expected = _vanilla_bgr(vanilla_pipe, make_scheduler('euler', base.config), prompt='a cat', **FAST, **call)
+    finally:
+        vanilla_pipe.scheduler = base
+    got = sd_pipe('a cat', seed=0, scheduler='euler', **FAST, **call)[OutputKeys.OUTPUT_IMGS][0]
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+    return got
+
+
+def test_step_end_callback_works_as_in_diffusers(sd_pipe, vanilla_pipe):
+    seen = []
+
+    def darken(pipe, step, timestep, kwargs):
+        seen.append((step, tuple(kwargs)))
+        return {'latents': kwargs['latents'] * 0.5} if step == 1 else {}
+
+    got = _in_diffusers_and_ours(sd_pipe, vanilla_pipe, callback_on_step_end=darken)
+    assert seen[-3:] == [(0, ('latents',)), (1, ('latents',)), (2, ('latents',))]
+    plain = sd_pipe('a cat', seed=0, scheduler='euler', **FAST)[OutputKeys.OUTPUT_IMGS][0]
+    assert np.abs(got.astype(int) - plain.astype(int)).max() > 10
+
+
+def test_a_callback_stops_the_call_early_as_in_diffusers(sd_pipe, vanilla_pipe):
+    seen = []
+
+    def stop(pipe, step, timestep, kwargs):
+        seen.append(step)
+        pipe._interrupt = True
+        return {}
+
+    _in_diffusers_and_ours(sd_pipe, vanilla_pipe, callback_on_step_end=stop)
+    assert seen == [0, 0]  # diffusers' call, then ours: one step each
+
+
+def test_diffusers_pipeline_callbacks_bring_their_own_tensor_inputs(sd_pipe, vanilla_pipe):
+    from diffusers.callbacks import SDCFGCutoffCallback  # turns guidance off after 40% of the steps
+    _in_diffusers_and_ours(sd_pipe, vanilla_pipe, callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.4))
+    assert sd_pipe.sd.guidance_scale == 0.0  # it ran, on the prompt_embeds it asks for
+
+
 def test_guidance_rescale_equals_vanilla_diffusers_and_changes_the_image(sd_pipe, vanilla_pipe):
     strong = {**FAST, 'guidance_scale': 15.0}  # where the rescale shows on the tiny model
     expected = _vanilla_bgr(vanilla_pipe, prompt='a cat', guidance_rescale=0.7, **strong)

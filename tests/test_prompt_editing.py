@@ -113,6 +113,15 @@ def test_alternation_changes_every_call(sd_pipe, vanilla_pipe):
     _check_calls(got, _expected_embeds(vanilla_pipe, [([t], ['']) for t in texts]))
 
 
+def test_a_callers_step_end_callback_runs_beside_the_switch(sd_pipe, vanilla_pipe):
+    steps = []
+    with _unet_inputs(sd_pipe, got := []):
+        sd_pipe('[a red house:a blue car:1]', callback_on_step_end=lambda pipe, i, t, kw: steps.append(i) or {}, **ARGS)
+    assert steps == [0, 1, 2, 3]
+    texts = ['a red house'] * 2 + ['a blue car'] * 2
+    _check_calls(got, _expected_embeds(vanilla_pipe, [([t], ['']) for t in texts]))
+
+
 def test_an_edit_at_call_0_is_the_second_text_throughout(sd_pipe):
     got = sd_pipe('[a red house:a blue car:0]', **ARGS)['output_imgs'][0].astype(int)
     assert np.abs(got - sd_pipe('a blue car', **ARGS)['output_imgs'][0].astype(int)).max() <= 1

@@ -1,0 +1,215 @@
+"""The checks of a pipeline call: every user-facing option checked once, before any work, with what was given,
+what is allowed and the fix (diffusers' ``check_inputs``, for our options)."""
+
+import difflib
+import math
+import numbers
+from typing import Any, Dict, List
+
+import torch
+
+from . import hires
+from . import images as images_lib
+from . import lora as lora_utils
+from . import prompts as prompts_lib
+
+_MAX_SEED = 2**63 - 1
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_scale, guidance_rescale, height,
+               width, num_images_per_prompt, eta, seed, generator, latents, scheduler, clip_skip, lora_scale,
+               progress_bar, image, mask_image, strength, hr_scale, hr_upscaler, hr_second_pass_steps, batch_size,
+               callback_on_step_end, callback_on_step_end_tensor_inputs) -> None:
+    """Every option of a call to ``pipeline`` (a `StableDiffusionText2ImagePipeline`), checked before any work."""
+    if prompt is None:
+        raise ValueError("The prompt is missing: call pipe('a photo of a cat') or pipe({'text': '...'}).")
+    if isinstance(prompt, list):
+        if not prompt or not all(isinstance(p, str) for p in prompt):
+            raise TypeError(f'text must be a str or a non-empty list of str, got {prompt!r:.80}')
+    elif not isinstance(prompt, str):
+        raise TypeError(f'text must be a str or a list of str, got {type(prompt).__name__}')
+    for text in prompt if isinstance(prompt, list) else [prompt]:
+        prompts_lib.check_syntax('text', text, allow_editing=True)
+    if negative_prompt is not None:
+        if isinstance(negative_prompt, list):
+            n_prompts = len(prompt) if isinstance(prompt, list) else 1
+            if len(negative_prompt) != n_prompts or not all(isinstance(p, str) for p in negative_prompt):
+                raise ValueError(f'negative_prompt as a list needs one str per prompt ({n_prompts}), '
+                                 f'got {negative_prompt!r:.80}')
+        elif not isinstance(negative_prompt, str):
+            raise TypeError(f'negative_prompt must be a str or a list of str, got {type(negative_prompt).__name__}')
+        for text in negative_prompt if isinstance(negative_prompt, list) else [negative_prompt]:
+            prompts_lib.check_syntax('negative_prompt', text, allow_editing=True)
+    for name, value in (('height', height), ('width', width)):
+        if value is None:
+            continue
+        if not _is_int(value):
+            raise TypeError(f'{name} must be an int, got {value!r} ({type(value).__name__})')
+        if value <= 0 or value % 8:
+            raise ValueError(f'{name}={value} must be a positive multiple of 8 (e.g. 512, 576, 768).')
+    check_int('num_inference_steps', num_inference_steps, minimum=1)
+    check_int('num_images_per_prompt', num_images_per_prompt, minimum=1)
+    if batch_size is not None:
+        check_int('batch_size', batch_size, minimum=1)
+    check_number('guidance_scale', guidance_scale, minimum=0.0)
+    check_number('guidance_rescale', guidance_rescale, minimum=0.0)
+    if guidance_rescale > 1:
+        raise ValueError(f'guidance_rescale={guidance_rescale} must be between 0 (off) and 1; 0.7 is the usual '
+                         'value.')
+    if guidance_rescale and image is not None:
+        raise ValueError('guidance_rescale applies to text-to-image only: diffusers\' image-to-image and '
+                         'inpainting pipelines do not take it. Leave it out (0) with image=...')
+    check_number('eta', eta, minimum=0.0)
+    if seed is not None:
+        check_int('seed', seed, minimum=0, maximum=_MAX_SEED)
+        if generator is not None:
+            raise ValueError('Pass seed or generator, not both.')
+    if generator is not None and not (isinstance(generator, torch.Generator) or (
+            isinstance(generator, list) and all(isinstance(g, torch.Generator) for g in generator))):
+        raise TypeError(f'generator must be a torch.Generator or a list of them, got {type(generator).__name__}')
+    if latents is not None and not isinstance(latents, torch.Tensor):
+        raise TypeError(f'latents must be a torch.Tensor, got {type(latents).__name__}')
+    if clip_skip is not None:
+        layers = pipeline.sd.text_encoder.config.num_hidden_layers
+        check_int('clip_skip', clip_skip, minimum=0, maximum=layers - 1)
+    if lora_scale is not None:
+        if pipeline.lora_fused and pipeline.denoiser is not None:
+            raise ValueError('lora_scale cannot change per call with fast=True: the compiled path fuses the '
+                             'adapters into the weights. Set the weight when building the pipeline '
+                             '(lora_scale=...), or build it without fast=True to vary it per call.')
+        if pipeline.lora_fused:
+            raise ValueError('lora_scale cannot change per call: the adapters were fused (fuse_lora=True). '
+                             'Build the pipeline with fuse_lora=False to vary the scale.')
+        if not pipeline.adapters:
+            raise ValueError('lora_scale was given but no LoRA is loaded: build the pipeline with lora_dir=...')
+        lora_utils.check_scales(lora_scale, pipeline.adapters)
+    if progress_bar is not None and not isinstance(progress_bar, bool):
+        raise TypeError(f'progress_bar must be True or False, got {progress_bar!r}')
+    if scheduler is not None:
+        pipeline._scheduler(scheduler)  # raises on unknown names
+    _check_image_inputs(pipeline, image, mask_image, strength, latents, hr_scale)
+    _check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, image, guidance_rescale)
+    _check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, mask_image)
+    n_images = (len(prompt) if isinstance(prompt, list) else 1) * num_images_per_prompt
+    if isinstance(generator, list) and len(generator) != n_images:
+        raise ValueError(f'generator is a list of {len(generator)} but this call makes {n_images} images '
+                         f'(prompts × num_images_per_prompt): pass one generator per image, one generator, '
+                         f'or seed=...')
+    if latents is not None:
+        _check_latents(pipeline, latents, n_images, height, width, image)
+
+def _check_image_inputs(pipeline, image, mask_image, strength, latents, hr_scale) -> None:
+    if mask_image is not None and image is None:
+        raise ValueError('mask_image needs image: pass the picture to repaint as image=...')
+    if pipeline.sd.unet.config.in_channels == 9 and mask_image is None:
+        raise ValueError('This is an inpainting model (9-channel UNet): pass image=... and mask_image=...')
+    if strength is not None:
+        if image is None and hr_scale is None:
+            raise ValueError('strength applies to image-to-image and inpainting (pass image=... as well) and to '
+                             'the hires fix\'s second pass (pass hr_scale=... as well).')
+        check_number('strength', strength, minimum=0.0)
+        if strength > 1:
+            raise ValueError(f'strength={strength} must be between 0 and 1 (0 keeps the image, 1 repaints it).')
+    if mask_image is not None and mask_image.size != image.size:
+        raise ValueError(f'mask_image is {mask_image.width}x{mask_image.height} but image is '
+                         f'{image.width}x{image.height}: they must be the same size.')
+    if image is not None and mask_image is None and latents is not None:
+        raise ValueError('latents cannot be given for image-to-image: the start latents come from image.')
+
+def _check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, image, guidance_rescale) -> None:
+    if hr_scale is None:
+        for name, value in (('hr_upscaler', hr_upscaler), ('hr_second_pass_steps', hr_second_pass_steps)):
+            if value is not None:
+                raise ValueError(f'{name} is an option of the hires fix, which hr_scale turns on: pass hr_scale '
+                                 '(e.g. 2) too.')
+        return
+    check_number('hr_scale', hr_scale, minimum=1.0)
+    if hr_scale > hires.MAX_SCALE:
+        raise ValueError(f'hr_scale={hr_scale} must be between 1 and {hires.MAX_SCALE:g} (2 makes 1024 from 512).')
+    if hires.normalize_upscaler(hr_upscaler) not in hires.UPSCALERS:
+        raise ValueError(f'hr_upscaler={hr_upscaler!r} is not one of {hires.UPSCALERS}.')
+    if hr_second_pass_steps is not None:
+        check_int('hr_second_pass_steps', hr_second_pass_steps, minimum=1)
+    if image is not None:
+        raise ValueError('hr_scale is the hires fix of text-to-image. With image=..., pass the larger height and '
+                         'width instead, as A1111\'s img2img does.')
+    if guidance_rescale:
+        raise ValueError('guidance_rescale cannot go with hr_scale: the second pass is diffusers\' '
+                         'image-to-image, which does not take it.')
+
+def _check_callback(callback, tensor_inputs, mask_image) -> None:
+    if callback is None:
+        if tensor_inputs is not None:
+            raise ValueError('callback_on_step_end_tensor_inputs names what callback_on_step_end receives: pass '
+                             'callback_on_step_end too.')
+        return
+    if not callable(callback):
+        raise TypeError('callback_on_step_end must be callable as diffusers calls it, f(pipe, step, timestep, '
+                        f'callback_kwargs) -> dict, got {type(callback).__name__}')
+    if tensor_inputs is not None:
+        from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
+        allowed = (StableDiffusionPipeline if mask_image is None else StableDiffusionInpaintPipeline
+                   )._callback_tensor_inputs
+        if isinstance(tensor_inputs, str) or not all(name in allowed for name in tensor_inputs):
+            raise ValueError(f'callback_on_step_end_tensor_inputs={tensor_inputs!r}: a list of names from '
+                             f'{allowed}.')
+
+def _check_latents(pipeline, latents, n_images: int, height, width, image) -> None:
+    """Start latents of this call's shape; without height/width their size sets the image size. diffusers
+    would fail deep in the UNet, or silently make another size than the one asked for."""
+    factor, channels = pipeline.sd.vae_scale_factor, pipeline.sd.vae.config.latent_channels
+    given = tuple(latents.shape)
+    layout = f'(images, {channels} channels, height/{factor}, width/{factor})'
+    if len(given) != 4:
+        raise ValueError(f'latents must be 4-D {layout}, got shape {given}.')
+    if image is not None:  # inpainting: the output size comes from the image
+        height, width = images_lib.target_size(image, height, width)
+    expected = (n_images, channels, given[2] if height is None else height // factor,
+                given[3] if width is None else width // factor)
+    if given != expected:
+        raise ValueError(f'latents has shape {given} but this call needs {expected} {layout}: one per image '
+                         f'(prompts × num_images_per_prompt = {n_images}), at height={height}, width={width}.')
+
+
+def check_runs_a_step(pipe, num_inference_steps: int, strength: float, name: str) -> None:
+    """Image-to-image runs the last int(strength × steps) timesteps (PNDM one more): none at all would fail deep
+    inside diffusers."""
+    if int(num_inference_steps * strength) >= 1 or prompts_lib.model_calls(pipe, num_inference_steps, strength):
+        return
+    fix = f'{name} to {math.ceil(1 / strength)} or more, or ' if strength else ''
+    least = math.ceil(100 / num_inference_steps) / 100
+    raise ValueError(f'strength={strength} with {name}={num_inference_steps} runs no denoising step (diffusers runs '
+                     f'int(strength × steps) of them): raise {fix}strength to {least} or more.')
+
+
+def check_int(name, value, minimum=None, maximum=None):
+    if not _is_int(value):
+        raise TypeError(f'{name} must be an int, got {value!r} ({type(value).__name__})')
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        allowed = f'>= {minimum}' if maximum is None else f'between {minimum} and {maximum}'
+        raise ValueError(f'{name}={value} is out of range: it must be {allowed}.')
+
+
+def check_number(name, value, minimum):
+    if not _is_number(value):
+        raise TypeError(f'{name} must be a number, got {value!r} ({type(value).__name__})')
+    if not math.isfinite(value):
+        raise ValueError(f'{name}={value} must be a finite number.')
+    if value < minimum:
+        raise ValueError(f'{name}={value} must be >= {minimum}.')
+
+
+def unknown_message(kind: str, unknown: Dict[str, Any], allowed: List[str]) -> str:
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), allowed, n=1)
+        parts.append(f"{key!r}" + (f" (did you mean '{close[0]}'?)" if close else ''))
+    return f"Unknown {kind}{'s' if len(parts) > 1 else ''} {', '.join(parts)}. Allowed: {', '.join(allowed)}."
