@@ -18,18 +18,28 @@ from .constants import (CONFIGURATION, DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION,
 logger = logging.getLogger(__name__)
 
 
-class _TorchvisionAdvice(logging.Filter):
-    """transformers 5 loads the safety checker's image processor with PIL when torchvision is absent (as
-    transformers 4 always did), and warns that you should install torchvision, which breaks beside the CPU
-    build of torch that the README pins. That advice is dropped; the message is about nothing else."""
+class _IrrelevantAdvice(logging.Filter):
+    """Drops one library message that gives our users advice they must not or need not follow; the messages
+    are about nothing else:
+    - transformers 5 loads the safety checker's image processor with PIL when torchvision is absent (as
+      transformers 4 always did), and says to install torchvision, which breaks beside the CPU build of torch
+      that the README pins;
+    - bitsandbytes (for --use_8bit_adam), which diffusers imports while loading a model, says on a CPU to install
+      `kernels` for a 4-bit CPU kernel nothing here runs."""
+
+    def __init__(self, fragment: str):
+        super().__init__()
+        self.fragment = fragment
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return 'requires torchvision (not installed); falling back' not in record.getMessage()
+        return self.fragment not in record.getMessage()
 
 
-_IMPORT_LOGGER = logging.getLogger('transformers.utils.import_utils')
-if not any(isinstance(f, _TorchvisionAdvice) for f in _IMPORT_LOGGER.filters):
-    _IMPORT_LOGGER.addFilter(_TorchvisionAdvice())
+for _name, _fragment in (('transformers.utils.import_utils', 'requires torchvision (not installed); falling back'),
+                         ('bitsandbytes.backends.cpu.ops', 'Failed to load CPU gemm_4bit_forward')):
+    _logger = logging.getLogger(_name)
+    if not any(isinstance(f, _IrrelevantAdvice) for f in _logger.filters):
+        _logger.addFilter(_IrrelevantAdvice(_fragment))
 
 REQUIRED_COMPONENTS = ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler')
 _HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
