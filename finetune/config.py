@@ -128,7 +128,7 @@ class TrainConfig:
             raise ValueError(f'resolution={self.resolution} must be a multiple of 8 (e.g. 512 or 768).')
         if self.learning_rate <= 0:
             raise ValueError(f'learning_rate={self.learning_rate} must be > 0.')
-        if self.validation_prompt:  # A1111 syntax the pipeline would read as words
+        if self.validation_prompt:  # a <lora:…> tag would be read as words
             check_syntax('validation_prompt', self.validation_prompt)
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f'lr_scheduler={self.lr_scheduler!r} is not one of {LR_SCHEDULERS}.')

@@ -466,9 +466,9 @@ def _validate(accelerator, config, parts, make_pipeline, validation_dataset, ste
                 os.makedirs(folder, exist_ok=True)
                 generator = torch.Generator('cpu').manual_seed(config.seed)
                 with accelerator.autocast():
-                    # the prompt as our pipeline reads it: long or weighted prompts in 75-token windows
-                    images = pipe(**prompts.text_inputs(pipe, config.validation_prompt),
-                                  num_images_per_prompt=config.num_validation_images, num_inference_steps=25,
+                    # the prompt as our pipeline reads it: long or weighted prompts in 75-token windows, edits
+                    text = prompts.call_arguments(pipe, config.validation_prompt, 25, config.num_validation_images)
+                    images = pipe(**text, num_images_per_prompt=config.num_validation_images, num_inference_steps=25,
                                   generator=generator).images
                 for i, image in enumerate(images):
                     image.save(os.path.join(folder, f'step-{step:06d}-{i}.png'))

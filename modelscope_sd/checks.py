@@ -37,7 +37,7 @@ def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_
     elif not isinstance(prompt, str):
         raise TypeError(f'text must be a str or a list of str, got {type(prompt).__name__}')
     for text in prompt if isinstance(prompt, list) else [prompt]:
-        prompts_lib.check_syntax('text', text, allow_editing=True)
+        prompts_lib.check_syntax('text', text)
     if negative_prompt is not None:
         if isinstance(negative_prompt, list):
             n_prompts = len(prompt) if isinstance(prompt, list) else 1
@@ -47,7 +47,7 @@ def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_
         elif not isinstance(negative_prompt, str):
             raise TypeError(f'negative_prompt must be a str or a list of str, got {type(negative_prompt).__name__}')
         for text in negative_prompt if isinstance(negative_prompt, list) else [negative_prompt]:
-            prompts_lib.check_syntax('negative_prompt', text, allow_editing=True)
+            prompts_lib.check_syntax('negative_prompt', text)
     for name, value in (('height', height), ('width', width)):
         if value is None:
             continue

@@ -53,14 +53,8 @@ def lora_tags(text: str) -> Tuple[str, Dict[str, float]]:
     return _EXTRA_NETWORK.sub('', text), tags
 
 
-def check_syntax(name: str, text: str, allow_editing: bool = False) -> None:
-    """Refuse A1111 syntax that the encoding would otherwise read as words: network tags outside the text, and
-    prompt editing where it is not run (``allow_editing=False``: the trainers' validation prompt)."""
-    edit = None if allow_editing else editing.first_edit(text)
-    if edit:
-        raise ValueError(f'{name}: {edit!r} is A1111\'s prompt editing (a prompt that changes during '
-                         'sampling), which is not run here. Write one prompt, or escape the brackets '
-                         '(\\[ \\]) to keep them as words.')
+def check_syntax(name: str, text: str) -> None:
+    """Refuse A1111 network tags outside the text of a call, which the encoding would otherwise read as words."""
     tag = _EXTRA_NETWORK.search(text)
     if name != 'text' and tag:
         raise ValueError(f'{name}: {tag.group(0)}: A1111 network tags go in the text of a pipeline call, not here.')
@@ -320,6 +314,17 @@ def edited_prompts(prompt: Union[str, List[str]], negative_prompt: Union[str, Li
     if not any(editing.first_edit(text) for text in prompts + negatives):
         return None
     return EditedPrompts(list(prompts), list(negatives), clip_skip)
+
+
+def call_arguments(pipe, prompt: str, num_inference_steps: int, num_images_per_prompt: int) -> Dict[str, Any]:
+    """The text arguments of a diffusers text-to-image call with ``pipe``'s scheduler, the prompt read as our
+    pipeline reads it, prompt editing included (the trainers' validation images)."""
+    edited = edited_prompts(prompt, None, None)
+    if edited is None:
+        return text_inputs(pipe, prompt)
+    first, changes = edited.text_inputs(pipe, model_calls(pipe, num_inference_steps))
+    switch = SwitchEmbeddings(changes, num_images_per_prompt)
+    return {**first, 'callback_on_step_end': switch, 'callback_on_step_end_tensor_inputs': switch.tensor_inputs}
 
 
 class SwitchEmbeddings:

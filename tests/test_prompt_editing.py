@@ -48,10 +48,12 @@ def test_each_call_takes_its_text_as_a1111s_step_counter_does():
     assert [prompt_editing.text_at(prompt_editing.schedule('[a|b]', 4), c) for c in range(4)] == list('aaba')
 
 
-def test_only_the_trainers_validation_prompt_refuses_editing():
-    prompts.check_syntax('text', 'a [cat:dog:0.5]', allow_editing=True)
-    with pytest.raises(ValueError, match=r"validation_prompt: '\[cat:dog:0.5\]' is A1111's prompt editing"):
-        prompts.check_syntax('validation_prompt', 'a [cat:dog:0.5]')
+@pytest.mark.parametrize('text, edit', [
+    ('a [cat:dog:0.5]', '[cat:dog:0.5]'), ('a [cat|dog]', '[cat|dog]'), ('[dog:10]', '[dog:10]'),
+    ('[cat:(dog:1.2):0.5]', '[cat:(dog:1.2):0.5]'),
+    ('[(red:1.2)] hat', None), (r'a \[note: x\]', None), ('time 12:30 [red]', None)])
+def test_edits_are_told_from_emphasis(text, edit):
+    assert prompt_editing.first_edit(text) == edit
 
 
 def _expected_embeds(vanilla_pipe, texts_per_call, per_prompt=1):

@@ -1,7 +1,5 @@
 """Long prompts and A1111 emphasis."""
 
-import re
-
 import numpy as np
 import pytest
 import torch
@@ -30,18 +28,6 @@ def test_lora_tags_leave_the_prompt_as_in_a1111():
     assert text == 'a castle, ,  sky' and tags == {'detail': 0.5, 'Style_v2': 1.0}
     with pytest.raises(ValueError, match='weight must be a number'):
         prompts.lora_tags('<lora:detail:strong>')
-
-
-@pytest.mark.parametrize('text, editing', [
-    ('a [cat:dog:0.5]', '[cat:dog:0.5]'), ('a [cat|dog]', '[cat|dog]'), ('[dog:10]', '[dog:10]'),
-    ('[cat:(dog:1.2):0.5]', '[cat:(dog:1.2):0.5]'),
-    ('[(red:1.2)] hat', None), (r'a \[note: x\]', None), ('time 12:30 [red]', None)])
-def test_check_syntax_refuses_editing_by_default_and_not_emphasis(text, editing):
-    if editing is None:
-        prompts.check_syntax('text', text)
-    else:
-        with pytest.raises(ValueError, match=f"{re.escape(repr(editing))} is A1111's prompt editing"):
-            prompts.check_syntax('text', text)
 
 
 def test_unbalanced_brackets_are_literal_with_a_warning(caplog):
