@@ -104,6 +104,8 @@ def generate(args) -> List[str]:
     call.update({k: v for k, v in overrides.items() if v is not None})
     if args.batch_size is not None and args.batch_size < 1:  # before minutes of loading
         raise ValueError(f'--batch_size {args.batch_size}: must be >= 1 (or left out: all images at once).')
+    if args.num_images is not None and args.num_images < 1:  # the pipeline would name num_images_per_prompt
+        raise ValueError(f'--num_images {args.num_images}: must be >= 1.')
     model = model or DEFAULT_MODEL_ID
     revision = args.model_revision or (DEFAULT_MODEL_REVISION if model == DEFAULT_MODEL_ID else None)
     pipe = StableDiffusionText2ImagePipeline(

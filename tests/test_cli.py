@@ -132,6 +132,7 @@ def test_prompt_file_gives_each_prompt_its_images_and_seeds_batched_or_not(tiny_
 
 def test_bad_generate_options_are_one_line_errors(tiny_model_dir, tmp_path, capsys):
     for args, message in ((['--seed', '-1'], 'seed=-1 is out of range'), (['--batch_size', '0'], '--batch_size 0'),
+                          (['--num_images', '0'], '--num_images 0: must be >= 1'),
                           (['--prompt_file', __file__], '--prompt or --prompt_file, not both'),
                           (['--image', str(tmp_path / 'nope.png')], 'nope.png')):
         with pytest.raises(SystemExit) as exit_info:
