@@ -183,3 +183,20 @@ def test_fast_loop_switches_at_the_same_calls(sd_pipe, scheduler):
     assert sum(not torch.equal(x, y) for x, y in zip(plain_calls, plain_calls[1:])) >= 2  # the texts did change
     assert max(np.abs(x.astype(int) - y.astype(int)).max() for x, y in zip(a, b)) <= 1
 
+
+def test_fast_loop_reads_the_hires_schedule_as_the_plain_path(sd_pipe):
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    from modelscope_sd.fast import WholeStepDenoiser
+    fast = StableDiffusionText2ImagePipeline(sd_pipe.sd, device='cpu', progress_bar=False)
+    fast.denoiser = WholeStepDenoiser(fast.sd)
+    args = dict(ARGS, scheduler='euler_a', hr_scale=1.5, hr_second_pass_steps=8, strength=0.5)
+    step, fast_calls = fast.denoiser.step, []
+    fast.denoiser.step = lambda *a: fast_calls.append(a[5].clone()) or step(*a)
+    a = fast('[a red house:a blue car:1.5]', **args)['output_imgs'][0].astype(int)
+    with _unet_inputs(sd_pipe, plain_calls := []):
+        b = sd_pipe('[a red house:a blue car:1.5]', **args)['output_imgs'][0].astype(int)
+    _check_calls(fast_calls, plain_calls)  # 4 first-pass calls of a, then 4 of the second: a, a, a, b
+    assert len(plain_calls) == 8 and sum(not torch.equal(x, y) for x, y in zip(plain_calls, plain_calls[1:])) == 1
+    assert not torch.equal(plain_calls[6], plain_calls[7])
+    assert np.abs(a - b).max() <= 1
+
