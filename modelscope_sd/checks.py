@@ -12,6 +12,7 @@ from . import hires
 from . import images as images_lib
 from . import lora as lora_utils
 from . import prompts as prompts_lib
+from .prompt_editing import split_and
 
 _MAX_SEED = 2**63 - 1
 
@@ -98,6 +99,8 @@ def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_
     _check_image_inputs(pipeline, image, mask_image, strength, latents, hr_scale)
     _check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, image, guidance_rescale)
     _check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, mask_image)
+    if any(split_and(text) for text in (prompt if isinstance(prompt, list) else [prompt])):
+        _check_and(guidance_scale, mask_image, callback_on_step_end)
     n_images = (len(prompt) if isinstance(prompt, list) else 1) * num_images_per_prompt
     if isinstance(generator, list) and len(generator) != n_images:
         raise ValueError(f'generator is a list of {len(generator)} but this call makes {n_images} images '
@@ -161,6 +164,16 @@ def _check_callback(callback, tensor_inputs, mask_image) -> None:
         if isinstance(tensor_inputs, str) or not all(name in allowed for name in tensor_inputs):
             raise ValueError(f'callback_on_step_end_tensor_inputs={tensor_inputs!r}: a list of names from '
                              f'{allowed}.')
+
+def _check_and(guidance_scale, mask_image, callback) -> None:
+    """A1111's AND (composable prompts) runs in the table loop, which sums guidance per subprompt."""
+    for given, why in ((guidance_scale <= 1, f'guidance_scale={guidance_scale}: it sums guidance, which needs > 1'),
+                       (mask_image is not None, 'inpainting (mask_image): its loop is diffusers\' own'),
+                       (callback is not None, 'callback_on_step_end: its loop has no step boundary to call back from')):
+        if given:
+            raise ValueError(f"text: A1111's AND (composable prompts) cannot go with {why}. Write one prompt, or "
+                             'leave that option out.')
+
 
 def _check_latents(pipeline, latents, n_images: int, height, width, image) -> None:
     """Start latents of this call's shape; without height/width their size sets the image size. diffusers

@@ -133,28 +133,38 @@ class WholeStepDenoiser:
                           timesteps=list(plan.timesteps.to(device, torch.float32).unbind()),
                           noise_dtypes=plan.noise_dtypes, capacity=capacity)
 
-    def _step(self, x0, history, coefs, scale, timestep, embeds, guidance, rescale):
+    def _step(self, x0, history, coefs, scale, timestep, embeds, guidance, rescale, mixing=None):
         """One denoising step: latents from the table, CFG batch, UNet, guidance (and its rescale, when given)
-        → the guided model output."""
+        → the guided model output. ``mixing`` (A1111's AND): (image of each positive row, its weight); the
+        prompt's prediction is then the negative one plus the weighted sum of its subprompts' differences."""
         latents = coefs[0] * x0 + torch.tensordot(coefs[1:], history, dims=1)
         model_input = (latents * scale).to(embeds.dtype)
-        if guidance is not None:
+        if mixing is not None:
+            model_input = torch.cat([model_input, model_input[mixing[0]]])
+        elif guidance is not None:
             model_input = torch.cat([model_input] * 2)
         unet = self.sd.unet
         # the class's forward: with fast=True the instance's forward is a compiled one (for the fallback loop)
         noise_pred = type(unet).forward(unet, model_input, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
         if guidance is not None:
-            uncond, text = noise_pred.chunk(2)
+            if mixing is None:
+                uncond, text = noise_pred.chunk(2)
+            else:
+                index, weights = mixing
+                uncond, parts = noise_pred[:latents.shape[0]], noise_pred[latents.shape[0]:]
+                weighted = (parts - uncond[index]) * weights.to(parts.dtype)[:, None, None, None]
+                text = uncond.index_add(0, index, weighted)
             noise_pred = uncond + guidance * (text - uncond)
             if rescale is not None:
                 noise_pred = rescale_noise_cfg(noise_pred, text, guidance_rescale=rescale)
         return noise_pred
 
     def denoise(self, plan: DevicePlan, latents, embeds, guidance_scale: Optional[float], generator, progress_bar,
-                guidance_rescale: float = 0.0, changes: Optional[Dict[int, torch.Tensor]] = None):
+                guidance_rescale: float = 0.0, changes: Optional[Dict[int, torch.Tensor]] = None, mixing=None):
         """``latents``: the start latents as ``prepare_latents`` gives them. Noise for stochastic schedulers is
         drawn up front, in the order the scheduler would draw it, so seeds give the pictures of the plain path.
-        ``changes``: {call: embeddings} from that UNet call on (prompt editing); same shape, so the same graph."""
+        ``changes``: {call: embeddings} from that UNet call on (prompt editing); same shape, so the same graph.
+        ``mixing``: A1111's AND (see `_step`)."""
         n = plan.num_model_calls
         # one layout for all callers (the channels_last VAE encoder hands image-to-image latents over in NHWC)
         x0 = latents.to(torch.float32, memory_format=torch.contiguous_format)
@@ -171,7 +181,7 @@ class WholeStepDenoiser:
         for i in range(n):
             embeds = changes.get(i, embeds) if changes else embeds
             history[i] = self.step(x0, history, plan.rows[i], plan.scales[i], plan.timesteps[i], embeds, guidance,
-                                   rescale)
+                                   rescale, mixing)
             progress_bar.update()
         final = plan.rows[n]
         return (final[0] * x0 + torch.tensordot(final[1:], history, dims=1)).to(latents.dtype)
@@ -180,11 +190,12 @@ class WholeStepDenoiser:
                  num_images_per_prompt: int, eta: float, generator, height: Optional[int] = None,
                  width: Optional[int] = None, latents=None, image=None, strength: Optional[float] = None,
                  guidance_rescale: float = 0.0, output_type: str = 'np',
-                 prompt_changes: Optional[Dict[int, Dict[str, Any]]] = None):
+                 prompt_changes: Optional[Dict[int, Dict[str, Any]]] = None, composition=None):
         """Text-to-image (``pipe``: the pipeline) or image-to-image (``pipe``: its img2img twin, ``image`` given)
         through the whole-step loop. Returns float images in [0, 1] (N, H, W, 3) and the safety checker's
         flags (``output_type='latent'``: the final latents and None), or None when the scheduler has no table (the
-        caller then runs diffusers' loop). ``prompt_changes``: {UNet call: text inputs from that call on}."""
+        caller then runs diffusers' loop). ``prompt_changes``: {UNet call: text inputs from that call on};
+        ``composition``: A1111's AND (`prompts.Composition`; the prompt embeddings are then the subprompts')."""
         begin = 0
         device = pipe._execution_device
         # this call's timesteps, as diffusers sets them before the start latents: sigma schedulers (Euler, LMS,
@@ -198,17 +209,23 @@ class WholeStepDenoiser:
             return None
         with torch.inference_mode():
             return self._generate(pipe, plan, begin, text_inputs, guidance_scale, num_images_per_prompt, generator,
-                                  height, width, latents, image, guidance_rescale, output_type, prompt_changes)
+                                  height, width, latents, image, guidance_rescale, output_type, prompt_changes,
+                                  composition)
 
     def _generate(self, pipe, plan, begin, text_inputs, guidance_scale, num_images_per_prompt, generator, height,
-                  width, latents, image, guidance_rescale, output_type, prompt_changes):
+                  width, latents, image, guidance_rescale, output_type, prompt_changes, composition):
         """diffusers' steps around `denoise`: encode → start latents → denoise → decode → safety check."""
         device = pipe._execution_device
         cfg = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
         embeds = unet_embeds(pipe, text_inputs, num_images_per_prompt, cfg)
         changes = {call: unet_embeds(pipe, inputs, num_images_per_prompt, cfg)
                    for call, inputs in (prompt_changes or {}).items()}
-        batch, dtype = embeds.shape[0] // (2 if cfg else 1), embeds.dtype
+        batch, dtype, mixing = embeds.shape[0] // (2 if cfg else 1), embeds.dtype, None
+        if composition is not None:  # negative rows, one per image, then the subprompts'
+            if not cfg:
+                raise ValueError("A1111's AND sums guidance: it needs guidance_scale > 1.")
+            batch = text_inputs['negative_prompt_embeds'].shape[0] * num_images_per_prompt
+            mixing = composition.tensors(num_images_per_prompt, device)
         if image is None:
             size = pipe.unet.config.sample_size * pipe.vae_scale_factor
             start = pipe.prepare_latents(batch, pipe.unet.config.in_channels, height or size, width or size, dtype,
@@ -219,7 +236,7 @@ class WholeStepDenoiser:
                                          generator)
         with pipe.progress_bar(total=plan.num_model_calls) as bar:
             final = self.denoise(plan, start, embeds, guidance_scale if cfg else None, generator, bar, guidance_rescale,
-                                 changes)
+                                 changes, mixing)
         if output_type == 'latent':
             return final, None
         decoded = pipe.vae.decode(final / pipe.vae.config.scaling_factor, return_dict=False, generator=generator)[0]

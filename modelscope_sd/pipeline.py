@@ -121,6 +121,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         self.lora_fused = fuse_lora and lora_dir is not None
         self.embeddings = load_embeddings(self.sd, textual_inversion, allow_pickle)  # words to use in prompts
         self.denoiser = None  # fast=True: the whole-step compiled text-to-image loop
+        self._eager_denoiser = None  # the same loop uncompiled, for A1111's AND without fast=True
         # one call at a time: a call sets the shared scheduler's timesteps and state, the adapter scales, and
         # (fast=True) replays CUDA graphs over static buffers, so calls from a web server's threads would
         # corrupt each other. Throughput comes from batching prompts in one call, not from threads.
@@ -364,20 +365,33 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         """One denoising pass: the fast whole-step loop where it applies, diffusers' loop otherwise. Returns float
         images (N, H, W, 3) in [0, 1], or latents with ``output_type='latent'``, and the safety checker's flags.
         Edited prompts are encoded here, per UNet call of this pass (``first_pass_calls``: the hires fix's second)."""
-        changes = {}
+        changes, composition = {}, None
         if isinstance(text_inputs, prompts_lib.EditedPrompts):
+            composition = text_inputs.composition
             calls = prompts_lib.model_calls(pipe, num_inference_steps, extra.get('strength'))
             text_inputs, changes = text_inputs.text_inputs(self.sd, calls, first_pass_calls)
-        if fast and self.denoiser is not None:
-            made = self.denoiser.generate(pipe, text_inputs, num_inference_steps, guidance_scale,
-                                          num_images_per_prompt, eta, generator, output_type=output_type,
-                                          prompt_changes=changes, **extra)
+        # A1111's AND sums several predictions per image, which only the table loop does (eager without fast=True)
+        denoiser = self._table_loop() if composition is not None else self.denoiser if fast else None
+        if denoiser is not None:
+            made = denoiser.generate(pipe, text_inputs, num_inference_steps, guidance_scale, num_images_per_prompt,
+                                     eta, generator, output_type=output_type, prompt_changes=changes,
+                                     composition=composition, **extra)
             if made is not None:
                 return made
+            if composition is not None:
+                raise ValueError(f"text: A1111's AND needs a scheduler that updates the latents linearly; "
+                                 f'{type(pipe.scheduler).__name__} does not. Pass one of the named schedulers.')
         result = pipe(**text_inputs, **extra, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                       num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator,
                       output_type=output_type, **_step_end_arguments(*step_end, changes, num_images_per_prompt))
         return result.images, result.nsfw_content_detected
+
+    def _table_loop(self):
+        """The fast path's denoiser, or the same loop run eagerly (built once) for calls only it can run."""
+        if self.denoiser is None and self._eager_denoiser is None:
+            from .fast import WholeStepDenoiser
+            self._eager_denoiser = WholeStepDenoiser(self.sd)
+        return self.denoiser or self._eager_denoiser
 
     @staticmethod
     def _output(images: np.ndarray, seeds, nsfw) -> Dict[str, Any]:

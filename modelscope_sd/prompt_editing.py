@@ -9,6 +9,9 @@ UNet calls of a pass, from 0, and a text whose step is ``when`` still reads ``fr
 pass a fraction above 1 is a fraction of that pass (``1.5``: halfway through it), a fraction below 1 is over, and
 a step number counts on from the first pass's steps. A prompt the grammar does not take (a stray ``|``, a lone
 trailing backslash) is read literally, as A1111 does.
+
+``AND`` splits a prompt into subprompts whose guidance is summed (A1111's composable prompts), each weighted by
+a trailing ``:weight``: ``a castle AND a dragon:0.6``. Each subprompt may hold edits of its own.
 """
 
 import re
@@ -17,6 +20,8 @@ from typing import List, Optional, Tuple
 
 _NUMBER = re.compile(r'\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*\]')  # lark's SIGNED_NUMBER, then ']'
 _PLAIN = re.compile(r'[^\\\[\]():|]+')
+_AND = re.compile(r'\bAND\b')  # A1111's re_AND and re_weight
+_WEIGHT = re.compile(r'^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$')
 
 
 @dataclass
@@ -187,3 +192,17 @@ def schedule(text: str, steps: int, first_pass_steps: Optional[int] = None) -> L
 def text_at(prompt_schedule: List[Tuple[int, str]], call: int) -> str:
     """The text of UNet call ``call`` (from 0), picked as A1111's ``reconstruct_cond_batch`` picks it."""
     return next((text for end, text in prompt_schedule if call <= end), prompt_schedule[0][1])
+
+
+def split_and(text: str) -> Optional[List[Tuple[str, float]]]:
+    """A1111's composable prompts: 'a cat AND a dog:0.5' → [('a cat', 1.0), (' a dog', 0.5)]; None without ``AND``.
+    (A1111 also reads a trailing ':weight' of a prompt without AND; here that stays words, so 'at 12:30' is no
+    guidance weight of 30.)"""
+    if not _AND.search(text):
+        return None
+    parts = []
+    for part in _AND.split(text):
+        body, weight = _WEIGHT.search(part).groups()
+        parts.append((body, 1.0 if weight is None else float(weight)))
+    return parts
+

@@ -252,11 +252,15 @@ def text_inputs(pipe, prompt: Union[str, List[str]], negative_prompt: Union[str,
 
 def unet_embeds(pipe, text_inputs: Dict[str, Any], num_images_per_prompt: int, cfg: bool) -> torch.Tensor:
     """The UNet's ``encoder_hidden_states`` for text inputs, laid out as diffusers' loop has them: each prompt's
-    copies side by side, and with classifier-free guidance the negative half first."""
-    positive, negative = pipe.encode_prompt(
-        text_inputs.get('prompt'), pipe._execution_device, num_images_per_prompt, cfg,
-        text_inputs.get('negative_prompt'), prompt_embeds=text_inputs.get('prompt_embeds'),
-        negative_prompt_embeds=text_inputs.get('negative_prompt_embeds'), clip_skip=text_inputs.get('clip_skip'))
+    copies side by side, and with classifier-free guidance the negative half first. Embeddings of ours are
+    repeated here, as diffusers would, since with A1111's AND the positive side has more rows than the negative."""
+    if 'prompt_embeds' not in text_inputs:
+        positive, negative = pipe.encode_prompt(
+            text_inputs.get('prompt'), pipe._execution_device, num_images_per_prompt, cfg,
+            text_inputs.get('negative_prompt'), clip_skip=text_inputs.get('clip_skip'))
+    else:
+        positive, negative = (text_inputs[key].to(pipe._execution_device).repeat_interleave(num_images_per_prompt, 0)
+                              for key in ('prompt_embeds', 'negative_prompt_embeds'))
     return torch.cat([negative, positive]) if cfg else positive
 
 
@@ -281,12 +285,28 @@ def model_calls(pipe, num_inference_steps: int, strength: Optional[float] = None
 
 
 @dataclass
+class Composition:
+    """A1111's ``AND``: each prompt's guidance is the weighted sum of its subprompts' (Composable Diffusion)."""
+    prompt_of: List[int]  # the prompt each subprompt belongs to
+    weights: List[float]
+
+    def tensors(self, num_images_per_prompt: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """For each positive row of `unet_embeds` (subprompt s, copy c: row s·n + c), the image it guides (its
+        prompt p: p·n + c) and its weight."""
+        n = num_images_per_prompt
+        index = torch.tensor([p * n + c for p in self.prompt_of for c in range(n)], device=device)
+        weights = torch.tensor([w for w in self.weights for _ in range(n)], dtype=torch.float32, device=device)
+        return index, weights
+
+
+@dataclass
 class EditedPrompts:
-    """The prompts of a call where one of them (or a negative prompt) is edited; encoded per pass, when the
-    pass's UNet calls are known."""
+    """The prompts of a call where one of them (or a negative prompt) is edited, or split by ``AND``; encoded per
+    pass, when the pass's UNet calls are known. With a `Composition`, ``prompts`` are the subprompts."""
     prompts: List[str]
     negatives: List[str]
     clip_skip: Optional[int]
+    composition: Optional[Composition] = None
 
     def text_inputs(self, pipe, calls: int, first_pass_calls: Optional[int] = None
                     ) -> Tuple[Dict[str, torch.Tensor], Dict[int, Dict[str, torch.Tensor]]]:
@@ -308,9 +328,15 @@ class EditedPrompts:
 
 def edited_prompts(prompt: Union[str, List[str]], negative_prompt: Union[str, List[str], None],
                    clip_skip: Optional[int]) -> Optional[EditedPrompts]:
-    """`EditedPrompts` when a prompt or negative prompt of the call is edited, else None (encoded once)."""
+    """`EditedPrompts` when a prompt or negative prompt of the call is edited or a prompt is split by ``AND``,
+    else None (the prompts are encoded once)."""
     prompts = prompt if isinstance(prompt, list) else [prompt]
     negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ''] * len(prompts)
+    splits = [editing.split_and(text) for text in prompts]
+    if any(splits):
+        parts = [(i, text, weight) for i, split in enumerate(splits) for text, weight in split or [(prompts[i], 1.0)]]
+        return EditedPrompts([text for _, text, _ in parts], list(negatives), clip_skip,
+                             Composition([i for i, _, _ in parts], [weight for _, _, weight in parts]))
     if not any(editing.first_edit(text) for text in prompts + negatives):
         return None
     return EditedPrompts(list(prompts), list(negatives), clip_skip)

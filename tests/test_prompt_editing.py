@@ -200,3 +200,52 @@ def test_fast_loop_reads_the_hires_schedule_as_the_plain_path(sd_pipe):
     assert not torch.equal(plain_calls[6], plain_calls[7])
     assert np.abs(a - b).max() <= 1
 
+
+
+@pytest.mark.parametrize('text, expected', [  # A1111's re_AND and re_weight
+    ('a cat AND a dog:0.5', [('a cat', 1.0), (' a dog', 0.5)]),
+    ('a cat :1.2 AND a (dog:1.3)', [('a cat', 1.2), (' a (dog:1.3)', 1.0)]),
+    ('a cat, at 12:30', None), ('a cat and a dog', None)])
+def test_and_splits_as_a1111(text, expected):
+    assert prompt_editing.split_and(text) == expected
+
+
+def _and_reference(vanilla_pipe, subprompts, seed):
+    """diffusers' loop over a UNet written here: for [negative; prompt] rows it returns [negative; negative +
+    Σ weight × (subprompt − negative)], each subprompt encoded by diffusers (A1111's combine_denoised)."""
+    embeds = [vanilla_pipe.encode_prompt(text, torch.device('cpu'), 1, False)[0] for text, _ in subprompts]
+    unet, original = vanilla_pipe.unet, vanilla_pipe.unet.forward
+
+    def forward(sample, t, encoder_hidden_states, **kwargs):
+        latents, negative = sample.chunk(2)[0], encoder_hidden_states.chunk(2)[0]
+        uncond = original(latents, t, encoder_hidden_states=negative, **kwargs)[0]
+        parts = [original(latents, t, encoder_hidden_states=e, **kwargs)[0] for e in embeds]
+        return (torch.cat([uncond, uncond + sum(w * (p - uncond) for p, (_, w) in zip(parts, subprompts))]),)
+
+    unet.forward = forward
+    try:
+        return (_reference(vanilla_pipe, _expected_embeds(vanilla_pipe, [(['x'], [''])] * 4), seed) * 255).round()
+    finally:
+        del unet.forward
+
+
+def test_and_sums_the_subprompts_guidance_as_a1111(sd_pipe, vanilla_pipe):
+    got = sd_pipe('a red house AND a blue car:0.6', **ARGS)['output_imgs'][0].astype(int)
+    expected = _and_reference(vanilla_pipe, [('a red house', 1.0), (' a blue car', 0.6)], 5).astype(int)[..., ::-1]
+    assert np.abs(got - expected).max() <= 1
+    house = sd_pipe('a red house', **ARGS)['output_imgs'][0].astype(int)
+    assert np.abs(got - house).max() > 10
+    # weights that add up to one prompt's: its image
+    halves = sd_pipe('a red house:0.5 AND a red house:0.5', **ARGS)['output_imgs'][0].astype(int)
+    assert np.abs(halves - house).max() <= 1
+
+
+def test_and_in_a_batch_keeps_each_images_prompt_and_seed(sd_pipe):
+    texts = ['a red house AND [a blue car:a tree:1]:0.6', 'a green tree']
+    out = sd_pipe(texts, num_images_per_prompt=2, negative_prompt=['blurry', 'dark'], **ARGS)['output_imgs']
+    first = sd_pipe(texts[0], negative_prompt='blurry', **dict(ARGS, seed=6))['output_imgs'][0]
+    tree = sd_pipe(texts[1], negative_prompt='dark', **dict(ARGS, seed=8))['output_imgs'][0]
+    assert np.abs(out[1].astype(int) - first.astype(int)).max() <= 1
+    assert np.abs(out[3].astype(int) - tree.astype(int)).max() <= 1
+    hires = sd_pipe(texts[0], hr_scale=1.5, **ARGS)['output_imgs'][0]
+    assert hires.shape == (48, 48, 3)

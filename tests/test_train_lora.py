@@ -543,6 +543,7 @@ def test_typo_flag_fails_instead_of_vanishing(capsys):
     (dict(max_token_length=100), 'max_token_length=100 must be a multiple of 75'),
     (dict(proportion_empty_prompts=1.0), 'proportion_empty_prompts=1.0 must be in [0, 1)'),
     (dict(validation_prompt='a cat <lora:x:1>'), 'validation_prompt: <lora:x:1>: A1111 network tags go in the text'),
+    (dict(validation_prompt='a cat AND a dog'), "validation_prompt: A1111's AND"),
 ])
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
