@@ -4,7 +4,8 @@ with CUDA graphs; inductor's caches kept on disk so a second start reuses the co
 Text-to-image and image-to-image run our own loop (`WholeStepDenoiser`): the scheduler becomes a table of
 coefficients (`linear_steps`), so one denoising step (latents from the table, CFG batch, UNet, guidance) is
 one compiled function, captured as one CUDA graph, with no host sync between steps and one graph for every
-scheduler. Inpainting and schedulers without a table keep diffusers' loop over the compiled UNet.
+scheduler. Inpainting and schedulers without a table keep diffusers' loop over the compiled UNet. The same loop,
+eager, runs A1111's AND for the plain path: a step then sums the guidance of several subprompts per image.
 """
 
 import json
