@@ -346,7 +346,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         second_steps = hr_second_pass_steps or num_inference_steps
         strength = hires.DEFAULT_STRENGTH if strength is None else strength
         checks.check_runs_a_step(second, second_steps, strength,
-                           'num_inference_steps' if hr_second_pass_steps is None else 'hr_second_pass_steps')
+                                 'num_inference_steps' if hr_second_pass_steps is None else 'hr_second_pass_steps')
         restart = _copies(passes['generator'])
         # an edited prompt's steps in the second pass count on from the first pass's
         edited = isinstance(passes['text_inputs'], prompts_lib.EditedPrompts)
@@ -364,7 +364,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                  generator, fast, step_end, output_type='np', first_pass_calls=None):
         """One denoising pass: the fast whole-step loop where it applies, diffusers' loop otherwise. Returns float
         images (N, H, W, 3) in [0, 1], or latents with ``output_type='latent'``, and the safety checker's flags.
-        Edited prompts are encoded here, per UNet call of this pass (``first_pass_calls``: the hires fix's second)."""
+        Edited or AND-split prompts are encoded here, per UNet call of this pass (``first_pass_calls``: the hires
+        fix's second)."""
         changes, composition = {}, None
         if isinstance(text_inputs, prompts_lib.EditedPrompts):
             composition = text_inputs.composition
