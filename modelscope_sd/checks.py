@@ -26,7 +26,7 @@ def _is_number(value) -> bool:
 
 
 def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_scale, guidance_rescale, height,
-               width, num_images_per_prompt, eta, seed, generator, latents, scheduler, clip_skip, lora_scale,
+               width, num_images_per_prompt, eta, seed, generator, latents, scheduler, clip_skip, emphasis, lora_scale,
                progress_bar, image, mask_image, strength, hr_scale, hr_upscaler, hr_second_pass_steps, batch_size,
                callback_on_step_end, callback_on_step_end_tensor_inputs) -> None:
     """Every option of a call to ``pipeline`` (a `StableDiffusionText2ImagePipeline`), checked before any work."""
@@ -81,6 +81,8 @@ def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_
     if clip_skip is not None:
         layers = pipeline.sd.text_encoder.config.num_hidden_layers
         check_int('clip_skip', clip_skip, minimum=0, maximum=layers - 1)
+    if emphasis is not None:
+        prompts_lib.emphasis_name(emphasis)
     if lora_scale is not None:
         if pipeline.lora_fused and pipeline.denoiser is not None:
             raise ValueError('lora_scale cannot change per call with fast=True: the compiled path fuses the '

@@ -55,6 +55,8 @@ def _generate_parser(sub):
     parser.add_argument('--batch_size', type=int, help='images per denoising batch, each written as soon as it is '
                                                        'made (default: all at once)')
     parser.add_argument('--clip_skip', type=int)
+    parser.add_argument('--emphasis', help="A1111's Emphasis setting for (word:1.2): 'Original' (default), 'No norm', "
+                                           "'Ignore' or 'None'")
     parser.add_argument('--lora', type=_lora, action='append', default=[], metavar='PATH[=SCALE]',
                         help='LoRA adapter (diffusers or kohya), repeatable')
     parser.add_argument('--textual_inversion', action='append', default=[], metavar='PATH',
@@ -98,7 +100,8 @@ def generate(args) -> List[str]:
                  'num_inference_steps': args.num_inference_steps, 'guidance_scale': args.guidance_scale,
                  'guidance_rescale': args.guidance_rescale,
                  'height': args.height, 'width': args.width, 'seed': args.seed, 'scheduler': args.scheduler,
-                 'num_images_per_prompt': args.num_images, 'clip_skip': args.clip_skip, 'image': args.image,
+                 'num_images_per_prompt': args.num_images, 'clip_skip': args.clip_skip, 'emphasis': args.emphasis,
+                 'image': args.image,
                  'mask_image': args.mask_image, 'strength': args.strength, 'hr_scale': args.hr_scale,
                  'hr_upscaler': args.hr_upscaler, 'hr_second_pass_steps': args.hr_second_pass_steps}
     call.update({k: v for k, v in overrides.items() if v is not None})

@@ -12,6 +12,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .hires import DEFAULT_STRENGTH, normalize_upscaler
+from .prompts import EMPHASIS, emphasis_name
 from .schedulers import SCHEDULERS, normalize_scheduler_name
 
 PARAMETERS_KEY = 'parameters'
@@ -25,7 +26,7 @@ _FROM_A1111 = {v.lower(): k for k, v in A1111_SAMPLERS.items()}
 _A1111_UPSCALERS = {'latent': 'Latent', 'lanczos': 'Lanczos'}
 # keys read back into the call, and A1111's keys that only describe files (hashes, its version)
 _APPLIED = {'Steps', 'Sampler', 'Schedule type', 'CFG scale', 'Seed', 'Size', 'Model', 'Rescale CFG', 'Clip skip',
-            'Denoising strength', 'Lora', 'Textual inversion'}
+            'Denoising strength', 'Lora', 'Textual inversion', 'Emphasis'}
 _HIRES = {'Hires upscale', 'Hires steps', 'Hires upscaler'}  # read back when 'Hires upscale' is there
 _INFORMATIONAL = {'Model hash', 'VAE hash', 'Lora hashes', 'TI hashes', 'Hashes', 'Version'}
 # A1111's own pattern for "Key: value, Key: "quoted, value""
@@ -53,7 +54,8 @@ def format_parameters(prompt: str, negative_prompt: Optional[str], steps: int, s
                       guidance_scale: float, seed: Optional[int], width: int, height: int, model: str,
                       loras: Sequence[Tuple[str, float]] = (), clip_skip: Optional[int] = None,
                       strength: Optional[float] = None, embeddings: Sequence[str] = (),
-                      guidance_rescale: float = 0.0, hires: Optional[Dict[str, Any]] = None) -> str:
+                      guidance_rescale: float = 0.0, hires: Optional[Dict[str, Any]] = None,
+                      emphasis: Optional[str] = None) -> str:
     """A1111's ``parameters`` text. With ``hires`` (hr_scale, hr_upscaler, hr_second_pass_steps), ``width`` and
     ``height`` are the first pass's size and ``strength`` the second pass's, as A1111 writes them."""
     lines = [prompt]
@@ -67,6 +69,8 @@ def format_parameters(prompt: str, negative_prompt: Optional[str], steps: int, s
         fields.append(('Clip skip', clip_skip + 1))  # A1111 counts the last layer as 1
     if strength is not None:
         fields.append(('Denoising strength', strength))
+    if emphasis is not None and emphasis_name(emphasis) != 'Original':  # A1111 writes it when not its default
+        fields.append(('Emphasis', emphasis_name(emphasis)))
     if hires:
         fields += [('Hires upscale', hires['hr_scale']), ('Hires steps', hires.get('hr_second_pass_steps')),
                    ('Hires upscaler', _A1111_UPSCALERS[normalize_upscaler(hires.get('hr_upscaler'))])]
@@ -109,6 +113,11 @@ def parse_parameters(text: str) -> Dict[str, Any]:
         call['clip_skip'] = int(params['Clip skip']) - 1
     applied = _APPLIED | _INFORMATIONAL | (_HIRES if 'Hires upscale' in params else set())
     not_applied = [key for key in params if key not in applied]
+    if 'Emphasis' in params:
+        if params['Emphasis'].lower() in (name.lower() for name in EMPHASIS):
+            call['emphasis'] = emphasis_name(params['Emphasis'])
+        else:
+            not_applied.append(f'Emphasis {params["Emphasis"]}')
     if 'Denoising strength' in params and 'Hires resize' in params and 'Hires upscale' not in params:
         not_applied.append('Denoising strength')  # of a hires pass to a size of its own, which hr_scale cannot say
     elif 'Denoising strength' in params:  # image-to-image's, or the hires fix's second pass's
@@ -182,5 +191,5 @@ def describe_outputs(pipe, options: Dict[str, Any], output: Dict[str, Any], mode
             prompts[i // per_prompt], negatives[i // per_prompt], options.get('num_inference_steps', 50),
             scheduler, options.get('guidance_scale', 7.5), seeds[i] if seeds else None, width, height, model, loras,
             options.get('clip_skip'), strength, embeddings, options.get('guidance_rescale', 0.0),
-            hires if hires['hr_scale'] is not None else None))
+            hires if hires['hr_scale'] is not None else None, options.get('emphasis')))
     return texts

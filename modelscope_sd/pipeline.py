@@ -37,6 +37,7 @@ CALL_DEFAULTS: Dict[str, Any] = {
     'latents': None,
     'scheduler': None,  # None: the model's own scheduler (PNDM for SD1.5)
     'clip_skip': None,
+    'emphasis': None,  # A1111's Emphasis setting for (word:1.2): None is its default, 'Original'
     'lora_scale': None,  # None: the scales given when the adapters were loaded
     'progress_bar': None,  # None: the pipeline's setting
     'image': None,  # image-to-image / inpainting: a path, a BGR array or a PIL image
@@ -283,8 +284,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
 
     @torch.inference_mode()
     def _generate(self, prompt, negative_prompt, num_inference_steps, guidance_scale, guidance_rescale, height,
-                  width, num_images_per_prompt, eta, seed, generator, latents, scheduler, clip_skip, lora_scale,
-                  progress_bar, image, mask_image, strength, hr_scale, hr_upscaler, hr_second_pass_steps,
+                  width, num_images_per_prompt, eta, seed, generator, latents, scheduler, clip_skip, emphasis,
+                  lora_scale, progress_bar, image, mask_image, strength, hr_scale, hr_upscaler, hr_second_pass_steps,
                   callback_on_step_end, callback_on_step_end_tensor_inputs) -> Dict[str, Any]:
         # 1. batch and randomness
         n_images = (len(prompt) if isinstance(prompt, list) else 1) * num_images_per_prompt
@@ -316,8 +317,9 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                 checks.check_runs_a_step(pipe, num_inference_steps, strength, 'num_inference_steps')
             # 4. long or weighted prompts become embeddings here (edited ones per pass, once its steps are known);
             # the fast path or diffusers does the denoising
-            text_inputs = (prompts_lib.edited_prompts(prompt, negative_prompt, clip_skip)
-                           or prompts_lib.text_inputs(self.sd, prompt, negative_prompt, clip_skip))
+            emphasis = prompts_lib.emphasis_name(emphasis or 'Original')
+            text_inputs = (prompts_lib.edited_prompts(prompt, negative_prompt, clip_skip, emphasis)
+                           or prompts_lib.text_inputs(self.sd, prompt, negative_prompt, clip_skip, emphasis))
             # the fast loop has no step-end callback: with one, diffusers' loop runs (over the compiled UNet)
             passes = dict(text_inputs=text_inputs, guidance_scale=guidance_scale, eta=eta, generator=generator,
                           num_images_per_prompt=num_images_per_prompt,

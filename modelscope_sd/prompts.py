@@ -29,6 +29,17 @@ _TOKEN = re.compile(r'\\[()\[\]]|\(|\)|\[|\]|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)
 _SYNTAX = re.compile(r'(?<!\\)[()\[\]]')
 _BREAK = re.compile(r'\s*\bBREAK\b\s*')
 _EXTRA_NETWORK = re.compile(r'<(\w+):([^>]+)>')  # A1111's pattern: <lora:name:weight>, <hypernet:name:weight>
+# A1111's "Emphasis" setting: weights applied and each window's mean restored (its default); applied only; brackets
+# read but weights left out; brackets (and BREAK) read as words
+EMPHASIS = ('Original', 'No norm', 'Ignore', 'None')
+
+
+def emphasis_name(value) -> str:
+    """A1111's name for an emphasis mode, given in any case ('no norm' → 'No norm')."""
+    names = {name.lower(): name for name in EMPHASIS}
+    if not isinstance(value, str) or value.strip().lower() not in names:
+        raise ValueError(f'emphasis={value!r} is not one of {EMPHASIS} (A1111\'s names; Original is its default).')
+    return names[value.strip().lower()]
 
 
 def lora_tags(text: str) -> Tuple[str, Dict[str, float]]:
@@ -111,23 +122,26 @@ def _balanced(text: str) -> bool:
     return not depth
 
 
-def tokens_with_weights(tokenizer, text: str) -> Tuple[List[int], List[float]]:
-    """Token ids and weights of ``text``, laid out in windows (``window_layout``)."""
-    return window_layout(tokenizer, parse_weights(text))
+def tokens_with_weights(tokenizer, text: str, emphasis: str = 'Original') -> Tuple[List[int], List[float]]:
+    """Token ids and weights of ``text``, laid out in windows (``window_layout``), for an ``EMPHASIS`` mode."""
+    if emphasis == 'None':
+        return window_layout(tokenizer, [(text, 1.0)], breaks=False)
+    pieces = parse_weights(text)
+    return window_layout(tokenizer, [(piece, 1.0) for piece, _ in pieces] if emphasis == 'Ignore' else pieces)
 
 
-def window_layout(tokenizer, pieces: List[Tuple[str, float]],
-                  max_windows: Optional[int] = None) -> Tuple[List[int], List[float]]:
+def window_layout(tokenizer, pieces: List[Tuple[str, float]], max_windows: Optional[int] = None,
+                  breaks: bool = True) -> Tuple[List[int], List[float]]:
     """Token ids and weights of (text, weight) pieces, laid out so that every ``CHUNK`` of them is one window:
     where BREAK or a comma ends a window early, the rest of it is padding. The last window is not padded. With
     ``max_windows`` (text past them will be cut), the last of them does not end at a comma: it keeps the words
     a plain cut keeps. A textual-inversion word of several vectors that does not fit in the rest of a window
-    starts the next one, as in A1111."""
+    starts the next one, as in A1111. ``breaks=False``: BREAK is a word."""
     comma, vectors = _comma_id(tokenizer), _embedding_lengths(tokenizer)
     windows: List[Tuple[List[int], List[float]]] = [([], [])]
     last_comma = -1  # where the current window's last comma is
     for piece, weight in pieces:
-        for i, part in enumerate(_BREAK.split(piece)):
+        for i, part in enumerate(_BREAK.split(piece) if breaks else [piece]):
             if i:
                 windows.append(([], []))
                 last_comma = -1
@@ -179,11 +193,13 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def needs_long_path(tokenizer, text: Optional[str]) -> bool:
+def needs_long_path(tokenizer, text: Optional[str], emphasis: str = 'Original') -> bool:
     """Plain prompts that fit in one window stay on diffusers' own encoding (identical embeddings)."""
     if not text:
         return False
-    return has_syntax(text) or len(tokenizer(text, add_special_tokens=False, verbose=False).input_ids) > CHUNK
+    if emphasis != 'None' and has_syntax(text):
+        return True
+    return len(tokenizer(text, add_special_tokens=False, verbose=False).input_ids) > CHUNK
 
 
 def _windows(tokenizer, ids: List[int], weights: List[float], count: int):
@@ -196,13 +212,14 @@ def _windows(tokenizer, ids: List[int], weights: List[float], count: int):
 
 
 @torch.no_grad()
-def encode(pipe, prompts: List[str], clip_skip: Optional[int], windows: int) -> torch.Tensor:
+def encode(pipe, prompts: List[str], clip_skip: Optional[int], windows: int, emphasis: str = 'Original'
+           ) -> torch.Tensor:
     """(len(prompts), 77 * windows, hidden) weighted embeddings for a diffusers SD pipeline."""
     tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
     device = text_encoder.device
     out = []
     for text in prompts:
-        ids, weights = tokens_with_weights(tokenizer, text or '')
+        ids, weights = tokens_with_weights(tokenizer, text or '', emphasis)
         parts = []
         for chunk_ids, chunk_w in _windows(tokenizer, ids, weights, windows):
             input_ids = torch.tensor([chunk_ids], device=device)
@@ -216,7 +233,8 @@ def encode(pipe, prompts: List[str], clip_skip: Optional[int], windows: int) -> 
             weights = torch.tensor(chunk_w, device=hidden.device, dtype=torch.float32)[None, :, None]
             plain = hidden.float()
             weighted = plain * weights
-            weighted *= plain.mean() / weighted.mean()  # A1111's "Original": the window keeps its mean
+            if emphasis == 'Original':  # the window keeps its mean
+                weighted *= plain.mean() / weighted.mean()
             parts.append(weighted.to(hidden.dtype))
         out.append(torch.cat(parts, dim=1))
     return torch.cat(out).to(pipe.unet.dtype)
@@ -232,7 +250,7 @@ def window_ids(tokenizer, text: str, max_windows: int) -> List[int]:
 
 
 def text_inputs(pipe, prompt: Union[str, List[str]], negative_prompt: Union[str, List[str], None] = None,
-                clip_skip: Optional[int] = None) -> Dict[str, Any]:
+                clip_skip: Optional[int] = None, emphasis: str = 'Original') -> Dict[str, Any]:
     """The text arguments of a diffusers SD pipeline call. Plain prompts of up to 75 tokens go as text (diffusers'
     exact encoding); longer or weighted ones as embeddings in 75-token windows with per-token weights."""
     prompts = prompt if isinstance(prompt, list) else [prompt]
@@ -241,13 +259,13 @@ def text_inputs(pipe, prompt: Union[str, List[str]], negative_prompt: Union[str,
     # itself on its own path, so only the length check and our encoding see the expanded text
     expand = getattr(pipe, 'maybe_convert_prompt', lambda text, tokenizer: text)
     expanded = [expand(t, pipe.tokenizer) if t else t for t in prompts + negatives]
-    if not any(needs_long_path(pipe.tokenizer, t) for t in expanded):
+    if not any(needs_long_path(pipe.tokenizer, t, emphasis) for t in expanded):
         # lists on both sides: diffusers refuses a str beside a list
         return {'prompt': prompts, 'negative_prompt': None if negative_prompt is None else negatives,
                 'clip_skip': clip_skip}
-    windows = window_count(pipe.tokenizer, expanded)
-    return {'prompt_embeds': encode(pipe, expanded[:len(prompts)], clip_skip, windows),
-            'negative_prompt_embeds': encode(pipe, expanded[len(prompts):], clip_skip, windows)}
+    windows = window_count(pipe.tokenizer, expanded, emphasis)
+    return {'prompt_embeds': encode(pipe, expanded[:len(prompts)], clip_skip, windows, emphasis),
+            'negative_prompt_embeds': encode(pipe, expanded[len(prompts):], clip_skip, windows, emphasis)}
 
 
 def unet_embeds(pipe, text_inputs: Dict[str, Any], num_images_per_prompt: int, cfg: bool) -> torch.Tensor:
@@ -264,8 +282,8 @@ def unet_embeds(pipe, text_inputs: Dict[str, Any], num_images_per_prompt: int, c
     return torch.cat([negative, positive]) if cfg else positive
 
 
-def window_count(tokenizer, texts: List[Optional[str]]) -> int:
-    return max(window_count_of(tokens_with_weights(tokenizer, t or '')[0]) for t in texts)
+def window_count(tokenizer, texts: List[Optional[str]], emphasis: str = 'Original') -> int:
+    return max(window_count_of(tokens_with_weights(tokenizer, t or '', emphasis)[0]) for t in texts)
 
 
 def window_count_of(ids: List[int]) -> int:
@@ -307,6 +325,7 @@ class EditedPrompts:
     negatives: List[str]
     clip_skip: Optional[int]
     composition: Optional[Composition] = None
+    emphasis: str = 'Original'
 
     def text_inputs(self, pipe, calls: int, first_pass_calls: Optional[int] = None
                     ) -> Tuple[Dict[str, torch.Tensor], Dict[int, Dict[str, torch.Tensor]]]:
@@ -317,8 +336,9 @@ class EditedPrompts:
         starts = [call for call in range(calls) if call == 0 or per_call[call] != per_call[call - 1]]
         expand = getattr(pipe, 'maybe_convert_prompt', lambda text, tokenizer: text)  # textual-inversion words
         expanded = {text: expand(text, pipe.tokenizer) for call in starts for text in per_call[call]}
-        windows = window_count(pipe.tokenizer, list(expanded.values()))
-        encoded = {text: encode(pipe, [full], self.clip_skip, windows) for text, full in expanded.items()}
+        windows = window_count(pipe.tokenizer, list(expanded.values()), self.emphasis)
+        encoded = {text: encode(pipe, [full], self.clip_skip, windows, self.emphasis)
+                   for text, full in expanded.items()}
         n = len(self.prompts)
         inputs = {call: {'prompt_embeds': torch.cat([encoded[t] for t in per_call[call][:n]]),
                          'negative_prompt_embeds': torch.cat([encoded[t] for t in per_call[call][n:]])}
@@ -327,7 +347,7 @@ class EditedPrompts:
 
 
 def edited_prompts(prompt: Union[str, List[str]], negative_prompt: Union[str, List[str], None],
-                   clip_skip: Optional[int]) -> Optional[EditedPrompts]:
+                   clip_skip: Optional[int], emphasis: str = 'Original') -> Optional[EditedPrompts]:
     """`EditedPrompts` when a prompt or negative prompt of the call is edited or a prompt is split by ``AND``,
     else None (the prompts are encoded once)."""
     prompts = prompt if isinstance(prompt, list) else [prompt]
@@ -336,10 +356,10 @@ def edited_prompts(prompt: Union[str, List[str]], negative_prompt: Union[str, Li
     if any(splits):
         parts = [(i, text, weight) for i, split in enumerate(splits) for text, weight in split or [(prompts[i], 1.0)]]
         return EditedPrompts([text for _, text, _ in parts], list(negatives), clip_skip,
-                             Composition([i for i, _, _ in parts], [weight for _, _, weight in parts]))
+                             Composition([i for i, _, _ in parts], [weight for _, _, weight in parts]), emphasis)
     if not any(editing.first_edit(text) for text in prompts + negatives):
         return None
-    return EditedPrompts(list(prompts), list(negatives), clip_skip)
+    return EditedPrompts(list(prompts), list(negatives), clip_skip, emphasis=emphasis)
 
 
 def call_arguments(pipe, prompt: str, num_inference_steps: int, num_images_per_prompt: int) -> Dict[str, Any]:

@@ -16,12 +16,14 @@ def test_parameters_round_trip():
     text = metadata.format_parameters('a cat, (red hat:1.3)\nsecond line', 'blurry, dark', 20, 'dpm++_2m_karras',
                                       6.5, 42, 512, 448, 'AI-ModelScope/stable-diffusion-v1-5',
                                       [('my-lora', 0.8), ('/x/kohya.safetensors', 1.0)], clip_skip=1,
-                                      guidance_rescale=0.7)
+                                      guidance_rescale=0.7, emphasis='no norm')
     assert 'Sampler: DPM++ 2M Karras' in text and 'Clip skip: 2' in text and 'Rescale CFG: 0.7' in text
+    assert 'Emphasis: No norm' in text
     parsed = metadata.parse_parameters(text)
     assert parsed['call'] == {'text': 'a cat, (red hat:1.3)\nsecond line', 'negative_prompt': 'blurry, dark',
                               'num_inference_steps': 20, 'guidance_scale': 6.5, 'width': 512, 'height': 448,
-                              'scheduler': 'dpm++_2m_karras', 'seed': 42, 'clip_skip': 1, 'guidance_rescale': 0.7}
+                              'scheduler': 'dpm++_2m_karras', 'seed': 42, 'clip_skip': 1, 'guidance_rescale': 0.7,
+                              'emphasis': 'No norm'}
     assert parsed['model'] == 'AI-ModelScope/stable-diffusion-v1-5'
     assert parsed['lora_dir'] == ['my-lora', '/x/kohya.safetensors'] and parsed['lora_scale'] == [0.8, 1.0]
 
@@ -57,7 +59,12 @@ def test_reads_a1111_19_schedule_type_and_the_hires_fix():
     assert parsed['not_applied'] == ['Hires resize', 'Hires steps', 'Hires upscaler', 'Denoising strength']
     other = 'a castle\nSteps: 30, Sampler: Euler, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512, ' \
         'Emphasis: No norm, VAE: kl-f8-anime2.ckpt'
-    assert metadata.parse_parameters(other)['not_applied'] == ['Emphasis', 'VAE', 'Schedule type Karras']
+    parsed = metadata.parse_parameters(other)
+    assert parsed['not_applied'] == ['VAE', 'Schedule type Karras'] and parsed['call']['emphasis'] == 'No norm'
+    assert 'Emphasis Sharp' in metadata.parse_parameters(other.replace('No norm', 'Sharp'))['not_applied']
+    # A1111 leaves its default out, and so does a PNG written here
+    default = metadata.format_parameters('a', None, 20, 'pndm', 7.5, 1, 512, 512, 'm', emphasis='Original')
+    assert 'Emphasis' not in default
 
 
 def test_png_without_parameters_is_an_error(tmp_path):
@@ -76,14 +83,14 @@ def test_save_png_never_replaces_an_existing_image(tmp_path):
 
 
 def test_generate_writes_pngs_that_recreate_themselves(tiny_model_dir, tmp_path):
-    paths = main(['generate', '--prompt', '飞流直下三千尺,油画', '--model', tiny_model_dir, '--num_inference_steps', '3',
-                  '--num_images', '2', '--seed', '42', '--scheduler', 'euler_a', '--guidance_rescale', '0.7',
-                  '--device', 'cpu', '--output_dir', str(tmp_path / 'first')])
+    paths = main(['generate', '--prompt', '飞流直下三千尺,(油画:1.4)', '--model', tiny_model_dir, '--num_inference_steps',
+                  '3', '--num_images', '2', '--seed', '42', '--scheduler', 'euler_a', '--guidance_rescale', '0.7',
+                  '--emphasis', 'No norm', '--device', 'cpu', '--output_dir', str(tmp_path / 'first')])
     assert [os.path.basename(p) for p in paths] == ['42.png', '43.png']
     saved = metadata.read_png(paths[1])
     assert saved['not_applied'] == []
     assert saved['call']['seed'] == 43 and saved['call']['scheduler'] == 'euler_ancestral'
-    assert saved['call']['guidance_rescale'] == 0.7
+    assert saved['call']['guidance_rescale'] == 0.7 and saved['call']['emphasis'] == 'No norm'
     again = main(['generate', '--from_png', paths[1], '--device', 'cpu', '--output_dir', str(tmp_path / 'again')])
     first, second = (np.asarray(Image.open(p)).astype(int) for p in (paths[1], again[0]))
     assert np.abs(first - second).max() <= 1  # made in a batch, re-made alone: at most a rounding apart

@@ -53,6 +53,7 @@ import pytest
     (lambda p: p('a', height=64, latents=__import__('torch').randn(1, 4, 16, 16)), ValueError,
      ['needs (1, 4, 32, 16)', 'height=64']),
     (lambda p: p('a', callback_on_step_end='print'), TypeError, ['callback_on_step_end', 'callable', 'str']),
+    (lambda p: p('a', emphasis='strong'), ValueError, ["emphasis='strong'", 'No norm']),
     (lambda p: p('a AND b', guidance_scale=1.0), ValueError, ["A1111's AND", 'guidance_scale=1.0']),
     (lambda p: p('a AND b', image=__import__('numpy').zeros((32, 32, 3), 'uint8'),
                  mask_image=__import__('numpy').zeros((32, 32), 'uint8')), ValueError, ["AND", 'inpainting']),

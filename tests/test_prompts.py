@@ -56,6 +56,34 @@ def test_weights_scale_their_tokens_and_the_window_keeps_its_mean(sd_pipe):
     assert abs(plain.mean() / scaled.mean() - 1) > 1e-3  # the rescale is not a no-op on this model
 
 
+def test_a1111_emphasis_modes(sd_pipe):
+    """No norm: weights without the mean restored; Ignore: brackets read, weights left out; None: all words."""
+    sd = sd_pipe.sd
+    plain = prompts.encode(sd, ['a red hat'], None, 1)
+    _, weights = prompts.tokens_with_weights(sd.tokenizer, 'a (red:1.5) hat')
+    scaled = plain.clone()
+    scaled[0, [i + 1 for i, w in enumerate(weights) if w != 1.0]] *= 1.5
+    torch.testing.assert_close(prompts.encode(sd, ['a (red:1.5) hat'], None, 1, 'No norm'), scaled)
+    torch.testing.assert_close(prompts.encode(sd, ['a (red:1.5) hat'], None, 1, 'Ignore'), plain)
+    literal = sd.encode_prompt('a (red:1.5) hat BREAK sky', torch.device('cpu'), 1, False)[0]
+    torch.testing.assert_close(prompts.encode(sd, ['a (red:1.5) hat BREAK sky'], None, 1, 'None'), literal)
+    # with None, a short prompt with brackets is a plain prompt: diffusers' own encoding
+    assert prompts.text_inputs(sd, 'a (red:1.5) hat', emphasis='None') == {
+        'prompt': ['a (red:1.5) hat'], 'negative_prompt': None, 'clip_skip': None}
+    with pytest.raises(ValueError, match="emphasis='Sharp' is not one of"):
+        prompts.emphasis_name('Sharp')
+
+
+def test_emphasis_mode_changes_a_weighted_image_only(sd_pipe):
+    args = dict(num_inference_steps=2, seed=0)
+    weighted = {mode: sd_pipe('a (red:1.8) hat', emphasis=mode, **args)['output_imgs'][0].astype(int)
+                for mode in ('Original', 'No norm', 'Ignore')}
+    assert np.abs(weighted['No norm'] - weighted['Original']).max() > 1
+    assert np.abs(weighted['Ignore'] - sd_pipe('a red hat', **args)['output_imgs'][0].astype(int)).max() <= 1
+    unweighted = [sd_pipe('a red hat', emphasis=mode, **args)['output_imgs'][0] for mode in ('Original', 'no norm')]
+    assert np.array_equal(*unweighted)
+
+
 @pytest.mark.parametrize('comma_at, moved', [(55, True), (54, False), (74, True)])
 def test_a_window_ends_at_a_comma_close_to_its_end(sd_pipe, comma_at, moved):
     """A1111's comma backtracking: when a window fills up within 20 tokens of its last comma, the words after
