@@ -21,6 +21,7 @@ A1111_SAMPLERS = {
     'pndm': 'PLMS', 'ddim': 'DDIM', 'ddpm': 'DDPM', 'euler': 'Euler', 'euler_ancestral': 'Euler a', 'heun': 'Heun',
     'lms': 'LMS', 'lms_karras': 'LMS Karras', 'dpm++_2m': 'DPM++ 2M', 'dpm++_2m_karras': 'DPM++ 2M Karras',
     'dpm++_2m_sde': 'DPM++ 2M SDE', 'dpm++_2m_sde_karras': 'DPM++ 2M SDE Karras', 'unipc': 'UniPC',
+    'dpm2': 'DPM2', 'dpm2_karras': 'DPM2 Karras', 'dpm2_ancestral': 'DPM2 a', 'dpm2_ancestral_karras': 'DPM2 a Karras',
 }
 _FROM_A1111 = {v.lower(): k for k, v in A1111_SAMPLERS.items()}
 _A1111_UPSCALERS = {'latent': 'Latent', 'lanczos': 'Lanczos'}

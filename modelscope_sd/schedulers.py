@@ -23,13 +23,18 @@ SCHEDULERS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     'dpm++_2m_sde_karras': ('DPMSolverMultistepScheduler', {
         'algorithm_type': 'sde-dpmsolver++', 'use_karras_sigmas': True}),
     'unipc': ('UniPCMultistepScheduler', {}),
+    'dpm2': ('KDPM2DiscreteScheduler', {}),
+    'dpm2_karras': ('KDPM2DiscreteScheduler', {'use_karras_sigmas': True}),
+    'dpm2_ancestral': ('KDPM2AncestralDiscreteScheduler', {}),
+    'dpm2_ancestral_karras': ('KDPM2AncestralDiscreteScheduler', {'use_karras_sigmas': True}),
 }
 # What makes a sampler the one it is. A model's own scheduler config may carry another's (one whose default is
 # DPM++ 2M Karras has use_karras_sigmas): each named scheduler resets those its overrides do not set.
 _SAMPLER_DEFAULTS = {'use_karras_sigmas': False, 'use_exponential_sigmas': False, 'use_beta_sigmas': False,
                      'algorithm_type': 'dpmsolver++'}
 ALIASES = {'plms': 'pndm', 'euler_a': 'euler_ancestral', 'k_euler': 'euler',
-           'k_euler_a': 'euler_ancestral', 'k_lms': 'lms', 'dpm_solver++': 'dpm++_2m'}
+           'k_euler_a': 'euler_ancestral', 'k_lms': 'lms', 'dpm_solver++': 'dpm++_2m', 'dpm2_a': 'dpm2_ancestral',
+           'dpm2_a_karras': 'dpm2_ancestral_karras', 'k_dpm_2': 'dpm2', 'k_dpm_2_a': 'dpm2_ancestral'}
 
 
 def normalize_scheduler_name(name: str) -> str:

@@ -35,6 +35,8 @@ def test_reads_an_a1111_parameters_text():
     call = parsed['call']
     assert call['scheduler'] == 'euler_ancestral' and call['seed'] == 1234 and call['height'] == 768
     assert parsed['not_applied'] == []  # a model hash only describes the file
+    dpm2 = text.replace('Sampler: Euler a, Schedule type: Automatic', 'Sampler: DPM2 a, Schedule type: Karras')
+    assert metadata.parse_parameters(dpm2)['call']['scheduler'] == 'dpm2_ancestral_karras'
 
 
 def test_reads_a1111_19_schedule_type_and_the_hires_fix():
