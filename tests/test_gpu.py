@@ -7,7 +7,7 @@ import torch
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')]
 
-SCHEDULERS = (None, 'dpm++_2m_karras', 'euler_a', 'unipc', 'heun')
+SCHEDULERS = (None, 'dpm++_2m_karras', 'euler_a', 'unipc', 'heun', 'dpm2_a')
 
 
 @pytest.fixture(scope='module')
