@@ -249,3 +249,12 @@ def test_and_in_a_batch_keeps_each_images_prompt_and_seed(sd_pipe):
     assert np.abs(out[3].astype(int) - tree.astype(int)).max() <= 1
     hires = sd_pipe(texts[0], hr_scale=1.5, **ARGS)['output_imgs'][0]
     assert hires.shape == (48, 48, 3)
+
+
+def test_and_in_image_to_image_keeps_each_images_seed(sd_pipe):
+    image = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    args = dict(ARGS, image=image, strength=0.6, num_inference_steps=6, num_images_per_prompt=2)
+    halves = sd_pipe(['a cat:0.5 AND a cat:0.5', 'a dog AND a tree'], **args)['output_imgs']
+    cat = sd_pipe('a cat', **dict(args, num_images_per_prompt=1, seed=6))['output_imgs'][0]
+    assert np.abs(halves[1].astype(int) - cat.astype(int)).max() <= 1
+    assert halves[3].shape == (32, 32, 3)
