@@ -37,7 +37,8 @@ def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_
             raise TypeError(f'text must be a str or a non-empty list of str, got {prompt!r:.80}')
     elif not isinstance(prompt, str):
         raise TypeError(f'text must be a str or a list of str, got {type(prompt).__name__}')
-    for text in prompt if isinstance(prompt, list) else [prompt]:
+    prompts = prompt if isinstance(prompt, list) else [prompt]
+    for text in prompts:
         prompts_lib.check_syntax('text', text)
     if negative_prompt is not None:
         if isinstance(negative_prompt, list):
@@ -101,9 +102,9 @@ def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_
     _check_image_inputs(pipeline, image, mask_image, strength, latents, hr_scale)
     _check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, image, guidance_rescale)
     _check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, mask_image)
-    if any(split_and(text) for text in (prompt if isinstance(prompt, list) else [prompt])):
+    if any(split_and(text) for text in prompts):
         _check_and(guidance_scale, mask_image, callback_on_step_end)
-    n_images = (len(prompt) if isinstance(prompt, list) else 1) * num_images_per_prompt
+    n_images = len(prompts) * num_images_per_prompt
     if isinstance(generator, list) and len(generator) != n_images:
         raise ValueError(f'generator is a list of {len(generator)} but this call makes {n_images} images '
                          f'(prompts × num_images_per_prompt): pass one generator per image, one generator, '

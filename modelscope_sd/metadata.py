@@ -12,7 +12,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .hires import DEFAULT_STRENGTH, normalize_upscaler
-from .prompts import EMPHASIS, emphasis_name
+from .prompts import emphasis_name
 from .schedulers import SCHEDULERS, normalize_scheduler_name
 
 PARAMETERS_KEY = 'parameters'
@@ -115,9 +115,9 @@ def parse_parameters(text: str) -> Dict[str, Any]:
     applied = _APPLIED | _INFORMATIONAL | (_HIRES if 'Hires upscale' in params else set())
     not_applied = [key for key in params if key not in applied]
     if 'Emphasis' in params:
-        if params['Emphasis'].lower() in (name.lower() for name in EMPHASIS):
+        try:
             call['emphasis'] = emphasis_name(params['Emphasis'])
-        else:
+        except ValueError:  # a mode this pipeline does not know
             not_applied.append(f'Emphasis {params["Emphasis"]}')
     if 'Denoising strength' in params and 'Hires resize' in params and 'Hires upscale' not in params:
         not_applied.append('Denoising strength')  # of a hires pass to a size of its own, which hr_scale cannot say

@@ -253,12 +253,10 @@ def text_inputs(pipe, prompt: Union[str, List[str]], negative_prompt: Union[str,
                 clip_skip: Optional[int] = None, emphasis: str = 'Original') -> Dict[str, Any]:
     """The text arguments of a diffusers SD pipeline call. Plain prompts of up to 75 tokens go as text (diffusers'
     exact encoding); longer or weighted ones as embeddings in 75-token windows with per-token weights."""
-    prompts = prompt if isinstance(prompt, list) else [prompt]
-    negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ''] * len(prompts)
-    # a textual-inversion word of n vectors stands for n tokens: 'word word_1 … word_{n-1}'. diffusers expands it
-    # itself on its own path, so only the length check and our encoding see the expanded text
-    expand = getattr(pipe, 'maybe_convert_prompt', lambda text, tokenizer: text)
-    expanded = [expand(t, pipe.tokenizer) if t else t for t in prompts + negatives]
+    prompts, negatives = _as_lists(prompt, negative_prompt)
+    # diffusers expands textual-inversion words itself on its own path, so only the length check and our encoding
+    # see the expanded text
+    expanded = [_expand(pipe, t) if t else t for t in prompts + negatives]
     if not any(needs_long_path(pipe.tokenizer, t, emphasis) for t in expanded):
         # lists on both sides: diffusers refuses a str beside a list
         return {'prompt': prompts, 'negative_prompt': None if negative_prompt is None else negatives,
@@ -266,6 +264,17 @@ def text_inputs(pipe, prompt: Union[str, List[str]], negative_prompt: Union[str,
     windows = window_count(pipe.tokenizer, expanded, emphasis)
     return {'prompt_embeds': encode(pipe, expanded[:len(prompts)], clip_skip, windows, emphasis),
             'negative_prompt_embeds': encode(pipe, expanded[len(prompts):], clip_skip, windows, emphasis)}
+
+
+def _as_lists(prompt, negative_prompt) -> Tuple[List[str], List[str]]:
+    """A call's prompts and one negative prompt per prompt ('' where none is given), as lists."""
+    prompts = prompt if isinstance(prompt, list) else [prompt]
+    return prompts, negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ''] * len(prompts)
+
+
+def _expand(pipe, text: str) -> str:
+    """``text`` with each textual-inversion word of n vectors spelled as its n tokens ('word word_1 …')."""
+    return pipe.maybe_convert_prompt(text, pipe.tokenizer) if hasattr(pipe, 'maybe_convert_prompt') else text
 
 
 def unet_embeds(pipe, text_inputs: Dict[str, Any], num_images_per_prompt: int, cfg: bool) -> torch.Tensor:
@@ -334,8 +343,7 @@ class EditedPrompts:
         schedules = [editing.schedule(text, calls, first_pass_calls) for text in self.prompts + self.negatives]
         per_call = [tuple(editing.text_at(s, call) for s in schedules) for call in range(calls)]
         starts = [call for call in range(calls) if call == 0 or per_call[call] != per_call[call - 1]]
-        expand = getattr(pipe, 'maybe_convert_prompt', lambda text, tokenizer: text)  # textual-inversion words
-        expanded = {text: expand(text, pipe.tokenizer) for call in starts for text in per_call[call]}
+        expanded = {text: _expand(pipe, text) for call in starts for text in per_call[call]}
         windows = window_count(pipe.tokenizer, list(expanded.values()), self.emphasis)
         encoded = {text: encode(pipe, [full], self.clip_skip, windows, self.emphasis)
                    for text, full in expanded.items()}
@@ -350,8 +358,7 @@ def edited_prompts(prompt: Union[str, List[str]], negative_prompt: Union[str, Li
                    clip_skip: Optional[int], emphasis: str = 'Original') -> Optional[EditedPrompts]:
     """`EditedPrompts` when a prompt or negative prompt of the call is edited or a prompt is split by ``AND``,
     else None (the prompts are encoded once)."""
-    prompts = prompt if isinstance(prompt, list) else [prompt]
-    negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ''] * len(prompts)
+    prompts, negatives = _as_lists(prompt, negative_prompt)
     splits = [editing.split_and(text) for text in prompts]
     if any(splits):
         parts = [(i, text, weight) for i, split in enumerate(splits) for text, weight in split or [(prompts[i], 1.0)]]
