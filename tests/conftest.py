@@ -58,6 +58,17 @@ def sd_pipe(tiny_model_dir):
     return StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False)
 
 
+@pytest.fixture(scope='module')
+def fast_pipe(sd_pipe):
+    """Our pipeline over the same weights, routed through the whole-step loop (eager: no compile on CPU); one per
+    test module."""
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    from modelscope_sd.fast import WholeStepDenoiser
+    pipe = StableDiffusionText2ImagePipeline(sd_pipe.sd, device='cpu', progress_bar=False)
+    pipe.denoiser = WholeStepDenoiser(pipe.sd)
+    return pipe
+
+
 @pytest.fixture(scope='session')
 def vanilla_pipe(tiny_model_dir):
     from diffusers import StableDiffusionPipeline

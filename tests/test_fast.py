@@ -13,15 +13,6 @@ from modelscope_sd.schedulers import SCHEDULERS, make_scheduler
 ARGS = dict(num_inference_steps=4, guidance_scale=7.5)
 
 
-@pytest.fixture(scope='module')
-def fast_pipe(sd_pipe):
-    """Our pipeline over the same weights, routed through the whole-step loop (eager: no compile on CPU)."""
-    from modelscope_sd import StableDiffusionText2ImagePipeline
-    pipe = StableDiffusionText2ImagePipeline(sd_pipe.sd, device='cpu', progress_bar=False)
-    pipe.denoiser = WholeStepDenoiser(pipe.sd)
-    return pipe
-
-
 def _vanilla(vanilla_pipe, scheduler, seeds, **kwargs):
     base = vanilla_pipe.scheduler
     vanilla_pipe.scheduler = scheduler

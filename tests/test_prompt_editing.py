@@ -161,22 +161,23 @@ def test_steps_count_unet_calls(sd_pipe):
     assert prompts.model_calls(sd_pipe.sd, 50) == 51  # PNDM's first step calls the UNet twice
 
 
-@pytest.mark.parametrize('scheduler', ['euler_a', 'pndm', 'heun'])
-def test_fast_loop_switches_at_the_same_calls(sd_pipe, scheduler):
-    from modelscope_sd import StableDiffusionText2ImagePipeline
-    from modelscope_sd.fast import WholeStepDenoiser
-    fast = StableDiffusionText2ImagePipeline(sd_pipe.sd, device='cpu', progress_bar=False)
-    fast.denoiser = WholeStepDenoiser(fast.sd)
-    args = dict(ARGS, scheduler=scheduler, num_images_per_prompt=2)
-    texts = ['[a red house:a blue car:0.5]', 'a [red|blue] house']
-    step, fast_calls = fast.denoiser.step, []
+def _step_inputs(denoiser, monkeypatch, record):
+    """Records the embeddings each step of the whole-step loop gets."""
+    step = denoiser.step
 
     def recording_step(x0, history, coefs, scale, timestep, embeds, *rest):
-        fast_calls.append(embeds.clone())
+        record.append(embeds.clone())
         return step(x0, history, coefs, scale, timestep, embeds, *rest)
 
-    fast.denoiser.step = recording_step
-    a = fast(texts, negative_prompt='[blurry::2]', **args)['output_imgs']
+    monkeypatch.setattr(denoiser, 'step', recording_step)
+
+
+@pytest.mark.parametrize('scheduler', ['euler_a', 'pndm', 'heun'])
+def test_fast_loop_switches_at_the_same_calls(sd_pipe, fast_pipe, monkeypatch, scheduler):
+    args = dict(ARGS, scheduler=scheduler, num_images_per_prompt=2)
+    texts = ['[a red house:a blue car:0.5]', 'a [red|blue] house']
+    _step_inputs(fast_pipe.denoiser, monkeypatch, fast_calls := [])
+    a = fast_pipe(texts, negative_prompt='[blurry::2]', **args)['output_imgs']
     with _unet_inputs(sd_pipe, plain_calls := []):
         b = sd_pipe(texts, negative_prompt='[blurry::2]', **args)['output_imgs']
     _check_calls(fast_calls, plain_calls)
@@ -184,15 +185,10 @@ def test_fast_loop_switches_at_the_same_calls(sd_pipe, scheduler):
     assert max(np.abs(x.astype(int) - y.astype(int)).max() for x, y in zip(a, b)) <= 1
 
 
-def test_fast_loop_reads_the_hires_schedule_as_the_plain_path(sd_pipe):
-    from modelscope_sd import StableDiffusionText2ImagePipeline
-    from modelscope_sd.fast import WholeStepDenoiser
-    fast = StableDiffusionText2ImagePipeline(sd_pipe.sd, device='cpu', progress_bar=False)
-    fast.denoiser = WholeStepDenoiser(fast.sd)
+def test_fast_loop_reads_the_hires_schedule_as_the_plain_path(sd_pipe, fast_pipe, monkeypatch):
     args = dict(ARGS, scheduler='euler_a', hr_scale=1.5, hr_second_pass_steps=8, strength=0.5)
-    step, fast_calls = fast.denoiser.step, []
-    fast.denoiser.step = lambda *a: fast_calls.append(a[5].clone()) or step(*a)
-    a = fast('[a red house:a blue car:1.5]', **args)['output_imgs'][0].astype(int)
+    _step_inputs(fast_pipe.denoiser, monkeypatch, fast_calls := [])
+    a = fast_pipe('[a red house:a blue car:1.5]', **args)['output_imgs'][0].astype(int)
     with _unet_inputs(sd_pipe, plain_calls := []):
         b = sd_pipe('[a red house:a blue car:1.5]', **args)['output_imgs'][0].astype(int)
     _check_calls(fast_calls, plain_calls)  # 4 first-pass calls of a, then 4 of the second: a, a, a, b
