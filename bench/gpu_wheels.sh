@@ -12,7 +12,8 @@ download() {
     --platform manylinux2014_x86_64 -d .whl "$@"
 }
 download diffusers==0.42.1 modelscope==1.40.2 modelscope_hub==0.5.1 addict datasets==4.8.4 dill multiprocess \
-  boto3 botocore s3transfer jmespath trio outcome sniffio cryptography cffi pycparser lazy-importer
+  boto3 botocore s3transfer jmespath trio outcome sniffio cryptography cffi pycparser lazy-importer \
+  torchsde==0.2.6 trampoline==0.1.2
 download bitsandbytes==0.50.2
 python3 - <<'PY'
 import glob, os, re, zipfile

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
@@ -92,6 +92,7 @@ class DevicePlan:
     timesteps: List[torch.Tensor]  # 0-dim float32
     noise_dtypes: List[Optional[torch.dtype]]
     capacity: int
+    brownian: Optional[List[Tuple[float, float]]] = None  # see `LinearPlan`
 
     @property
     def num_model_calls(self) -> int:
@@ -132,7 +133,7 @@ class WholeStepDenoiser:
         return DevicePlan(rows=list(coefs.to(device).unbind()),
                           scales=list(plan.scales.to(device, torch.float32).unbind()),
                           timesteps=list(plan.timesteps.to(device, torch.float32).unbind()),
-                          noise_dtypes=plan.noise_dtypes, capacity=capacity)
+                          noise_dtypes=plan.noise_dtypes, capacity=capacity, brownian=plan.brownian)
 
     def _step(self, x0, history, coefs, scale, timestep, embeds, guidance, rescale, mixing=None):
         """One denoising step: latents from the table, CFG batch, UNet, guidance (and its rescale, when given)
@@ -161,9 +162,11 @@ class WholeStepDenoiser:
         return noise_pred
 
     def denoise(self, plan: DevicePlan, latents, embeds, guidance_scale: Optional[float], generator, progress_bar,
-                guidance_rescale: float = 0.0, changes: Optional[Dict[int, torch.Tensor]] = None, mixing=None):
+                guidance_rescale: float = 0.0, changes: Optional[Dict[int, torch.Tensor]] = None, mixing=None,
+                brownian_noise: Optional[Callable[[float, float], torch.Tensor]] = None):
         """``latents``: the start latents as ``prepare_latents`` gives them. Noise for stochastic schedulers is
-        drawn up front, in the order the scheduler would draw it, so seeds give the pictures of the plain path.
+        drawn up front, in the order the scheduler would draw it, so seeds give the pictures of the plain path:
+        from ``generator``, or for DPM++ SDE from its tree (``brownian_noise``: (sigma, sigma_next) → noise).
         ``changes``: {call: embeddings} from that UNet call on (prompt editing); same shape, so the same graph.
         ``mixing``: A1111's AND (see `_step`)."""
         n = plan.num_model_calls
@@ -171,8 +174,9 @@ class WholeStepDenoiser:
         x0 = latents.to(torch.float32, memory_format=torch.contiguous_format)
         history = torch.zeros((plan.capacity,) + tuple(latents.shape), dtype=torch.float32, device=latents.device)
         for j, dtype in enumerate(plan.noise_dtypes):
-            history[n + j] = randn_tensor(latents.shape, generator=generator, device=latents.device,
-                                          dtype=dtype or latents.dtype)
+            history[n + j] = (brownian_noise(*plan.brownian[j]) if plan.brownian else
+                              randn_tensor(latents.shape, generator=generator, device=latents.device,
+                                           dtype=dtype or latents.dtype))
         # a fill kernel, not a copy from host memory: nothing in here waits for the GPU
         guidance = (None if guidance_scale is None
                     else torch.full((), guidance_scale, dtype=torch.float32, device=latents.device))
@@ -236,8 +240,9 @@ class WholeStepDenoiser:
             start = pipe.prepare_latents(pipe.image_processor.preprocess(image), first, batch, 1, dtype, device,
                                          generator)
         with pipe.progress_bar(total=plan.num_model_calls) as bar:
+            brownian = pipe.scheduler.brownian_noise(start.float()) if plan.brownian else None
             final = self.denoise(plan, start, embeds, guidance_scale if cfg else None, generator, bar, guidance_rescale,
-                                 changes, mixing)
+                                 changes, mixing, brownian)
         if output_type == 'latent':
             return final, None
         decoded = pipe.vae.decode(final / pipe.vae.config.scaling_factor, return_dict=False, generator=generator)[0]

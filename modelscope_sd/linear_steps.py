@@ -2,10 +2,11 @@
 
 Every scheduler the pipeline offers updates the latents linearly: the latents entering step i are a fixed
 combination of the start latents x0, the earlier (guided) model outputs eps_0..eps_{i-1}, and, for the
-stochastic ones (Euler a, DDPM, DPM++ SDE, DDIM with eta > 0), the noise drawn so far. The coefficients
-depend only on the timesteps, so they are found once per (scheduler, steps, eta) by running the scheduler
-itself on unit vectors, and then checked against a run on random data. A scheduler that fails the check
-(thresholding, clipping, its own random numbers) gets no plan and keeps diffusers' loop.
+stochastic ones (Euler a, DDPM, DPM++ 2M SDE, DDIM with eta > 0), the noise drawn so far; DPM++ SDE's noise is
+its Brownian tree's, over sigma intervals the table records. The coefficients depend only on the timesteps, so
+they are found once per (scheduler, steps, eta) by running the scheduler itself on unit vectors, and then
+checked against a run on random data. A scheduler that fails the check (thresholding, clipping, its own random
+numbers) gets no plan and keeps diffusers' loop.
 """
 
 import copy
@@ -13,7 +14,7 @@ import inspect
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 from unittest import mock
 
 import torch
@@ -30,6 +31,8 @@ class LinearPlan:
     scales: torch.Tensor  # [n]
     coefs: torch.Tensor  # [n + 1, 1 + n + m]
     noise_dtypes: List[Optional[torch.dtype]]  # per noise draw: None = the model's dtype
+    # DPM++ SDE: the (sigma, sigma_next) of each draw, asked of the scheduler's Brownian tree, not of randn
+    brownian: Optional[List[Tuple[float, float]]] = None
 
     @property
     def num_model_calls(self) -> int:
@@ -50,15 +53,23 @@ def _run_scheduler(scheduler, num_inference_steps: int, eta: float, begin_index:
                    model_output: Callable[[int], torch.Tensor], noise: Callable[[int], torch.Tensor]):
     """Run a copy of ``scheduler`` the way diffusers' denoising loop does, from ``begin_index`` on, with given
     model outputs and with its ``randn_tensor`` draws answered by ``noise``. Returns the timesteps, the latents
-    entering each step, the ``scale_model_input`` result and factor of each step, the final latents and the
-    dtype asked for by each draw."""
+    entering each step, the ``scale_model_input`` result and factor of each step, the final latents, the dtype
+    asked for by each draw and, for a Brownian-tree scheduler, the sigma interval of each draw."""
     sched, timesteps = _set_timesteps(scheduler, num_inference_steps, begin_index)
     step_kwargs = {'eta': eta} if 'eta' in inspect.signature(sched.step).parameters else {}
     draws: List[Optional[torch.dtype]] = []
+    intervals: List[Tuple[float, float]] = []
 
     def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
         draws.append(dtype)
         return noise(len(draws) - 1).to(dtype or torch.float32)
+
+    def brownian(sigma, sigma_next):
+        intervals.append((float(sigma), float(sigma_next)))
+        return randn_tensor(None)
+
+    if hasattr(sched, 'noise_sampler'):  # DPM++ SDE builds its tree at the first step unless one is set
+        sched.noise_sampler = brownian
 
     module = sys.modules[type(sched).__module__]
     patch = mock.patch.object(module, 'randn_tensor', randn_tensor) if hasattr(module, 'randn_tensor') else nullcontext()
@@ -71,7 +82,7 @@ def _run_scheduler(scheduler, num_inference_steps: int, eta: float, begin_index:
             factors.append(float(sched.scale_model_input(ones, t).flatten()[0]))
             scaled.append(sched.scale_model_input(x, t))
             x = sched.step(model_output(i), t, x, **step_kwargs, return_dict=False)[0]
-    return timesteps, inputs, (scaled, factors), x, draws
+    return timesteps, inputs, (scaled, factors), x, (draws, intervals)
 
 
 def _close(expected: torch.Tensor, got: torch.Tensor) -> bool:
@@ -98,13 +109,13 @@ def plan_scheduler(scheduler, num_inference_steps: int, eta: float = 0.0,
         noises.append(torch.randn(shape, generator=gen, dtype=torch.float64))
         return noises[j]
 
-    _, inputs, (scaled, _), final, draws = _run_scheduler(scheduler, num_inference_steps, eta, begin_index, x0,
-                                                          eps.__getitem__, random_noise)
+    _, inputs, (scaled, _), final, (draws, intervals) = _run_scheduler(
+        scheduler, num_inference_steps, eta, begin_index, x0, eps.__getitem__, random_noise)
     # the same run on unit vectors: basis 0 is x0, 1..n the model outputs, n+1.. the noise draws
     size = 1 + n + len(draws)
     basis = torch.eye(size, dtype=torch.float64).view(size, size, 1, 1, 1)
     zero = torch.zeros_like(basis[0])
-    timesteps, b_inputs, (_, factors), b_final, b_draws = _run_scheduler(
+    timesteps, b_inputs, (_, factors), b_final, (b_draws, _) = _run_scheduler(
         scheduler, num_inference_steps, eta, begin_index, basis[0], lambda i: basis[1 + i],
         lambda j: basis[1 + n + j] if j < len(draws) else zero)
     if len(b_draws) != len(draws):
@@ -120,5 +131,6 @@ def plan_scheduler(scheduler, num_inference_steps: int, eta: float = 0.0,
     if not all(_close(s.to(torch.float64), scales[i] * inputs[i].to(torch.float64)) for i, s in enumerate(scaled)):
         return None
     dtypes = [None if d in (None, torch.float64) else d for d in draws]
-    return LinearPlan(timesteps=timesteps.to(torch.float32), scales=scales, coefs=coefs, noise_dtypes=dtypes)
+    return LinearPlan(timesteps=timesteps.to(torch.float32), scales=scales, coefs=coefs, noise_dtypes=dtypes,
+                      brownian=intervals or None)
 

@@ -13,7 +13,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from .hires import DEFAULT_STRENGTH, normalize_upscaler
 from .prompts import emphasis_name
-from .schedulers import SCHEDULERS, normalize_scheduler_name
+from .schedulers import scheduler_name
 
 PARAMETERS_KEY = 'parameters'
 # our scheduler names ↔ A1111's sampler names
@@ -22,6 +22,7 @@ A1111_SAMPLERS = {
     'lms': 'LMS', 'lms_karras': 'LMS Karras', 'dpm++_2m': 'DPM++ 2M', 'dpm++_2m_karras': 'DPM++ 2M Karras',
     'dpm++_2m_sde': 'DPM++ 2M SDE', 'dpm++_2m_sde_karras': 'DPM++ 2M SDE Karras', 'unipc': 'UniPC',
     'dpm2': 'DPM2', 'dpm2_karras': 'DPM2 Karras', 'dpm2_ancestral': 'DPM2 a', 'dpm2_ancestral_karras': 'DPM2 a Karras',
+    'dpm++_sde': 'DPM++ SDE', 'dpm++_sde_karras': 'DPM++ SDE Karras',
 }
 _FROM_A1111 = {v.lower(): k for k, v in A1111_SAMPLERS.items()}
 _A1111_UPSCALERS = {'latent': 'Latent', 'lanczos': 'Lanczos'}
@@ -32,19 +33,6 @@ _HIRES = {'Hires upscale', 'Hires steps', 'Hires upscaler'}  # read back when 'H
 _INFORMATIONAL = {'Model hash', 'VAE hash', 'Lora hashes', 'TI hashes', 'Hashes', 'Version'}
 # A1111's own pattern for "Key: value, Key: "quoted, value""
 _PARAM = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-
-
-def scheduler_name(scheduler) -> str:
-    """Our name for a call's scheduler option, or for the model's own scheduler object."""
-    if isinstance(scheduler, str):
-        return normalize_scheduler_name(scheduler)
-    cls = type(scheduler).__name__
-    karras = getattr(scheduler.config, 'use_karras_sigmas', False)
-    for name, (class_name, overrides) in SCHEDULERS.items():
-        if class_name == cls and bool(overrides.get('use_karras_sigmas')) == bool(karras) and \
-                'algorithm_type' not in overrides:
-            return name
-    return cls
 
 
 def _quote(value: str) -> str:

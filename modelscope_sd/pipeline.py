@@ -18,7 +18,7 @@ from . import lora as lora_utils
 from . import prompts as prompts_lib
 from .embeddings import load_embeddings
 from .loading import load_pipeline, resolve_device
-from .schedulers import make_scheduler
+from .schedulers import DPMSolverSDEScheduler, image_seeds, make_scheduler
 
 # Every per-call option, with diffusers' names, and its default. 'text' (ModelScope) and 'prompt'
 # (diffusers) are the same thing and are mapped in `_gather_options`.
@@ -111,7 +111,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         self.framework = 'pytorch'
         self._model_prepare = True
         self.progress_bar = progress_bar
-        self.base_scheduler = self.sd.scheduler
+        self.sd.scheduler = self.base_scheduler = make_scheduler(self.sd.scheduler, None)  # DPM++ SDE: seeded
         self._schedulers: Dict[str, Any] = {}
         self._variants: Dict[str, Any] = {}
         fuse_lora = fuse_lora or fast  # compiled kernels take plain weights
@@ -308,6 +308,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         # 3. scheduler, progress bar and adapter weights for this call; the pipeline's own are back afterwards, so
         # pipe.sd stays as it was built
         pipe.scheduler = self._scheduler(scheduler)
+        if isinstance(pipe.scheduler, DPMSolverSDEScheduler):  # its Brownian noise comes from each image's seed
+            pipe.scheduler.image_seeds = image_seeds(generator, n_images)
         quiet = not (self.progress_bar if progress_bar is None else progress_bar)
         pipe.set_progress_bar_config(disable=quiet)
         if lora_scale is not None:

@@ -2,9 +2,11 @@
 
 import difflib
 import inspect
-from typing import Any, Dict, Tuple, Union
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import diffusers
+import torch
 from diffusers import SchedulerMixin
 
 # name -> (diffusers class, overrides applied on top of the model's own scheduler config)
@@ -27,6 +29,8 @@ SCHEDULERS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     'dpm2_karras': ('KDPM2DiscreteScheduler', {'use_karras_sigmas': True}),
     'dpm2_ancestral': ('KDPM2AncestralDiscreteScheduler', {}),
     'dpm2_ancestral_karras': ('KDPM2AncestralDiscreteScheduler', {'use_karras_sigmas': True}),
+    'dpm++_sde': ('DPMSolverSDEScheduler', {}),
+    'dpm++_sde_karras': ('DPMSolverSDEScheduler', {'use_karras_sigmas': True}),
 }
 # What makes a sampler the one it is. A model's own scheduler config may carry another's (one whose default is
 # DPM++ 2M Karras has use_karras_sigmas): each named scheduler resets those its overrides do not set.
@@ -35,6 +39,45 @@ _SAMPLER_DEFAULTS = {'use_karras_sigmas': False, 'use_exponential_sigmas': False
 ALIASES = {'plms': 'pndm', 'euler_a': 'euler_ancestral', 'k_euler': 'euler',
            'k_euler_a': 'euler_ancestral', 'k_lms': 'lms', 'dpm_solver++': 'dpm++_2m', 'dpm2_a': 'dpm2_ancestral',
            'dpm2_a_karras': 'dpm2_ancestral_karras', 'k_dpm_2': 'dpm2', 'k_dpm_2_a': 'dpm2_ancestral'}
+
+
+class DPMSolverSDEScheduler(diffusers.DPMSolverSDEScheduler):
+    """diffusers' DPM++ SDE, with its Brownian-tree noise made on the CPU from one seed per image, as A1111 does
+    (`image_seeds`, set per call by the pipeline). diffusers' own draws a random seed per call, so its images
+    change from run to run whatever the generator, and makes the tree on the latents' device, whose random
+    numbers differ from the CPU's. Here an image is the one its seed makes alone, on any device."""
+
+    image_seeds: Optional[List[int]] = None
+
+    def brownian_noise(self, sample: torch.Tensor) -> Callable[[float, float], torch.Tensor]:
+        """The noise sampler for latents like ``sample`` over this call's sigmas: (sigma, sigma_next) → noise on
+        ``sample``'s device and dtype, the same for each image as a call of that image alone would draw."""
+        from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler  # needs torchsde
+        low, high = float(self.sigmas[self.sigmas > 0].min()), float(self.sigmas.max())
+        seeds = self.image_seeds
+        if seeds is not None and len(seeds) != sample.shape[0]:
+            raise ValueError(f'{len(seeds)} image seeds for a batch of {sample.shape[0]} latents.')
+        tree = BrownianTreeNoiseSampler(torch.zeros(sample.shape, dtype=torch.float32), low, high,
+                                        None if seeds is None else list(seeds))
+
+        def noise(sigma, sigma_next):
+            with warnings.catch_warnings():  # torchsde rounds the tree's ends to 6 digits, then clamps the
+                warnings.filterwarnings('ignore', 'Should have t', UserWarning)  # queries past them, and says so
+                return tree(float(sigma), float(sigma_next)).to(sample.device, sample.dtype)
+        return noise
+
+    def step(self, model_output, timestep, sample, return_dict: bool = True, s_noise: float = 1.0):
+        if self.noise_sampler is None:  # set_timesteps clears it: one tree per call, built at its first step
+            self.noise_sampler = self.brownian_noise(sample)
+        return super().step(model_output, timestep, sample, return_dict=return_dict, s_noise=s_noise)
+
+
+def image_seeds(generator, count: int) -> List[int]:
+    """The seed of each of a call's ``count`` images: each generator's own (the pipeline's are seed + i), or
+    for one generator shared by the batch, its seed + i."""
+    if isinstance(generator, Sequence):
+        return [g.initial_seed() for g in generator]
+    return [generator.initial_seed() + i for i in range(count)]
 
 
 def normalize_scheduler_name(name: str) -> str:
@@ -47,8 +90,22 @@ def scheduler_names():
     return sorted(SCHEDULERS) + sorted(ALIASES)
 
 
+def scheduler_name(scheduler: Union[str, SchedulerMixin]) -> str:
+    """Our name for a call's scheduler option, or for a scheduler object (the model's own): the named one whose
+    class and sampler settings it has, else its class name."""
+    if isinstance(scheduler, str):
+        return normalize_scheduler_name(scheduler)
+    for name, (class_name, overrides) in SCHEDULERS.items():
+        settings = {**_SAMPLER_DEFAULTS, **overrides}
+        if class_name == type(scheduler).__name__ and all(scheduler.config.get(k, v) == v for k, v in settings.items()):
+            return name
+    return type(scheduler).__name__
+
+
 def make_scheduler(scheduler: Union[str, SchedulerMixin], base_config) -> SchedulerMixin:
     """Build the named scheduler from the model's own scheduler config (betas, offsets, prediction type)."""
+    if type(scheduler) is diffusers.DPMSolverSDEScheduler:  # the same sampler, with noise its seeds decide
+        return DPMSolverSDEScheduler.from_config(scheduler.config)
     if isinstance(scheduler, SchedulerMixin):
         return scheduler
     if not isinstance(scheduler, str):
@@ -62,7 +119,7 @@ def make_scheduler(scheduler: Union[str, SchedulerMixin], base_config) -> Schedu
         hint = f" Did you mean '{close[0]}'?" if close else ''
         raise ValueError(f"scheduler={scheduler!r} is not known.{hint} Allowed: {', '.join(scheduler_names())}.")
     class_name, overrides = SCHEDULERS[key]
-    cls = getattr(diffusers, class_name)
+    cls = DPMSolverSDEScheduler if class_name == 'DPMSolverSDEScheduler' else getattr(diffusers, class_name)
     accepted = inspect.signature(cls.__init__).parameters
     resets = {k: v for k, v in _SAMPLER_DEFAULTS.items() if k in accepted}
     return cls.from_config(base_config, **{**resets, **overrides})

@@ -8,8 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+from diffusers import PNDMScheduler
+
 from modelscope_sd import metadata
 from modelscope_sd.cli import main
+from modelscope_sd.schedulers import SCHEDULERS, make_scheduler, scheduler_name
 
 
 def test_parameters_round_trip():
@@ -37,6 +40,19 @@ def test_reads_an_a1111_parameters_text():
     assert parsed['not_applied'] == []  # a model hash only describes the file
     dpm2 = text.replace('Sampler: Euler a, Schedule type: Automatic', 'Sampler: DPM2 a, Schedule type: Karras')
     assert metadata.parse_parameters(dpm2)['call']['scheduler'] == 'dpm2_ancestral_karras'
+
+
+@pytest.mark.parametrize('name', sorted(SCHEDULERS))
+def test_every_scheduler_has_an_a1111_name_read_back_from_a_png(name):
+    """Its object (the model's own scheduler) is named right too: DPM++ 2M SDE is not written as DPM++ 2M."""
+    scheduler = make_scheduler(name, PNDMScheduler().config)
+    assert scheduler_name(scheduler) == name
+    text = metadata.format_parameters('a', None, 20, scheduler_name(scheduler), 7.0, 1, 512, 512, 'm')
+    assert f'Sampler: {metadata.A1111_SAMPLERS[name]},' in text
+    assert metadata.parse_parameters(text)['call']['scheduler'] == name
+    if name.endswith('_karras'):  # A1111 1.9+ writes Karras as a schedule type of the sampler
+        a1111_19 = text.replace(' Karras,', ', Schedule type: Karras,')
+        assert metadata.parse_parameters(a1111_19) == metadata.parse_parameters(text)
 
 
 def test_reads_a1111_19_schedule_type_and_the_hires_fix():

@@ -8,9 +8,17 @@ from diffusers import EulerDiscreteScheduler
 
 from modelscope_sd.fast import MIN_HISTORY, WholeStepDenoiser
 from modelscope_sd.linear_steps import plan_scheduler
-from modelscope_sd.schedulers import SCHEDULERS, make_scheduler
+from modelscope_sd.schedulers import SCHEDULERS, DPMSolverSDEScheduler, make_scheduler
 
 ARGS = dict(num_inference_steps=4, guidance_scale=7.5)
+
+
+def _seeded(name, config, seeds):
+    """The named scheduler; DPM++ SDE's Brownian noise then comes from ``seeds``, as the pipeline sets it per call."""
+    scheduler = make_scheduler(name, config)
+    if isinstance(scheduler, DPMSolverSDEScheduler):
+        scheduler.image_seeds = seeds
+    return scheduler
 
 
 def _vanilla(vanilla_pipe, scheduler, seeds, **kwargs):
@@ -25,7 +33,7 @@ def _vanilla(vanilla_pipe, scheduler, seeds, **kwargs):
 
 @pytest.mark.parametrize('name', sorted(SCHEDULERS))
 def test_every_offered_scheduler_has_a_table_that_matches_diffusers_loop(fast_pipe, vanilla_pipe, name):
-    scheduler = make_scheduler(name, vanilla_pipe.scheduler.config)
+    scheduler = _seeded(name, vanilla_pipe.scheduler.config, [3])
     plan = fast_pipe.denoiser.plan(scheduler, 4, 0.0)
     assert plan is not None and plan.capacity == MIN_HISTORY  # one compiled graph for all of them
     expected = _vanilla(vanilla_pipe, scheduler, [3], prompt='a red house', **ARGS)
@@ -50,17 +58,17 @@ def test_guidance_rescale_in_the_step_matches_diffusers_loop(fast_pipe, vanilla_
     assert np.abs(got - plain).max() > 1e-2  # the rescale did change the images
 
 
-@pytest.mark.parametrize('name', ['pndm', 'euler_ancestral', 'heun', 'dpm++_2m_sde_karras', 'unipc'])
+@pytest.mark.parametrize('name', ['pndm', 'euler_ancestral', 'heun', 'dpm++_2m_sde_karras', 'unipc', 'dpm++_sde'])
 def test_image_to_image_tables_start_part_way_like_diffusers(fast_pipe, vanilla_pipe, name):
     from diffusers import StableDiffusionImg2ImgPipeline
     from PIL import Image
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
-    scheduler = make_scheduler(name, vanilla_pipe.scheduler.config)
+    scheduler = _seeded(name, vanilla_pipe.scheduler.config, [3])
     vanilla = StableDiffusionImg2ImgPipeline.from_pipe(vanilla_pipe, scheduler=scheduler)
     expected = vanilla('a red house', image=image, strength=0.6, num_inference_steps=5, output_type='np',
                        generator=[torch.Generator('cpu').manual_seed(3)]).images
     variant = fast_pipe._variant('img2img')
-    variant.scheduler = make_scheduler(name, vanilla_pipe.scheduler.config)
+    variant.scheduler = _seeded(name, vanilla_pipe.scheduler.config, [3])
     got, _ = fast_pipe.denoiser.generate(variant, {'prompt': 'a red house'}, 5, 7.5, 1, 0.0,
                                          [torch.Generator('cpu').manual_seed(3)], image=image, strength=0.6)
     np.testing.assert_allclose(got, expected, atol=2e-4)

@@ -7,7 +7,7 @@ import torch
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')]
 
-SCHEDULERS = (None, 'dpm++_2m_karras', 'euler_a', 'unipc', 'heun', 'dpm2_a')
+SCHEDULERS = (None, 'dpm++_2m_karras', 'euler_a', 'unipc', 'heun', 'dpm2_a', 'dpm++_sde_karras')
 
 
 @pytest.fixture(scope='module')
@@ -25,6 +25,17 @@ def gpu_pipes(tiny_model_dir, tmp_path_factory):
 def test_gpu_defaults_to_fp16(gpu_pipes):
     plain, _ = gpu_pipes
     assert plain.sd.unet.dtype == torch.float16 and plain.device.type == 'cuda'
+
+
+@pytest.mark.parametrize('scheduler', [None, 'euler_a', 'dpm++_sde_karras'])
+def test_a_seed_gives_the_cpus_picture_on_the_gpu(tiny_model_dir, scheduler):
+    """Start latents and stochastic noise come from CPU generators, DPM++ SDE's Brownian tree included."""
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    images = [StableDiffusionText2ImagePipeline(tiny_model_dir, device=device, torch_dtype=torch.float32,
+                                                progress_bar=False)('a cat', num_inference_steps=4, seed=3,
+                                                                    scheduler=scheduler)['output_imgs'][0]
+              for device in ('cpu', 'gpu')]
+    assert np.abs(images[0].astype(int) - images[1].astype(int)).max() <= 2
 
 
 def test_fast_path_matches_the_plain_path_for_every_scheduler_without_recompiling(gpu_pipes):

@@ -186,6 +186,47 @@ def test_a_named_scheduler_is_that_sampler_whatever_the_models_default(sd_pipe):
     assert make_scheduler('pndm', base).config.steps_offset == base.steps_offset  # the model's own settings stay
 
 
+SDE = dict(scheduler='DPM++ SDE Karras', num_inference_steps=4, guidance_scale=7.5)
+
+
+@pytest.mark.filterwarnings('ignore:Should have t')  # diffusers' own tree, asked an ulp past its end
+def test_dpm_sde_noise_is_diffusers_brownian_tree_seeded_per_image(sd_pipe, vanilla_pipe):
+    """DPM++ SDE's Brownian noise comes from each image's seed, as A1111 seeds it: the images are those of
+    diffusers' scheduler given the same seeds, and the same call twice gives the same images (diffusers' own
+    draws a new tree seed per call unless told one)."""
+    from diffusers import DPMSolverSDEScheduler
+    base = vanilla_pipe.scheduler
+    vanilla_pipe.scheduler = DPMSolverSDEScheduler.from_config(base.config, use_karras_sigmas=True,
+                                                               noise_sampler_seed=[7, 8])
+    try:
+        expected = vanilla_pipe(['a cat', 'a dog'], generator=[torch.Generator().manual_seed(s) for s in (7, 8)],
+                                output_type='np', num_inference_steps=4).images
+    finally:
+        vanilla_pipe.scheduler = base
+    got = sd_pipe(['a cat', 'a dog'], seed=7, **SDE)[OutputKeys.OUTPUT_IMGS]
+    for image, want in zip(got, expected, strict=True):
+        assert np.abs(image[..., ::-1].astype(int) - (want * 255).round().astype(int)).max() <= 1
+    again = sd_pipe('a dog', seed=8, **SDE)[OutputKeys.OUTPUT_IMGS][0]
+    assert np.abs(again.astype(int) - got[1].astype(int)).max() <= 1  # alone, as in the batch
+
+
+def test_dpm_sde_seed_decides_the_noise_not_only_the_start_latents(sd_pipe):
+    latents = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+    a, b = (sd_pipe('a cat', seed=seed, latents=latents, **SDE)[OutputKeys.OUTPUT_IMGS][0] for seed in (1, 2))
+    assert np.abs(a.astype(int) - b.astype(int)).max() > 2
+    ode = dict(SDE, scheduler='dpm++_2m_karras')  # a sampler without noise: the seed only made the latents
+    c, d = (sd_pipe('a cat', seed=seed, latents=latents, **ode)[OutputKeys.OUTPUT_IMGS][0] for seed in (1, 2))
+    assert np.array_equal(c, d)
+
+
+def test_a_diffusers_dpm_sde_scheduler_object_gets_seeded_noise(sd_pipe):
+    from diffusers import DPMSolverSDEScheduler
+    scheduler = DPMSolverSDEScheduler.from_config(sd_pipe.base_scheduler.config, use_karras_sigmas=True)
+    a, b = (sd_pipe('a cat', seed=3, **dict(SDE, scheduler=scheduler))[OutputKeys.OUTPUT_IMGS][0] for _ in 'ab')
+    named = sd_pipe('a cat', seed=3, **SDE)[OutputKeys.OUTPUT_IMGS][0]
+    assert np.array_equal(a, b) and np.array_equal(a, named)
+
+
 def test_batch_size_makes_the_images_of_one_batch_in_smaller_batches(sd_pipe, monkeypatch):
     prompts, options = ['a red ball', 'a blue cube', 'a tree'], dict(negative_prompt=['x', 'y', 'z'],
                                                                        num_images_per_prompt=2, **FAST)

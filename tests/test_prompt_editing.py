@@ -254,3 +254,13 @@ def test_and_in_image_to_image_keeps_each_images_seed(sd_pipe):
     cat = sd_pipe('a cat', **dict(args, num_images_per_prompt=1, seed=6))['output_imgs'][0]
     assert np.abs(halves[1].astype(int) - cat.astype(int)).max() <= 1
     assert halves[3].shape == (32, 32, 3)
+
+
+def test_and_with_dpm_sde_draws_each_images_brownian_noise_from_its_seed(sd_pipe):
+    """AND runs the table loop, which draws DPM++ SDE's tree noise up front; the plain prompts run diffusers'."""
+    args = dict(ARGS, scheduler='dpm++_sde_karras')
+    halves = sd_pipe(['a cat:0.5 AND a cat:0.5', 'a dog:0.5 AND a dog:0.5'], **args)['output_imgs']
+    cat = sd_pipe('a cat', **args)['output_imgs'][0]
+    dog = sd_pipe('a dog', **dict(args, seed=args['seed'] + 1))['output_imgs'][0]
+    assert np.abs(halves[0].astype(int) - cat.astype(int)).max() <= 1
+    assert np.abs(halves[1].astype(int) - dog.astype(int)).max() <= 1

@@ -61,3 +61,20 @@ def test_readme_generate_commands_run_as_written(cached_model, fake_hub, tmp_pat
     # made in a batch of two, re-made alone: a batch's arithmetic may round one value the other way
     first, again = (np.asarray(Image.open(tmp_path / d / '43.png')).astype(int) for d in ('outputs', 'again'))
     assert np.abs(first - again).max() <= 1
+
+
+def test_every_scheduler_is_in_the_readme():
+    from modelscope_sd.schedulers import ALIASES, SCHEDULERS
+    readme = _readme()
+    spelled = {name: [name] + [alias for alias, target in ALIASES.items() if target == name] for name in SCHEDULERS}
+    assert [name for name, ways in spelled.items() if not any(f'`{way}`' in readme for way in ways)] == []
+
+
+def test_requirements_txt_mirrors_install_requires():
+    import configparser
+    setup = configparser.ConfigParser()
+    setup.read(os.path.join(ROOT, 'setup.cfg'))
+    required = setup['options']['install_requires'].split()
+    with open(os.path.join(ROOT, 'requirements.txt'), encoding='utf-8') as f:
+        listed = [line.strip() for line in f if line.strip() and not line.startswith('#')]
+    assert listed == required
