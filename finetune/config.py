@@ -75,6 +75,11 @@ class TrainConfig:
     proportion_empty_prompts: float = _help("share of captions replaced by the empty prompt, drawn anew each epoch "
                                             "(caption dropout, kohya's --caption_dropout_rate; 0.05-0.1 is usual): "
                                             'keeps the unconditional prediction that guidance uses', default=0.0)
+    shuffle_caption: bool = _help("kohya's flag: shuffle each caption's comma-separated tags, drawn anew each epoch "
+                                  "(for tag captions such as '1girl, red hair, smile'; prompts are then encoded "
+                                  'every step, even with --cache_latents)', default=False)
+    keep_tokens: int = _help("kohya's flag: with --shuffle_caption, the first N tags stay first (1 keeps a trigger "
+                             'word in front)', default=0)
     prediction_type: Optional[str] = _help("'epsilon' or 'v_prediction'; default: the scheduler's", default=None)
     train_text_encoder: bool = _help('also train the text encoder', default=False)
     max_token_length: int = _help('caption tokens the text encoder reads: 75 (one CLIP window), or 150 or 225 '
@@ -121,6 +126,11 @@ class TrainConfig:
         if not 0 <= self.proportion_empty_prompts < 1:
             raise ValueError(f'proportion_empty_prompts={self.proportion_empty_prompts} must be in [0, 1) '
                              '(0.05-0.1 is usual; 0 keeps every caption).')
+        if self.keep_tokens < 0:
+            raise ValueError(f'keep_tokens={self.keep_tokens} must be >= 0 (the tags that stay first).')
+        if self.keep_tokens and not self.shuffle_caption:
+            raise ValueError(f'keep_tokens={self.keep_tokens} keeps tags in place while --shuffle_caption shuffles the '
+                             'rest: pass --shuffle_caption too, or drop --keep_tokens.')
         if self.max_grad_norm <= 0:  # 0 would zero every gradient, a negative norm would flip them
             raise ValueError(f'max_grad_norm={self.max_grad_norm} must be > 0 (1.0 is usual).')
         if self.max_token_length < CHUNK or self.max_token_length % CHUNK:

@@ -206,13 +206,15 @@ class CaptionDataset(torch.utils.data.Dataset):
     ``targets`` (aspect buckets, one (width, height) per record) images take their bucket's size, not a square.
     With ``proportion_empty_prompts`` that share of the items, drawn anew each epoch, come with the empty prompt
     instead of their caption (caption dropout), so the model keeps learning the unconditional prediction that
-    classifier-free guidance subtracts."""
+    classifier-free guidance subtracts. With ``shuffle_caption`` a caption's comma-separated tags after the first
+    ``keep_tokens`` come in an order drawn anew each epoch (kohya's --shuffle_caption)."""
 
     def __init__(self, records: List[Record], tokenizer, resolution: int, center_crop: bool = False,
                  random_flip: bool = False, seed: int = 0, max_windows: int = 1,
                  targets: Optional[List[Tuple[int, int]]] = None, proportion_empty_prompts: float = 0.0,
-                 name: str = ''):
+                 name: str = '', shuffle_caption: bool = False, keep_tokens: int = 0):
         self.records, self.targets, self.proportion_empty_prompts = records, targets, proportion_empty_prompts
+        self.shuffle_caption, self.keep_tokens = shuffle_caption, keep_tokens
         self.name = name  # datasets trained side by side (instance and class images) draw their dropout apart
         self.tokenizer = tokenizer
         self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
@@ -234,7 +236,19 @@ class CaptionDataset(torch.utils.data.Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         return {'pixel_values': self.pixels(index, self._rng(epoch, index), self.random_flip),
                 'input_ids': self.empty['input_ids'] if self.drops_caption(epoch, index)
-                else self.tokenize(self.records[index].caption)}
+                else self.tokenize(self.caption(epoch, index))}
+
+    def caption(self, epoch: int, index: int) -> str:
+        """Record ``index``'s caption this epoch: with ``shuffle_caption`` its tags (stripped, empty ones dropped)
+        joined by ', ', the first ``keep_tokens`` in place and the rest in an order drawn from (seed, epoch,
+        index), apart from the augmentation's and the dropout's numbers."""
+        caption = self.records[index].caption
+        if not self.shuffle_caption:
+            return caption
+        tags = [tag.strip() for tag in caption.split(',') if tag.strip()]
+        kept, rest = tags[:self.keep_tokens], tags[self.keep_tokens:]
+        random.Random(f'{self.seed}-{epoch}-{index}-shuffle{self.name}').shuffle(rest)
+        return ', '.join(kept + rest)
 
     def drops_caption(self, epoch: int, index: int) -> bool:
         """Whether item ``index`` trains with the empty prompt this epoch: a function of (seed, epoch, index), drawn
@@ -260,13 +274,14 @@ class CaptionDataset(torch.utils.data.Dataset):
 def training_dataset(config, records: List[Record], tokenizer, unet, validation: bool = False,
                      name: str = '') -> CaptionDataset:
     """A trainer's dataset: the config's size, crop, flip, seed, caption windows and (not for ``validation``)
-    caption dropout, and with ``--enable_bucket`` each image's aspect bucket. ``name`` tells apart datasets
+    caption dropout and tag shuffling, and with ``--enable_bucket`` each image's aspect bucket. ``name`` tells apart datasets
     trained side by side."""
     targets = (assign_buckets([r.image for r in records], config.resolution, size_step(unet))
                if config.enable_bucket else None)
     return CaptionDataset(records, tokenizer, config.resolution, config.center_crop, config.random_flip,
                           config.seed, config.max_token_length // CHUNK, targets,
-                          0.0 if validation else config.proportion_empty_prompts, name)
+                          0.0 if validation else config.proportion_empty_prompts, name,
+                          config.shuffle_caption and not validation, config.keep_tokens)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -339,7 +354,7 @@ class CachedDataset(torch.utils.data.Dataset):
     ``random_flip`` both orientations are encoded, and each epoch takes the one the dataset's flip would. With
     ``on_device`` they stay where the VAE is, up to ``DEVICE_CACHE_BYTES``, so a step copies nothing from host
     memory (a copy from pageable memory makes the CPU wait for the GPU); a DataLoader with workers needs them
-    in host memory."""
+    in host memory. Shuffled captions change every epoch: they are tokenized per item and encoded per step."""
 
     DEVICE_CACHE_BYTES = 1 << 30
 
@@ -349,6 +364,8 @@ class CachedDataset(torch.utils.data.Dataset):
         self.empty, self.targets = dict(dataset.empty), dataset.targets
         self.flipped = dataset.flipped if dataset.random_flip else None
         self.drops_caption = dataset.drops_caption
+        self.shuffled = dataset if dataset.shuffle_caption else None
+        text_encoder = None if self.shuffled else text_encoder
         with torch.no_grad():
             if text_encoder is not None:
                 ids = self.empty['input_ids'][None].to(text_encoder.device)
@@ -358,10 +375,10 @@ class CachedDataset(torch.utils.data.Dataset):
                 entry = {'latent_params': vae.encode(pixels).latent_dist.parameters[0]}
                 if self.flipped:  # a mirrored crop is the crop mirrored: the same pixels prepare_image flips
                     entry['flipped_latent_params'] = vae.encode(pixels.flip(-1)).latent_dist.parameters[0]
-                ids = dataset.tokenize(dataset.records[index].caption)
-                if text_encoder is None:
+                ids = None if self.shuffled else dataset.tokenize(dataset.records[index].caption)  # shuffled: per item
+                if ids is not None and text_encoder is None:
                     entry['input_ids'] = ids
-                else:
+                elif ids is not None:
                     ids = ids[None].to(text_encoder.device)
                     entry['encoder_hidden_states'] = encode_prompt_ids(text_encoder, ids)[0]
                 self.items.append(entry)
@@ -383,6 +400,8 @@ class CachedDataset(torch.utils.data.Dataset):
         flipped = item.pop('flipped_latent_params', None)
         if flipped is not None and self.flipped(epoch, index):
             item['latent_params'] = flipped
+        if self.shuffled:
+            item['input_ids'] = self.shuffled.tokenize(self.shuffled.caption(epoch, index))
         if self.drops_caption(epoch, index):  # the empty prompt's ids, or its cached embedding
             item.update({k: self.empty[k] for k in ('input_ids', 'encoder_hidden_states') if k in item})
         return item

@@ -139,6 +139,48 @@ def test_caption_dropout_is_drawn_per_epoch_and_leaves_the_augmentation_as_it_wa
     assert [key for key in keys if classes.drops_caption(*key)] != dropped
 
 
+def test_shuffled_tags_keep_the_first_ones_and_are_drawn_per_epoch_and_item(sd_pipe, tmp_path):
+    """kohya's --shuffle_caption --keep_tokens: the same tags, the first ones in front, a new order each epoch that
+    a resumed run draws again; cached latents keep it, with the prompt tokenized per item."""
+    import torch
+
+    from finetune.data import CachedDataset, CaptionDataset, Record
+    make_images(str(tmp_path), count=2)
+    tags = ['sks', 'red hair', 'smile', 'outdoors', 'blue sky', 'looking at viewer', 'upper body', 'tree']
+    images = records_from_image_folder(str(tmp_path))
+    records = [Record(images[0].image, ', '.join(tags) + ', '), Record(images[1].image, 'a photo')]
+    tokenizer = sd_pipe.sd.tokenizer
+
+    def dataset(**kwargs):
+        return CaptionDataset(records, tokenizer, 32, center_crop=True, random_flip=True, seed=3, **kwargs)
+
+    shuffling = dataset(shuffle_caption=True, keep_tokens=1)
+    captions = [shuffling.caption(epoch, 0) for epoch in range(6)]
+    for caption in captions:
+        assert caption.split(', ')[0] == 'sks' and sorted(caption.split(', ')) == sorted(tags)
+    assert len(set(captions)) >= 4  # 7! orders: a new draw each epoch
+    assert [dataset(shuffle_caption=True, keep_tokens=1).caption(e, 0) for e in range(6)] == captions  # seeded
+    assert shuffling.caption(0, 1) == 'a photo' and dataset().caption(0, 0) == records[0].caption
+    plain = dataset()
+    for key in [(epoch, i) for epoch in range(3) for i in range(2)]:
+        assert torch.equal(shuffling[key]['input_ids'], plain.tokenize(shuffling.caption(*key)))
+        assert torch.equal(shuffling[key]['pixel_values'], plain[key]['pixel_values'])  # crops and flips unchanged
+    # cached latents: the prompt is not cached (it changes), so the text encoder gets each epoch's order
+    sd = sd_pipe.sd
+    cached = CachedDataset(shuffling, sd.vae, sd.text_encoder)
+    assert 'encoder_hidden_states' not in cached[(0, 0)]
+    assert [cached[(epoch, 0)]['input_ids'].tolist() for epoch in range(3)] == \
+        [shuffling[(epoch, 0)]['input_ids'].tolist() for epoch in range(3)]
+
+
+def test_keep_tokens_needs_shuffle_caption():
+    from finetune.config import LoraTrainConfig
+    with pytest.raises(ValueError, match='pass --shuffle_caption too'):
+        LoraTrainConfig(keep_tokens=1)
+    with pytest.raises(ValueError, match='keep_tokens=-1 must be >= 0'):
+        LoraTrainConfig(keep_tokens=-1, shuffle_caption=True)
+
+
 def test_captions_past_clips_window_are_reported_or_get_more_windows(tmp_path, caplog):
     import torch
 

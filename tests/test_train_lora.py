@@ -618,6 +618,23 @@ def test_cached_latents_train_the_same_adapter(tiny_model_dir, csv_dataset, tmp_
         assert any(not torch.allclose(kept[key], plain[key]) for key in plain)
 
 
+def test_shuffled_tag_captions_train_the_same_cached_or_not(tiny_model_dir, tmp_path):
+    """--shuffle_caption: cached latents with prompts encoded per step give the uncached run's adapter, and the
+    shuffle did change what was trained."""
+    make_images(str(tmp_path / 'tags'), count=2)
+    for i in range(2):
+        (tmp_path / 'tags' / f'img{i}.txt').write_text(f'sks, thing {i}, red, green, blue, round, small')
+    settings = dict(center_crop=True, max_train_steps=6, checkpointing_steps=None)
+    shuffled = dict(settings, shuffle_caption=True, keep_tokens=1)
+    plain = load_file(_train(_config(tiny_model_dir, str(tmp_path / 'tags'), tmp_path / 'plain', **shuffled)))
+    cached = load_file(_train(_config(tiny_model_dir, str(tmp_path / 'tags'), tmp_path / 'cached',
+                                      cache_latents=True, **shuffled)))
+    in_order = load_file(_train(_config(tiny_model_dir, str(tmp_path / 'tags'), tmp_path / 'order', **settings)))
+    for key in plain:
+        torch.testing.assert_close(cached[key], plain[key], rtol=1e-4, atol=1e-5)
+    assert any(not torch.allclose(in_order[key], plain[key]) for key in plain)
+
+
 def test_long_captions_train_in_windows_cached_or_not(tiny_model_dir, tmp_path, monkeypatch):
     """--max_token_length 150: a 108-token caption reaches the UNet as two 77-token windows, a short one as one
     (as the pipeline reads prompts). In a batch of both, the short one is padded with an empty window, and the
