@@ -223,7 +223,30 @@ def check_number(name, value, minimum):
         raise ValueError(f'{name}={value} must be >= {minimum}.')
 
 
+_OUTPUT = ("output['output_imgs'] always holds OpenCV BGR uint8 arrays, as ModelScope's pipelines return them; "
+           'leave it out (a PIL image: Image.fromarray(img[..., ::-1]); diffusers\' own outputs: pipe.sd(...))')
+_OLD_CALLBACK = ("it is diffusers' old step callback, deprecated there; pass callback_on_step_end=lambda pipe, step, "
+                 "timestep, kw: my_callback(step, timestep, kw['latents']) or {} (called every step)")
+_EMBEDS = ('this pipeline encodes the text itself (long prompts, (word:1.2), BREAK, AND, [from:to:when]); pass '
+           'the text, or call pipe.sd(prompt_embeds=..., negative_prompt_embeds=...) with embeddings made elsewhere')
+_SCHEDULE = ('custom timestep or sigma lists are not offered; pass num_inference_steps and a scheduler (Karras '
+             'sigmas: the *_karras ones), or call pipe.sd(...) with them')
+_IP_ADAPTER = 'IP-Adapter is not offered here; load it with pipe.sd.load_ip_adapter(...) and call pipe.sd(...)'
+# call arguments of diffusers' StableDiffusionPipeline (and of ModelScope's own SD pipeline) that this one does not
+# take, with what to do instead
+NOT_TAKEN = {
+    'output_type': _OUTPUT, 'return_dict': _OUTPUT, 'callback': _OLD_CALLBACK, 'callback_steps': _OLD_CALLBACK,
+    'prompt_embeds': _EMBEDS, 'negative_prompt_embeds': _EMBEDS,
+    'cross_attention_kwargs': 'adapter weights are lora_scale=..., or <lora:name:weight> in the prompt',
+    'timesteps': _SCHEDULE, 'sigmas': _SCHEDULE,
+    'ip_adapter_image': _IP_ADAPTER, 'ip_adapter_image_embeds': _IP_ADAPTER,
+}
+
+
 def unknown_message(kind: str, unknown: Dict[str, Any], allowed: List[str]) -> str:
+    known = [key for key in unknown if key in NOT_TAKEN]
+    if known:
+        return f"{known[0]!r} is not one of this pipeline's {kind}s: {NOT_TAKEN[known[0]]}."
     parts = []
     for key in unknown:
         close = difflib.get_close_matches(str(key), allowed, n=1)
