@@ -183,11 +183,19 @@ def write_configuration(folder: str) -> str:
 
 def load_pipeline(model, *, revision: Optional[str] = None, torch_dtype=None, device=None,
                   config: Optional[str] = None, allow_pickle: bool = False,
-                  load_safety_checker: bool = True, local_files_only: bool = False):
+                  load_safety_checker: bool = True, local_files_only: bool = False,
+                  use_safetensors: Optional[bool] = None):
     """Hub id, folder, single file or an existing diffusers pipeline → ``StableDiffusionPipeline``
-    on ``device`` in ``torch_dtype``."""
+    on ``device`` in ``torch_dtype``. ``use_safetensors=True`` (diffusers' and ModelScope's argument): a folder
+    component or a single file without safetensors weights is an error, not loaded from ``.bin``/``.ckpt``."""
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
+    if use_safetensors not in (None, True):
+        raise ValueError(f'use_safetensors={use_safetensors!r}: pickle weights are not preferred over .safetensors '
+                         'here (a hub download skips .bin files that have .safetensors beside them). Leave it out; '
+                         'a single .ckpt file loads with allow_pickle=True.')
+    if use_safetensors and allow_pickle:
+        raise ValueError('use_safetensors=True refuses the pickle files allow_pickle=True lets in: pass one of the two.')
     device = resolve_device(device)
     dtype = resolve_dtype(torch_dtype, device)
     if isinstance(model, DiffusionPipeline):
@@ -211,7 +219,8 @@ def load_pipeline(model, *, revision: Optional[str] = None, torch_dtype=None, de
         else:
             check_model_dir(path)
             extra = {} if load_safety_checker else {'safety_checker': None, 'requires_safety_checker': False}
-            pipe = StableDiffusionPipeline.from_pretrained(path, **dtype_argument(dtype), **extra)
+            strict = {'use_safetensors': True} if use_safetensors else {}
+            pipe = StableDiffusionPipeline.from_pretrained(path, **dtype_argument(dtype), **extra, **strict)
     return pipe.to(device)  # already in dtype
 
 

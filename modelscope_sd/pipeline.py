@@ -79,6 +79,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             graphs on CUDA (adapters are fused). The first call per size and batch compiles; later calls, other
             schedulers and later starts reuse the kernels.
         compile_mode: torch.compile mode for ``fast`` ('reduce-overhead' or 'max-autotune').
+        use_safetensors: True (as diffusers' and ModelScope's examples pass it) makes a model component without
+            ``.safetensors`` weights an error instead of loading its ``.bin`` file; safetensors are used first anyway.
     """
 
     def __init__(self, model, device: str = 'gpu', torch_dtype=None, torch_type=None,
@@ -87,12 +89,12 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                  local_files_only: bool = False, progress_bar: bool = True,
                  lora_dir=None, lora_scale: Union[float, List[float]] = 1.0, fuse_lora: bool = False,
                  textual_inversion=None, fast: bool = False, compile_mode: str = 'reduce-overhead',
-                 trust_remote_code: bool = False, **kwargs):
+                 trust_remote_code: bool = False, use_safetensors: Optional[bool] = None, **kwargs):
         if kwargs:
             raise ValueError(checks.unknown_message('pipeline argument', kwargs, [
                 'device', 'torch_dtype', 'model_revision', 'config', 'allow_pickle', 'load_safety_checker',
                 'local_files_only', 'progress_bar', 'lora_dir', 'lora_scale', 'fuse_lora', 'textual_inversion',
-                'fast', 'compile_mode']))
+                'fast', 'compile_mode', 'use_safetensors']))
         if torch_type is not None and torch_dtype is not None:
             raise ValueError('Pass torch_dtype or its alias torch_type, not both.')
         # ModelScope's Pipeline.__init__ would build a ModelScope Model from configuration.json (and import
@@ -103,7 +105,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         self.sd = load_pipeline(
             model, revision=model_revision, torch_dtype=torch_dtype if torch_type is None else torch_type,
             device=self.device, config=config, allow_pickle=allow_pickle,
-            load_safety_checker=load_safety_checker, local_files_only=local_files_only)
+            load_safety_checker=load_safety_checker, local_files_only=local_files_only, use_safetensors=use_safetensors)
         self.model = self.sd
         self.models = [self.sd]
         self.has_multiple_models = False

@@ -29,6 +29,24 @@ def test_folder_missing_a_component(tiny_model_dir, tmp_path):
         StableDiffusionText2ImagePipeline(str(folder), device='cpu')
 
 
+def test_use_safetensors_refuses_a_component_saved_as_bin_which_loads_by_default(tiny_model_dir, tmp_path):
+    """ModelScope's and diffusers' examples pass use_safetensors=True: it is taken, and means what it does there."""
+    from diffusers import UNet2DConditionModel
+    folder = tmp_path / 'model'
+    shutil.copytree(tiny_model_dir, folder)
+    unet = UNet2DConditionModel.from_pretrained(folder / 'unet')
+    (folder / 'unet' / 'diffusion_pytorch_model.safetensors').unlink()
+    unet.save_pretrained(folder / 'unet', safe_serialization=False)
+    with pytest.raises(OSError, match='no file named diffusion_pytorch_model.safetensors'):
+        StableDiffusionText2ImagePipeline(str(folder), device='cpu', use_safetensors=True)
+    StableDiffusionText2ImagePipeline(str(folder), device='cpu')  # .bin weights load with torch's weights_only
+    StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', use_safetensors=True)
+    with pytest.raises(ValueError, match='use_safetensors=False: pickle weights are not preferred'):
+        StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', use_safetensors=False)
+    with pytest.raises(ValueError, match='pass one of the two'):
+        StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', use_safetensors=True, allow_pickle=True)
+
+
 def test_corrupt_safetensors_names_the_file(tiny_model_dir, tmp_path):
     folder = tmp_path / 'model'
     shutil.copytree(tiny_model_dir, folder)

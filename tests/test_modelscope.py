@@ -62,7 +62,8 @@ def test_local_folder_with_configuration_json(tiny_model_dir):
     import modelscope_sd
     from modelscope.pipelines import pipeline
     from modelscope.utils.constant import Tasks
-    pipe = pipeline(task=Tasks.text_to_image_synthesis, model=tiny_model_dir, device='cpu')
+    # use_safetensors=True, as ModelScope's SDXL model card passes it, reaches our loader
+    pipe = pipeline(task=Tasks.text_to_image_synthesis, model=tiny_model_dir, device='cpu', use_safetensors=True)
     assert isinstance(pipe, modelscope_sd.StableDiffusionText2ImagePipeline)
     out = pipe({'text': 'a cat', 'num_inference_steps': 2, 'seed': 0})
     assert out['output_imgs'][0].shape == (32, 32, 3)
