@@ -366,6 +366,12 @@ def _kill(pid: int, signum: int) -> bool:
         return False
 
 
+def _default_hangup():
+    """A shell cannot trap a signal it was started with ignored: under ``nohup`` (as a CI job may run) the script
+    would inherit SIGHUP ignored and the closed-terminal case would test nohup's behaviour, not the script's."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def _trainers(launcher_pid):
     """Linux: the processes that run the trainer script under a shell launcher (bash, then accelerate's
     launcher, then the trainers), not the data-loading workers they start."""
@@ -401,7 +407,8 @@ def test_a_stop_signal_saves_a_checkpoint_and_ends_every_process(tiny_model_dir,
     with open(tmp_path / 'log', 'w') as log:
         launcher = subprocess.Popen(['bash', os.path.join(REPO, 'finetune', 'run_train_lora.sh'),
                                      '--dataloader_num_workers', '1', '--logging_steps', '1'],
-                                    cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                    cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=_default_hangup)
     trainers = []
     try:
         deadline = time.monotonic() + 120
