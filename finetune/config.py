@@ -78,8 +78,10 @@ class TrainConfig:
     shuffle_caption: bool = _help("kohya's flag: shuffle each caption's comma-separated tags, drawn anew each epoch "
                                   "(for tag captions such as '1girl, red hair, smile'; prompts are then encoded "
                                   'every step, even with --cache_latents)', default=False)
-    keep_tokens: int = _help("kohya's flag: with --shuffle_caption, the first N tags stay first (1 keeps a trigger "
-                             'word in front)', default=0)
+    keep_tokens: int = _help("kohya's flag: the first N tags are never shuffled or dropped (1 keeps a trigger word "
+                             'in front)', default=0)
+    caption_tag_dropout_rate: float = _help("kohya's flag: leave each tag after the first --keep_tokens out of a "
+                                            'caption with this probability, drawn anew each epoch', default=0.0)
     prediction_type: Optional[str] = _help("'epsilon' or 'v_prediction'; default: the scheduler's", default=None)
     train_text_encoder: bool = _help('also train the text encoder', default=False)
     max_token_length: int = _help('caption tokens the text encoder reads: 75 (one CLIP window), or 150 or 225 '
@@ -128,9 +130,13 @@ class TrainConfig:
                              '(0.05-0.1 is usual; 0 keeps every caption).')
         if self.keep_tokens < 0:
             raise ValueError(f'keep_tokens={self.keep_tokens} must be >= 0 (the tags that stay first).')
-        if self.keep_tokens and not self.shuffle_caption:
-            raise ValueError(f'keep_tokens={self.keep_tokens} keeps tags in place while --shuffle_caption shuffles the '
-                             'rest: pass --shuffle_caption too, or drop --keep_tokens.')
+        if not 0 <= self.caption_tag_dropout_rate < 1:
+            raise ValueError(f'caption_tag_dropout_rate={self.caption_tag_dropout_rate} must be in [0, 1) (0.1 is '
+                             'usual; 0 keeps every tag).')
+        if self.keep_tokens and not (self.shuffle_caption or self.caption_tag_dropout_rate):
+            raise ValueError(f'keep_tokens={self.keep_tokens} keeps tags in place while --shuffle_caption (or '
+                             '--caption_tag_dropout_rate) changes the rest: pass one of those too, or drop '
+                             '--keep_tokens.')
         if self.max_grad_norm <= 0:  # 0 would zero every gradient, a negative norm would flip them
             raise ValueError(f'max_grad_norm={self.max_grad_norm} must be > 0 (1.0 is usual).')
         if self.max_token_length < CHUNK or self.max_token_length % CHUNK:
@@ -207,9 +213,9 @@ class LoraTrainConfig(LoraOptions, TrainConfig):
     """LoRA fine-tuning on image-caption data."""
     dataset_name: Optional[str] = _help('ModelScope dataset id or local folder (csv with Text, Target:FILE)',
                                         default='buptwq/lora-stable-diffusion-finetune')
-    train_data_dir: Optional[str] = _help('image folder with a .txt caption per image, or a metadata.jsonl or '
-                                          'metadata.csv (file_name, and text, caption or prompt) as in Hugging '
-                                          "Face's imagefolder (used instead of dataset_name)", default=None)
+    train_data_dir: Optional[str] = _help('image folder with a .txt (or .caption) caption per image, or a '
+                                          'metadata.jsonl or metadata.csv (file_name, and text, caption or prompt) as '
+                                          "in Hugging Face's imagefolder (used instead of dataset_name)", default=None)
     output_dir: str = _help('where the adapter, checkpoints and validation images go', default='sd-lora')
 
     def __post_init__(self):

@@ -24,6 +24,7 @@ from .diffusion import encode_prompt_ids
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff')
+CAPTION_EXTENSIONS = ('.txt', '.caption')  # .caption: kohya's default caption extension
 CAPTION_COLUMNS = ('Text', 'text', 'caption', 'prompt')
 IMAGE_COLUMNS = ('Target:FILE', 'image:FILE', 'Image:FILE', 'file_name', 'image')
 
@@ -105,9 +106,9 @@ def image_paths(folder: str) -> List[str]:
 
 
 def records_from_image_folder(folder: str, caption: Optional[str] = None) -> List[Record]:
-    """Images with a same-named .txt caption, or a metadata.jsonl / metadata.csv as Hugging Face's imagefolder
-    has it ({"file_name", "text"}; the caption column may also be caption or prompt); with ``caption``
-    (DreamBooth's instance prompt) every image gets that caption."""
+    """Images with a same-named .txt (or kohya's .caption) caption, or a metadata.jsonl / metadata.csv as Hugging
+    Face's imagefolder has it ({"file_name", "text"}; the caption column may also be caption or prompt); with
+    ``caption`` (DreamBooth's instance prompt) every image gets that caption."""
     images = image_paths(folder)
     if not images:
         raise ValueError(f'{folder!r} holds no images ({", ".join(IMAGE_EXTENSIONS)}).')
@@ -118,16 +119,18 @@ def records_from_image_folder(folder: str, caption: Optional[str] = None) -> Lis
     records = []
     for path in images:
         text = captions.get(os.path.normpath(path))
-        txt = os.path.splitext(path)[0] + '.txt'
-        if text is None and os.path.isfile(txt):
-            with open(txt, encoding='utf-8-sig') as f:
-                text = f.read().strip()
+        for extension in CAPTION_EXTENSIONS:
+            caption_file = os.path.splitext(path)[0] + extension
+            if text is None and os.path.isfile(caption_file):
+                with open(caption_file, encoding='utf-8-sig') as f:
+                    text = f.read().strip()
         if text is None:
             missing.append(os.path.relpath(path, folder))
         records.append(Record(path, text))
     if missing:
-        raise ValueError(f'{len(missing)} image(s) in {folder!r} have no caption: {missing[:10]}. Add a .txt '
-                         'with the same name beside each image, or a metadata.jsonl or metadata.csv (file_name, text).')
+        raise ValueError(f'{len(missing)} image(s) in {folder!r} have no caption: {missing[:10]}. Add a .txt (or '
+                         '.caption) with the same name beside each image, or a metadata.jsonl or metadata.csv '
+                         '(file_name, text).')
     return records
 
 
@@ -206,15 +209,18 @@ class CaptionDataset(torch.utils.data.Dataset):
     ``targets`` (aspect buckets, one (width, height) per record) images take their bucket's size, not a square.
     With ``proportion_empty_prompts`` that share of the items, drawn anew each epoch, come with the empty prompt
     instead of their caption (caption dropout), so the model keeps learning the unconditional prediction that
-    classifier-free guidance subtracts. With ``shuffle_caption`` a caption's comma-separated tags after the first
-    ``keep_tokens`` come in an order drawn anew each epoch (kohya's --shuffle_caption)."""
+    classifier-free guidance subtracts. A caption's comma-separated tags after the first ``keep_tokens`` can come
+    in an order drawn anew each epoch (``shuffle_caption``) and each be left out with probability
+    ``caption_tag_dropout_rate``, as kohya's flags of those names do."""
 
     def __init__(self, records: List[Record], tokenizer, resolution: int, center_crop: bool = False,
                  random_flip: bool = False, seed: int = 0, max_windows: int = 1,
                  targets: Optional[List[Tuple[int, int]]] = None, proportion_empty_prompts: float = 0.0,
-                 name: str = '', shuffle_caption: bool = False, keep_tokens: int = 0):
+                 name: str = '', shuffle_caption: bool = False, keep_tokens: int = 0,
+                 caption_tag_dropout_rate: float = 0.0):
         self.records, self.targets, self.proportion_empty_prompts = records, targets, proportion_empty_prompts
         self.shuffle_caption, self.keep_tokens = shuffle_caption, keep_tokens
+        self.caption_tag_dropout_rate = caption_tag_dropout_rate
         self.name = name  # datasets trained side by side (instance and class images) draw their dropout apart
         self.tokenizer = tokenizer
         self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
@@ -238,16 +244,25 @@ class CaptionDataset(torch.utils.data.Dataset):
                 'input_ids': self.empty['input_ids'] if self.drops_caption(epoch, index)
                 else self.tokenize(self.caption(epoch, index))}
 
+    @property
+    def captions_vary(self) -> bool:
+        """Whether a record's caption changes from epoch to epoch (its tags shuffled or dropped)."""
+        return self.shuffle_caption or self.caption_tag_dropout_rate > 0
+
     def caption(self, epoch: int, index: int) -> str:
-        """Record ``index``'s caption this epoch: with ``shuffle_caption`` its tags (stripped, empty ones dropped)
-        joined by ', ', the first ``keep_tokens`` in place and the rest in an order drawn from (seed, epoch,
-        index), apart from the augmentation's and the dropout's numbers."""
+        """Record ``index``'s caption this epoch. When its tags vary: the tags (stripped, empty ones left out)
+        joined by ', ', the first ``keep_tokens`` in place, the rest shuffled and thinned as drawn from (seed,
+        epoch, index), apart from the augmentation's and the caption dropout's numbers."""
         caption = self.records[index].caption
-        if not self.shuffle_caption:
+        if not self.captions_vary:
             return caption
         tags = [tag.strip() for tag in caption.split(',') if tag.strip()]
         kept, rest = tags[:self.keep_tokens], tags[self.keep_tokens:]
-        random.Random(f'{self.seed}-{epoch}-{index}-shuffle{self.name}').shuffle(rest)
+        rng = random.Random(f'{self.seed}-{epoch}-{index}-tags{self.name}')
+        if self.shuffle_caption:
+            rng.shuffle(rest)
+        if self.caption_tag_dropout_rate:
+            rest = [tag for tag in rest if rng.random() >= self.caption_tag_dropout_rate]
         return ', '.join(kept + rest)
 
     def drops_caption(self, epoch: int, index: int) -> bool:
@@ -274,14 +289,15 @@ class CaptionDataset(torch.utils.data.Dataset):
 def training_dataset(config, records: List[Record], tokenizer, unet, validation: bool = False,
                      name: str = '') -> CaptionDataset:
     """A trainer's dataset: the config's size, crop, flip, seed, caption windows and (not for ``validation``)
-    caption dropout and tag shuffling, and with ``--enable_bucket`` each image's aspect bucket. ``name`` tells apart datasets
-    trained side by side."""
+    caption dropout, tag shuffling and tag dropout, and with ``--enable_bucket`` each image's aspect bucket.
+    ``name`` tells apart datasets trained side by side."""
     targets = (assign_buckets([r.image for r in records], config.resolution, size_step(unet))
                if config.enable_bucket else None)
     return CaptionDataset(records, tokenizer, config.resolution, config.center_crop, config.random_flip,
                           config.seed, config.max_token_length // CHUNK, targets,
                           0.0 if validation else config.proportion_empty_prompts, name,
-                          config.shuffle_caption and not validation, config.keep_tokens)
+                          config.shuffle_caption and not validation, config.keep_tokens,
+                          0.0 if validation else config.caption_tag_dropout_rate)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -354,7 +370,8 @@ class CachedDataset(torch.utils.data.Dataset):
     ``random_flip`` both orientations are encoded, and each epoch takes the one the dataset's flip would. With
     ``on_device`` they stay where the VAE is, up to ``DEVICE_CACHE_BYTES``, so a step copies nothing from host
     memory (a copy from pageable memory makes the CPU wait for the GPU); a DataLoader with workers needs them
-    in host memory. Shuffled captions change every epoch: they are tokenized per item and encoded per step."""
+    in host memory. Shuffled or thinned tags change every epoch: such captions are tokenized per item and encoded
+    per step."""
 
     DEVICE_CACHE_BYTES = 1 << 30
 
@@ -364,8 +381,8 @@ class CachedDataset(torch.utils.data.Dataset):
         self.empty, self.targets = dict(dataset.empty), dataset.targets
         self.flipped = dataset.flipped if dataset.random_flip else None
         self.drops_caption = dataset.drops_caption
-        self.shuffled = dataset if dataset.shuffle_caption else None
-        text_encoder = None if self.shuffled else text_encoder
+        self.varying = dataset if dataset.captions_vary else None
+        text_encoder = None if self.varying else text_encoder
         with torch.no_grad():
             if text_encoder is not None:
                 ids = self.empty['input_ids'][None].to(text_encoder.device)
@@ -375,7 +392,7 @@ class CachedDataset(torch.utils.data.Dataset):
                 entry = {'latent_params': vae.encode(pixels).latent_dist.parameters[0]}
                 if self.flipped:  # a mirrored crop is the crop mirrored: the same pixels prepare_image flips
                     entry['flipped_latent_params'] = vae.encode(pixels.flip(-1)).latent_dist.parameters[0]
-                ids = None if self.shuffled else dataset.tokenize(dataset.records[index].caption)  # shuffled: per item
+                ids = None if self.varying else dataset.tokenize(dataset.records[index].caption)  # varying: per item
                 if ids is not None and text_encoder is None:
                     entry['input_ids'] = ids
                 elif ids is not None:
@@ -400,8 +417,8 @@ class CachedDataset(torch.utils.data.Dataset):
         flipped = item.pop('flipped_latent_params', None)
         if flipped is not None and self.flipped(epoch, index):
             item['latent_params'] = flipped
-        if self.shuffled:
-            item['input_ids'] = self.shuffled.tokenize(self.shuffled.caption(epoch, index))
+        if self.varying:
+            item['input_ids'] = self.varying.tokenize(self.varying.caption(epoch, index))
         if self.drops_caption(epoch, index):  # the empty prompt's ids, or its cached embedding
             item.update({k: self.empty[k] for k in ('input_ids', 'encoder_hidden_states') if k in item})
         return item

@@ -173,12 +173,38 @@ def test_shuffled_tags_keep_the_first_ones_and_are_drawn_per_epoch_and_item(sd_p
         [shuffling[(epoch, 0)]['input_ids'].tolist() for epoch in range(3)]
 
 
-def test_keep_tokens_needs_shuffle_caption():
+def test_tag_dropout_leaves_tags_out_per_epoch_but_never_the_kept_ones(sd_pipe, tmp_path):
+    """kohya's --caption_tag_dropout_rate: about that share of the tags after --keep_tokens is left out, a new draw
+    each epoch, in the caption's order unless shuffled too."""
+    from finetune.data import CaptionDataset, Record
+    tags = [f'tag{i}' for i in range(40)]
+    records = [Record('unused.png', ', '.join(['sks'] + tags))]
+    thinning = CaptionDataset(records, sd_pipe.sd.tokenizer, 32, seed=1, keep_tokens=1, caption_tag_dropout_rate=0.25)
+    captions = [thinning.caption(epoch, 0).split(', ') for epoch in range(8)]
+    left = [len(caption) - 1 for caption in captions]
+    assert all(caption[0] == 'sks' for caption in captions) and 20 <= sum(left) / len(left) <= 40
+    assert all(caption[1:] == [t for t in tags if t in caption] for caption in captions)  # order kept
+    assert len({tuple(caption) for caption in captions}) == 8 and min(left) < 40
+
+
+def test_keep_tokens_needs_tags_that_change_and_rates_are_checked():
     from finetune.config import LoraTrainConfig
-    with pytest.raises(ValueError, match='pass --shuffle_caption too'):
+    with pytest.raises(ValueError, match='pass one of those too'):
         LoraTrainConfig(keep_tokens=1)
     with pytest.raises(ValueError, match='keep_tokens=-1 must be >= 0'):
         LoraTrainConfig(keep_tokens=-1, shuffle_caption=True)
+    with pytest.raises(ValueError, match=r'caption_tag_dropout_rate=1.0 must be in \[0, 1\)'):
+        LoraTrainConfig(caption_tag_dropout_rate=1.0)
+    LoraTrainConfig(keep_tokens=1, caption_tag_dropout_rate=0.1)
+
+
+def test_kohya_caption_files_are_read_where_there_is_no_txt(tmp_path):
+    make_images(str(tmp_path), count=2, captions=False)
+    (tmp_path / 'img0.caption').write_text('sks, from a .caption file\n')
+    (tmp_path / 'img1.txt').write_text('from the .txt')
+    (tmp_path / 'img1.caption').write_text('not read: the .txt is there')
+    assert [r.caption for r in records_from_image_folder(str(tmp_path))] == ['sks, from a .caption file',
+                                                                             'from the .txt']
 
 
 def test_captions_past_clips_window_are_reported_or_get_more_windows(tmp_path, caplog):

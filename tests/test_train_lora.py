@@ -625,14 +625,15 @@ def test_cached_latents_train_the_same_adapter(tiny_model_dir, csv_dataset, tmp_
         assert any(not torch.allclose(kept[key], plain[key]) for key in plain)
 
 
-def test_shuffled_tag_captions_train_the_same_cached_or_not(tiny_model_dir, tmp_path):
-    """--shuffle_caption: cached latents with prompts encoded per step give the uncached run's adapter, and the
-    shuffle did change what was trained."""
+@pytest.mark.parametrize('tags', [{'shuffle_caption': True}, {'caption_tag_dropout_rate': 0.5}])
+def test_shuffled_or_thinned_tag_captions_train_the_same_cached_or_not(tiny_model_dir, tmp_path, tags):
+    """--shuffle_caption, --caption_tag_dropout_rate: cached latents with prompts encoded per step give the
+    uncached run's adapter, and the tags' changes did change what was trained."""
     make_images(str(tmp_path / 'tags'), count=2)
     for i in range(2):
         (tmp_path / 'tags' / f'img{i}.txt').write_text(f'sks, thing {i}, red, green, blue, round, small')
     settings = dict(center_crop=True, max_train_steps=6, checkpointing_steps=None)
-    shuffled = dict(settings, shuffle_caption=True, keep_tokens=1)
+    shuffled = dict(settings, keep_tokens=1, **tags)
     plain = load_file(_train(_config(tiny_model_dir, str(tmp_path / 'tags'), tmp_path / 'plain', **shuffled)))
     cached = load_file(_train(_config(tiny_model_dir, str(tmp_path / 'tags'), tmp_path / 'cached',
                                       cache_latents=True, **shuffled)))
