@@ -57,6 +57,8 @@ def _generate_parser(sub):
     parser.add_argument('--clip_skip', type=int)
     parser.add_argument('--emphasis', help="A1111's Emphasis setting for (word:1.2): 'Original' (default), 'No norm', "
                                            "'Ignore' or 'None'")
+    parser.add_argument('--vae', help="a VAE in place of the model's: a file such as "
+                                      'vae-ft-mse-840000-ema-pruned.safetensors, a diffusers folder or a hub id')
     parser.add_argument('--lora', type=_lora, action='append', default=[], metavar='PATH[=SCALE]',
                         help='LoRA adapter (diffusers or kohya), repeatable')
     parser.add_argument('--textual_inversion', action='append', default=[], metavar='PATH',
@@ -80,17 +82,25 @@ def _generate_parser(sub):
 
 def generate(args) -> List[str]:
     from . import metadata
+    from .loading import is_hub_id
     from .pipeline import StableDiffusionText2ImagePipeline
 
     call, model, loras, embeddings = {}, args.model, list(args.lora), list(args.textual_inversion)
+    vae = args.vae
     if args.from_png:
         saved = metadata.read_png(args.from_png)
         call, model = saved['call'], model or saved['model']
         loras = loras or list(zip(saved['lora_dir'], saved['lora_scale']))
         embeddings = embeddings or saved['textual_inversion']
-        if saved['not_applied']:
+        not_applied = list(saved['not_applied'])
+        if vae is None and saved['vae'] is not None:
+            if os.path.exists(saved['vae']) or is_hub_id(saved['vae']):
+                vae = saved['vae']
+            else:  # A1111 names the file only
+                not_applied.append(f"VAE {saved['vae']} (not found here: pass --vae PATH)")
+        if not_applied:
             logger.warning('%s: these settings are not applied, so the image will differ: %s.', args.from_png,
-                           ', '.join(saved['not_applied']))
+                           ', '.join(not_applied))
     elif not (args.prompt or args.prompt_file):
         raise SystemExit('modelscope-sd generate: --prompt is required (or --prompt_file FILE, or --from_png FILE).')
     if args.prompt and args.prompt_file:
@@ -114,12 +124,12 @@ def generate(args) -> List[str]:
     pipe = StableDiffusionText2ImagePipeline(
         model, model_revision=revision, device=args.device, local_files_only=args.local_files_only,
         lora_dir=[path for path, _ in loras] or None, lora_scale=[scale for _, scale in loras] or 1.0,
-        textual_inversion=embeddings or None, fast=args.fast)
+        textual_inversion=embeddings or None, fast=args.fast, vae=vae)
     os.makedirs(args.output_dir, exist_ok=True)
     paths = []
     for part in _batches(call, args.batch_size):
         output = pipe(part)
-        texts = metadata.describe_outputs(pipe, part, output, model, loras, embeddings)
+        texts = metadata.describe_outputs(pipe, part, output, model, loras, embeddings, vae)
         for i, (image, text) in enumerate(zip(output['output_imgs'], texts)):
             name = f"{output['seeds'][i]}.png" if output.get('seeds') else f'{len(paths)}.png'
             paths.append(metadata.save_png(os.path.join(args.output_dir, name), image, text))

@@ -28,7 +28,7 @@ _FROM_A1111 = {v.lower(): k for k, v in A1111_SAMPLERS.items()}
 _A1111_UPSCALERS = {'latent': 'Latent', 'lanczos': 'Lanczos'}
 # keys read back into the call, and A1111's keys that only describe files (hashes, its version)
 _APPLIED = {'Steps', 'Sampler', 'Schedule type', 'CFG scale', 'Seed', 'Size', 'Model', 'Rescale CFG', 'Clip skip',
-            'Denoising strength', 'Lora', 'Textual inversion', 'Emphasis'}
+            'Denoising strength', 'Lora', 'Textual inversion', 'Emphasis', 'VAE'}
 _HIRES = {'Hires upscale', 'Hires steps', 'Hires upscaler'}  # read back when 'Hires upscale' is there
 _INFORMATIONAL = {'Model hash', 'VAE hash', 'Lora hashes', 'TI hashes', 'Hashes', 'Version'}
 # A1111's own pattern for "Key: value, Key: "quoted, value""
@@ -44,7 +44,7 @@ def format_parameters(prompt: str, negative_prompt: Optional[str], steps: int, s
                       loras: Sequence[Tuple[str, float]] = (), clip_skip: Optional[int] = None,
                       strength: Optional[float] = None, embeddings: Sequence[str] = (),
                       guidance_rescale: float = 0.0, hires: Optional[Dict[str, Any]] = None,
-                      emphasis: Optional[str] = None) -> str:
+                      emphasis: Optional[str] = None, vae: Optional[str] = None) -> str:
     """A1111's ``parameters`` text. With ``hires`` (hr_scale, hr_upscaler, hr_second_pass_steps), ``width`` and
     ``height`` are the first pass's size and ``strength`` the second pass's, as A1111 writes them."""
     lines = [prompt]
@@ -63,6 +63,8 @@ def format_parameters(prompt: str, negative_prompt: Optional[str], steps: int, s
     if hires:
         fields += [('Hires upscale', hires['hr_scale']), ('Hires steps', hires.get('hr_second_pass_steps')),
                    ('Hires upscaler', _A1111_UPSCALERS[normalize_upscaler(hires.get('hr_upscaler'))])]
+    if vae is not None:  # A1111 writes the file's name; the path or hub id given here loads again
+        fields.append(('VAE', vae))
     if loras:
         fields.append(('Lora', '; '.join(f'{path}={scale}' for path, scale in loras)))
     if embeddings:  # our key: A1111's "TI hashes" name files by hash, which cannot be loaded back
@@ -79,8 +81,9 @@ def _sampler(sampler: str, schedule: Optional[str]) -> str:
 
 
 def parse_parameters(text: str) -> Dict[str, Any]:
-    """A1111 ``parameters`` text → {'call': options for the pipeline call, 'model': ..., 'lora_dir': [...],
-    'lora_scale': [...], 'textual_inversion': [...], 'not_applied': settings the call leaves out}."""
+    """A1111 ``parameters`` text → {'call': options for the pipeline call, 'model': ..., 'vae': ... (or None),
+    'lora_dir': [...], 'lora_scale': [...], 'textual_inversion': [...], 'not_applied': settings the call leaves
+    out}."""
     lines = text.strip('\n').split('\n')
     params = {k.strip(): (json.loads(v) if v.startswith('"') else v.strip()) for k, v in _PARAM.findall(lines[-1])}
     if 'Steps' not in params:
@@ -124,7 +127,7 @@ def parse_parameters(text: str) -> Dict[str, Any]:
         not_applied.append(f'Schedule type {schedule}')
     loras = [item.rsplit('=', 1) for item in params['Lora'].split('; ')] if params.get('Lora') else []
     embeddings = params['Textual inversion'].split('; ') if params.get('Textual inversion') else []
-    return {'call': call, 'model': params.get('Model'), 'lora_dir': [p for p, _ in loras],
+    return {'call': call, 'model': params.get('Model'), 'vae': params.get('VAE'), 'lora_dir': [p for p, _ in loras],
             'lora_scale': [float(s) for _, s in loras], 'textual_inversion': embeddings, 'not_applied': not_applied}
 
 
@@ -159,7 +162,8 @@ def read_png(path: str) -> Dict[str, Any]:
 
 
 def describe_outputs(pipe, options: Dict[str, Any], output: Dict[str, Any], model: str,
-                     loras: List[Tuple[str, float]], embeddings: Sequence[str] = ()) -> List[str]:
+                     loras: List[Tuple[str, float]], embeddings: Sequence[str] = (),
+                     vae: Optional[str] = None) -> List[str]:
     """One ``parameters`` text per image of a call, each with that image's own seed."""
     texts = []
     scheduler = scheduler_name(options.get('scheduler') or pipe.base_scheduler)
@@ -180,5 +184,5 @@ def describe_outputs(pipe, options: Dict[str, Any], output: Dict[str, Any], mode
             prompts[i // per_prompt], negatives[i // per_prompt], options.get('num_inference_steps', 50),
             scheduler, options.get('guidance_scale', 7.5), seeds[i] if seeds else None, width, height, model, loras,
             options.get('clip_skip'), strength, embeddings, options.get('guidance_rescale', 0.0),
-            hires if hires['hr_scale'] is not None else None, options.get('emphasis')))
+            hires if hires['hr_scale'] is not None else None, options.get('emphasis'), vae))
     return texts

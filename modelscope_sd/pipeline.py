@@ -19,6 +19,7 @@ from . import prompts as prompts_lib
 from .embeddings import load_embeddings
 from .loading import load_pipeline, resolve_device
 from .schedulers import DPMSolverSDEScheduler, image_seeds, make_scheduler
+from .vae import load_vae
 
 # Every per-call option, with diffusers' names, and its default. 'text' (ModelScope) and 'prompt'
 # (diffusers) are the same thing and are mapped in `_gather_options`.
@@ -79,6 +80,9 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             graphs on CUDA (adapters are fused). The first call per size and batch compiles; later calls, other
             schedulers and later starts reuse the kernels.
         compile_mode: torch.compile mode for ``fast`` ('reduce-overhead' or 'max-autotune').
+        vae: a VAE in place of the model's own, as A1111's VAE setting: a single file in the original layout
+            (``vae-ft-mse-840000-ema-pruned.safetensors``), a diffusers VAE or model folder, a hub id, or an
+            ``AutoencoderKL``.
         use_safetensors: True (as diffusers' and ModelScope's examples pass it) makes a model component without
             ``.safetensors`` weights an error instead of loading its ``.bin`` file; safetensors are used first anyway.
     """
@@ -89,12 +93,12 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                  local_files_only: bool = False, progress_bar: bool = True,
                  lora_dir=None, lora_scale: Union[float, List[float]] = 1.0, fuse_lora: bool = False,
                  textual_inversion=None, fast: bool = False, compile_mode: str = 'reduce-overhead',
-                 trust_remote_code: bool = False, use_safetensors: Optional[bool] = None, **kwargs):
+                 trust_remote_code: bool = False, use_safetensors: Optional[bool] = None, vae=None, **kwargs):
         if kwargs:
             raise ValueError(checks.unknown_message('pipeline argument', kwargs, [
                 'device', 'torch_dtype', 'model_revision', 'config', 'allow_pickle', 'load_safety_checker',
                 'local_files_only', 'progress_bar', 'lora_dir', 'lora_scale', 'fuse_lora', 'textual_inversion',
-                'fast', 'compile_mode', 'use_safetensors']))
+                'fast', 'compile_mode', 'use_safetensors', 'vae']))
         if torch_type is not None and torch_dtype is not None:
             raise ValueError('Pass torch_dtype or its alias torch_type, not both.')
         # ModelScope's Pipeline.__init__ would build a ModelScope Model from configuration.json (and import
@@ -106,6 +110,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             model, revision=model_revision, torch_dtype=torch_dtype if torch_type is None else torch_type,
             device=self.device, config=config, allow_pickle=allow_pickle,
             load_safety_checker=load_safety_checker, local_files_only=local_files_only, use_safetensors=use_safetensors)
+        if vae is not None:  # before anything is built on the model's own (variants, the compiled decoder)
+            self.sd.vae = load_vae(vae, self.sd.vae, allow_pickle=allow_pickle, local_files_only=local_files_only)
         self.model = self.sd
         self.models = [self.sd]
         self.has_multiple_models = False

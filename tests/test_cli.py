@@ -78,7 +78,8 @@ def test_reads_a1111_19_schedule_type_and_the_hires_fix():
     other = 'a castle\nSteps: 30, Sampler: Euler, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512, ' \
         'Emphasis: No norm, VAE: kl-f8-anime2.ckpt'
     parsed = metadata.parse_parameters(other)
-    assert parsed['not_applied'] == ['VAE', 'Schedule type Karras'] and parsed['call']['emphasis'] == 'No norm'
+    assert parsed['not_applied'] == ['Schedule type Karras'] and parsed['call']['emphasis'] == 'No norm'
+    assert parsed['vae'] == 'kl-f8-anime2.ckpt'  # generate loads it when it is there (see the --vae test)
     assert 'Emphasis Sharp' in metadata.parse_parameters(other.replace('No norm', 'Sharp'))['not_applied']
     # A1111 leaves its default out, and so does a PNG written here
     default = metadata.format_parameters('a', None, 20, 'pndm', 7.5, 1, 512, 512, 'm', emphasis='Original')
