@@ -28,7 +28,7 @@ def _is_number(value) -> bool:
 def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_scale, guidance_rescale, height,
                width, num_images_per_prompt, eta, seed, generator, latents, scheduler, clip_skip, emphasis, lora_scale,
                progress_bar, image, mask_image, strength, hr_scale, hr_upscaler, hr_second_pass_steps, batch_size,
-               callback_on_step_end, callback_on_step_end_tensor_inputs) -> None:
+               callback_on_step_end, callback_on_step_end_tensor_inputs, subseed, subseed_strength) -> None:
     """Every option of a call to ``pipeline`` (a `StableDiffusionText2ImagePipeline`), checked before any work."""
     if prompt is None:
         raise ValueError("The prompt is missing: call pipe('a photo of a cat') or pipe({'text': '...'}).")
@@ -79,6 +79,7 @@ def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_
         raise TypeError(f'generator must be a torch.Generator or a list of them, got {type(generator).__name__}')
     if latents is not None and not isinstance(latents, torch.Tensor):
         raise TypeError(f'latents must be a torch.Tensor, got {type(latents).__name__}')
+    _check_variation(subseed, subseed_strength, latents, image)
     if clip_skip is not None:
         layers = pipeline.sd.text_encoder.config.num_hidden_layers
         check_int('clip_skip', clip_skip, minimum=0, maximum=layers - 1)
@@ -150,6 +151,21 @@ def _check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, image, guidance_re
     if guidance_rescale:
         raise ValueError('guidance_rescale cannot go with hr_scale: the second pass is diffusers\' '
                          'image-to-image, which does not take it.')
+
+def _check_variation(subseed, subseed_strength, latents, image) -> None:
+    """A1111's variation seeds: they make the start latents of text-to-image."""
+    if subseed is not None:
+        check_int('subseed', subseed, minimum=0, maximum=_MAX_SEED)
+    check_number('subseed_strength', subseed_strength, minimum=0.0)
+    if subseed_strength > 1:
+        raise ValueError(f'subseed_strength={subseed_strength} must be between 0 (off) and 1 (the subseed\'s noise).')
+    if subseed_strength and latents is not None:
+        raise ValueError('subseed_strength turns the start noise the seed draws; with latents=... there is none to '
+                         'turn. Pass one of the two.')
+    if subseed_strength and image is not None:
+        raise ValueError('subseed_strength applies to text-to-image (and the hires fix): image-to-image and '
+                         'inpainting start from the image. Leave it out (0) with image=...')
+
 
 def _check_callback(callback, tensor_inputs, mask_image) -> None:
     if callback is None:

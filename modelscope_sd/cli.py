@@ -50,6 +50,9 @@ def _generate_parser(sub):
     parser.add_argument('--height', type=int)
     parser.add_argument('--width', type=int)
     parser.add_argument('--seed', type=int, help='image i gets seed + i (default: random)')
+    parser.add_argument('--subseed', type=int, help="A1111's variation seed: image i's start noise turns towards "
+                                                    'subseed + i\'s (default: random, with --subseed_strength)')
+    parser.add_argument('--subseed_strength', type=float, help='how far: 0 (off, default) to 1')
     parser.add_argument('--scheduler', help="e.g. ddim, euler_a, 'dpm++_2m_karras' (default: the model's)")
     parser.add_argument('--num_images', type=int, default=None, help='images per prompt (default 1)')
     parser.add_argument('--batch_size', type=int, help='images per denoising batch, each written as soon as it is '
@@ -110,6 +113,7 @@ def generate(args) -> List[str]:
                  'num_inference_steps': args.num_inference_steps, 'guidance_scale': args.guidance_scale,
                  'guidance_rescale': args.guidance_rescale,
                  'height': args.height, 'width': args.width, 'seed': args.seed, 'scheduler': args.scheduler,
+                 'subseed': args.subseed, 'subseed_strength': args.subseed_strength,
                  'num_images_per_prompt': args.num_images, 'clip_skip': args.clip_skip, 'emphasis': args.emphasis,
                  'image': args.image,
                  'mask_image': args.mask_image, 'strength': args.strength, 'hr_scale': args.hr_scale,
@@ -148,8 +152,8 @@ def _read_prompts(path: str) -> List[str]:
 
 
 def _batches(call: dict, batch_size: Optional[int]):
-    """The call as calls of at most ``batch_size`` images (image i: prompt i // num_images, seed + i): the images
-    are those of one call, and a stop keeps the batches already written."""
+    """The call as calls of at most ``batch_size`` images (image i: prompt i // num_images, seed + i, subseed + i):
+    the images are those of one call, and a stop keeps the batches already written."""
     prompts = call['text'] if isinstance(call['text'], list) else [call['text']]
     per_prompt = call.get('num_images_per_prompt', 1)
     n_images = len(prompts) * per_prompt
@@ -157,9 +161,13 @@ def _batches(call: dict, batch_size: Optional[int]):
         yield call
         return
     seed = call['seed'] if call.get('seed') is not None else secrets.randbelow(2**32)
+    subseed = call.get('subseed')
+    if call.get('subseed_strength') and subseed is None:
+        subseed = secrets.randbelow(2**32)
     for start in range(0, n_images, batch_size):
         index = range(start, min(start + batch_size, n_images))
-        yield dict(call, text=[prompts[i // per_prompt] for i in index], seed=seed + start, num_images_per_prompt=1)
+        part = dict(call, text=[prompts[i // per_prompt] for i in index], seed=seed + start, num_images_per_prompt=1)
+        yield part if subseed is None else dict(part, subseed=subseed + start)
 
 
 def _convert(args) -> str:

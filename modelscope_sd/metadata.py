@@ -28,7 +28,8 @@ _FROM_A1111 = {v.lower(): k for k, v in A1111_SAMPLERS.items()}
 _A1111_UPSCALERS = {'latent': 'Latent', 'lanczos': 'Lanczos'}
 # keys read back into the call, and A1111's keys that only describe files (hashes, its version)
 _APPLIED = {'Steps', 'Sampler', 'Schedule type', 'CFG scale', 'Seed', 'Size', 'Model', 'Rescale CFG', 'Clip skip',
-            'Denoising strength', 'Lora', 'Textual inversion', 'Emphasis', 'VAE'}
+            'Denoising strength', 'Lora', 'Textual inversion', 'Emphasis', 'VAE', 'Variation seed',
+            'Variation seed strength'}
 _HIRES = {'Hires upscale', 'Hires steps', 'Hires upscaler'}  # read back when 'Hires upscale' is there
 _INFORMATIONAL = {'Model hash', 'VAE hash', 'Lora hashes', 'TI hashes', 'Hashes', 'Version'}
 # A1111's own pattern for "Key: value, Key: "quoted, value""
@@ -44,14 +45,18 @@ def format_parameters(prompt: str, negative_prompt: Optional[str], steps: int, s
                       loras: Sequence[Tuple[str, float]] = (), clip_skip: Optional[int] = None,
                       strength: Optional[float] = None, embeddings: Sequence[str] = (),
                       guidance_rescale: float = 0.0, hires: Optional[Dict[str, Any]] = None,
-                      emphasis: Optional[str] = None, vae: Optional[str] = None) -> str:
+                      emphasis: Optional[str] = None, vae: Optional[str] = None,
+                      variation: Optional[Tuple[int, float]] = None) -> str:
     """A1111's ``parameters`` text. With ``hires`` (hr_scale, hr_upscaler, hr_second_pass_steps), ``width`` and
-    ``height`` are the first pass's size and ``strength`` the second pass's, as A1111 writes them."""
+    ``height`` are the first pass's size and ``strength`` the second pass's, as A1111 writes them. ``variation``:
+    (subseed, subseed_strength)."""
     lines = [prompt]
     if negative_prompt:
         lines.append(f'Negative prompt: {negative_prompt}')
     fields = [('Steps', steps), ('Sampler', A1111_SAMPLERS.get(scheduler, scheduler)), ('CFG scale', guidance_scale),
               ('Seed', seed), ('Size', f'{width}x{height}'), ('Model', model)]
+    if variation is not None:
+        fields += [('Variation seed', variation[0]), ('Variation seed strength', variation[1])]
     if guidance_rescale:
         fields.append(('Rescale CFG', guidance_rescale))  # Forge's key
     if clip_skip is not None:
@@ -99,6 +104,10 @@ def parse_parameters(text: str) -> Dict[str, Any]:
         call['negative_prompt'] = negative
     if params.get('Seed') not in (None, 'None'):
         call['seed'] = int(params['Seed'])
+    if 'Variation seed strength' in params and float(params['Variation seed strength']):
+        call['subseed_strength'] = float(params['Variation seed strength'])
+        if params.get('Variation seed') not in (None, 'None'):
+            call['subseed'] = int(params['Variation seed'])
     if 'Rescale CFG' in params:
         call['guidance_rescale'] = float(params['Rescale CFG'])
     if 'Clip skip' in params:
@@ -177,6 +186,7 @@ def describe_outputs(pipe, options: Dict[str, Any], output: Dict[str, Any], mode
         strength = DEFAULT_STRENGTH if strength is None else strength
         size = pipe.sd.unet.config.sample_size * pipe.sd.vae_scale_factor
         first_pass = (options.get('height') or size, options.get('width') or size)
+    subseeds, strength_of_variation = output.get('subseeds'), options.get('subseed_strength')
     for i, image in enumerate(output['output_imgs']):
         seeds = output.get('seeds')
         height, width = first_pass or image.shape[:2]
@@ -184,5 +194,6 @@ def describe_outputs(pipe, options: Dict[str, Any], output: Dict[str, Any], mode
             prompts[i // per_prompt], negatives[i // per_prompt], options.get('num_inference_steps', 50),
             scheduler, options.get('guidance_scale', 7.5), seeds[i] if seeds else None, width, height, model, loras,
             options.get('clip_skip'), strength, embeddings, options.get('guidance_rescale', 0.0),
-            hires if hires['hr_scale'] is not None else None, options.get('emphasis'), vae))
+            hires if hires['hr_scale'] is not None else None, options.get('emphasis'), vae,
+            (subseeds[i], strength_of_variation) if subseeds else None))
     return texts

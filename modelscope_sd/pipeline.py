@@ -16,6 +16,7 @@ from . import hires
 from . import images as images_lib
 from . import lora as lora_utils
 from . import prompts as prompts_lib
+from . import variation
 from .embeddings import load_embeddings
 from .loading import load_pipeline, resolve_device
 from .schedulers import DPMSolverSDEScheduler, image_seeds, make_scheduler
@@ -35,6 +36,8 @@ CALL_DEFAULTS: Dict[str, Any] = {
     'eta': 0.0,
     'seed': None,
     'generator': None,
+    'subseed': None,  # A1111's variation seed: image i's start noise turns towards subseed + i's (None: random)
+    'subseed_strength': 0.0,  # how far it turns: 0 (off) to 1 (the subseed's noise)
     'latents': None,
     'scheduler': None,  # None: the model's own scheduler (PNDM for SD1.5)
     'clip_skip': None,
@@ -152,6 +155,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         if options['mask_image'] is not None:
             options['mask_image'] = images_lib.load_mask(options['mask_image'], 'mask_image')
         self.check_inputs(**options)
+        if options['subseed_strength'] and options['subseed'] is None:  # drawn once for the call, as seeds are
+            options['subseed'] = secrets.randbelow(2**32)
         with self._call_lock:
             try:
                 return self._generate_in_batches(**options, prompt_scales=prompt_scales)
@@ -282,8 +287,10 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         outputs = []
         for index in _image_batches(n_images, batch_size, per_prompt, prompt_scales):
             weights = {} if prompt_scales is None else {'lora_scale': prompt_scales[index.start // per_prompt]}
+            subseed = None if options['subseed'] is None else options['subseed'] + index.start
             outputs.append(self._generate(**dict(
                 options, prompt=[prompts[i // per_prompt] for i in index], num_images_per_prompt=1, seed=None,
+                subseed=subseed,
                 negative_prompt=None if negative is None else [negatives[i // per_prompt] for i in index],
                 generator=[generator[i] for i in index] if isinstance(generator, list) else generator,
                 latents=None if latents is None else latents[index.start:index.stop], **weights)))
@@ -294,12 +301,22 @@ class StableDiffusionText2ImagePipeline(Pipeline):
     def _generate(self, prompt, negative_prompt, num_inference_steps, guidance_scale, guidance_rescale, height,
                   width, num_images_per_prompt, eta, seed, generator, latents, scheduler, clip_skip, emphasis,
                   lora_scale, progress_bar, image, mask_image, strength, hr_scale, hr_upscaler, hr_second_pass_steps,
-                  callback_on_step_end, callback_on_step_end_tensor_inputs) -> Dict[str, Any]:
-        # 1. batch and randomness
+                  callback_on_step_end, callback_on_step_end_tensor_inputs, subseed, subseed_strength
+                  ) -> Dict[str, Any]:
+        # 1. batch and randomness; the hires fix's second pass draws from the generators as they are now
         n_images = (len(prompt) if isinstance(prompt, list) else 1) * num_images_per_prompt
         seeds = None
         if generator is None:
             generator, seeds = self._generators(seed, n_images)
+        restart = _copies(generator) if hr_scale is not None else None
+        subseeds = None
+        if subseed_strength:  # A1111's variation seeds: the start latents, drawn here from the generators
+            subseeds = [int(subseed) + i for i in range(n_images)]
+            size = self.sd.unet.config.sample_size * self.sd.vae_scale_factor
+            shape = (n_images, self.sd.unet.config.in_channels, (height or size) // self.sd.vae_scale_factor,
+                     (width or size) // self.sd.vae_scale_factor)
+            latents = variation.start_latents(shape, generator, subseeds, subseed_strength, self.sd.device,
+                                              self.sd.unet.dtype)
         # 2. input image at the output size; strength 0 means no denoising at all: the image as it is
         if image is not None:
             height, width = images_lib.target_size(image, height, width)
@@ -309,7 +326,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             strength = strength if strength is not None else (0.8 if mask_image is None else 1.0)
             if strength == 0:
                 unchanged = np.asarray(image, dtype=np.float32)[None] / 255.0
-                return self._output(np.repeat(unchanged, n_images, axis=0), seeds, None)
+                return self._output(np.repeat(unchanged, n_images, axis=0), seeds, None, subseeds)
         if latents is not None:  # diffusers moves latents to the device but keeps their dtype: fp32 into fp16 fails
             latents = latents.to(self.sd.device, self.sd.unet.dtype)
         pipe, extra = self._pipeline_for(image, mask_image, strength, height, width, latents, guidance_rescale)
@@ -339,7 +356,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                 images, nsfw = self._denoise(pipe, extra, num_inference_steps, **passes)
             else:
                 images, nsfw = self._hires_fix(pipe, extra, num_inference_steps, passes, strength, hr_scale,
-                                               hr_upscaler, hr_second_pass_steps, quiet)
+                                               hr_upscaler, hr_second_pass_steps, quiet, restart)
         finally:
             for used in (self.sd, *self._variants.values()):
                 used.scheduler = self.base_scheduler
@@ -347,19 +364,19 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                 lora_utils.set_scales(self.sd, self.adapters, self.lora_scales)
         if mask_image is not None:
             images = np.stack([images_lib.overlay(img, image, mask_image) for img in images])
-        return self._output(images, seeds, nsfw)
+        return self._output(images, seeds, nsfw, subseeds)
 
     def _hires_fix(self, pipe, extra, num_inference_steps, passes, strength, hr_scale, hr_upscaler,
-                   hr_second_pass_steps, quiet):
+                   hr_second_pass_steps, quiet, restart):
         """A1111's hires fix: a first pass at the base size, its latents upscaled, then image-to-image at the
-        larger size, drawing its noise from the seeds again as A1111's second pass does."""
+        larger size, drawing its noise from the seeds again as A1111's second pass does (``restart``: the
+        generators as they were before the first pass drew from them)."""
         second = self._variant('img2img')
         second.scheduler = pipe.scheduler
         second_steps = hr_second_pass_steps or num_inference_steps
         strength = hires.DEFAULT_STRENGTH if strength is None else strength
         checks.check_runs_a_step(second, second_steps, strength,
                                  'num_inference_steps' if hr_second_pass_steps is None else 'hr_second_pass_steps')
-        restart = _copies(passes['generator'])
         # an edited prompt's steps in the second pass count on from the first pass's
         edited = isinstance(passes['text_inputs'], prompts_lib.EditedPrompts)
         first_pass_calls = prompts_lib.model_calls(pipe, num_inference_steps) if edited else None
@@ -407,11 +424,13 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         return self.denoiser or self._eager_denoiser
 
     @staticmethod
-    def _output(images: np.ndarray, seeds, nsfw) -> Dict[str, Any]:
+    def _output(images: np.ndarray, seeds, nsfw, subseeds=None) -> Dict[str, Any]:
         """OpenCV-ready images plus what re-makes them."""
         output = {OutputKeys.OUTPUT_IMGS: to_bgr_uint8(images)}
         if seeds is not None:
             output['seeds'] = seeds
+        if subseeds is not None:
+            output['subseeds'] = subseeds
         if nsfw is not None:
             output['nsfw_content_detected'] = list(nsfw)
         return output
