@@ -312,11 +312,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         subseeds = None
         if subseed_strength:  # A1111's variation seeds: the start latents, drawn here from the generators
             subseeds = [int(subseed) + i for i in range(n_images)]
-            size = self.sd.unet.config.sample_size * self.sd.vae_scale_factor
-            shape = (n_images, self.sd.unet.config.in_channels, (height or size) // self.sd.vae_scale_factor,
-                     (width or size) // self.sd.vae_scale_factor)
-            latents = variation.start_latents(shape, generator, subseeds, subseed_strength, self.sd.device,
-                                              self.sd.unet.dtype)
+            latents = variation.start_latents(self.sd, height, width, generator, subseeds, subseed_strength)
         # 2. input image at the output size; strength 0 means no denoising at all: the image as it is
         if image is not None:
             height, width = images_lib.target_size(image, height, width)

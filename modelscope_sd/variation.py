@@ -2,7 +2,7 @@
 its API): an image's start noise is its seed's noise turned part of the way, along a great circle, towards the
 noise of a second seed, so that small strengths give variations of one picture."""
 
-from typing import List
+from typing import List, Optional
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -21,10 +21,14 @@ def slerp(val: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (torch.sin(val * omega) / so).unsqueeze(1) * high
 
 
-def start_latents(shape, generator, subseeds: List[int], strength: float, device, dtype) -> torch.Tensor:
-    """The start latents of a text-to-image call with variation seeds: drawn from ``generator`` as diffusers'
-    ``prepare_latents`` draws them (so the generator goes on as in a call without), each image's turned by
-    ``strength`` towards the noise of its subseed (drawn on a CPU generator, as seeds are here)."""
+def start_latents(sd, height: Optional[int], width: Optional[int], generator, subseeds: List[int],
+                  strength: float) -> torch.Tensor:
+    """The start latents of a text-to-image call of diffusers pipeline ``sd`` with variation seeds: drawn from
+    ``generator`` as its ``prepare_latents`` draws them (so the generator goes on as in a call without), each
+    image's turned by ``strength`` towards the noise of its subseed (drawn on a CPU generator, as seeds are)."""
+    size, factor = sd.unet.config.sample_size * sd.vae_scale_factor, sd.vae_scale_factor
+    shape = (len(subseeds), sd.unet.config.in_channels, (height or size) // factor, (width or size) // factor)
+    device, dtype = sd.device, sd.unet.dtype
     noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
     sub = randn_tensor(shape, generator=[torch.Generator('cpu').manual_seed(s) for s in subseeds], device=device,
                        dtype=dtype)
