@@ -51,22 +51,33 @@ _DTYPES = {
 
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    """ModelScope's convention: 'gpu' (falls back to the CPU when CUDA is absent), 'gpu:1', 'cuda:1', 'cpu'."""
+    """ModelScope's convention: 'gpu', 'gpu:1', 'cuda:1', 'cpu'; 'gpu' without CUDA is Apple's GPU ('mps') where
+    there is one, else the CPU (ModelScope's fallback). 'mps' names Apple's GPU."""
     if isinstance(device, torch.device):
         return device
     if device is None:
         device = 'gpu'
     if not isinstance(device, str):
         raise TypeError(f"device must be a str like 'gpu', 'cpu' or 'cuda:1', got {type(device).__name__}")
+    mps = torch.backends.mps.is_available()
+    if device.strip().lower() == 'mps':
+        if not mps:
+            raise ValueError("device='mps' names Apple's GPU, which this machine or torch build does not have "
+                             "(torch.backends.mps.is_available() is False): use 'gpu' or 'cpu'.")
+        return torch.device('mps')
+    if device.strip().lower() == 'gpu' and mps and not torch.cuda.is_available():
+        logger.info("device='gpu' without CUDA: running on Apple's GPU (mps).")
+        return torch.device('mps')
     from modelscope.utils.device import create_device
     try:
         return create_device(device)
     except AssertionError as err:  # modelscope asserts on the device string
-        raise ValueError(f"device={device!r} is not valid: use 'gpu', 'gpu:N', 'cuda:N' or 'cpu'.") from err
+        raise ValueError(f"device={device!r} is not valid: use 'gpu', 'gpu:N', 'cuda:N', 'mps' or 'cpu'.") from err
 
 
 def resolve_dtype(torch_dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
-    """fp16 on CUDA, fp32 elsewhere, unless the caller says otherwise."""
+    """fp16 on CUDA, fp32 elsewhere (Apple's mps too, as diffusers' guide runs it), unless the caller says
+    otherwise."""
     if torch_dtype is None:
         return torch.float16 if device.type == 'cuda' else torch.float32
     if isinstance(torch_dtype, torch.dtype):

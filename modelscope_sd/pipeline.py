@@ -65,7 +65,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
     Args:
         model: ModelScope hub id, diffusers model folder, single-file ``.safetensors`` checkpoint,
             or a diffusers ``DiffusionPipeline``.
-        device: 'gpu' (default; the CPU when CUDA is absent), 'gpu:N', 'cuda:N' or 'cpu'.
+        device: 'gpu' (default; without CUDA Apple's GPU where there is one, else the CPU), 'gpu:N', 'cuda:N', 'mps'
+            or 'cpu'.
         torch_dtype: default fp16 on CUDA, fp32 on the CPU. ``torch_type`` (ModelScope's name) is an alias.
         model_revision: hub revision when ``model`` is a hub id and this class is built directly.
         config: for single files, the diffusers folder or hub id holding the component configs.
@@ -108,6 +109,9 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         # torchvision); the diffusers pipeline is our model, so only the attributes callers read are set.
         self.device_name = device
         self.device = resolve_device(device)
+        if fast and self.device.type == 'mps':  # before minutes of loading
+            raise ValueError("fast=True compiles for CUDA (and runs uncaptured on the CPU); it is not offered on "
+                             "Apple's mps: leave fast out there.")
         self.trust_remote_code = trust_remote_code
         self.sd = load_pipeline(
             model, revision=model_revision, torch_dtype=torch_dtype if torch_type is None else torch_type,

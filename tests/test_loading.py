@@ -70,10 +70,22 @@ def test_unknown_single_file_suffix(tmp_path):
         StableDiffusionText2ImagePipeline(str(weights), device='cpu')
 
 
-def test_device_convention():
+def test_device_convention(monkeypatch):
     assert resolve_device('cpu') == torch.device('cpu')
     if not torch.cuda.is_available():
+        monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: False)
         assert resolve_device('gpu') == torch.device('cpu')  # ModelScope's fallback
+        with pytest.raises(ValueError, match="device='mps' names Apple's GPU, which this machine"):
+            resolve_device('mps')
+        # a Mac: 'gpu' (the default) is its GPU, not the CPU; mps keeps fp32 unless asked
+        monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: True)
+        assert resolve_device('gpu') == resolve_device('mps') == resolve_device(' MPS ') == torch.device('mps')
+        assert resolve_device('cpu') == torch.device('cpu')
+        assert resolve_dtype(None, torch.device('mps')) == torch.float32
+        with pytest.raises(ValueError, match="not offered on Apple's mps"):
+            StableDiffusionText2ImagePipeline('unused', device='mps', fast=True)
+    with pytest.raises(ValueError, match="use 'gpu', 'gpu:N', 'cuda:N', 'mps' or 'cpu'"):
+        resolve_device('tpu')
 
 
 def test_dtype_defaults_and_names():
