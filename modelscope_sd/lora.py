@@ -9,13 +9,15 @@ from typing import List, Sequence, Tuple, Union
 
 from .constants import LORA_WEIGHT_NAME, MODEL_INDEX, PICKLE_SUFFIXES
 from .loading import check_safetensors, checkpoint_kind, is_hub_id, resolve_model_dir
+from .lycoris import LycorisError, load_lycoris, lycoris_kind
 
 LEGACY_WEIGHT_NAMES = ('pytorch_lora_weights.bin',)  # ModelScope's old trainer wrote this pickle
 
 
-def locate_adapter(path: str, allow_pickle: bool = False) -> Tuple[str, str]:
+def locate_adapter(path: str, allow_pickle: bool = False, lycoris: bool = False) -> Tuple[str, str]:
     """``lora_dir`` (a folder, a .safetensors file or a ModelScope hub id) → (folder, weight file name). Pickle
-    files (ModelScope's old trainer wrote ``pytorch_lora_weights.bin``) only with ``allow_pickle``."""
+    files (ModelScope's old trainer wrote ``pytorch_lora_weights.bin``) only with ``allow_pickle``; LyCORIS LoHa
+    and LoKr files only with ``lycoris`` (the pipeline loads them; the trainers and converters do not)."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f'lora_dir must be a path or a list of paths, got {type(path).__name__}')
     path = os.fspath(path)
@@ -37,7 +39,7 @@ def locate_adapter(path: str, allow_pickle: bool = False) -> Tuple[str, str]:
         return folder, name
     keys = check_safetensors(os.path.join(folder, name))
     _refuse_full_checkpoint(path, keys)
-    _refuse_lycoris(path, keys)
+    _refuse_lycoris(path, keys, allowed=('LoHa', 'LoKr') if lycoris else ())
     return folder, name
 
 
@@ -53,17 +55,19 @@ def _refuse_full_checkpoint(path: str, keys: List[str]) -> None:
                          f'adapter: pass it as textual_inversion={path!r}.')
 
 
-# LyCORIS adapter types (common on civitai) by a key suffix each has; diffusers loads LoRA and LoCon only
+# LyCORIS adapter types (common on civitai) by a key suffix each has; diffusers loads LoRA and LoCon only, the
+# pipeline LoHa and LoKr too (`lycoris.py`)
 LYCORIS_TYPES = {'.hada_w1_a': 'LoHa', '.lokr_w1': 'LoKr', '.lokr_w1_a': 'LoKr', '.on_input': '(IA)^3',
                  '.a1.weight': 'GLoRA', '.oft_blocks': 'OFT', '.oft_diag': 'OFT'}
 
 
-def _refuse_lycoris(path: str, keys: List[str]) -> None:
+def _refuse_lycoris(path: str, keys: List[str], allowed: Sequence[str] = ()) -> None:
     found = sorted({kind for k in keys for suffix, kind in LYCORIS_TYPES.items() if k.endswith(suffix)})
-    if found:
-        raise ValueError(f'lora_dir={path!r} is a LyCORIS {"/".join(found)} adapter, which diffusers cannot load '
-                         '(it loads LoRA and LoCon). Merge it into a model with LyCORIS or kohya\'s tools and load '
-                         'that model, or use a LoRA version of the adapter.')
+    if found and not set(found) <= set(allowed):
+        loads = 'LoRA, LoCon, LoHa and LoKr' if allowed else 'LoRA and LoCon'
+        raise ValueError(f'lora_dir={path!r} is a LyCORIS {"/".join(found)} adapter; {loads} files load here. '
+                         'Merge it into a model with LyCORIS or kohya\'s tools and load that model, or use a LoRA '
+                         'version of the adapter.')
 
 
 def _pick_weight_file(folder: str) -> str:
@@ -119,15 +123,20 @@ def load_adapters(pipe, lora_dir, lora_scale: Union[float, Sequence[float]] = 1.
     names = [f'lora_{i}' for i in range(len(paths))]
     scales = check_scales(lora_scale, names)
     for name, path in zip(names, paths):
-        folder, weight_name = locate_adapter(path, allow_pickle)
+        folder, weight_name = locate_adapter(path, allow_pickle, lycoris=True)
+        weights = os.path.join(folder, weight_name)
+        pickled = weight_name.endswith(PICKLE_SUFFIXES)
         try:
             with warnings.catch_warnings():  # peft warns on every adapter after the first; several are the point here
                 warnings.filterwarnings('ignore', message='Already found a `peft_config` attribute')
-                if weight_name.endswith(PICKLE_SUFFIXES):
-                    pipe.load_lora_weights(_read_pickled_adapter(os.path.join(folder, weight_name)),
-                                           adapter_name=name)
+                if not pickled and lycoris_kind(check_safetensors(weights)):
+                    load_lycoris(pipe, weights, name)  # its errors name the layer and what does not fit
+                elif pickled:
+                    pipe.load_lora_weights(_read_pickled_adapter(weights), adapter_name=name)
                 else:
                     pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name=name)
+        except LycorisError:
+            raise
         except (RuntimeError, ValueError, KeyError) as err:
             raise ValueError(f'lora_dir={path!r} could not be loaded into this model: {err}. An adapter only '
                              'fits the base model family it was trained on (SD1.x here).') from err

@@ -141,13 +141,22 @@ def test_a_whole_model_as_lora_dir_is_refused_by_name(tiny_model_dir, tiny_singl
 @pytest.mark.parametrize('kind, tensors', [
     ('LoHa', ('hada_w1_a', 'hada_w1_b', 'hada_w2_a', 'hada_w2_b')),  # LyCORIS' names, as civitai files hold them
     ('LoKr', ('lokr_w1', 'lokr_w2_a', 'lokr_w2_b')),
+    ('OFT', ('oft_blocks',)),
+    ('GLoRA', ('a1.weight', 'a2.weight', 'b1.weight', 'b2.weight')),
 ])
-def test_lycoris_adapters_are_refused_by_kind(tiny_model_dir, tmp_path, kind, tensors):
+def test_lycoris_kinds_that_do_not_load_are_refused_by_kind(tiny_model_dir, tmp_path, kind, tensors):
+    """The pipeline loads LoHa and LoKr (test_lycoris.py) but not OFT or GLoRA; the trainers' --network_weights
+    and convert-lora take LoRA and LoCon files only."""
+    from finetune.models import import_kohya_lora
     key = 'lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q'
     state = {f'{key}.{name}': torch.ones(4, 4) for name in tensors}
-    save_file({**state, f'{key}.alpha': torch.tensor(4.0)}, str(tmp_path / 'adapter.safetensors'))
-    with pytest.raises(ValueError, match=f'is a LyCORIS {kind} adapter, which diffusers cannot load'):
-        _pipe(tiny_model_dir, lora_dir=str(tmp_path / 'adapter.safetensors'))
+    path = str(tmp_path / 'adapter.safetensors')
+    save_file({**state, f'{key}.alpha': torch.tensor(4.0)}, path)
+    with pytest.raises(ValueError, match=f'is a LyCORIS {kind} adapter; LoRA and LoCon files load here'):
+        import_kohya_lora(path, str(tmp_path / 'out'))
+    if kind not in ('LoHa', 'LoKr'):
+        with pytest.raises(ValueError, match=f'is a LyCORIS {kind} adapter; LoRA, LoCon, LoHa and LoKr files load'):
+            _pipe(tiny_model_dir, lora_dir=path)
 
 
 def test_modelscope_old_trainer_bin_adapter_loads_with_allow_pickle(tiny_model_dir, adapters, sd_pipe, tmp_path):
