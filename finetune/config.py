@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from modelscope_sd.constants import DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION
+from modelscope_sd.loading import is_hub_id
 from modelscope_sd.prompt_editing import split_and
 from modelscope_sd.prompts import CHUNK, check_syntax
 
@@ -34,6 +35,10 @@ class TrainConfig:
                                                default=DEFAULT_MODEL_ID)
     revision: Optional[str] = _help(f'hub revision of the base model (default: {DEFAULT_MODEL_REVISION} for '
                                     f"{DEFAULT_MODEL_ID}, else the hub's default)", default=None)
+    vae: Optional[str] = _help("kohya's flag: a VAE in place of the base model's, e.g. vae-ft-mse-840000-ema-"
+                               'pruned.safetensors (a file, a diffusers folder or a hub id): images are encoded, '
+                               'and validation images decoded, with it; a DreamBooth model is saved with it',
+                               default=None)
     # data
     resolution: int = _help('training size in pixels (multiple of 8)', default=512)
     center_crop: bool = _help('center crop instead of a random crop', default=False)
@@ -110,6 +115,8 @@ class TrainConfig:
         model = self.pretrained_model_name_or_path
         if isinstance(model, str) and os.path.isfile(model):
             raise ValueError(single_file_message(model, model))
+        if self.vae is not None and not (os.path.exists(self.vae) or is_hub_id(self.vae)):
+            raise ValueError(f'vae={self.vae!r}: no such file or folder, and not a hub id (owner/name).')
         if self.revision is None and self.pretrained_model_name_or_path == DEFAULT_MODEL_ID:
             self.revision = DEFAULT_MODEL_REVISION  # the model card's revision; another repo may not have it
         _positive(self, 'resolution', 'train_batch_size', 'num_train_epochs', 'gradient_accumulation_steps',

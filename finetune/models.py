@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from modelscope_sd.constants import LORA_WEIGHT_NAME
 from modelscope_sd.files import save_safetensors
 from modelscope_sd.loading import check_model_dir, lone_checkpoint, resolve_model_dir
+from modelscope_sd.vae import load_vae
 
 from .checkpoint import TEMP_PREFIX
 from .config import single_file_message
@@ -22,8 +23,9 @@ KOHYA_WEIGHT_NAME = 'pytorch_lora_weights_kohya.safetensors'
 TEXT_ENCODER_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'out_proj']
 
 
-def load_components(model: str, revision: Optional[str]) -> Dict[str, object]:
-    """The five trainable/frozen parts of an SD model, from a hub id (ModelScope cache) or a folder."""
+def load_components(model: str, revision: Optional[str], vae: Optional[str] = None) -> Dict[str, object]:
+    """The five trainable/frozen parts of an SD model, from a hub id (ModelScope cache) or a folder; ``vae``: a VAE
+    in place of the model's own (`modelscope_sd.vae.load_vae`)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -38,11 +40,12 @@ def load_components(model: str, revision: Optional[str]) -> Dict[str, object]:
         raise ValueError(f'pretrained_model_name_or_path={model!r} has a {unet_channels}-channel UNet (an inpainting '
                          f'model); the trainers fine-tune text-to-image models with {latent_channels}-channel '
                          'latents. Start from a text-to-image base such as AI-ModelScope/stable-diffusion-v1-5.')
+    own_vae = AutoencoderKL.from_pretrained(path, subfolder='vae')
     return {
         'model_dir': path,
         'tokenizer': CLIPTokenizer.from_pretrained(path, subfolder='tokenizer'),
         'text_encoder': CLIPTextModel.from_pretrained(path, subfolder='text_encoder'),
-        'vae': AutoencoderKL.from_pretrained(path, subfolder='vae'),
+        'vae': own_vae if vae is None else load_vae(vae, own_vae),
         'unet': UNet2DConditionModel.from_pretrained(path, subfolder='unet'),
         'noise_scheduler': DDPMScheduler.from_pretrained(path, subfolder='scheduler'),
     }

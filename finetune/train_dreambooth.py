@@ -41,7 +41,7 @@ def main(config: DreamBoothConfig, notes: Optional[List[str]] = None) -> str:
         check_class_images(config)  # before any model loads
     with accelerator.main_process_first():  # one process downloads, the others then read the cache
         instance = check_images(instance_records(config), config.skip_bad_images)
-        parts = load_components(config.pretrained_model_name_or_path, config.revision)  # also checks the base
+        parts = load_components(config.pretrained_model_name_or_path, config.revision, config.vae)  # checks the base
     if config.with_prior_preservation:
         generate_class_images(config, accelerator)
     trained = prepare_models(accelerator, config, parts, lora=config.use_lora)
@@ -62,7 +62,8 @@ def main(config: DreamBoothConfig, notes: Optional[List[str]] = None) -> str:
             save_lora(config.output_dir, unet, text_encoder if config.train_text_encoder else None,
                       metadata=training_metadata(config, parts['model_dir']), export_kohya=config.export_kohya)
         else:
-            pipe = save_full_model(config.output_dir, parts['model_dir'], unet, text_encoder)
+            pipe = save_full_model(config.output_dir, parts['model_dir'], unet, text_encoder,
+                                   parts['vae'] if config.vae else None)
             if config.export_checkpoint:
                 name = os.path.basename(os.path.normpath(os.path.abspath(config.output_dir))) + '.safetensors'
                 path = save_single_file(pipe, os.path.join(config.output_dir, name),
@@ -73,7 +74,7 @@ def main(config: DreamBoothConfig, notes: Optional[List[str]] = None) -> str:
         if config.prompt:
             if config.use_lora:
                 render_result(config.prompt, config.seed, RESULT_IMAGE, config.pretrained_model_name_or_path,
-                              config.revision, lora_dir=config.output_dir)
+                              config.revision, lora_dir=config.output_dir, vae=config.vae)
             else:
                 render_result(config.prompt, config.seed, RESULT_IMAGE, config.output_dir)
     return config.output_dir
@@ -151,7 +152,7 @@ def _render_class_images(config: DreamBoothConfig, device, runs: List[Tuple[int,
 
     from modelscope_sd import StableDiffusionText2ImagePipeline
     pipe = StableDiffusionText2ImagePipeline(config.pretrained_model_name_or_path, model_revision=config.revision,
-                                             device=str(device), progress_bar=False)
+                                             device=str(device), progress_bar=False, vae=config.vae)
     for first, count in runs:
         output = pipe({'text': config.class_prompt, 'num_images_per_prompt': count, 'seed': config.seed + first,
                        'height': config.resolution, 'width': config.resolution,
@@ -164,12 +165,14 @@ def _render_class_images(config: DreamBoothConfig, device, runs: List[Tuple[int,
             os.replace(path + '.partial.png', path)  # a kill never leaves a half-written image
 
 
-def save_full_model(output_dir: str, base_dir: str, unet, text_encoder):
-    """A complete diffusers model with ModelScope's configuration.json. Written to a temporary folder
-    first; model_index.json, which makes the folder look like a model, is moved in last. Returns the pipeline."""
+def save_full_model(output_dir: str, base_dir: str, unet, text_encoder, vae=None):
+    """A complete diffusers model with ModelScope's configuration.json (and ``vae`` in place of the base model's,
+    when given). Written to a temporary folder first; model_index.json, which makes the folder look like a model,
+    is moved in last. Returns the pipeline."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(base_dir, unet=unet, text_encoder=text_encoder)
+    pipe = StableDiffusionPipeline.from_pretrained(base_dir, unet=unet, text_encoder=text_encoder,
+                                                   **({} if vae is None else {'vae': vae}))
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=TEMP_PREFIX) as tmp:
         pipe.save_pretrained(tmp)
         write_configuration(tmp)

@@ -230,12 +230,13 @@ def _inference_scheduler(model_dir: str):
 
 
 def render_result(prompt: str, seed: int, filename: str, model: str, revision: Optional[str] = None,
-                  lora_dir: Optional[str] = None) -> str:
+                  lora_dir: Optional[str] = None, vae: Optional[str] = None) -> str:
     """As ModelScope's examples do after training: one image for ``--prompt``, in the working folder."""
     import cv2
 
     from modelscope_sd import StableDiffusionText2ImagePipeline
-    pipe = StableDiffusionText2ImagePipeline(model, model_revision=revision, lora_dir=lora_dir, progress_bar=False)
+    pipe = StableDiffusionText2ImagePipeline(model, model_revision=revision, lora_dir=lora_dir, vae=vae,
+                                             progress_bar=False)
     path = os.path.abspath(filename)
     cv2.imwrite(path, pipe({'text': prompt, 'seed': seed})['output_imgs'][0])
     logger.info('Rendered %r to %s', prompt, path)
@@ -261,9 +262,11 @@ def log_how_to_load(config, lora: bool) -> None:
     """The lines that use what was just saved, for copying from the log."""
     out = config.output_dir
     if lora:
-        logger.info("Load it: pipeline(Tasks.text_to_image_synthesis, model=%r, lora_dir=%r), or "
-                    "modelscope-sd generate --model %s --lora %s --prompt '...'",
-                    config.pretrained_model_name_or_path, out, config.pretrained_model_name_or_path, out)
+        vae = '' if config.vae is None else f', vae={config.vae!r}'
+        flag = '' if config.vae is None else f' --vae {config.vae}'
+        logger.info("Load it: pipeline(Tasks.text_to_image_synthesis, model=%r, lora_dir=%r%s), or "
+                    "modelscope-sd generate --model %s --lora %s%s --prompt '...'",
+                    config.pretrained_model_name_or_path, out, vae, config.pretrained_model_name_or_path, out, flag)
     else:
         logger.info("Load it: pipeline(Tasks.text_to_image_synthesis, model=%r), or "
                     "modelscope-sd generate --model %s --prompt '...'", out, out)

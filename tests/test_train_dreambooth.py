@@ -282,3 +282,25 @@ def test_output_dir_holding_a_run_is_refused(tiny_model_dir, instance_dir, tmp_p
     (tmp_path / 'out' / 'model_index.json').write_text('{}')
     with pytest.raises(ValueError, match='already holds a run'):
         _train(_config(tiny_model_dir, instance_dir, tmp_path / 'out'))
+
+
+def test_vae_flag_encodes_with_that_vae_and_the_full_model_is_saved_with_it(tiny_model_dir, instance_dir, tmp_path,
+                                                                           monkeypatch):
+    """kohya's --vae: the training latents (here cached, so encoded before the first step) come from the given
+    VAE, the class images and the saved model use it, and the saved model loads with it."""
+    from diffusers import AutoencoderKL
+    base = AutoencoderKL.from_pretrained(tiny_model_dir, subfolder='vae')
+    torch.manual_seed(1)
+    AutoencoderKL.from_config(base.config).save_pretrained(tmp_path / 'vae')
+    encoders = []
+    real = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, 'encode', lambda self, x, **kw: encoders.append(self) or real(self, x, **kw))
+    out = _train(_config(tiny_model_dir, instance_dir, tmp_path / 'out', vae=str(tmp_path / 'vae'), max_train_steps=2,
+                         checkpointing_steps=None, cache_latents=True, center_crop=True))
+    given = AutoencoderKL.from_pretrained(tmp_path / 'vae').state_dict()
+    assert encoders and all(torch.equal(vae.state_dict()['encoder.conv_in.weight'], given['encoder.conv_in.weight'])
+                            for vae in encoders)
+    saved = AutoencoderKL.from_pretrained(out, subfolder='vae').state_dict()
+    assert all(torch.equal(saved[k], given[k]) for k in given)
+    with pytest.raises(ValueError, match="vae='nope.safetensors': no such file or folder"):
+        _config(tiny_model_dir, instance_dir, tmp_path / 'x', vae='nope.safetensors')
