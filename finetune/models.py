@@ -222,7 +222,40 @@ def export_kohya_lora(diffusers_file: str, kohya_file: str) -> str:
         for key in [k for k in state if k.endswith('.alpha')]:
             state[key] = torch.tensor(float(alpha))
     kept = {k: v for k, v in metadata.items() if k.startswith('modelscope_sd.')}
-    return save_safetensors(state, kohya_file, kept)
+    return save_safetensors(state, kohya_file, {**kept, **kohya_metadata(metadata)})
+
+
+def kohya_metadata(metadata: Dict[str, str]) -> Dict[str, str]:
+    """kohya's ``ss_`` keys for what our metadata records: A1111's LoRA tab shows them, and tells SD2 adapters
+    from SD1 ones by ``ss_v2`` (without it, any metadata reads as SD1). Empty when the base model's UNet config
+    cannot be read (an adapter from elsewhere): A1111 then lists it as of unknown version, not as SD1."""
+    unet_config = os.path.join(metadata.get('modelscope_sd.base_model_dir', ''), 'unet', 'config.json')
+    if not os.path.isfile(unet_config):
+        return {}
+    with open(unet_config, encoding='utf-8') as f:  # SD2's UNet projects attention linearly, SD1's by 1x1 convs
+        v2 = bool(json.load(f).get('use_linear_projection'))
+    try:
+        settings = json.loads(metadata.get('modelscope_sd.training', '{}'))
+    except ValueError:
+        settings = {}
+    out = {'ss_network_module': 'networks.lora', 'ss_training_comment': 'modelscope-sd', 'ss_v2': str(v2),
+           'ss_base_model_version': 'sd_v2' if v2 else 'sd_v1'}
+    if metadata.get('modelscope_sd.rank'):
+        out['ss_network_dim'] = metadata['modelscope_sd.rank']
+    alpha = _adapter_alpha(metadata)
+    if alpha is not None:
+        out['ss_network_alpha'] = f'{alpha:g}'
+    if metadata.get('modelscope_sd.base_model'):
+        out['ss_sd_model_name'] = metadata['modelscope_sd.base_model']
+    for ours, theirs in (('learning_rate', 'ss_learning_rate'), ('max_train_steps', 'ss_max_train_steps'),
+                         ('seed', 'ss_seed')):
+        if settings.get(ours) is not None:
+            out[theirs] = str(settings[ours])
+    if settings.get('resolution'):
+        out['ss_resolution'] = f"({settings['resolution']}, {settings['resolution']})"
+    if settings.get('output_dir'):
+        out['ss_output_name'] = os.path.basename(os.path.normpath(settings['output_dir']))
+    return out
 
 
 def _adapter_alpha(metadata: Dict[str, str]) -> Optional[float]:

@@ -282,8 +282,11 @@ def test_sd2_style_v_prediction_model_trains_on_velocity_and_generates_as_diffus
     targets, real_loss = [], training.denoising_loss
     monkeypatch.setattr(training, 'denoising_loss', lambda *a, **kw: targets.append(a[3].config.prediction_type)
                         or real_loss(*a, **kw))
-    _train(_config(model, csv_dataset, tmp_path / 'out', max_train_steps=2, learning_rate=5e-2))
+    _train(_config(model, csv_dataset, tmp_path / 'out', max_train_steps=2, learning_rate=5e-2, export_kohya=True))
     assert targets and set(targets) == {'v_prediction'}  # training and validation-loss steps
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / 'out' / 'pytorch_lora_weights_kohya.safetensors'), framework='pt') as f:
+        assert f.metadata()['ss_v2'] == 'True'  # A1111 would otherwise list it as an SD1 adapter
     args = dict(num_inference_steps=3, seed=0)
     base = StableDiffusionText2ImagePipeline(model, device='cpu', progress_bar=False)('a photo', **args)
     vanilla = StableDiffusionPipeline.from_pretrained(model)('a photo', num_inference_steps=3, output_type='np',
@@ -317,6 +320,23 @@ def test_kohya_export_is_written_and_loads(tiny_model_dir, csv_dataset, tmp_path
     b = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', lora_dir=str(tmp_path / 'out'),
                                           progress_bar=False)
     assert np.abs(a('x', **args)['output_imgs'][0].astype(int) - b('x', **args)['output_imgs'][0].astype(int)).max() <= 1
+    # kohya's metadata, which A1111's LoRA tab shows; its SD-version check reads ss_v2 (SD2) or any metadata (SD1)
+    from safetensors import safe_open
+    with safe_open(str(kohya), framework='pt') as f:
+        metadata = f.metadata()
+    assert {k: metadata[k] for k in ('ss_network_module', 'ss_network_dim', 'ss_network_alpha', 'ss_v2',
+                                     'ss_base_model_version', 'ss_max_train_steps', 'ss_resolution',
+                                     'ss_output_name')} == {
+        'ss_network_module': 'networks.lora', 'ss_network_dim': '4', 'ss_network_alpha': '4', 'ss_v2': 'False',
+        'ss_base_model_version': 'sd_v1', 'ss_max_train_steps': '2', 'ss_resolution': '(32, 32)',
+        'ss_output_name': 'out'}
+    # an adapter from elsewhere (no base model to look at) gets none: A1111 lists it as of unknown version
+    from finetune.models import export_kohya_lora
+    from modelscope_sd.files import save_safetensors
+    foreign = save_safetensors(load_file(str(tmp_path / 'out' / 'pytorch_lora_weights.safetensors')),
+                               str(tmp_path / 'foreign.safetensors'))
+    with safe_open(export_kohya_lora(foreign, str(tmp_path / 'foreign_kohya.safetensors')), framework='pt') as f:
+        assert not any(k.startswith('ss_') for k in f.metadata() or {})
 
 
 # ---------------------------------------------------------------- shell launcher and ModelScope's command line
