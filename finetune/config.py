@@ -208,6 +208,9 @@ class LoraOptions:
     rank: int = _help('LoRA rank', default=4)
     lora_alpha: Optional[int] = _help('LoRA alpha (default: rank, i.e. scale 1)', default=None)
     lora_dropout: float = _help('LoRA dropout', default=0.0)
+    use_dora: bool = _help("DoRA (peft's use_dora, diffusers' flag): each adapted weight also learns its column "
+                           'norms; the file loads in this pipeline and in diffusers, not as a kohya file',
+                           default=False)
     target_modules: str = _help('comma-separated UNet modules that get adapters',
                                 default='to_k,to_q,to_v,to_out.0')
     export_kohya: bool = _help('also write a kohya/A1111 .safetensors next to the diffusers file', default=False)
@@ -323,6 +326,12 @@ def check_lora_fields(config) -> None:
         raise ValueError(f'lora_dropout={config.lora_dropout} must be in [0, 1).')
     if not target_module_list(config.target_modules):
         raise ValueError('target_modules is empty: name at least one module, e.g. to_q,to_k,to_v,to_out.0.')
+    if config.use_dora and config.export_kohya:
+        raise ValueError('use_dora with export_kohya: the kohya export writes LoRA keys only, without DoRA\'s '
+                         'magnitudes. Load the DoRA file with lora_dir (or diffusers), or drop one of the two flags.')
+    if config.use_dora and config.network_weights is not None:
+        raise ValueError('use_dora with network_weights: a DoRA adapter starts from the base weights\' norms, so a '
+                         'LoRA to start from would not keep its effect. Drop one of the two flags.')
     if config.network_weights is not None:
         check_network_weights(config)
 

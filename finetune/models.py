@@ -51,12 +51,13 @@ def load_components(model: str, revision: Optional[str], vae: Optional[str] = No
     }
 
 
-def add_lora(model, rank: int, alpha: Optional[int], dropout: float, target_modules, init='gaussian') -> None:
-    """A peft LoRA adapter named 'default'. Through peft itself rather than transformers' ``add_adapter``,
-    which can demand a newer peft than the newest release (transformers 5.24 asks for peft 0.22)."""
+def add_lora(model, rank: int, alpha: Optional[int], dropout: float, target_modules, init='gaussian',
+             use_dora: bool = False) -> None:
+    """A peft LoRA (or DoRA) adapter named 'default'. Through peft itself rather than transformers'
+    ``add_adapter``, which can demand a newer peft than the newest release (transformers 5.24 asks for peft 0.22)."""
     from peft import LoraConfig, inject_adapter_in_model
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, init_lora_weights=init,
-                        target_modules=list(target_modules))
+                        target_modules=list(target_modules), use_dora=use_dora)
     inject_adapter_in_model(config, model, adapter_name='default')
     model.peft_config = {'default': config}
 

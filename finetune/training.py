@@ -51,7 +51,7 @@ def resume_settings(config) -> dict:
     """The flags a checkpoint's contents depend on; a resumed run must match them."""
     names = ['train_text_encoder', 'optimizer', 'use_8bit_adam']
     if getattr(config, 'use_lora', True):  # the LoRA trainer, or DreamBooth --use_lora
-        names += ['rank', 'lora_alpha', 'target_modules']
+        names += ['rank', 'lora_alpha', 'target_modules', 'use_dora']
     if hasattr(config, 'use_lora'):
         names.append('use_lora')
     settings = {name: getattr(config, name) for name in names}
@@ -172,9 +172,10 @@ def prepare_models(accelerator, config, parts: dict, lora: bool) -> List[torch.n
     set_seed(config.seed)  # adapter initialisation
     if lora:
         targets = target_module_list(config.target_modules)
-        add_lora(unet, config.rank, config.lora_alpha, config.lora_dropout, targets)
+        add_lora(unet, config.rank, config.lora_alpha, config.lora_dropout, targets, use_dora=config.use_dora)
         if config.train_text_encoder:
-            add_lora(text_encoder, config.rank, config.lora_alpha, config.lora_dropout, TEXT_ENCODER_TARGETS)
+            add_lora(text_encoder, config.rank, config.lora_alpha, config.lora_dropout, TEXT_ENCODER_TARGETS,
+                     use_dora=config.use_dora)
         register_lora_checkpoint_hooks(accelerator, {'unet': unet, 'text_encoder': text_encoder},
                                        training_metadata(config, parts.get('model_dir')))
     else:

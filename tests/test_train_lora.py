@@ -843,3 +843,37 @@ def test_a_batch_size_past_the_dataset_is_said_to_hold_fewer_images(tiny_model_d
     _train(_config(tiny_model_dir, str(tmp_path / 'one'), tmp_path / 'out', train_batch_size=4, max_train_steps=1,
                    checkpointing_steps=None))
     assert 'train_batch_size=4 but the dataset holds 1 example(s): every batch holds 1' in caplog.text
+
+
+def test_dora_adapter_resumes_exactly_and_loads_here_and_in_diffusers(tiny_model_dir, csv_dataset, tmp_path,
+                                                                    monkeypatch):
+    """--use_dora: the file holds DoRA's magnitudes; a killed run resumes to the uninterrupted adapter; our pipeline
+    and diffusers' load_lora_weights give one image; without the flag the file holds no magnitudes."""
+    from diffusers import StableDiffusionPipeline
+
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    settings = dict(max_train_steps=4, checkpointing_steps=2, learning_rate=5e-2, use_dora=True,
+                    train_text_encoder=True)
+    uninterrupted = load_file(_train(_config(tiny_model_dir, csv_dataset, tmp_path / 'a', **settings)))
+    assert any(k.endswith('lora_magnitude_vector') for k in uninterrupted)
+    revive = kill_at_loss_call(monkeypatch, 3)  # step 3 of 4, after checkpoint-2
+    with pytest.raises(Killed):
+        _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'b', **settings))
+    revive()
+    resumed = load_file(_train(_config(tiny_model_dir, csv_dataset, tmp_path / 'b', resume_from_checkpoint='latest',
+                                       **settings)))
+    _assert_same_adapter(resumed, uninterrupted)
+    ours = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False,
+                                             lora_dir=str(tmp_path / 'a'))('a photo', num_inference_steps=3, seed=0)
+    vanilla = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    vanilla.load_lora_weights(str(tmp_path / 'a'))
+    theirs = vanilla('a photo', num_inference_steps=3, output_type='np', generator=[torch.Generator().manual_seed(0)])
+    assert np.abs(ours['output_imgs'][0].astype(int)
+                  - (theirs.images[0] * 255).round().astype(int)[..., ::-1]).max() <= 1
+    plain = load_file(_train(_config(tiny_model_dir, csv_dataset, tmp_path / 'lora',
+                                     **dict(settings, use_dora=False))))
+    assert not any('magnitude' in k for k in plain)
+    with pytest.raises(ValueError, match='use_dora with export_kohya'):
+        _config(tiny_model_dir, csv_dataset, tmp_path / 'x', use_dora=True, export_kohya=True)
+    with pytest.raises(ValueError, match='use_dora with network_weights'):
+        _config(tiny_model_dir, csv_dataset, tmp_path / 'x', use_dora=True, network_weights=str(tmp_path / 'a'))
