@@ -29,7 +29,7 @@ def lycoris_kind(keys) -> Optional[str]:
     kinds = {kind for key in keys for suffix, kind in KINDS.items() if key.endswith(suffix)}
     if len(kinds) > 1:
         raise LycorisError(f'a file with both {" and ".join(sorted(kinds))} layers is not a LyCORIS adapter this '
-                         'pipeline loads.')
+                           'pipeline loads.')
     return kinds.pop() if kinds else None
 
 
@@ -41,7 +41,7 @@ def load_lycoris(pipe, path: str, adapter_name: str) -> None:
     unsupported = sorted({k.rsplit('.', 1)[-1] for k in state if k.endswith(UNSUPPORTED)})
     if unsupported:
         raise LycorisError(f'lora_dir={path!r}: this {kind} file holds {unsupported} (Tucker-decomposed '
-                         'convolutions or DoRA), which are not loaded here.')
+                           'convolutions, DoRA or per-layer scalars), which are not loaded here.')
     layers: Dict[str, Dict[str, Dict[str, torch.Tensor]]] = defaultdict(dict)
     for key, tensor in state.items():
         layer, _, param = key.partition('.')
@@ -70,7 +70,7 @@ def _add(model, layers: Dict[str, Dict[str, torch.Tensor]], kind: str, adapter_n
     unknown = sorted(layer for layer in layers if layer not in names)
     if unknown:
         raise LycorisError(f'lora_dir={path!r}: {len(unknown)} layer(s) of this {kind} file are not in this model '
-                         f'(e.g. {unknown[0]}): it was trained for another model family.')
+                           f'(e.g. {unknown[0]}): it was trained for another model family.')
     targets, ranks, alphas = [], {}, {}
     for layer, params in layers.items():
         name = names[layer]
@@ -95,12 +95,12 @@ def _add(model, layers: Dict[str, Dict[str, torch.Tensor]], kind: str, adapter_n
                 held = getattr(module, param)
                 if (param in params) != (adapter_name in held):
                     raise LycorisError(f'lora_dir={path!r}: layer {layer} of this {kind} file factors its weight in '
-                                     'a layout (LyCORIS factor) that peft does not make, which is not loaded here.')
+                                       'a layout (LyCORIS factor) that peft does not make, which is not loaded here.')
                 if param in params:
                     target = held[adapter_name]
                     if tuple(target.shape) != tuple(params[param].shape):
                         raise LycorisError(f'lora_dir={path!r}: {layer}.{param} has shape {tuple(params[param].shape)}'
-                                         f'; this model\'s layer takes {tuple(target.shape)}.')
+                                           f'; this model\'s layer takes {tuple(target.shape)}.')
                     target.copy_(params[param].to(target.dtype))
 
 
