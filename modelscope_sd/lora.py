@@ -9,6 +9,7 @@ from typing import List, Sequence, Tuple, Union
 
 from .constants import LORA_WEIGHT_NAME, MODEL_INDEX, PICKLE_SUFFIXES
 from .loading import check_safetensors, checkpoint_kind, is_hub_id, resolve_model_dir
+from .lycoris import KINDS as LYCORIS_KINDS
 from .lycoris import LycorisError, load_lycoris, lycoris_kind
 
 LEGACY_WEIGHT_NAMES = ('pytorch_lora_weights.bin',)  # ModelScope's old trainer wrote this pickle
@@ -39,7 +40,7 @@ def locate_adapter(path: str, allow_pickle: bool = False, lycoris: bool = False)
         return folder, name
     keys = check_safetensors(os.path.join(folder, name))
     _refuse_full_checkpoint(path, keys)
-    _refuse_lycoris(path, keys, allowed=('LoHa', 'LoKr') if lycoris else ())
+    _refuse_lycoris(path, keys, allowed=set(LYCORIS_KINDS.values()) if lycoris else ())
     return folder, name
 
 
@@ -56,9 +57,9 @@ def _refuse_full_checkpoint(path: str, keys: List[str]) -> None:
 
 
 # LyCORIS adapter types (common on civitai) by a key suffix each has; diffusers loads LoRA and LoCon only, the
-# pipeline LoHa and LoKr too (`lycoris.py`)
-LYCORIS_TYPES = {'.hada_w1_a': 'LoHa', '.lokr_w1': 'LoKr', '.lokr_w1_a': 'LoKr', '.on_input': '(IA)^3',
-                 '.a1.weight': 'GLoRA', '.oft_blocks': 'OFT', '.oft_diag': 'OFT'}
+# pipeline LoHa and LoKr too (`lycoris.KINDS`)
+LYCORIS_TYPES = {**LYCORIS_KINDS, '.on_input': '(IA)^3', '.a1.weight': 'GLoRA', '.oft_blocks': 'OFT',
+                 '.oft_diag': 'OFT'}
 
 
 def _refuse_lycoris(path: str, keys: List[str], allowed: Sequence[str] = ()) -> None:
