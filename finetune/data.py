@@ -392,12 +392,13 @@ class CachedDataset(torch.utils.data.Dataset):
                 entry = {'latent_params': vae.encode(pixels).latent_dist.parameters[0]}
                 if self.flipped:  # a mirrored crop is the crop mirrored: the same pixels prepare_image flips
                     entry['flipped_latent_params'] = vae.encode(pixels.flip(-1)).latent_dist.parameters[0]
-                ids = None if self.varying else dataset.tokenize(dataset.records[index].caption)  # varying: per item
-                if ids is not None and text_encoder is None:
-                    entry['input_ids'] = ids
-                elif ids is not None:
-                    ids = ids[None].to(text_encoder.device)
-                    entry['encoder_hidden_states'] = encode_prompt_ids(text_encoder, ids)[0]
+                if not self.varying:  # varying captions are tokenized per item, in __getitem__
+                    ids = dataset.tokenize(dataset.records[index].caption)
+                    if text_encoder is None:
+                        entry['input_ids'] = ids
+                    else:
+                        ids = ids[None].to(text_encoder.device)
+                        entry['encoder_hidden_states'] = encode_prompt_ids(text_encoder, ids)[0]
                 self.items.append(entry)
                 used += sum(t.numel() * t.element_size() for t in entry.values())
                 if on_device and used > self.DEVICE_CACHE_BYTES:  # a batch must not mix devices: all to host
