@@ -79,7 +79,7 @@ def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_
         raise TypeError(f'generator must be a torch.Generator or a list of them, got {type(generator).__name__}')
     if latents is not None and not isinstance(latents, torch.Tensor):
         raise TypeError(f'latents must be a torch.Tensor, got {type(latents).__name__}')
-    _check_variation(subseed, subseed_strength, latents, image)
+    _check_variation(subseed, subseed_strength, latents, mask_image)
     if clip_skip is not None:
         layers = pipeline.sd.text_encoder.config.num_hidden_layers
         check_int('clip_skip', clip_skip, minimum=0, maximum=layers - 1)
@@ -152,8 +152,8 @@ def _check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, image, guidance_re
         raise ValueError('guidance_rescale cannot go with hr_scale: the second pass is diffusers\' '
                          'image-to-image, which does not take it.')
 
-def _check_variation(subseed, subseed_strength, latents, image) -> None:
-    """A1111's variation seeds: they make the start latents of text-to-image."""
+def _check_variation(subseed, subseed_strength, latents, mask_image) -> None:
+    """A1111's variation seeds: they turn text-to-image's start latents, or the noise image-to-image adds."""
     if subseed is not None:
         check_int('subseed', subseed, minimum=0, maximum=_MAX_SEED)
     check_number('subseed_strength', subseed_strength, minimum=0.0)
@@ -162,9 +162,9 @@ def _check_variation(subseed, subseed_strength, latents, image) -> None:
     if subseed_strength and latents is not None:
         raise ValueError('subseed_strength turns the start noise the seed draws; with latents=... there is none to '
                          'turn. Pass one of the two.')
-    if subseed_strength and image is not None:
-        raise ValueError('subseed_strength applies to text-to-image (and the hires fix): image-to-image and '
-                         'inpainting start from the image. Leave it out (0) with image=...')
+    if subseed_strength and mask_image is not None:
+        raise ValueError('subseed_strength applies to text-to-image, image-to-image and the hires fix, not to '
+                         'inpainting. Leave it out (0) with mask_image=...')
 
 
 def _check_callback(callback, tensor_inputs, mask_image) -> None:

@@ -2,6 +2,7 @@
 
 import secrets
 import threading
+from contextlib import nullcontext
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -313,9 +314,10 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         if generator is None:
             generator, seeds = self._generators(seed, n_images)
         restart = _copies(generator) if hr_scale is not None else None
-        subseeds = None
-        if subseed_strength:  # A1111's variation seeds: the start latents, drawn here from the generators
-            subseeds = [int(subseed) + i for i in range(n_images)]
+        # A1111's variation seeds: text-to-image's start latents, drawn here from the generators; image-to-image
+        # (and the hires fix's second pass) turns the noise diffusers adds to the image
+        subseeds = [int(subseed) + i for i in range(n_images)] if subseed_strength else None
+        if subseeds and image is None:
             latents = variation.start_latents(self.sd, height, width, generator, subseeds, subseed_strength)
         # 2. input image at the output size; strength 0 means no denoising at all: the image as it is
         if image is not None:
@@ -352,11 +354,13 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                           num_images_per_prompt=num_images_per_prompt,
                           fast=mask_image is None and callback_on_step_end is None,
                           step_end=(callback_on_step_end, callback_on_step_end_tensor_inputs))
-            if hr_scale is None:
-                images, nsfw = self._denoise(pipe, extra, num_inference_steps, **passes)
-            else:
+            turn = (subseeds, subseed_strength) if subseeds else None
+            if hr_scale is not None:
                 images, nsfw = self._hires_fix(pipe, extra, num_inference_steps, passes, strength, hr_scale,
-                                               hr_upscaler, hr_second_pass_steps, quiet, restart)
+                                               hr_upscaler, hr_second_pass_steps, quiet, restart, turn)
+            else:
+                with _turning(pipe.scheduler, turn if image is not None else None):
+                    images, nsfw = self._denoise(pipe, extra, num_inference_steps, **passes)
         finally:
             for used in (self.sd, *self._variants.values()):
                 used.scheduler = self.base_scheduler
@@ -367,10 +371,11 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         return self._output(images, seeds, nsfw, subseeds)
 
     def _hires_fix(self, pipe, extra, num_inference_steps, passes, strength, hr_scale, hr_upscaler,
-                   hr_second_pass_steps, quiet, restart):
+                   hr_second_pass_steps, quiet, restart, turn):
         """A1111's hires fix: a first pass at the base size, its latents upscaled, then image-to-image at the
         larger size, drawing its noise from the seeds again as A1111's second pass does (``restart``: the
-        generators as they were before the first pass drew from them)."""
+        generators as they were before the first pass drew from them), turned towards the subseeds' noise by a
+        variation (``turn``: subseeds and strength, or None) as in the first pass."""
         second = self._variant('img2img')
         second.scheduler = pipe.scheduler
         second_steps = hr_second_pass_steps or num_inference_steps
@@ -386,8 +391,9 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         second.set_progress_bar_config(disable=quiet)
         extra = {'image': hires.upscale(self.sd, latents, target, hires.normalize_upscaler(hr_upscaler)),
                  'strength': strength}
-        return self._denoise(second, extra, second_steps,
-                             **dict(passes, generator=restart), first_pass_calls=first_pass_calls)
+        with _turning(second.scheduler, turn):
+            return self._denoise(second, extra, second_steps,
+                                 **dict(passes, generator=restart), first_pass_calls=first_pass_calls)
 
     def _denoise(self, pipe, extra, num_inference_steps, text_inputs, guidance_scale, num_images_per_prompt, eta,
                  generator, fast, step_end, output_type='np', first_pass_calls=None):
@@ -473,6 +479,12 @@ def _step_end_arguments(callback, tensor_inputs, changes, num_images_per_prompt)
         return outputs
 
     return {'callback_on_step_end': step_end, 'callback_on_step_end_tensor_inputs': list(dict.fromkeys(wanted))}
+
+
+def _turning(scheduler, turn):
+    """A variation's turn of the noise ``scheduler`` adds to image latents (``turn``: subseeds and strength), or
+    nothing for None."""
+    return nullcontext() if turn is None else variation.turning_added_noise(scheduler, *turn)
 
 
 def _copies(generator):

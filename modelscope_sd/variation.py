@@ -2,6 +2,7 @@
 its API): an image's start noise is its seed's noise turned part of the way, along a great circle, towards the
 noise of a second seed, so that small strengths give variations of one picture."""
 
+from contextlib import contextmanager
 from typing import List, Optional
 
 import torch
@@ -21,16 +22,36 @@ def slerp(val: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (torch.sin(val * omega) / so).unsqueeze(1) * high
 
 
+def turned(noise: torch.Tensor, subseeds: List[int], strength: float) -> torch.Tensor:
+    """Each image's ``noise`` (N, C, H, W) turned by ``strength`` towards the noise of its subseed, drawn at the
+    same size on a CPU generator, as seeds are."""
+    sub = randn_tensor(noise.shape, generator=[torch.Generator('cpu').manual_seed(s) for s in subseeds],
+                       device=noise.device, dtype=noise.dtype)
+    return torch.stack([slerp(strength, a.float(), b.float()) for a, b in zip(noise, sub)]).to(noise.dtype)
+
+
 def start_latents(sd, height: Optional[int], width: Optional[int], generator, subseeds: List[int],
                   strength: float) -> torch.Tensor:
     """The start latents of a text-to-image call of diffusers pipeline ``sd`` with variation seeds: drawn from
     ``generator`` as its ``prepare_latents`` draws them (so the generator goes on as in a call without), each
-    image's turned by ``strength`` towards the noise of its subseed (drawn on a CPU generator, as seeds are)."""
+    image's turned by ``strength`` towards the noise of its subseed."""
     size, factor = sd.unet.config.sample_size * sd.vae_scale_factor, sd.vae_scale_factor
     shape = (len(subseeds), sd.unet.config.in_channels, (height or size) // factor, (width or size) // factor)
-    device, dtype = sd.device, sd.unet.dtype
-    noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-    sub = randn_tensor(shape, generator=[torch.Generator('cpu').manual_seed(s) for s in subseeds], device=device,
-                       dtype=dtype)
-    mixed = [slerp(strength, a.float(), b.float()) for a, b in zip(noise, sub)]
-    return torch.stack(mixed).to(dtype)
+    return turned(randn_tensor(shape, generator=generator, device=sd.device, dtype=sd.unet.dtype), subseeds, strength)
+
+
+@contextmanager
+def turning_added_noise(scheduler, subseeds: List[int], strength: float):
+    """While open, the noise ``scheduler.add_noise`` puts on image latents is turned towards the subseeds' noise.
+    diffusers' image-to-image starts there (the image's latents noised to the first timestep it runs), so this is
+    A1111's variation for image-to-image and for the hires fix's second pass, whose noise A1111 turns too."""
+    add_noise = scheduler.add_noise
+
+    def add_turned_noise(original_samples, noise, timesteps):
+        return add_noise(original_samples, turned(noise, subseeds, strength), timesteps)
+
+    scheduler.add_noise = add_turned_noise
+    try:
+        yield
+    finally:
+        del scheduler.add_noise

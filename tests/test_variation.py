@@ -56,14 +56,30 @@ def test_each_image_of_a_batch_is_the_one_its_seed_and_subseed_make_alone(sd_pip
     assert drawn[1] == drawn[0] + 1
 
 
-def test_the_fast_loop_and_the_hires_fix_take_the_variation(fast_pipe, sd_pipe):
+def test_the_fast_loop_takes_the_variation(fast_pipe, sd_pipe):
     variation = dict(subseed=5, subseed_strength=0.4, scheduler='euler_a')
     assert np.abs(_images(fast_pipe, **variation)[0] - _images(sd_pipe, **variation)[0]).max() <= 1
-    # the hires fix's second pass draws from the seeds as without a variation: the seed as subseed is the plain image
-    hires = dict(hr_scale=1.5, scheduler='euler_a')
-    assert np.abs(_images(sd_pipe, subseed=ARGS['seed'], subseed_strength=0.5, **hires)[0]
-                  - _images(sd_pipe, **hires)[0]).max() <= 1
-    assert np.abs(_images(sd_pipe, subseed=5, subseed_strength=0.5, **hires)[0] - _images(sd_pipe, **hires)[0]).max() > 2
+
+
+@pytest.mark.parametrize('path', ['diffusers', 'fast'])
+@pytest.mark.parametrize('kind', ['image-to-image', 'hires fix'])
+def test_image_to_image_and_the_hires_second_pass_turn_the_noise_they_add(sd_pipe, fast_pipe, path, kind):
+    """As A1111 does, the noise put on the image (or on the hires fix's upscaled latents) turns towards the
+    subseed's too. In the hires fix Euler draws no other noise, so strength 1 is the image of seed = subseed in both
+    passes (image-to-image also samples the image's latents from the seed, before its noise)."""
+    pipe = fast_pipe if path == 'fast' else sd_pipe
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    task = dict(image=image, strength=0.6) if kind == 'image-to-image' else dict(hr_scale=1.5)
+    plain = _images(pipe, **task)[0]
+    if kind == 'hires fix':
+        assert np.abs(_images(pipe, subseed=99, subseed_strength=1.0, **task)[0]
+                      - _images(pipe, seed=99, **task)[0]).max() <= 1
+        # the seed's own noise as the subseed's gives the plain image: the noise is drawn as without a variation
+        assert np.abs(_images(pipe, subseed=ARGS['seed'], subseed_strength=0.5, **task)[0] - plain).max() <= 1
+    slight, far = (_images(pipe, subseed=99, subseed_strength=s, **task)[0] for s in (0.1, 0.6))
+    assert 0 < np.abs(slight - plain).mean() < np.abs(far - plain).mean()
+    assert np.abs(_images(pipe, subseed=99, subseed_strength=0.6, **task)[0]
+                  - _images(sd_pipe, subseed=99, subseed_strength=0.6, **task)[0]).max() <= 1
 
 
 @pytest.mark.parametrize('options, error, words', [
@@ -71,7 +87,8 @@ def test_the_fast_loop_and_the_hires_fix_take_the_variation(fast_pipe, sd_pipe):
     (dict(subseed=-1, subseed_strength=0.5), ValueError, ['subseed=-1']),
     (dict(subseed='3', subseed_strength=0.5), TypeError, ['subseed', 'str']),
     (dict(subseed_strength=0.5, latents=torch.zeros(1, 4, 16, 16)), ValueError, ['subseed_strength', 'latents=']),
-    (dict(subseed_strength=0.5, image=np.zeros((32, 32, 3), np.uint8)), ValueError, ['subseed_strength', 'image=']),
+    (dict(subseed_strength=0.5, image=np.zeros((32, 32, 3), np.uint8), mask_image=np.zeros((32, 32, 3), np.uint8)),
+     ValueError, ['subseed_strength', 'mask_image=']),
 ])
 def test_bad_variation_options_are_refused_by_name(sd_pipe, options, error, words):
     with pytest.raises(error) as info:
