@@ -32,6 +32,7 @@ from modelscope_sd.single_file import save_single_file
 logger = logging.getLogger('finetune.train_dreambooth')
 RESULT_IMAGE = 'dreambooth_result.png'
 CLASS_PROMPT_KEY = 'modelscope_sd.class_prompt'
+CLASS_MODEL_KEY = 'modelscope_sd.class_model'  # the model (and VAE) that made a class image
 CLASS_IMAGE_NAME = re.compile(r'class-(\d+)\.png')
 
 
@@ -113,21 +114,39 @@ def generate_class_images(config: DreamBoothConfig, accelerator) -> int:
 
 
 def check_class_images(config: DreamBoothConfig) -> None:
-    """The class images this trainer made carry their prompt. Ones made for another class prompt (a shared
-    class_data_dir, or an output_dir trained over with a new class) would be reused as this class's prior."""
+    """The class images this trainer made carry their prompt and the model that made them. Ones made for another
+    class prompt (a shared class_data_dir, or an output_dir trained over with a new class) would be reused as this
+    class's prior: refused. Ones another model made are still pictures of the class: reused, with a warning."""
     from PIL import Image
-    stale = []
+    other_prompt, other_model = [], []
     for path in image_paths(config.class_data_dir) if os.path.isdir(config.class_data_dir) else []:
         if CLASS_IMAGE_NAME.fullmatch(os.path.basename(path)):
-            with Image.open(path) as image:  # our text chunk comes before the pixels: nothing is decoded
-                prompt = image.info.get(CLASS_PROMPT_KEY)
+            with Image.open(path) as image:  # our text chunks come before the pixels: nothing is decoded
+                prompt, model = image.info.get(CLASS_PROMPT_KEY), image.info.get(CLASS_MODEL_KEY)
             if prompt is not None and prompt != config.class_prompt:
-                stale.append((os.path.basename(path), prompt))
-    if stale:
-        raise ValueError(f'class_data_dir={config.class_data_dir!r} holds {len(stale)} class image(s) made for '
-                         f'another class prompt ({stale[0][1]!r}, e.g. {stale[0][0]}), not class_prompt='
-                         f'{config.class_prompt!r}. Delete them to have them made again, or pass another '
-                         '--class_data_dir.')
+                other_prompt.append((os.path.basename(path), prompt))
+            if model is not None and model != class_model(config):
+                other_model.append((os.path.basename(path), model))
+    if other_prompt:
+        raise ValueError(f'class_data_dir={config.class_data_dir!r} holds {len(other_prompt)} class image(s) made '
+                         f'for another class prompt ({other_prompt[0][1]!r}, e.g. {other_prompt[0][0]}), not '
+                         f'class_prompt={config.class_prompt!r}. Delete them to have them made again, or pass '
+                         'another --class_data_dir.')
+    if other_model:
+        logger.warning('class_data_dir=%r holds %d class image(s) made by another model (%s, e.g. %s), not %s. They '
+                       'are reused as the prior, which should be what this model makes: delete them to have it make '
+                       'them again, or pass another --class_data_dir.', config.class_data_dir, len(other_model),
+                       other_model[0][1], other_model[0][0], class_model(config))
+
+
+def class_model(config: DreamBoothConfig) -> str:
+    """The model that makes the class images, as their PNGs record it: hub id or absolute path, revision, VAE."""
+    def name(path):
+        return os.path.abspath(path) if os.path.exists(path) else path
+    described = name(config.pretrained_model_name_or_path)
+    if config.revision:
+        described += f'@{config.revision}'
+    return described + (f' with VAE {name(config.vae)}' if config.vae else '')
 
 
 def class_image_runs(config: DreamBoothConfig) -> List[Tuple[int, int]]:
@@ -160,6 +179,7 @@ def _render_class_images(config: DreamBoothConfig, device, runs: List[Tuple[int,
         for offset, image in enumerate(output['output_imgs']):
             info = PngInfo()
             info.add_text(CLASS_PROMPT_KEY, config.class_prompt)
+            info.add_text(CLASS_MODEL_KEY, class_model(config))
             path = os.path.join(config.class_data_dir, f'class-{first + offset:05d}.png')
             Image.fromarray(image[..., ::-1]).save(path + '.partial.png', pnginfo=info)
             os.replace(path + '.partial.png', path)  # a kill never leaves a half-written image

@@ -79,7 +79,7 @@ def test_lora_mode_via_shell_loads_as_lora_dir(tiny_model_dir, instance_dir, tmp
 
 
 def test_class_images_come_from_the_class_prompt_and_batches_hold_both(tiny_model_dir, instance_dir, tmp_path,
-                                                                        monkeypatch):
+                                                                        monkeypatch, caplog):
     import finetune.training as training
     from modelscope_sd import StableDiffusionText2ImagePipeline
     prompts, batches = [], []
@@ -100,7 +100,9 @@ def test_class_images_come_from_the_class_prompt_and_batches_hold_both(tiny_mode
     assert prompts and set(prompts) == {CLASS_PROMPT}
     class_dir = tmp_path / 'out' / 'class_images'
     assert sorted(os.listdir(class_dir)) == ['class-00000.png', 'class-00001.png', 'class-00002.png']
-    assert Image.open(class_dir / 'class-00001.png').text['modelscope_sd.class_prompt'] == CLASS_PROMPT
+    made = Image.open(class_dir / 'class-00001.png').text
+    assert (made['modelscope_sd.class_prompt'], made['modelscope_sd.class_model']) == (
+        CLASS_PROMPT, os.path.abspath(tiny_model_dir))
     from transformers import CLIPTokenizer
     tokenizer = CLIPTokenizer.from_pretrained(tiny_model_dir, subfolder='tokenizer')
     assert [len(b['loss_weight']) for b in batches] == [4, 2]  # 3 pairs at batch size 2
@@ -113,7 +115,15 @@ def test_class_images_come_from_the_class_prompt_and_batches_hold_both(tiny_mode
     prompts.clear()
     _train(_config(tiny_model_dir, instance_dir, tmp_path / 'out2', with_prior_preservation=True, num_class_images=3,
                    class_data_dir=str(class_dir), max_train_steps=1, checkpointing_steps=None))
+    assert prompts == [] and 'made by another model' not in caplog.text
+    # ... and for another model (here: the same with another VAE), with a warning that says how to remake them
+    with caplog.at_level('WARNING', logger='finetune.train_dreambooth'):
+        _train(_config(tiny_model_dir, instance_dir, tmp_path / 'out4', with_prior_preservation=True,
+                       num_class_images=3, class_data_dir=str(class_dir), max_train_steps=1, checkpointing_steps=None,
+                       vae=tiny_model_dir))
     assert prompts == []
+    assert f'3 class image(s) made by another model ({os.path.abspath(tiny_model_dir)}, e.g. class-00000.png)' \
+        in caplog.text and 'with VAE' in caplog.text and 'delete them' in caplog.text
     # ... but not for another class: they would teach 'a photo of cat' what dogs look like
     with pytest.raises(ValueError, match="3 class image.*made for another class prompt \\('a photo of dog'"):
         _train(_config(tiny_model_dir, instance_dir, tmp_path / 'out3', with_prior_preservation=True,
