@@ -86,7 +86,8 @@ def _add(model, layers: Dict[str, Dict[str, torch.Tensor]], kind: str, adapter_n
     else:
         decompose_both = any('lokr_w1_a' in params for params in layers.values())
         config = LoKrConfig(r=ranks[first], alpha=alphas[first], target_modules=targets,
-                            decompose_both=decompose_both, **patterns)
+                            decompose_both=decompose_both, decompose_factor=_lokr_factor(model, layers, names, path),
+                            **patterns)
     add_adapter(model, config, adapter_name)
     with torch.no_grad():
         for layer, params in layers.items():
@@ -126,6 +127,27 @@ def _rank_and_alpha(kind: str, params: Dict[str, torch.Tensor], module):
         return rank, float(rank)
     alpha = float(params['alpha']) if 'alpha' in params else float(rank)
     return rank, alpha
+
+
+def _lokr_factor(model, layers: Dict[str, Dict[str, torch.Tensor]], names: Dict[str, str], path: str) -> int:
+    """The factor (LyCORIS's ``factor`` network arg, one for the whole file) that splits each layer's sizes as the
+    file's first Kronecker factors are split: -1 (LyCORIS's default, near the square root) or a size they show."""
+    from peft.tuners.lokr.layer import factorization
+    splits = []  # (out size, in size) of the layer → the first factor's (out, in) in the file
+    for layer, params in layers.items():
+        module = model.get_submodule(names[layer])
+        sizes = ((module.out_features, module.in_features) if isinstance(module, torch.nn.Linear)
+                 else (module.out_channels, module.in_channels // module.groups))
+        out_l = (params['lokr_w1'] if 'lokr_w1' in params else params['lokr_w1_a']).shape[0]
+        in_m = (params['lokr_w1'] if 'lokr_w1' in params else params['lokr_w1_b']).shape[1]
+        splits.append((sizes, (out_l, in_m)))
+    shown = sorted({size for _, factor in splits for size in factor})
+    for factor in [-1] + shown:
+        if all((factorization(sizes[0], factor)[0], factorization(sizes[1], factor)[0]) == first
+               for sizes, first in splits):
+            return factor
+    raise LycorisError(f'lora_dir={path!r}: this LoKr file splits its layers\' sizes in a way (LyCORIS factor) that '
+                       'peft\'s LoKr layers do not make, which is not loaded here.')
 
 
 def _escape(name: str) -> str:

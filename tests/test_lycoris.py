@@ -63,6 +63,7 @@ def _vanilla(pipe, weight=1.0):
 @pytest.mark.parametrize('kind, config', [('LoHa', dict(r=4, alpha=2)),
                                           ('LoKr', dict(r=2, alpha=4)),  # w1 whole, w2 a product
                                           ('LoKr', dict(r=2, alpha=4, decompose_both=True)),
+                                          ('LoKr', dict(r=2, alpha=4, decompose_factor=2)),  # LyCORIS's factor=2
                                           ('LoKr', dict(r=64, alpha=64))])  # both whole: scale 1
 def test_lycoris_file_gives_the_image_of_pefts_layers_and_weighs_like_lora(tiny_model_dir, tmp_path, kind, config):
     source = _peft_pipe(tiny_model_dir, kind, **config)
@@ -96,6 +97,9 @@ def test_lycoris_files_this_pipeline_does_not_load_say_why(tiny_model_dir, tmp_p
                          'lora_unet_down_blocks_7_resnets_0_conv1.hada_w1_b': torch.zeros(4, 4)},
                         'not in this model (e.g. down_blocks_7_resnets_0_conv1)'),
         'shape': ({**state, f'{key}.hada_w1_a': torch.zeros(7, 4)}, 'to_q.hada_w1_a has shape (7, 4)'),
+        # a 64×64 layer's outputs split as a factor of 2 splits them, its inputs as 8 (or the default) does
+        'lokr factor': ({f'{key}.lokr_w1': torch.zeros(2, 8), f'{key}.lokr_w2': torch.zeros(32, 8)},
+                        'splits its layers\' sizes in a way (LyCORIS factor)'),
         'ia3': ({f'{key}.on_input': torch.zeros(4)}, 'is a LyCORIS (IA)^3 adapter'),
     }
     for name, (weights, words) in cases.items():
