@@ -73,7 +73,8 @@ def _generate_parser(sub):
                                                        "fix's second pass (0.7)")
     parser.add_argument('--hr_scale', type=float, help="A1111's hires fix: upscale by this (e.g. 2), then "
                                                        'image-to-image at the larger size')
-    parser.add_argument('--hr_upscaler', help="hires fix: 'latent' (default) or 'lanczos'")
+    parser.add_argument('--hr_upscaler', help="hires fix: 'latent' (default), A1111's other latent upscalers "
+                                              "('latent (nearest-exact)', ...), 'lanczos' or 'nearest'")
     parser.add_argument('--hr_second_pass_steps', type=int, help='hires fix: steps of the second pass '
                                                                  '(default --num_inference_steps)')
     parser.add_argument('--from_png', help='take every setting from a PNG written here (or by A1111)')

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .hires import DEFAULT_STRENGTH, normalize_upscaler
+from .hires import A1111_NAMES as A1111_UPSCALERS, DEFAULT_STRENGTH, normalize_upscaler
 from .prompts import emphasis_name
 from .schedulers import scheduler_name
 
@@ -25,7 +25,6 @@ A1111_SAMPLERS = {
     'dpm++_sde': 'DPM++ SDE', 'dpm++_sde_karras': 'DPM++ SDE Karras',
 }
 _FROM_A1111 = {v.lower(): k for k, v in A1111_SAMPLERS.items()}
-_A1111_UPSCALERS = {'latent': 'Latent', 'lanczos': 'Lanczos'}
 # keys read back into the call, and A1111's keys that only describe files (hashes, its version)
 _APPLIED = {'Steps', 'Sampler', 'Schedule type', 'CFG scale', 'Seed', 'Size', 'Model', 'Rescale CFG', 'Clip skip',
             'Denoising strength', 'Lora', 'Textual inversion', 'Emphasis', 'VAE', 'Variation seed',
@@ -67,7 +66,7 @@ def format_parameters(prompt: str, negative_prompt: Optional[str], steps: int, s
         fields.append(('Emphasis', emphasis_name(emphasis)))
     if hires:
         fields += [('Hires upscale', hires['hr_scale']), ('Hires steps', hires.get('hr_second_pass_steps')),
-                   ('Hires upscaler', _A1111_UPSCALERS[normalize_upscaler(hires.get('hr_upscaler'))])]
+                   ('Hires upscaler', A1111_UPSCALERS[normalize_upscaler(hires.get('hr_upscaler'))])]
     if vae is not None:  # A1111 writes the file's name; the path or hub id given here loads again
         fields.append(('VAE', vae))
     if loras:
@@ -128,9 +127,10 @@ def parse_parameters(text: str) -> Dict[str, Any]:
         if int(params.get('Hires steps', 0)):
             call['hr_second_pass_steps'] = int(params['Hires steps'])
         upscaler = params.get('Hires upscaler', 'Latent')
-        call['hr_upscaler'] = 'latent' if upscaler.lower().startswith('latent') else 'lanczos'
-        if upscaler.lower() not in _A1111_UPSCALERS:  # A1111's latent variants, ESRGAN and others
-            not_applied.append(f'Hires upscaler {upscaler} (ran as {_A1111_UPSCALERS[call["hr_upscaler"]]})')
+        # A1111's "None" resizes the decoded image with Lanczos; its model upscalers (ESRGAN, ...) run as Lanczos
+        call['hr_upscaler'] = upscaler.lower() if upscaler.lower() in A1111_UPSCALERS else 'lanczos'
+        if upscaler.lower() not in (*A1111_UPSCALERS, 'none'):
+            not_applied.append(f'Hires upscaler {upscaler} (ran as {A1111_UPSCALERS[call["hr_upscaler"]]})')
     schedule = params.get('Schedule type', 'Automatic')
     if schedule.lower() != 'automatic' and not (schedule.lower() == 'karras' and call['scheduler'].endswith('karras')):
         not_applied.append(f'Schedule type {schedule}')

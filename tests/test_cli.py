@@ -71,6 +71,11 @@ def test_reads_a1111_19_schedule_type_and_the_hires_fix():
     parsed = metadata.parse_parameters(esrgan)
     assert parsed['call']['hr_upscaler'] == 'lanczos'
     assert parsed['not_applied'] == ['Hires upscaler R-ESRGAN 4x+ (ran as Lanczos)']
+    # A1111's other latent upscalers and its pixel resizes run as they are; its "None" resizes with Lanczos
+    for a1111, ours in (('Latent (nearest-exact)', 'latent (nearest-exact)'), ('Latent (bicubic antialiased)',
+                        'latent (bicubic antialiased)'), ('Nearest', 'nearest'), ('None', 'lanczos')):
+        parsed = metadata.parse_parameters(text.replace('Hires upscaler: Latent', f'Hires upscaler: {a1111}'))
+        assert (parsed['call']['hr_upscaler'], parsed['not_applied']) == (ours, [])
     resize = text.replace('Hires upscale: 2', 'Hires resize: 1024x1024')
     parsed = metadata.parse_parameters(resize)
     assert 'hr_scale' not in parsed['call'] and 'strength' not in parsed['call']

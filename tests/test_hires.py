@@ -7,6 +7,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 STEPS = dict(num_inference_steps=3)
+A1111_LATENT = {'latent': ('bilinear', False), 'latent (antialiased)': ('bilinear', True),
+                'latent (bicubic)': ('bicubic', False), 'latent (bicubic antialiased)': ('bicubic', True),
+                'latent (nearest)': ('nearest', False), 'latent (nearest-exact)': ('nearest-exact', False)}
 
 
 def _two_passes_in_diffusers(vanilla_pipe, prompt, seed, scale, upscaler, strength, second_steps=3,
@@ -18,13 +21,13 @@ def _two_passes_in_diffusers(vanilla_pipe, prompt, seed, scale, upscaler, streng
                            **STEPS).images
     size = (int(32 * scale) // 8 * 8, int(32 * scale) // 8 * 8)
     factor = vanilla_pipe.vae_scale_factor
-    if upscaler == 'latent':
-        image = F.interpolate(latents, size=(size[0] // factor, size[1] // factor), mode='bilinear',
-                              align_corners=False)
+    if upscaler in A1111_LATENT:  # A1111's shared.latent_upscale_modes
+        mode, antialias = A1111_LATENT[upscaler]
+        image = F.interpolate(latents, size=(size[0] // factor, size[1] // factor), mode=mode, antialias=antialias)
     else:
         with torch.no_grad():
             decoded = vanilla_pipe.vae.decode(latents / vanilla_pipe.vae.config.scaling_factor, return_dict=False)[0]
-        image = [i.resize(size[::-1], Image.LANCZOS)
+        image = [i.resize(size[::-1], Image.LANCZOS if upscaler == 'lanczos' else Image.NEAREST)
                  for i in vanilla_pipe.image_processor.postprocess(decoded, output_type='pil')]
     second = StableDiffusionImg2ImgPipeline(**vanilla_pipe.components)
     second.set_progress_bar_config(disable=True)
@@ -33,12 +36,14 @@ def _two_passes_in_diffusers(vanilla_pipe, prompt, seed, scale, upscaler, streng
     return (images[0] * 255).round().astype(int)[..., ::-1]
 
 
-@pytest.mark.parametrize('upscaler, scale, strength', [('latent', 2, None), ('lanczos', 1.5, 0.5)])
+@pytest.mark.parametrize('upscaler, scale, strength', [
+    ('latent', 2, None), ('lanczos', 1.5, 0.5), ('Latent (nearest-exact)', 2, None),
+    ('latent (bicubic antialiased)', 1.5, None), ('latent (nearest)', 1.5, 0.6), ('Nearest', 1.5, 0.5)])
 def test_hires_fix_equals_diffusers_two_passes(sd_pipe, vanilla_pipe, upscaler, scale, strength):
     out = sd_pipe('a cat', seed=0, hr_scale=scale, hr_upscaler=upscaler, strength=strength, **STEPS)
     got = out['output_imgs'][0].astype(int)
     assert got.shape == (int(32 * scale), int(32 * scale), 3)
-    expected = _two_passes_in_diffusers(vanilla_pipe, 'a cat', 0, scale, upscaler,
+    expected = _two_passes_in_diffusers(vanilla_pipe, 'a cat', 0, scale, upscaler.lower(),
                                         0.7 if strength is None else strength)
     assert np.abs(got - expected).max() <= 1
     # the second pass is no plain resize of the first
@@ -75,7 +80,7 @@ def test_start_latents_set_the_first_pass_size(sd_pipe):
     (dict(hr_scale=0.5), 'hr_scale=0.5 must be >= 1.0'),
     (dict(hr_scale=8), 'hr_scale=8 must be between 1 and 4'),
     (dict(hr_scale=2, hr_upscaler='R-ESRGAN 4x+'),
-     "hr_upscaler='R-ESRGAN 4x\\+' is not one of \\('latent', 'lanczos'\\)"),
+     "hr_upscaler='R-ESRGAN 4x\\+' is not one of \\('latent', 'latent \\(antialiased\\)'"),
     (dict(hr_scale=2, hr_second_pass_steps=0), 'hr_second_pass_steps=0 is out of range'),
     (dict(hr_scale=2, image=np.zeros((32, 32, 3), np.uint8)), 'hr_scale is the hires fix of text-to-image'),
     (dict(hr_scale=2, guidance_rescale=0.7), 'guidance_rescale cannot go with hr_scale'),
