@@ -212,6 +212,14 @@ def _windows(tokenizer, ids: List[int], weights: List[float], count: int):
 
 
 @torch.no_grad()
+def final_layer_norm(text_encoder):
+    """CLIP's final layer norm (in ``text_model`` before transformers 5), through accelerate's (DDP) and
+    torch.compile's wrappers: clip_skip reads an earlier layer's states through it, as diffusers does."""
+    model = getattr(text_encoder, 'module', text_encoder)
+    model = getattr(model, '_orig_mod', model)
+    return getattr(model, 'text_model', model).final_layer_norm
+
+
 def encode(pipe, prompts: List[str], clip_skip: Optional[int], windows: int, emphasis: str = 'Original'
            ) -> torch.Tensor:
     """(len(prompts), 77 * windows, hidden) weighted embeddings for a diffusers SD pipeline."""
@@ -227,8 +235,7 @@ def encode(pipe, prompts: List[str], clip_skip: Optional[int], windows: int, emp
                 hidden = text_encoder(input_ids)[0]
             else:
                 states = text_encoder(input_ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
-                hidden = text_encoder.text_model.final_layer_norm(states) if hasattr(
-                    text_encoder, 'text_model') else text_encoder.final_layer_norm(states)
+                hidden = final_layer_norm(text_encoder)(states)
             # hidden.device, not device: an offload hook may have run the encoder elsewhere
             weights = torch.tensor(chunk_w, device=hidden.device, dtype=torch.float32)[None, :, None]
             plain = hidden.float()
@@ -252,15 +259,16 @@ def window_ids(tokenizer, text: str, max_windows: int) -> List[int]:
 def text_inputs(pipe, prompt: Union[str, List[str]], negative_prompt: Union[str, List[str], None] = None,
                 clip_skip: Optional[int] = None, emphasis: str = 'Original') -> Dict[str, Any]:
     """The text arguments of a diffusers SD pipeline call. Plain prompts of up to 75 tokens go as text (diffusers'
-    exact encoding); longer or weighted ones as embeddings in 75-token windows with per-token weights."""
+    exact encoding); longer or weighted ones as embeddings in 75-token windows with per-token weights, and so do
+    all prompts with ``clip_skip``: diffusers' own (0.42) reads ``text_encoder.text_model``, which transformers 5's
+    CLIPTextModel no longer has."""
     prompts, negatives = _as_lists(prompt, negative_prompt)
     # diffusers expands textual-inversion words itself on its own path, so only the length check and our encoding
     # see the expanded text
     expanded = [_expand(pipe, t) if t else t for t in prompts + negatives]
-    if not any(needs_long_path(pipe.tokenizer, t, emphasis) for t in expanded):
+    if not clip_skip and not any(needs_long_path(pipe.tokenizer, t, emphasis) for t in expanded):
         # lists on both sides: diffusers refuses a str beside a list
-        return {'prompt': prompts, 'negative_prompt': None if negative_prompt is None else negatives,
-                'clip_skip': clip_skip}
+        return {'prompt': prompts, 'negative_prompt': None if negative_prompt is None else negatives}
     windows = window_count(pipe.tokenizer, expanded, emphasis)
     return {'prompt_embeds': encode(pipe, expanded[:len(prompts)], clip_skip, windows, emphasis),
             'negative_prompt_embeds': encode(pipe, expanded[len(prompts):], clip_skip, windows, emphasis)}
@@ -284,7 +292,7 @@ def unet_embeds(pipe, text_inputs: Dict[str, Any], num_images_per_prompt: int, c
     if 'prompt_embeds' not in text_inputs:
         positive, negative = pipe.encode_prompt(
             text_inputs.get('prompt'), pipe._execution_device, num_images_per_prompt, cfg,
-            text_inputs.get('negative_prompt'), clip_skip=text_inputs.get('clip_skip'))
+            text_inputs.get('negative_prompt'))
     else:
         positive, negative = (text_inputs[key].to(pipe._execution_device).repeat_interleave(num_images_per_prompt, 0)
                               for key in ('prompt_embeds', 'negative_prompt_embeds'))

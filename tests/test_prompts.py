@@ -41,6 +41,31 @@ def test_one_window_encoding_equals_diffusers(sd_pipe):
     torch.testing.assert_close(ours, theirs)
 
 
+@pytest.mark.parametrize('prompt', ['a red hat', 'a (red:1.5) hat'])
+def test_clip_skip_reads_an_earlier_layer_through_the_final_layer_norm(sd_pipe, vanilla_pipe, prompt):
+    """A1111's Clip skip 2 is clip_skip=1: the second-to-last layer's states through CLIP's final layer norm, as
+    diffusers computes them (its own clip_skip fails on transformers 5), for plain and weighted prompts alike."""
+    text_encoder = vanilla_pipe.text_encoder
+    norm = getattr(text_encoder, 'text_model', text_encoder).final_layer_norm
+
+    def skipped(text):
+        ids = vanilla_pipe.tokenizer(text, padding='max_length', max_length=77, return_tensors='pt').input_ids
+        with torch.no_grad():
+            return norm(text_encoder(ids, output_hidden_states=True).hidden_states[-2])
+
+    scaled = skipped('a red hat')
+    if '(' in prompt:  # A1111's emphasis on the skipped layer's states
+        _, weights = prompts.tokens_with_weights(vanilla_pipe.tokenizer, prompt)
+        scaled = scaled.clone()
+        scaled[0, [i + 1 for i, w in enumerate(weights) if w != 1.0]] *= 1.5
+        scaled *= skipped('a red hat').mean() / scaled.mean()
+    expected = vanilla_pipe(prompt_embeds=scaled, negative_prompt_embeds=skipped(''), num_inference_steps=2,
+                            generator=[torch.Generator().manual_seed(0)], output_type='np').images[0]
+    got = sd_pipe(prompt, clip_skip=1, **STEPS)['output_imgs'][0][..., ::-1].astype(int)
+    assert np.abs(got - (expected * 255).round().astype(int)).max() <= 1
+    assert np.abs(got - sd_pipe(prompt, **STEPS)['output_imgs'][0][..., ::-1].astype(int)).max() > 2
+
+
 def test_weights_scale_their_tokens_and_the_window_keeps_its_mean(sd_pipe):
     """A1111's default ("Original") emphasis: each token's embedding times its weight, then the whole window
     rescaled to the mean it had unweighted."""
@@ -69,7 +94,7 @@ def test_a1111_emphasis_modes(sd_pipe):
     torch.testing.assert_close(prompts.encode(sd, ['a (red:1.5) hat BREAK sky'], None, 1, 'None'), literal)
     # with None, a short prompt with brackets is a plain prompt: diffusers' own encoding
     assert prompts.text_inputs(sd, 'a (red:1.5) hat', emphasis='None') == {
-        'prompt': ['a (red:1.5) hat'], 'negative_prompt': None, 'clip_skip': None}
+        'prompt': ['a (red:1.5) hat'], 'negative_prompt': None}
     with pytest.raises(ValueError, match="emphasis='Sharp' is not one of"):
         prompts.emphasis_name('Sharp')
 
