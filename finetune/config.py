@@ -89,6 +89,10 @@ class TrainConfig:
                                             'caption with this probability, drawn anew each epoch', default=0.0)
     prediction_type: Optional[str] = _help("'epsilon' or 'v_prediction'; default: the scheduler's", default=None)
     train_text_encoder: bool = _help('also train the text encoder', default=False)
+    clip_skip: Optional[int] = _help("kohya's flag, counted as A1111's Clip skip: 2 trains on the text encoder's "
+                                     'second-to-last layer, as anime models (NAI and its descendants) are used; 1 or '
+                                     'unset: the last layer. Generate with the same Clip skip (the pipeline\'s '
+                                     'clip_skip is one less)', default=None)
     max_token_length: int = _help('caption tokens the text encoder reads: 75 (one CLIP window), or 150 or 225 '
                                   '(kohya\'s values): a longer caption is encoded in 75-token windows side by side, '
                                   'as the pipeline encodes long prompts', default=75)
@@ -146,6 +150,9 @@ class TrainConfig:
                              '--keep_tokens.')
         if self.max_grad_norm <= 0:  # 0 would zero every gradient, a negative norm would flip them
             raise ValueError(f'max_grad_norm={self.max_grad_norm} must be > 0 (1.0 is usual).')
+        if self.clip_skip is not None and self.clip_skip < 1:
+            raise ValueError(f'clip_skip={self.clip_skip} must be >= 1 (A1111\'s count: 1 is the last layer, 2 the '
+                             'second-to-last), or unset.')
         if self.max_token_length < CHUNK or self.max_token_length % CHUNK:
             raise ValueError(f'max_token_length={self.max_token_length} must be a multiple of {CHUNK} (75, 150, 225).')
         if self.resolution % 8:

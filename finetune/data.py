@@ -375,7 +375,8 @@ class CachedDataset(torch.utils.data.Dataset):
 
     DEVICE_CACHE_BYTES = 1 << 30
 
-    def __init__(self, dataset: CaptionDataset, vae, text_encoder=None, on_device: bool = False):
+    def __init__(self, dataset: CaptionDataset, vae, text_encoder=None, on_device: bool = False,
+                 clip_skip: Optional[int] = None):
         self.items = []
         used = 0
         self.empty, self.targets = dict(dataset.empty), dataset.targets
@@ -386,7 +387,7 @@ class CachedDataset(torch.utils.data.Dataset):
         with torch.no_grad():
             if text_encoder is not None:
                 ids = self.empty['input_ids'][None].to(text_encoder.device)
-                self.empty['encoder_hidden_states'] = encode_prompt_ids(text_encoder, ids)[0]
+                self.empty['encoder_hidden_states'] = encode_prompt_ids(text_encoder, ids, clip_skip)[0]
             for index in range(len(dataset)):
                 pixels = dataset.pixels(index, None, flip=False)[None].to(vae.device, vae.dtype)
                 entry = {'latent_params': vae.encode(pixels).latent_dist.parameters[0]}
@@ -398,7 +399,7 @@ class CachedDataset(torch.utils.data.Dataset):
                         entry['input_ids'] = ids
                     else:
                         ids = ids[None].to(text_encoder.device)
-                        entry['encoder_hidden_states'] = encode_prompt_ids(text_encoder, ids)[0]
+                        entry['encoder_hidden_states'] = encode_prompt_ids(text_encoder, ids, clip_skip)[0]
                 self.items.append(entry)
                 used += sum(t.numel() * t.element_size() for t in entry.values())
                 if on_device and used > self.DEVICE_CACHE_BYTES:  # a batch must not mix devices: all to host
@@ -428,9 +429,9 @@ class CachedDataset(torch.utils.data.Dataset):
         return collate(examples, self.empty)
 
 
-def cache_dataset(dataset, vae, text_encoder=None, on_device: bool = False):
+def cache_dataset(dataset, vae, text_encoder=None, on_device: bool = False, clip_skip: Optional[int] = None):
     if isinstance(dataset, PriorPreservationDataset):
-        return PriorPreservationDataset(CachedDataset(dataset.instance, vae, text_encoder, on_device),
-                                        CachedDataset(dataset.class_images, vae, text_encoder, on_device),
+        return PriorPreservationDataset(CachedDataset(dataset.instance, vae, text_encoder, on_device, clip_skip),
+                                        CachedDataset(dataset.class_images, vae, text_encoder, on_device, clip_skip),
                                         dataset.prior_loss_weight)
-    return CachedDataset(dataset, vae, text_encoder, on_device)
+    return CachedDataset(dataset, vae, text_encoder, on_device, clip_skip)

@@ -1,8 +1,12 @@
 """The denoising objective both trainers optimise: noise, timesteps, target, min-SNR weighting."""
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
+
+from modelscope_sd.prompts import final_layer_norm
 
 
 def encode_latents(vae, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -42,16 +46,24 @@ def per_sample_loss(model_pred, target, timesteps, scheduler, snr_gamma=None) ->
     return loss * weights
 
 
-def encode_prompt_ids(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
+def encode_prompt_ids(text_encoder, input_ids: torch.Tensor, clip_skip: Optional[int] = None) -> torch.Tensor:
     """(B, windows × 77) token ids → (B, windows × 77, hidden): each 77-token window through CLIP on its own and
-    the results side by side, as the pipeline encodes long prompts. One window is the usual encoding."""
+    the results side by side, as the pipeline encodes long prompts. One window is the usual encoding. ``clip_skip``
+    (A1111's and kohya's count; 2: the second-to-last layer, through the final layer norm, as kohya and the
+    pipeline's ``clip_skip=1`` read it)."""
     batch, length = input_ids.shape
     window = text_encoder.config.max_position_embeddings
-    hidden = text_encoder(input_ids.reshape(batch * (length // window), window), return_dict=False)[0]
+    windows = input_ids.reshape(batch * (length // window), window)
+    if clip_skip is None or clip_skip <= 1:
+        hidden = text_encoder(windows, return_dict=False)[0]
+    else:
+        states = text_encoder(windows, output_hidden_states=True, return_dict=True).hidden_states[-clip_skip]
+        hidden = final_layer_norm(text_encoder)(states)
     return hidden.reshape(batch, length, hidden.shape[-1])
 
 
-def denoising_loss(unet, text_encoder, vae, scheduler, batch, noise_offset=0.0, snr_gamma=None) -> torch.Tensor:
+def denoising_loss(unet, text_encoder, vae, scheduler, batch, noise_offset=0.0, snr_gamma=None,
+                   clip_skip=None) -> torch.Tensor:
     """One forward pass of the training objective; returns the loss of each sample in the batch. A batch
     holds images (``pixel_values``) or cached VAE posteriors (``latent_params``), and token ids
     (``input_ids``) or cached prompt embeddings (``encoder_hidden_states``)."""
@@ -65,7 +77,7 @@ def denoising_loss(unet, text_encoder, vae, scheduler, batch, noise_offset=0.0, 
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
     encoder_hidden_states = batch.get('encoder_hidden_states')
     if encoder_hidden_states is None:
-        encoder_hidden_states = encode_prompt_ids(text_encoder, batch['input_ids'])
+        encoder_hidden_states = encode_prompt_ids(text_encoder, batch['input_ids'], clip_skip)
     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
     return per_sample_loss(model_pred, training_target(scheduler, latents, noise, timesteps), timesteps,
                            scheduler, snr_gamma)

@@ -23,11 +23,13 @@ KOHYA_WEIGHT_NAME = 'pytorch_lora_weights_kohya.safetensors'
 TEXT_ENCODER_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'out_proj']
 
 
-def load_components(model: str, revision: Optional[str], vae: Optional[str] = None) -> Dict[str, object]:
+def load_components(model: str, revision: Optional[str], vae: Optional[str] = None,
+                    clip_skip: Optional[int] = None) -> Dict[str, object]:
     """The five trainable/frozen parts of an SD model, from a hub id (ModelScope cache) or a folder; ``vae``: a VAE
-    in place of the model's own (`modelscope_sd.vae.load_vae`)."""
+    in place of the model's own (`modelscope_sd.vae.load_vae`); ``clip_skip`` (A1111's count) is checked against
+    the text encoder's layers before any weights load."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     path = resolve_model_dir(model, revision)
     checkpoint = lone_checkpoint(path)
@@ -40,6 +42,10 @@ def load_components(model: str, revision: Optional[str], vae: Optional[str] = No
         raise ValueError(f'pretrained_model_name_or_path={model!r} has a {unet_channels}-channel UNet (an inpainting '
                          f'model); the trainers fine-tune text-to-image models with {latent_channels}-channel '
                          'latents. Start from a text-to-image base such as AI-ModelScope/stable-diffusion-v1-5.')
+    layers = CLIPTextConfig.from_pretrained(path, subfolder='text_encoder').num_hidden_layers
+    if clip_skip is not None and clip_skip > layers:
+        raise ValueError(f'clip_skip={clip_skip}: the text encoder of {model!r} has {layers} layers, so clip_skip '
+                         f'goes up to {layers} (2, the second-to-last layer, is the usual value).')
     own_vae = AutoencoderKL.from_pretrained(path, subfolder='vae')
     return {
         'model_dir': path,
@@ -249,7 +255,7 @@ def kohya_metadata(metadata: Dict[str, str]) -> Dict[str, str]:
     if metadata.get('modelscope_sd.base_model'):
         out['ss_sd_model_name'] = metadata['modelscope_sd.base_model']
     for ours, theirs in (('learning_rate', 'ss_learning_rate'), ('max_train_steps', 'ss_max_train_steps'),
-                         ('seed', 'ss_seed')):
+                         ('seed', 'ss_seed'), ('clip_skip', 'ss_clip_skip')):
         if settings.get(ours) is not None:
             out[theirs] = str(settings[ours])
     if settings.get('resolution'):

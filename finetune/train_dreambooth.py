@@ -23,8 +23,8 @@ from finetune.config import DreamBoothConfig, parse_args
 from finetune.data import (PriorPreservationDataset, check_images, image_paths, load_records,
                            records_from_image_folder, training_dataset)
 from finetune.models import load_components, save_lora, training_metadata
-from finetune.training import (log_how_to_load, prepare_models, render_result, start_run, train_loop,
-                               validation_pipeline_factory)
+from finetune.training import (log_how_to_load, pipeline_clip_skip, prepare_models, render_result, start_run,
+                               train_loop, validation_pipeline_factory)
 from modelscope_sd.constants import MODEL_INDEX
 from modelscope_sd.loading import write_configuration
 from modelscope_sd.single_file import save_single_file
@@ -42,7 +42,8 @@ def main(config: DreamBoothConfig, notes: Optional[List[str]] = None) -> str:
         check_class_images(config)  # before any model loads
     with accelerator.main_process_first():  # one process downloads, the others then read the cache
         instance = check_images(instance_records(config), config.skip_bad_images)
-        parts = load_components(config.pretrained_model_name_or_path, config.revision, config.vae)  # checks the base
+        parts = load_components(config.pretrained_model_name_or_path, config.revision, config.vae,
+                                config.clip_skip)  # checks the base
     if config.with_prior_preservation:
         generate_class_images(config, accelerator)
     trained = prepare_models(accelerator, config, parts, lora=config.use_lora)
@@ -75,9 +76,9 @@ def main(config: DreamBoothConfig, notes: Optional[List[str]] = None) -> str:
         if config.prompt:
             if config.use_lora:
                 render_result(config.prompt, config.seed, RESULT_IMAGE, config.pretrained_model_name_or_path,
-                              config.revision, lora_dir=config.output_dir, vae=config.vae)
+                              config.revision, lora_dir=config.output_dir, vae=config.vae, clip_skip=config.clip_skip)
             else:
-                render_result(config.prompt, config.seed, RESULT_IMAGE, config.output_dir)
+                render_result(config.prompt, config.seed, RESULT_IMAGE, config.output_dir, clip_skip=config.clip_skip)
     return config.output_dir
 
 
@@ -140,13 +141,16 @@ def check_class_images(config: DreamBoothConfig) -> None:
 
 
 def class_model(config: DreamBoothConfig) -> str:
-    """The model that makes the class images, as their PNGs record it: hub id or absolute path, revision, VAE."""
+    """The model that makes the class images, as their PNGs record it: hub id or absolute path, revision, VAE and
+    Clip skip."""
     def name(path):
         return os.path.abspath(path) if os.path.exists(path) else path
     described = name(config.pretrained_model_name_or_path)
     if config.revision:
         described += f'@{config.revision}'
-    return described + (f' with VAE {name(config.vae)}' if config.vae else '')
+    if config.vae:
+        described += f' with VAE {name(config.vae)}'
+    return described + (f', Clip skip {config.clip_skip}' if pipeline_clip_skip(config.clip_skip) else '')
 
 
 def class_image_runs(config: DreamBoothConfig) -> List[Tuple[int, int]]:
@@ -175,7 +179,8 @@ def _render_class_images(config: DreamBoothConfig, device, runs: List[Tuple[int,
     for first, count in runs:
         output = pipe({'text': config.class_prompt, 'num_images_per_prompt': count, 'seed': config.seed + first,
                        'height': config.resolution, 'width': config.resolution,
-                       'num_inference_steps': config.class_inference_steps})
+                       'num_inference_steps': config.class_inference_steps,
+                       'clip_skip': pipeline_clip_skip(config.clip_skip)})
         for offset, image in enumerate(output['output_imgs']):
             info = PngInfo()
             info.add_text(CLASS_PROMPT_KEY, config.class_prompt)

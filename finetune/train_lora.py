@@ -31,7 +31,8 @@ def main(config: LoraTrainConfig, notes: Optional[List[str]] = None) -> str:
         records = check_images(load_records(config.train_data_dir or config.dataset_name, 'train'),
                                config.skip_bad_images)
         validation = [] if config.train_data_dir else load_records(config.dataset_name, 'validation')
-        parts = load_components(config.pretrained_model_name_or_path, config.revision, config.vae)
+        parts = load_components(config.pretrained_model_name_or_path, config.revision, config.vae,
+                                config.clip_skip)
     trained = prepare_models(accelerator, config, parts, lora=True)
 
     def dataset(items, validation=False):
@@ -50,7 +51,7 @@ def main(config: LoraTrainConfig, notes: Optional[List[str]] = None) -> str:
         log_how_to_load(config, lora=True)
         if config.prompt:
             render_result(config.prompt, config.seed, RESULT_IMAGE, config.pretrained_model_name_or_path,
-                          config.revision, lora_dir=config.output_dir, vae=config.vae)
+                          config.revision, lora_dir=config.output_dir, vae=config.vae, clip_skip=config.clip_skip)
     return path
 
 

@@ -84,9 +84,14 @@ def make_accelerator(config):
     if mixed_precision == 'fp16' and not torch.cuda.is_available():
         logger.warning('mixed_precision=fp16 needs a CUDA GPU; training in fp32 on this machine.')
         mixed_precision = 'no'
+    handlers = []
+    if pipeline_clip_skip(config.clip_skip) and config.train_text_encoder:
+        # the skipped last layers get no gradient, which DDP (several processes) must be told
+        from accelerate.utils import DistributedDataParallelKwargs
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=mixed_precision,
-        log_with=config.report_to,
+        log_with=config.report_to, kwargs_handlers=handlers,
         project_config=ProjectConfiguration(project_dir=config.output_dir,
                                             logging_dir=os.path.join(config.output_dir, 'logs')))
     if not accelerator.is_local_main_process:  # one log per machine, not one per process
@@ -231,15 +236,17 @@ def _inference_scheduler(model_dir: str):
 
 
 def render_result(prompt: str, seed: int, filename: str, model: str, revision: Optional[str] = None,
-                  lora_dir: Optional[str] = None, vae: Optional[str] = None) -> str:
-    """As ModelScope's examples do after training: one image for ``--prompt``, in the working folder."""
+                  lora_dir: Optional[str] = None, vae: Optional[str] = None, clip_skip: Optional[int] = None) -> str:
+    """As ModelScope's examples do after training: one image for ``--prompt``, in the working folder
+    (``clip_skip``: the trainers' --clip_skip, A1111's count)."""
     import cv2
 
     from modelscope_sd import StableDiffusionText2ImagePipeline
     pipe = StableDiffusionText2ImagePipeline(model, model_revision=revision, lora_dir=lora_dir, vae=vae,
                                              progress_bar=False)
     path = os.path.abspath(filename)
-    cv2.imwrite(path, pipe({'text': prompt, 'seed': seed})['output_imgs'][0])
+    output = pipe({'text': prompt, 'seed': seed, 'clip_skip': pipeline_clip_skip(clip_skip)})
+    cv2.imwrite(path, output['output_imgs'][0])
     logger.info('Rendered %r to %s', prompt, path)
     return path
 
@@ -261,16 +268,28 @@ def make_loader(dataset, batch_size: int, seed: int, shuffle: bool = True, num_w
 
 def log_how_to_load(config, lora: bool) -> None:
     """The lines that use what was just saved, for copying from the log."""
-    out = config.output_dir
+    out, skip = config.output_dir, pipeline_clip_skip(config.clip_skip)
+    call = '' if skip is None else f", then pipe({{'text': ..., 'clip_skip': {skip}}})"
+    flags = '' if skip is None else f' --clip_skip {skip}'
     if lora:
         vae = '' if config.vae is None else f', vae={config.vae!r}'
-        flag = '' if config.vae is None else f' --vae {config.vae}'
-        logger.info("Load it: pipeline(Tasks.text_to_image_synthesis, model=%r, lora_dir=%r%s), or "
+        flags += '' if config.vae is None else f' --vae {config.vae}'
+        logger.info("Load it: pipeline(Tasks.text_to_image_synthesis, model=%r, lora_dir=%r%s)%s, or "
                     "modelscope-sd generate --model %s --lora %s%s --prompt '...'",
-                    config.pretrained_model_name_or_path, out, vae, config.pretrained_model_name_or_path, out, flag)
+                    config.pretrained_model_name_or_path, out, vae, call, config.pretrained_model_name_or_path, out,
+                    flags)
     else:
-        logger.info("Load it: pipeline(Tasks.text_to_image_synthesis, model=%r), or "
-                    "modelscope-sd generate --model %s --prompt '...'", out, out)
+        logger.info("Load it: pipeline(Tasks.text_to_image_synthesis, model=%r)%s, or "
+                    "modelscope-sd generate --model %s%s --prompt '...'", out, call, out, flags)
+    if skip is not None:
+        logger.info('Trained with --clip_skip %d: generate with A1111\'s Clip skip %d, which is the pipeline\'s '
+                    'clip_skip=%d.', config.clip_skip, config.clip_skip, skip)
+
+
+def pipeline_clip_skip(clip_skip: Optional[int]) -> Optional[int]:
+    """The trainers' --clip_skip (A1111's and kohya's count, 1: the last layer) as the pipeline's (diffusers' count,
+    the layers skipped)."""
+    return None if clip_skip is None or clip_skip <= 1 else clip_skip - 1
 
 
 def step_seed(seed: int, micro_step: int, process: int) -> int:
@@ -289,7 +308,7 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
     # 1. data: order and augmentation are functions of (seed, epoch, index)
     if config.cache_latents:
         dataset = cache_dataset(dataset, vae, None if any(m is text_encoder for m in trained) else text_encoder,
-                                on_device=config.dataloader_num_workers == 0)
+                                on_device=config.dataloader_num_workers == 0, clip_skip=config.clip_skip)
     loader, sampler = make_loader(dataset, config.train_batch_size, config.seed,
                                   num_workers=config.dataloader_num_workers)
     if getattr(dataset, 'targets', None) is None and len(dataset) < config.train_batch_size:
@@ -355,7 +374,7 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
                 micro_step += 1
                 with accelerator.accumulate(*trained_wrapped):
                     losses = denoising_loss(unet_run, text_encoder_run, vae, scheduler, batch,
-                                            config.noise_offset, config.snr_gamma)
+                                            config.noise_offset, config.snr_gamma, config.clip_skip)
                     weights = batch.get('loss_weight')
                     loss = losses.mean() if weights is None else (losses * weights).sum() / batch['is_instance'].sum()
                     accelerator.backward(loss)
@@ -471,7 +490,8 @@ def _validate(accelerator, config, parts, make_pipeline, validation_dataset, ste
                 generator = torch.Generator('cpu').manual_seed(config.seed)
                 with accelerator.autocast():
                     # the prompt as our pipeline reads it: long or weighted prompts in 75-token windows, edits
-                    text = prompts.call_arguments(pipe, config.validation_prompt, 25, config.num_validation_images)
+                    text = prompts.call_arguments(pipe, config.validation_prompt, 25, config.num_validation_images,
+                                                  pipeline_clip_skip(config.clip_skip))
                     images = pipe(**text, num_images_per_prompt=config.num_validation_images, num_inference_steps=25,
                                   generator=generator).images
                 for i, image in enumerate(images):
@@ -501,7 +521,7 @@ def validation_loss(accelerator, config, parts, dataset) -> float:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
             losses = denoising_loss(parts['unet'], parts['text_encoder'], parts['vae'], parts['noise_scheduler'],
-                                    batch)
+                                    batch, clip_skip=config.clip_skip)
         total += losses.sum().item()
         count += losses.numel()
     return total / max(count, 1)

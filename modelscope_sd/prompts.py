@@ -377,12 +377,13 @@ def edited_prompts(prompt: Union[str, List[str]], negative_prompt: Union[str, Li
     return EditedPrompts(list(prompts), list(negatives), clip_skip, emphasis=emphasis)
 
 
-def call_arguments(pipe, prompt: str, num_inference_steps: int, num_images_per_prompt: int) -> Dict[str, Any]:
+def call_arguments(pipe, prompt: str, num_inference_steps: int, num_images_per_prompt: int,
+                   clip_skip: Optional[int] = None) -> Dict[str, Any]:
     """The text arguments of a diffusers text-to-image call with ``pipe``'s scheduler, the prompt read as our
     pipeline reads it, prompt editing included (the trainers' validation images)."""
-    edited = edited_prompts(prompt, None, None)
+    edited = edited_prompts(prompt, None, clip_skip)
     if edited is None:
-        return text_inputs(pipe, prompt)
+        return text_inputs(pipe, prompt, None, clip_skip)
     first, changes = edited.text_inputs(pipe, model_calls(pipe, num_inference_steps))
     switch = SwitchEmbeddings(changes, num_images_per_prompt)
     return {**first, 'callback_on_step_end': switch, 'callback_on_step_end_tensor_inputs': switch.tensor_inputs}

@@ -249,6 +249,23 @@ def test_long_caption_training_encoding_is_the_pipelines(sd_pipe):
         assert torch.allclose(training, prompts.encode(sd, [caption], None, windows), atol=1e-6)
 
 
+def test_clip_skip_training_encoding_is_the_pipelines_one_layer_less(sd_pipe):
+    """--clip_skip 2 (A1111's and kohya's count) reads the second-to-last layer through the final layer norm, as the
+    pipeline's clip_skip=1 does; 1 is the last layer, as without."""
+    import torch
+
+    from finetune.diffusion import encode_prompt_ids
+    from modelscope_sd import prompts
+    sd = sd_pipe.sd
+    ids = sd.tokenizer(['a red fox in the snow'], padding='max_length', max_length=77, return_tensors='pt').input_ids
+    with torch.no_grad():
+        skipped, last, plain = (encode_prompt_ids(sd.text_encoder, ids, skip) for skip in (2, 1, None))
+        expected = prompts.encode(sd, ['a red fox in the snow'], 1, 1)
+    torch.testing.assert_close(skipped, expected)
+    torch.testing.assert_close(last, plain)
+    assert (skipped - plain).abs().max() > 0.1
+
+
 # ---------------------------------------------------------------- aspect-ratio buckets
 def test_bucket_sizes_are_steps_of_about_resolution_squared_pixels():
     from finetune.buckets import bucket_sizes

@@ -571,6 +571,7 @@ def test_typo_flag_fails_instead_of_vanishing(capsys):
     (dict(proportion_empty_prompts=1.0), 'proportion_empty_prompts=1.0 must be in [0, 1)'),
     (dict(validation_prompt='a cat <lora:x:1>'), 'validation_prompt: <lora:x:1>: A1111 network tags go in the text'),
     (dict(validation_prompt='a cat AND a dog'), "validation_prompt: A1111's AND"),
+    (dict(clip_skip=0), "clip_skip=0 must be >= 1 (A1111's count"),
 ])
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -710,6 +711,35 @@ def test_validation_image_is_what_the_pipeline_makes_of_a_long_edited_prompt(tin
     shown = np.asarray(Image.open(io.BytesIO(logged.encoded_image_string)).convert('RGB')).astype(int)
     assert np.array_equal(shown, validation)
     assert [e.step for e in events.Scalars('loss')] == [2, 4]
+
+
+def test_clip_skip_trains_on_the_layer_it_names_and_says_how_to_generate(tiny_model_dir, csv_dataset, tmp_path,
+                                                                         caplog):
+    """--clip_skip 2: cached prompts and prompts encoded every step train the same adapter, another than the last
+    layer's; validation images, the kohya file's metadata and the log's load line all use Clip skip 2."""
+    from safetensors import safe_open
+
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    settings = dict(center_crop=True, max_train_steps=3, checkpointing_steps=None, clip_skip=2)
+    with caplog.at_level('INFO', logger='finetune'):
+        skipped = load_file(_train(_config(tiny_model_dir, csv_dataset, tmp_path / 'plain', export_kohya=True,
+                                           validation_prompt='a red house', validation_steps=3, **settings)))
+    cached = load_file(_train(_config(tiny_model_dir, csv_dataset, tmp_path / 'cached', cache_latents=True,
+                                      **settings)))
+    last = load_file(_train(_config(tiny_model_dir, csv_dataset, tmp_path / 'last', **dict(settings, clip_skip=1))))
+    for key in skipped:
+        torch.testing.assert_close(cached[key], skipped[key], rtol=1e-4, atol=1e-5)
+    assert any(not torch.allclose(last[key], skipped[key]) for key in skipped)
+    pipe = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False,
+                                             load_safety_checker=False, lora_dir=str(tmp_path / 'plain'))
+    validation = np.asarray(Image.open(tmp_path / 'plain' / 'validation' / 'step-000003-0.png')).astype(int)
+    ours = pipe('a red house', num_inference_steps=25, seed=3, clip_skip=1)['output_imgs'][0][..., ::-1]
+    assert np.abs(validation - ours.astype(int)).max() <= 1
+    with safe_open(str(tmp_path / 'plain' / 'pytorch_lora_weights_kohya.safetensors'), framework='pt') as f:
+        assert f.metadata()['ss_clip_skip'] == '2'
+    assert "then pipe({'text': ..., 'clip_skip': 1})" in caplog.text and '--clip_skip 1 --prompt' in caplog.text
+    with pytest.raises(ValueError, match=r'clip_skip=7: the text encoder of .* has 2 layers, so clip_skip goes up to 2'):
+        _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'deep', clip_skip=7))
 
 
 def test_cache_latents_refuses_random_crops():
