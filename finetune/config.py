@@ -62,6 +62,9 @@ class TrainConfig:
                                 'validation runs eager; inductor caches make the next run start sooner',
                                 default=False)
     learning_rate: float = _help('peak learning rate', default=1e-4)
+    text_encoder_lr: Optional[float] = _help("with --train_text_encoder, the text encoder's own peak learning rate "
+                                             "(diffusers' and kohya's flag; usually a few times lower than the "
+                                             "UNet's); default: --learning_rate", default=None)
     scale_lr: bool = _help('multiply lr by batch size x accumulation x processes', default=False)
     lr_scheduler: str = _help(f'one of {LR_SCHEDULERS}', default='constant')
     lr_warmup_steps: int = _help('linear warmup steps', default=0)
@@ -159,6 +162,13 @@ class TrainConfig:
             raise ValueError(f'resolution={self.resolution} must be a multiple of 8 (e.g. 512 or 768).')
         if self.learning_rate <= 0:
             raise ValueError(f'learning_rate={self.learning_rate} must be > 0.')
+        if self.text_encoder_lr is not None:
+            if self.text_encoder_lr <= 0:
+                raise ValueError(f'text_encoder_lr={self.text_encoder_lr} must be > 0, or unset to use '
+                                 '--learning_rate.')
+            if not self.train_text_encoder:
+                raise ValueError('text_encoder_lr is the text encoder\'s learning rate, and the text encoder trains '
+                                 'only with --train_text_encoder: pass it too, or drop --text_encoder_lr.')
         if self.validation_prompt:  # a <lora:…> tag would be read as words
             check_syntax('validation_prompt', self.validation_prompt)
             if split_and(self.validation_prompt):

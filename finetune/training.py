@@ -49,7 +49,7 @@ def prepare_output_dir(config, resuming: bool) -> None:
 
 def resume_settings(config) -> dict:
     """The flags a checkpoint's contents depend on; a resumed run must match them."""
-    names = ['train_text_encoder', 'optimizer', 'use_8bit_adam']
+    names = ['train_text_encoder', 'optimizer', 'use_8bit_adam', 'text_encoder_lr']  # the last: a parameter group
     if getattr(config, 'use_lora', True):  # the LoRA trainer, or DreamBooth --use_lora
         names += ['rank', 'lora_alpha', 'target_modules', 'use_dora']
     if hasattr(config, 'use_lora'):
@@ -323,12 +323,17 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     epochs = math.ceil(max_steps / steps_per_epoch)
     checkpoint_every_epochs = config.checkpointing_epochs and config.checkpointing_epochs * steps_per_epoch
-    # 2. optimizer and lr schedule over the trained parameters
+    # 2. optimizer and lr schedule over the trained parameters; with --text_encoder_lr the text encoder's are a
+    # parameter group of their own
     params = [p for module in trained for p in module.parameters() if p.requires_grad]
-    lr = config.learning_rate
-    if config.scale_lr:
-        lr *= config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
-    optimizer = make_optimizer(config, params, accelerator.device, lr)
+    scale = (config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
+             if config.scale_lr else 1)
+    lr, groups = config.learning_rate * scale, params
+    if config.text_encoder_lr is not None:
+        own = {id(p) for p in text_encoder.parameters()}
+        groups = [{'params': [p for p in params if id(p) not in own]},
+                  {'params': [p for p in params if id(p) in own], 'lr': config.text_encoder_lr * scale}]
+    optimizer = make_optimizer(config, groups, accelerator.device, lr)
     if accelerator.is_main_process:
         warn_if_checkpoints_outgrow_the_disk(config, params, max_steps, checkpoint_every_epochs)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
@@ -392,6 +397,8 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
                 if global_step % config.logging_steps == 0 or global_step == max_steps:
                     # .item() waits for the GPU: only here, so between logs the CPU queues steps ahead
                     logs = {'loss': loss.detach().item(), 'lr': lr_scheduler.get_last_lr()[0]}
+                    if config.text_encoder_lr is not None:
+                        logs['lr_text_encoder'] = lr_scheduler.get_last_lr()[1]
                     progress.set_postfix(**logs)
                     accelerator.log(logs, step=global_step)
                 saved = None

@@ -572,6 +572,8 @@ def test_typo_flag_fails_instead_of_vanishing(capsys):
     (dict(validation_prompt='a cat <lora:x:1>'), 'validation_prompt: <lora:x:1>: A1111 network tags go in the text'),
     (dict(validation_prompt='a cat AND a dog'), "validation_prompt: A1111's AND"),
     (dict(clip_skip=0), "clip_skip=0 must be >= 1 (A1111's count"),
+    (dict(text_encoder_lr=5e-5), 'the text encoder trains only with --train_text_encoder: pass it too'),
+    (dict(text_encoder_lr=0.0, train_text_encoder=True), 'text_encoder_lr=0.0 must be > 0'),
 ])
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -740,6 +742,26 @@ def test_clip_skip_trains_on_the_layer_it_names_and_says_how_to_generate(tiny_mo
     assert "then pipe({'text': ..., 'clip_skip': 1})" in caplog.text and '--clip_skip 1 --prompt' in caplog.text
     with pytest.raises(ValueError, match=r'clip_skip=7: the text encoder of .* has 2 layers, so clip_skip goes up to 2'):
         _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'deep', clip_skip=7))
+
+
+def test_text_encoder_lr_trains_the_text_encoder_at_its_own_rate(tiny_model_dir, csv_dataset, tmp_path):
+    """--text_encoder_lr equal to --learning_rate is the run without it (Adam is per parameter); a tiny one leaves
+    the text encoder's adapter where it started while the UNet's trains. The rate is part of the checkpoint."""
+    settings = dict(train_text_encoder=True, max_train_steps=3, checkpointing_steps=3, logging_steps=1,
+                    learning_rate=1e-3)
+    plain = load_file(_train(_config(tiny_model_dir, csv_dataset, tmp_path / 'plain', **settings)))
+    same = load_file(_train(_config(tiny_model_dir, csv_dataset, tmp_path / 'same', text_encoder_lr=1e-3,
+                                    **settings)))
+    slow = load_file(_train(_config(tiny_model_dir, csv_dataset, tmp_path / 'slow', text_encoder_lr=1e-12,
+                                    **settings)))
+    for key in plain:
+        torch.testing.assert_close(same[key], plain[key])
+    text_up = [key for key in plain if key.startswith('text_encoder.') and 'lora_B' in key]
+    assert text_up and all(plain[key].abs().max() > 1e-4 and slow[key].abs().max() < 1e-8 for key in text_up)
+    assert all(slow[key].abs().max() > 1e-4 for key in plain if key.startswith('unet.') and 'lora_B' in key)
+    with pytest.raises(ValueError, match=re.escape("--text_encoder_lr 1e-12 there, 0.0001 now")):
+        _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'slow', text_encoder_lr=1e-4,
+                       resume_from_checkpoint='latest', **dict(settings, max_train_steps=4)))
 
 
 def test_cache_latents_refuses_random_crops():
