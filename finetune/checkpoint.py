@@ -73,9 +73,10 @@ def check_resume_settings(checkpoint: str, settings: dict) -> None:
     changed = [f'--{name} {saved[name]!r} there, {value!r} now' for name, value in settings.items()
                if name in saved and saved[name] != value]
     if changed:
+        lora = ' (from its adapter: --network_weights ' + checkpoint + ')' if 'rank' in settings else ''
         raise ValueError(f'resume_from_checkpoint: {checkpoint} was saved with other settings: {"; ".join(changed)}. '
                          'These decide what a checkpoint holds: resume with the values it was saved with, or '
-                         'start a new run in another --output_dir.')
+                         f'start a new run in another --output_dir{lora}.')
 
 
 def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, total_limit: Optional[int]) -> str:

@@ -49,7 +49,8 @@ def prepare_output_dir(config, resuming: bool) -> None:
 
 def resume_settings(config) -> dict:
     """The flags a checkpoint's contents depend on; a resumed run must match them."""
-    names = ['train_text_encoder', 'optimizer', 'use_8bit_adam', 'text_encoder_lr']  # the last: a parameter group
+    # the learning rates are in the optimizer's and the lr schedule's state, which a resume restores
+    names = ['train_text_encoder', 'optimizer', 'use_8bit_adam', 'learning_rate', 'text_encoder_lr']
     if getattr(config, 'use_lora', True):  # the LoRA trainer, or DreamBooth --use_lora
         names += ['rank', 'lora_alpha', 'target_modules', 'use_dora']
     if hasattr(config, 'use_lora'):

@@ -498,6 +498,10 @@ def test_resume_with_settings_that_change_the_checkpoint_is_refused_before_loadi
     with pytest.raises(ValueError, match=r"--optimizer 'adamw' there, 'adafactor' now; --rank 4 there, 8 now"):
         _train(_config(tiny_model_dir, csv_dataset, tmp_path, resume_from_checkpoint='latest', rank=8,
                        optimizer='adafactor'))
+    # a resume restores the checkpoint's learning rate: another one would be ignored, so it is refused
+    with pytest.raises(ValueError, match=r"--learning_rate 0.001 there, 0.0005 now.*another --output_dir \(from its "
+                                         r"adapter: --network_weights .*checkpoint-2\)"):
+        _train(_config(tiny_model_dir, csv_dataset, tmp_path, resume_from_checkpoint='latest', learning_rate=5e-4))
     # the same modules in another order, and settings that do not shape the checkpoint, resume
     with pytest.raises(AssertionError, match='models were loaded'):
         _train(_config(tiny_model_dir, csv_dataset, tmp_path, resume_from_checkpoint='latest', train_batch_size=2,
