@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import random
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff')
 CAPTION_EXTENSIONS = ('.txt', '.caption')  # .caption: kohya's default caption extension
+KOHYA_FOLDER = re.compile(r'(\d+)_(.*)')  # kohya's dataset subfolders: <repeats>_<class tokens>
 CAPTION_COLUMNS = ('Text', 'text', 'caption', 'prompt')
 IMAGE_COLUMNS = ('Target:FILE', 'image:FILE', 'Image:FILE', 'file_name', 'image')
 
@@ -108,7 +110,41 @@ def image_paths(folder: str) -> List[str]:
 def records_from_image_folder(folder: str, caption: Optional[str] = None) -> List[Record]:
     """Images with a same-named .txt (or kohya's .caption) caption, or a metadata.jsonl / metadata.csv as Hugging
     Face's imagefolder has it ({"file_name", "text"}; the caption column may also be caption or prompt); with
-    ``caption`` (DreamBooth's instance prompt) every image gets that caption."""
+    ``caption`` (DreamBooth's instance prompt) every image gets that caption. A folder in kohya's layout
+    (subfolders ``<repeats>_<class tokens>``, e.g. ``10_sks dog``) gives each subfolder's images ``repeats``
+    times per epoch, captioned by their caption files or else by the class tokens, as kohya's trainers read it."""
+    concepts = kohya_concepts(folder)
+    if not concepts:
+        return _folder_records(folder, caption)
+    records = []
+    for path, repeats, tokens in concepts:
+        found = _folder_records(path, caption, fallback=tokens or None)
+        logger.info("kohya's layout: %s: %d image(s) x %d repeats per epoch", os.path.relpath(path, folder),
+                    len(found), repeats)
+        records += found * repeats
+    return records
+
+
+def kohya_concepts(folder: str) -> List[Tuple[str, int, str]]:
+    """(subfolder, repeats, class tokens) of each ``<repeats>_<class tokens>`` subfolder, in name order, when the
+    folder is in kohya's layout: every subfolder that holds images is named so, and no image lies beside them.
+    Empty otherwise (then all images are read, subfolders included)."""
+    subfolders = sorted(p for p in glob.glob(os.path.join(folder, '*')) if os.path.isdir(p))
+    concepts = [(p, int(m.group(1)), m.group(2).strip()) for p in subfolders
+                for m in [KOHYA_FOLDER.fullmatch(os.path.basename(p))] if m]
+    named = {path for path, _, _ in concepts}
+    loose = [p for p in glob.glob(os.path.join(folder, '*')) if p.lower().endswith(IMAGE_EXTENSIONS)]
+    if not concepts or loose or any(image_paths(p) for p in subfolders if p not in named):
+        return []
+    zero = [os.path.basename(path) for path, repeats, _ in concepts if repeats < 1]
+    if zero:
+        raise ValueError(f'{zero} in {folder!r}: in kohya\'s layout the number before _ is how often each image '
+                         'repeats per epoch, and must be 1 or more.')
+    return concepts
+
+
+def _folder_records(folder: str, caption: Optional[str], fallback: Optional[str] = None) -> List[Record]:
+    """The folder's images (subfolders included) with their captions; ``fallback`` for one without."""
     images = image_paths(folder)
     if not images:
         raise ValueError(f'{folder!r} holds no images ({", ".join(IMAGE_EXTENSIONS)}).')
@@ -124,6 +160,7 @@ def records_from_image_folder(folder: str, caption: Optional[str] = None) -> Lis
             if text is None and os.path.isfile(caption_file):
                 with open(caption_file, encoding='utf-8-sig') as f:
                     text = f.read().strip()
+        text = fallback if text is None else text
         if text is None:
             missing.append(os.path.relpath(path, folder))
         records.append(Record(path, text))
@@ -156,10 +193,11 @@ def _read_error(path: str) -> Optional[str]:
 def check_images(records: List[Record], skip_bad: bool) -> List[Record]:
     """Decode every image once before training: a bad file fails now, listed, not after an hour. Threads
     share the work (decoding releases the GIL): ~9 ms a 1024 px JPEG, 15 minutes for 100k on one core."""
+    paths = list(dict.fromkeys(record.image for record in records))  # each once: kohya's repeats list them again
     with ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
-        errors = list(pool.map(_read_error, [record.image for record in records]))
-    good = [record for record, error in zip(records, errors) if error is None]
-    bad = [error for error in errors if error is not None]
+        errors = dict(zip(paths, pool.map(_read_error, paths)))
+    good = [record for record in records if errors[record.image] is None]
+    bad = [error for error in errors.values() if error is not None]
     if bad and not skip_bad:
         raise ValueError(f'{len(bad)} unreadable image(s): {bad[:10]}. Fix or remove them, or pass '
                          '--skip_bad_images to train without them.')
@@ -388,7 +426,14 @@ class CachedDataset(torch.utils.data.Dataset):
             if text_encoder is not None:
                 ids = self.empty['input_ids'][None].to(text_encoder.device)
                 self.empty['encoder_hidden_states'] = encode_prompt_ids(text_encoder, ids, clip_skip)[0]
+            seen = {}  # a record listed again (kohya's repeats) is encoded once, its entry shared
             for index in range(len(dataset)):
+                record = dataset.records[index]
+                key = (record.image, record.caption, None if self.targets is None else self.targets[index])
+                if key in seen:
+                    self.items.append(self.items[seen[key]])
+                    continue
+                seen[key] = len(self.items)
                 pixels = dataset.pixels(index, None, flip=False)[None].to(vae.device, vae.dtype)
                 entry = {'latent_params': vae.encode(pixels).latent_dist.parameters[0]}
                 if self.flipped:  # a mirrored crop is the crop mirrored: the same pixels prepare_image flips
@@ -406,7 +451,9 @@ class CachedDataset(torch.utils.data.Dataset):
                     logger.info('Cached latents exceed %d MiB: keeping them in host memory.',
                                 self.DEVICE_CACHE_BYTES >> 20)
                     on_device = False
-                    self.items = [{k: v.cpu() for k, v in it.items()} for it in self.items]
+                    unique = {id(it): it for it in self.items}.values()
+                    host = {id(it): {k: v.cpu() for k, v in it.items()} for it in unique}  # shared stay shared
+                    self.items = [host[id(it)] for it in self.items]
                 elif not on_device:
                     self.items[-1] = {k: v.cpu() for k, v in entry.items()}
 

@@ -1,6 +1,8 @@
 """Data sources and image conversion."""
 
 import json
+import os
+import re
 
 import numpy as np
 import pytest
@@ -205,6 +207,43 @@ def test_kohya_caption_files_are_read_where_there_is_no_txt(tmp_path):
     (tmp_path / 'img1.caption').write_text('not read: the .txt is there')
     assert [r.caption for r in records_from_image_folder(str(tmp_path))] == ['sks, from a .caption file',
                                                                              'from the .txt']
+
+
+def test_kohyas_repeats_folders_repeat_their_images_and_caption_by_class_tokens(tmp_path, monkeypatch):
+    """kohya's layout: <repeats>_<class tokens> subfolders; an image without a caption file takes the class tokens.
+    Each image is still checked once."""
+    import finetune.data as data
+    make_images(str(tmp_path / 'kohya' / '3_sks dog'), count=2, captions=False)
+    (tmp_path / 'kohya' / '3_sks dog' / 'img1.txt').write_text('sks dog, on grass')
+    make_images(str(tmp_path / 'kohya' / '1_style' / 'more'), count=1, prefix='style')  # nested: read too
+    (tmp_path / 'kohya' / 'logs').mkdir()  # a subfolder without images is no reason to read the layout otherwise
+    records = records_from_image_folder(str(tmp_path / 'kohya'))
+    names = [(os.path.basename(r.image), r.caption) for r in records]
+    assert names == [('style0.png', 'a photo of thing number 0')] + [('img0.png', 'sks dog'),
+                                                                    ('img1.png', 'sks dog, on grass')] * 3
+    opened = []
+    monkeypatch.setattr(data, '_read_error', lambda path: opened.append(path))
+    assert len(data.check_images(records, skip_bad=False)) == 7 and len(opened) == 3
+    # not kohya's layout: an image beside the folders, or a folder of images with another name; all read once
+    make_images(str(tmp_path / 'years' / '2023_summer'), count=2)
+    make_images(str(tmp_path / 'years'), count=1, prefix='loose')
+    assert len(records_from_image_folder(str(tmp_path / 'years'))) == 3
+    make_images(str(tmp_path / 'mixed' / '2023_summer'), count=2)
+    make_images(str(tmp_path / 'mixed' / 'winter'), count=1)
+    assert len(records_from_image_folder(str(tmp_path / 'mixed'))) == 3
+    make_images(str(tmp_path / 'zero' / '0_x'), count=1)
+    with pytest.raises(ValueError, match=re.escape("['0_x'] in") + ".*must be 1 or more"):
+        records_from_image_folder(str(tmp_path / 'zero'))
+
+
+def test_cached_repeats_are_encoded_once_and_shared(sd_pipe, tmp_path):
+    from finetune.data import CachedDataset, CaptionDataset
+    make_images(str(tmp_path / '4_thing'), count=2)
+    records = records_from_image_folder(str(tmp_path))
+    cached = CachedDataset(CaptionDataset(records, sd_pipe.sd.tokenizer, 32, center_crop=True, seed=3),
+                           sd_pipe.sd.vae, sd_pipe.sd.text_encoder)
+    assert len(cached) == 8 and len({id(item) for item in cached.items}) == 2
+    assert cached.items[0] is cached.items[2] and cached.items[1] is cached.items[3]
 
 
 def test_captions_past_clips_window_are_reported_or_get_more_windows(tmp_path, caplog):
