@@ -449,6 +449,66 @@ IGNORED_REASONS = {
 }
 
 
+# kohya's sd-scripts (train_network.py) flags that differ from ours by name; those with the same name and meaning
+# (--train_data_dir, --clip_skip, --keep_tokens, --network_weights, ...) are ours already
+def _kohya_alpha(value):
+    alpha = float(value)
+    if not alpha.is_integer():
+        raise ValueError(f'--network_alpha {value}: LoRA alpha is a whole number here (--lora_alpha).')
+    return {'lora_alpha': int(alpha)}
+
+
+def _kohya_optimizer(value):
+    table = {'adamw': {'optimizer': 'adamw'}, 'adamw8bit': {'optimizer': 'adamw', 'use_8bit_adam': True},
+             'adafactor': {'optimizer': 'adafactor'}}
+    if value.lower() not in table:
+        raise ValueError(f'--optimizer_type {value!r}: the optimizers here are AdamW, AdamW8bit and Adafactor.')
+    return table[value.lower()]
+
+
+def _kohya_choice(flag: str, accepted: Tuple[str, ...], why: str):
+    def check(value):
+        if value.lower() not in accepted:
+            raise ValueError(f'--{flag} {value!r}: {why}')
+        return {}
+    return check
+
+
+KOHYA_FLAGS = {
+    'network_dim': ('rank', int),
+    'network_alpha': (None, _kohya_alpha),
+    'unet_lr': ('learning_rate', float),
+    'min_snr_gamma': ('snr_gamma', float),
+    'max_train_epochs': (None, lambda v: {'num_train_epochs': int(v), 'max_train_steps': None}),
+    'save_every_n_epochs': ('checkpointing_epochs', int),
+    'save_every_n_steps': ('checkpointing_steps', int),
+    'caption_dropout_rate': ('proportion_empty_prompts', float),
+    'max_data_loader_n_workers': ('dataloader_num_workers', int),
+    'optimizer_type': (None, _kohya_optimizer),
+    'log_with': ('report_to', None),
+    'network_module': (None, _kohya_choice('network_module', ('networks.lora',),
+                                           'this trainer trains LoRA (networks.lora); LyCORIS kinds load for '
+                                           'generation but do not train here.')),
+    'save_model_as': (None, _kohya_choice('save_model_as', ('safetensors',),
+                                          'adapters are saved as .safetensors only.')),
+    'caption_extension': (None, _kohya_choice('caption_extension', ('.txt', '.caption', 'txt', 'caption'),
+                                              'captions are read from .txt files, or .caption where there is none.')),
+    'xformers': (None, None),
+    'sdpa': (None, None),
+    'network_train_unet_only': (None, None),
+    'persistent_data_loader_workers': (None, None),
+    'save_precision': (None, None),
+}
+IGNORED_REASONS.update({
+    'xformers': "PyTorch's scaled-dot-product attention (flash/memory-efficient kernels) is always used",
+    'sdpa': "PyTorch's scaled-dot-product attention is always used",
+    'network_train_unet_only': 'only the UNet trains unless --train_text_encoder is given',
+    'persistent_data_loader_workers': 'loader workers start again each epoch here',
+    'save_precision': 'adapters are saved in float32 (a few MB)',
+})
+KOHYA_VALUELESS = ('xformers', 'sdpa', 'network_train_unet_only', 'persistent_data_loader_workers')
+
+
 def str2bool(value) -> bool:
     if isinstance(value, bool):
         return value
@@ -471,17 +531,20 @@ def build_parser(config_cls, description: str, extra_flags: Dict[str, tuple]) ->
                                 help=f.metadata.get('help'))
         else:
             parser.add_argument(f'--{f.name}', type=base, default=f.default, help=f.metadata.get('help'))
-    group = parser.add_argument_group("ModelScope example flags (mapped onto the ones above)")
+    groups = {False: parser.add_argument_group("ModelScope example flags (mapped onto the ones above)"),
+              True: parser.add_argument_group("kohya's sd-scripts flags (mapped onto the ones above)")}
     for flag in extra_flags:
         if flag not in {f.name for f in dataclasses.fields(config_cls)}:
-            group.add_argument(f'--{flag}', dest=f'ms:{flag}', default=None, metavar='VALUE')
+            valueless = {'nargs': '?', 'const': 'true'} if flag in KOHYA_VALUELESS else {}
+            groups[flag in KOHYA_FLAGS].add_argument(f'--{flag}', dest=f'ms:{flag}', default=None, metavar='VALUE',
+                                                     **valueless)
     return parser
 
 
 def parse_args(config_cls, argv: Optional[List[str]], description: str,
                extra_flags: Optional[Dict[str, tuple]] = None) -> Tuple[object, List[str]]:
-    """argv → (validated config, notes on each ModelScope flag that was mapped or ignored)."""
-    extra_flags = MODELSCOPE_FLAGS if extra_flags is None else extra_flags
+    """argv → (validated config, notes on each ModelScope or kohya flag that was mapped or ignored)."""
+    extra_flags = {**MODELSCOPE_FLAGS, **KOHYA_FLAGS} if extra_flags is None else extra_flags
     parser = build_parser(config_cls, description, extra_flags)
     namespace = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
     values = {k: v for k, v in namespace.items() if not k.startswith('ms:')}
@@ -493,9 +556,12 @@ def parse_args(config_cls, argv: Optional[List[str]], description: str,
         if target is None and convert is None:
             notes.append(f'--{flag} {raw}: accepted, no effect here ({IGNORED_REASONS.get(flag, "not used")}).')
             continue
-        mapped = convert(raw) if target is None else {target: convert(raw) if convert else raw}
+        try:
+            mapped = convert(raw) if target is None else {target: convert(raw) if convert else raw}
+        except ValueError as err:
+            parser.error(str(err))
         values.update(mapped)
-        notes.append(f'--{flag} {raw} → ' + ', '.join(f'--{k} {v}' for k, v in mapped.items()))
+        notes.append(f'--{flag} {raw} → ' + (', '.join(f'--{k} {v}' for k, v in mapped.items()) or 'as here'))
     try:
         return config_cls(**values), notes
     except ValueError as err:
