@@ -8,9 +8,10 @@ import logging
 import os
 import random
 import re
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -169,6 +170,25 @@ def _folder_records(folder: str, caption: Optional[str], fallback: Optional[str]
                          '.caption) with the same name beside each image, or a metadata.jsonl or metadata.csv '
                          '(file_name, text).')
     return records
+
+
+def dataset_summary(records: List[Record], source: str) -> Dict[str, dict]:
+    """What kohya's trainers record of a dataset (ss_tag_frequency, ss_dataset_dirs), per folder: each kohya
+    subfolder, or the dataset as one. Tags are a caption's comma-separated parts, lower case, each image counted
+    once however often it repeats; A1111's LoRA tab and civitai show them as the adapter's training tags."""
+    local = os.path.isdir(source)
+    subsets = {os.path.normpath(path) + os.sep: os.path.basename(path)
+               for path, _, _ in (kohya_concepts(source) if local else [])}
+    whole = os.path.basename(os.path.normpath(source))
+    repeats = Counter(record.image for record in records)
+    tags: Dict[str, Counter] = defaultdict(Counter)
+    dirs: Dict[str, Dict[str, int]] = {}
+    for image, caption in dict.fromkeys((record.image, record.caption) for record in records):
+        subset = next((name for prefix, name in subsets.items() if os.path.normpath(image).startswith(prefix)), whole)
+        folder = dirs.setdefault(subset, {'n_repeats': repeats[image], 'img_count': 0})
+        folder['img_count'] += 1
+        tags[subset].update(tag.strip().lower() for tag in caption.split(',') if tag.strip())
+    return {'tag_frequency': {name: dict(counts) for name, counts in tags.items()}, 'dataset_dirs': dirs}
 
 
 def _metadata_captions(folder: str) -> dict:

@@ -171,9 +171,9 @@ def adapter_modules(state: Dict[str, torch.Tensor], role: str) -> List[str]:
     return sorted({k.split('.lora_')[0] for k in adapter_part(state, role)})
 
 
-def training_metadata(config, base_model_dir: str) -> Dict[str, str]:
+def training_metadata(config, base_model_dir: str, dataset: Optional[Dict[str, dict]] = None) -> Dict[str, str]:
     """What an output file records about how it was made (safetensors metadata is str → str); rank and alpha
-    only for adapters, not for a full fine-tune's model."""
+    only for adapters, not for a full fine-tune's model; ``dataset``: `finetune.data.dataset_summary`."""
     settings = {k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool, type(None)))}
     metadata = {
         'modelscope_sd.base_model': str(config.pretrained_model_name_or_path),
@@ -181,6 +181,8 @@ def training_metadata(config, base_model_dir: str) -> Dict[str, str]:
         'modelscope_sd.training': json.dumps(settings, sort_keys=True),
         'modelscope_sd.base_model_dir': str(base_model_dir),
     }
+    if dataset is not None:
+        metadata['modelscope_sd.dataset'] = json.dumps(dataset, ensure_ascii=False, sort_keys=True)
     if getattr(config, 'use_lora', True):  # the LoRA trainer, or DreamBooth --use_lora
         metadata['modelscope_sd.rank'] = str(getattr(config, 'rank', ''))
         metadata['modelscope_sd.alpha'] = str(getattr(config, 'lora_alpha', None) or getattr(config, 'rank', ''))
@@ -260,6 +262,14 @@ def kohya_metadata(metadata: Dict[str, str]) -> Dict[str, str]:
             out[theirs] = str(settings[ours])
     if settings.get('resolution'):
         out['ss_resolution'] = f"({settings['resolution']}, {settings['resolution']})"
+    try:  # kohya's dataset keys: civitai reads its trigger words from ss_tag_frequency
+        dataset = json.loads(metadata.get('modelscope_sd.dataset', '{}'))
+    except ValueError:
+        dataset = {}
+    if dataset.get('tag_frequency') is not None:
+        out['ss_tag_frequency'] = json.dumps(dataset['tag_frequency'], ensure_ascii=False)
+        out['ss_dataset_dirs'] = json.dumps(dataset['dataset_dirs'], ensure_ascii=False)
+        out['ss_num_train_images'] = str(sum(d['n_repeats'] * d['img_count'] for d in dataset['dataset_dirs'].values()))
     if settings.get('output_dir'):
         out['ss_output_name'] = os.path.basename(os.path.normpath(settings['output_dir']))
     return out

@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 
 from finetune.checkpoint import TEMP_PREFIX
 from finetune.config import DreamBoothConfig, parse_args
-from finetune.data import (PriorPreservationDataset, check_images, image_paths, load_records,
+from finetune.data import (PriorPreservationDataset, check_images, dataset_summary, image_paths, load_records,
                            records_from_image_folder, training_dataset)
 from finetune.models import load_components, save_lora, training_metadata
 from finetune.training import (log_how_to_load, pipeline_clip_skip, prepare_models, render_result, start_run,
@@ -46,7 +46,8 @@ def main(config: DreamBoothConfig, notes: Optional[List[str]] = None) -> str:
                                 config.clip_skip)  # checks the base
     if config.with_prior_preservation:
         generate_class_images(config, accelerator)
-    trained = prepare_models(accelerator, config, parts, lora=config.use_lora)
+    summary = dataset_summary(instance, config.instance_data_dir or config.dataset_name)
+    trained = prepare_models(accelerator, config, parts, lora=config.use_lora, dataset=summary)
 
     def dataset(records, name=''):
         return training_dataset(config, records, parts['tokenizer'], parts['unet'], name=name)
@@ -62,14 +63,14 @@ def main(config: DreamBoothConfig, notes: Optional[List[str]] = None) -> str:
         unet, text_encoder = accelerator.unwrap_model(parts['unet']), accelerator.unwrap_model(parts['text_encoder'])
         if config.use_lora:
             save_lora(config.output_dir, unet, text_encoder if config.train_text_encoder else None,
-                      metadata=training_metadata(config, parts['model_dir']), export_kohya=config.export_kohya)
+                      metadata=training_metadata(config, parts['model_dir'], summary), export_kohya=config.export_kohya)
         else:
             pipe = save_full_model(config.output_dir, parts['model_dir'], unet, text_encoder,
                                    parts['vae'] if config.vae else None)
             if config.export_checkpoint:
                 name = os.path.basename(os.path.normpath(os.path.abspath(config.output_dir))) + '.safetensors'
                 path = save_single_file(pipe, os.path.join(config.output_dir, name),
-                                        metadata=training_metadata(config, parts['model_dir']))
+                                        metadata=training_metadata(config, parts['model_dir'], summary))
                 logger.info('Single-file checkpoint for A1111/ComfyUI: %s', path)
         logger.info('Saved to %s', config.output_dir)
         log_how_to_load(config, lora=config.use_lora)

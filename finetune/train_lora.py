@@ -14,7 +14,7 @@ import sys
 from typing import List, Optional
 
 from finetune.config import LoraTrainConfig, parse_args
-from finetune.data import check_images, load_records, training_dataset
+from finetune.data import check_images, dataset_summary, load_records, training_dataset
 from finetune.models import load_components, save_lora, training_metadata
 from finetune.training import (log_how_to_load, prepare_models, render_result, start_run, train_loop,
                                validation_pipeline_factory)
@@ -33,7 +33,8 @@ def main(config: LoraTrainConfig, notes: Optional[List[str]] = None) -> str:
         validation = [] if config.train_data_dir else load_records(config.dataset_name, 'validation')
         parts = load_components(config.pretrained_model_name_or_path, config.revision, config.vae,
                                 config.clip_skip)
-    trained = prepare_models(accelerator, config, parts, lora=True)
+    summary = dataset_summary(records, config.train_data_dir or config.dataset_name)
+    trained = prepare_models(accelerator, config, parts, lora=True, dataset=summary)
 
     def dataset(items, validation=False):
         return training_dataset(config, items, parts['tokenizer'], parts['unet'], validation)
@@ -46,7 +47,8 @@ def main(config: LoraTrainConfig, notes: Optional[List[str]] = None) -> str:
     if accelerator.is_main_process:
         path = save_lora(config.output_dir, accelerator.unwrap_model(parts['unet']),
                          accelerator.unwrap_model(parts['text_encoder']) if config.train_text_encoder else None,
-                         metadata=training_metadata(config, parts['model_dir']), export_kohya=config.export_kohya)
+                         metadata=training_metadata(config, parts['model_dir'], summary),
+                         export_kohya=config.export_kohya)
         logger.info('Adapter saved to %s', path)
         log_how_to_load(config, lora=True)
         if config.prompt:

@@ -157,9 +157,11 @@ def warn_if_checkpoints_outgrow_the_disk(config, params, max_steps: int, every_e
                        count * size / 2**30, config.output_dir, free / 2**30, advice)
 
 
-def prepare_models(accelerator, config, parts: dict, lora: bool) -> List[torch.nn.Module]:
+def prepare_models(accelerator, config, parts: dict, lora: bool, dataset: Optional[dict] = None
+                   ) -> List[torch.nn.Module]:
     """Freeze, place and cast the parts; attach adapters (``lora``) or unfreeze the UNet for a full
-    fine-tune. Frozen weights live in the compute precision, trained ones in fp32. Returns what trains."""
+    fine-tune. Frozen weights live in the compute precision, trained ones in fp32 (``dataset``: what the adapter
+    files record of the data, `finetune.data.dataset_summary`). Returns what trains."""
     from accelerate.utils import set_seed
 
     from .models import TEXT_ENCODER_TARGETS, add_lora, register_lora_checkpoint_hooks, training_metadata
@@ -183,7 +185,7 @@ def prepare_models(accelerator, config, parts: dict, lora: bool) -> List[torch.n
             add_lora(text_encoder, config.rank, config.lora_alpha, config.lora_dropout, TEXT_ENCODER_TARGETS,
                      use_dora=config.use_dora)
         register_lora_checkpoint_hooks(accelerator, {'unet': unet, 'text_encoder': text_encoder},
-                                       training_metadata(config, parts.get('model_dir')))
+                                       training_metadata(config, parts.get('model_dir'), dataset))
     else:
         for module in trained:
             module.requires_grad_(True)

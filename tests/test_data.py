@@ -221,6 +221,10 @@ def test_kohyas_repeats_folders_repeat_their_images_and_caption_by_class_tokens(
     names = [(os.path.basename(r.image), r.caption) for r in records]
     assert names == [('style0.png', 'a photo of thing number 0')] + [('img0.png', 'sks dog'),
                                                                     ('img1.png', 'sks dog, on grass')] * 3
+    # what kohya's metadata records (ss_tag_frequency, ss_dataset_dirs): each image once, per subfolder
+    assert data.dataset_summary(records, str(tmp_path / 'kohya')) == {
+        'tag_frequency': {'1_style': {'a photo of thing number 0': 1}, '3_sks dog': {'sks dog': 2, 'on grass': 1}},
+        'dataset_dirs': {'1_style': {'n_repeats': 1, 'img_count': 1}, '3_sks dog': {'n_repeats': 3, 'img_count': 2}}}
     opened = []
     monkeypatch.setattr(data, '_read_error', lambda path: opened.append(path))
     assert len(data.check_images(records, skip_bad=False)) == 7 and len(opened) == 3

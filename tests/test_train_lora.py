@@ -1,6 +1,7 @@
 """LoRA trainer on the tiny model: it learns, resumes exactly, survives kills, and refuses bad input."""
 
 import io
+import json
 import os
 import re
 import signal
@@ -330,6 +331,11 @@ def test_kohya_export_is_written_and_loads(tiny_model_dir, csv_dataset, tmp_path
         'ss_network_module': 'networks.lora', 'ss_network_dim': '4', 'ss_network_alpha': '4', 'ss_v2': 'False',
         'ss_base_model_version': 'sd_v1', 'ss_max_train_steps': '2', 'ss_resolution': '(32, 32)',
         'ss_output_name': 'out'}
+    # the captions' tags, which A1111's LoRA tab and civitai show as the adapter's training tags
+    dataset = os.path.basename(csv_dataset)
+    assert json.loads(metadata['ss_tag_frequency']) == {dataset: {f'a train photo {i}': 1 for i in range(4)}}
+    assert json.loads(metadata['ss_dataset_dirs']) == {dataset: {'n_repeats': 1, 'img_count': 4}}
+    assert metadata['ss_num_train_images'] == '4'
     # an adapter from elsewhere (no base model to look at) gets none: A1111 lists it as of unknown version
     from finetune.models import export_kohya_lora
     from modelscope_sd.files import save_safetensors
@@ -768,7 +774,8 @@ def test_clip_skip_trains_on_the_layer_it_names_and_says_how_to_generate(tiny_mo
     with safe_open(str(tmp_path / 'plain' / 'pytorch_lora_weights_kohya.safetensors'), framework='pt') as f:
         assert f.metadata()['ss_clip_skip'] == '2'
     assert "then pipe({'text': ..., 'clip_skip': 1})" in caplog.text and '--clip_skip 1 --prompt' in caplog.text
-    with pytest.raises(ValueError, match=r'clip_skip=7: the text encoder of .* has 2 layers, so clip_skip goes up to 2'):
+    with pytest.raises(ValueError, match=r'clip_skip=7: the text encoder of .* has 2 layers, so clip_skip goes up '
+                                         r'to 2'):
         _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'deep', clip_skip=7))
 
 
