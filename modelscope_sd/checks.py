@@ -104,7 +104,7 @@ def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_
     _check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, image, guidance_rescale)
     _check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, mask_image)
     if any(split_and(text) for text in prompts):
-        _check_and(guidance_scale, mask_image, callback_on_step_end)
+        _check_and(guidance_scale)
     n_images = len(prompts) * num_images_per_prompt
     if isinstance(generator, list) and len(generator) != n_images:
         raise ValueError(f'generator is a list of {len(generator)} but this call makes {n_images} images '
@@ -184,14 +184,12 @@ def _check_callback(callback, tensor_inputs, mask_image) -> None:
             raise ValueError(f'callback_on_step_end_tensor_inputs={tensor_inputs!r}: a list of names from '
                              f'{allowed}.')
 
-def _check_and(guidance_scale, mask_image, callback) -> None:
-    """A1111's AND (composable prompts) runs in the table loop, which sums guidance per subprompt."""
-    for given, why in ((guidance_scale <= 1, f'guidance_scale={guidance_scale}: it sums guidance, which needs > 1'),
-                       (mask_image is not None, 'inpainting (mask_image): its loop is diffusers\' own'),
-                       (callback is not None, 'callback_on_step_end: its loop has no step boundary to call back from')):
-        if given:
-            raise ValueError(f"text: A1111's AND (composable prompts) cannot go with {why}. Write one prompt, or "
-                             'leave that option out.')
+
+def _check_and(guidance_scale) -> None:
+    """A1111's AND (composable prompts) sums guidance per subprompt."""
+    if guidance_scale <= 1:
+        raise ValueError(f"text: A1111's AND (composable prompts) cannot go with guidance_scale={guidance_scale}: it "
+                         'sums guidance, which needs > 1. Write one prompt, or raise guidance_scale.')
 
 
 def _check_latents(pipeline, latents, n_images: int, height, width, image) -> None:

@@ -18,6 +18,7 @@ from . import images as images_lib
 from . import lora as lora_utils
 from . import prompts as prompts_lib
 from . import variation
+from .composable import ComposedCalls
 from .embeddings import load_embeddings
 from .loading import load_pipeline, resolve_device
 from .schedulers import DPMSolverSDEScheduler, image_seeds, make_scheduler
@@ -406,20 +407,30 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             composition = text_inputs.composition
             calls = prompts_lib.model_calls(pipe, num_inference_steps, extra.get('strength'))
             text_inputs, changes = text_inputs.text_inputs(self.sd, calls, first_pass_calls)
-        # A1111's AND sums several predictions per image, which only the table loop does (eager without fast=True)
-        denoiser = self._table_loop() if composition is not None else self.denoiser if fast else None
+        # A1111's AND sums several predictions per image: in the table loop where it runs the call (eager without
+        # fast=True), else in diffusers' loop with the UNet's calls composed
+        denoiser = (self._table_loop() if composition is not None else self.denoiser) if fast else None
         if denoiser is not None:
             made = denoiser.generate(pipe, text_inputs, num_inference_steps, guidance_scale, num_images_per_prompt,
                                      eta, generator, output_type=output_type, prompt_changes=changes,
                                      composition=composition, **extra)
             if made is not None:
                 return made
-            if composition is not None:
-                raise ValueError(f"text: A1111's AND needs a scheduler that updates the latents linearly; "
-                                 f'{type(pipe.scheduler).__name__} does not. Pass one of the named schedulers.')
-        result = pipe(**text_inputs, **extra, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                      num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator,
-                      output_type=output_type, **_step_end_arguments(*step_end, changes, num_images_per_prompt))
+        composed = nullcontext()
+        if composition is not None:
+            def rows(inputs):
+                return prompts_lib.unet_embeds(pipe, inputs, num_images_per_prompt, cfg=True)
+            mixing = composition.tensors(num_images_per_prompt, pipe._execution_device)
+            composed = ComposedCalls(pipe.unet, rows(text_inputs), mixing,
+                                     {call: rows(inputs) for call, inputs in changes.items()})
+            # diffusers' batch: one row per image; the composed calls put the subprompts' rows in
+            negative = text_inputs['negative_prompt_embeds']
+            text_inputs, changes = {'prompt_embeds': negative, 'negative_prompt_embeds': negative}, {}
+        with composed:
+            result = pipe(**text_inputs, **extra, num_inference_steps=num_inference_steps,
+                          guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, eta=eta,
+                          generator=generator, output_type=output_type,
+                          **_step_end_arguments(*step_end, changes, num_images_per_prompt))
         return result.images, result.nsfw_content_detected
 
     def _table_loop(self):

@@ -256,6 +256,52 @@ def test_and_in_image_to_image_keeps_each_images_seed(sd_pipe):
     assert halves[3].shape == (32, 32, 3)
 
 
+def test_and_in_diffusers_loop_inpaints_calls_back_and_takes_any_scheduler(sd_pipe, monkeypatch):
+    """Where the table loop does not run a call (inpainting, a step-end callback, a scheduler that is not linear),
+    diffusers' loop runs it with the UNet's calls composed: the table loop's images, edits included."""
+    import modelscope_sd.pipeline as pipeline_module
+    from diffusers import DDIMScheduler
+    composed = []
+    real = pipeline_module.ComposedCalls
+    monkeypatch.setattr(pipeline_module, 'ComposedCalls', lambda *a: composed.append(1) or real(*a))
+    steps = []
+
+    def callback(pipe, i, t, kwargs):
+        steps.append(i)
+        return {}
+
+    from diffusers import UNet2DConditionModel
+    real_forward, seen = UNet2DConditionModel.forward, []
+
+    def spy(self, sample, timestep, encoder_hidden_states, *args, **kwargs):  # both loops call the class's forward
+        seen.append(encoder_hidden_states.clone())
+        return real_forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, 'forward', spy)
+    for text in ('a red house AND a blue car:0.6', '[a red house:a green dragon:0.5] AND a blue car:0.6'):
+        seen.clear()
+        table = sd_pipe(text, **ARGS)['output_imgs'][0].astype(int)
+        table_calls = seen[:]
+        seen.clear()
+        assert not composed
+        called = sd_pipe(text, callback_on_step_end=callback, **ARGS)['output_imgs'][0].astype(int)
+        assert composed.pop() and steps == [0, 1, 2, 3] and np.abs(called - table).max() <= 1
+        assert len(seen) == len(table_calls) == 4 and all(torch.equal(a, b) for a, b in zip(seen, table_calls))
+        steps.clear()
+    assert not torch.equal(seen[2], seen[3])  # the edit did change the composed calls' embeddings
+    monkeypatch.setattr(UNet2DConditionModel, 'forward', real_forward)
+    image = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    clipping = DDIMScheduler.from_config(sd_pipe.sd.scheduler.config, clip_sample=True)  # not linear
+    for task in (dict(image=image, mask_image=mask), dict(scheduler=clipping)):
+        halves = sd_pipe('a cat:0.5 AND a cat:0.5', **{**ARGS, **task})['output_imgs'][0].astype(int)
+        assert composed.pop()
+        cat = sd_pipe('a cat', **{**ARGS, **task})['output_imgs'][0].astype(int)
+        dog = sd_pipe('a cat AND a dog', **{**ARGS, **task})['output_imgs'][0].astype(int)
+        assert np.abs(halves - cat).max() <= 1 and np.abs(dog - cat).max() > 2
+
+
 def test_and_with_dpm_sde_draws_each_images_brownian_noise_from_its_seed(sd_pipe):
     """AND runs the table loop, which draws DPM++ SDE's tree noise up front; the plain prompts run diffusers'."""
     args = dict(ARGS, scheduler='dpm++_sde_karras')
