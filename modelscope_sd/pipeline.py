@@ -268,13 +268,15 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                                        requires_safety_checker=self.sd.config.requires_safety_checker)
         return self._variants[kind]
 
-    def _pipeline_for(self, image, mask_image, strength, height, width, latents, guidance_rescale):
+    def _pipeline_for(self, image, mask_image, strength, height, width, latents, guidance_rescale, n_images):
         if image is None:  # only text-to-image takes guidance_rescale (checked)
             return self.sd, {'height': height, 'width': width, 'latents': latents, 'guidance_rescale': guidance_rescale}
         if mask_image is None:
             return self._variant('img2img'), {'image': image, 'strength': strength}
-        return self._variant('inpaint'), {'image': image, 'mask_image': mask_image, 'strength': strength,
-                                          'height': height, 'width': width, 'latents': latents}
+        # a copy per image: diffusers' inpainting encodes one image once per batch, drawing from the first image's
+        # generator only, so the others would not give what their seeds give alone
+        return self._variant('inpaint'), {'image': [image] * n_images, 'mask_image': [mask_image] * n_images,
+                                          'strength': strength, 'height': height, 'width': width, 'latents': latents}
 
     def _generate_in_batches(self, batch_size, prompt_scales=None, **options) -> Dict[str, Any]:
         """At most ``batch_size`` images per denoising batch, in the call's order and with its seeds: each image
@@ -332,7 +334,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                 return self._output(np.repeat(unchanged, n_images, axis=0), seeds, None, subseeds)
         if latents is not None:  # diffusers moves latents to the device but keeps their dtype: fp32 into fp16 fails
             latents = latents.to(self.sd.device, self.sd.unet.dtype)
-        pipe, extra = self._pipeline_for(image, mask_image, strength, height, width, latents, guidance_rescale)
+        pipe, extra = self._pipeline_for(image, mask_image, strength, height, width, latents, guidance_rescale,
+                                         n_images)
         # 3. scheduler, progress bar and adapter weights for this call; the pipeline's own are back afterwards, so
         # pipe.sd stays as it was built
         pipe.scheduler = self._scheduler(scheduler)

@@ -81,6 +81,19 @@ def test_inpainting_with_the_standard_unet_keeps_unmasked_pixels(sd_pipe, photo,
     assert np.abs(out[mask == 255] - bgr[mask == 255].astype(int)).mean() > 5
 
 
+def _each_image_is_its_seeds_alone(pipe, bgr, mask):
+    """diffusers' inpainting encodes the image once per batch, from the first generator: the other images drew
+    other noise than their seeds alone until each image got its copy."""
+    batch = pipe(['a cat', 'a dog'], image=bgr, mask_image=mask, num_images_per_prompt=2, **STEPS)['output_imgs']
+    for i, prompt in ((1, 'a cat'), (2, 'a dog')):
+        alone = pipe(prompt, image=bgr, mask_image=mask, **dict(STEPS, seed=STEPS['seed'] + i))['output_imgs'][0]
+        assert np.abs(batch[i].astype(int) - alone.astype(int)).max() <= 1
+
+
+def test_inpainting_in_a_batch_gives_each_image_its_seeds_picture(sd_pipe, photo, mask):
+    _each_image_is_its_seeds_alone(sd_pipe, photo[0], mask)
+
+
 def test_inpainting_model_with_nine_channel_unet(tmp_path, photo, mask):
     from diffusers import StableDiffusionPipeline
 
@@ -94,6 +107,7 @@ def test_inpainting_model_with_nine_channel_unet(tmp_path, photo, mask):
     assert np.abs(out[mask == 0] - bgr[mask == 0].astype(int)).max() <= 1
     with pytest.raises(ValueError, match='inpainting model.*mask_image'):
         pipe('a cat', **STEPS)
+    _each_image_is_its_seeds_alone(pipe, bgr, mask)
 
 
 @pytest.mark.parametrize('options, error, message', [
