@@ -23,8 +23,23 @@ MIXED_PRECISION = ('no', 'fp16', 'bf16')
 OPTIMIZERS = ('adamw', 'adafactor')
 
 
-def _help(text: str, **kwargs):
-    return field(metadata={'help': text}, **kwargs)
+def _help(text: str, parse=None, **kwargs):
+    """A flag's field; ``parse``: how its command-line value is read, where not by its type."""
+    return field(metadata={'help': text, 'parse': parse}, **kwargs)
+
+
+def _square_size(value: str) -> int:
+    """512, or kohya's '512,512'."""
+    try:
+        sizes = [int(v) for v in value.split(',')]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2):
+        raise argparse.ArgumentTypeError(f'{value!r}: a size in pixels, e.g. 512')
+    if sizes[0] != sizes[-1]:
+        raise argparse.ArgumentTypeError(f'{value!r}: training is square here; --enable_bucket trains each image '
+                                         'at the size nearest its shape')
+    return sizes[0]
 
 
 @dataclass
@@ -40,7 +55,8 @@ class TrainConfig:
                                'and validation images decoded, with it; a DreamBooth model is saved with it',
                                default=None)
     # data
-    resolution: int = _help('training size in pixels (multiple of 8)', default=512)
+    resolution: int = _help("training size in pixels (multiple of 8; kohya's '512,512' too)", parse=_square_size,
+                            default=512)
     center_crop: bool = _help('center crop instead of a random crop', default=False)
     random_flip: bool = _help('flip images horizontally at random', default=False)
     enable_bucket: bool = _help('aspect-ratio buckets (kohya\'s flag): each image trains at the size of about '
@@ -530,7 +546,8 @@ def build_parser(config_cls, description: str, extra_flags: Dict[str, tuple]) ->
             parser.add_argument(f'--{f.name}', type=str2bool, nargs='?', const=True, default=f.default,
                                 help=f.metadata.get('help'))
         else:
-            parser.add_argument(f'--{f.name}', type=base, default=f.default, help=f.metadata.get('help'))
+            parser.add_argument(f'--{f.name}', type=f.metadata.get('parse') or base, default=f.default,
+                                help=f.metadata.get('help'))
     groups = {False: parser.add_argument_group("ModelScope example flags (mapped onto the ones above)"),
               True: parser.add_argument_group("kohya's sd-scripts flags (mapped onto the ones above)")}
     for flag in extra_flags:

@@ -565,12 +565,13 @@ def test_kohya_command_line_flags_map_onto_ours_and_say_how(tmp_path, capsys):
             '--network_alpha', '8', '--optimizer_type', 'AdamW8bit', '--learning_rate', '1e-4', '--unet_lr', '5e-4',
             '--max_train_epochs', '10', '--save_every_n_epochs', '2', '--min_snr_gamma', '5',
             '--caption_dropout_rate', '0.05', '--caption_extension', '.txt', '--xformers', '--save_model_as',
-            'safetensors', '--keep_tokens', '1', '--shuffle_caption', '--clip_skip', '2']
+            'safetensors', '--keep_tokens', '1', '--shuffle_caption', '--clip_skip', '2', '--resolution', '768,768']
     config, notes = parse_args(LoraTrainConfig, argv, 'x')
     assert (config.rank, config.lora_alpha, config.optimizer, config.use_8bit_adam, config.learning_rate) == (
         16, 8, 'adamw', True, 5e-4)
     assert (config.num_train_epochs, config.max_train_steps, config.checkpointing_epochs, config.snr_gamma,
-            config.proportion_empty_prompts, config.keep_tokens, config.clip_skip) == (10, None, 2, 5.0, 0.05, 1, 2)
+            config.proportion_empty_prompts, config.keep_tokens, config.clip_skip, config.resolution) == (
+        10, None, 2, 5.0, 0.05, 1, 2, 768)
     assert '--network_dim 16 → --rank 16' in notes and '--unet_lr 5e-4 → --learning_rate 0.0005' in notes
     assert '--caption_extension .txt → as here' in notes
     assert any(note.startswith("--xformers true: accepted, no effect here (PyTorch's scaled-dot-product") for note in
@@ -578,7 +579,9 @@ def test_kohya_command_line_flags_map_onto_ours_and_say_how(tmp_path, capsys):
     for flag, value, words in (('--network_module', 'lycoris.kohya', 'this trainer trains LoRA (networks.lora)'),
                                ('--optimizer_type', 'Prodigy', 'the optimizers here are AdamW, AdamW8bit and'),
                                ('--network_alpha', '0.5', 'LoRA alpha is a whole number here'),
-                               ('--caption_extension', '.tags', 'captions are read from .txt files')):
+                               ('--caption_extension', '.tags', 'captions are read from .txt files'),
+                               ('--resolution', '512,768', "'512,768': training is square here; --enable_bucket"),
+                               ('--resolution', 'big', "'big': a size in pixels")):
         with pytest.raises(SystemExit):
             parse_args(LoraTrainConfig, ['--train_data_dir', str(tmp_path), flag, value], 'x')
         assert words in capsys.readouterr().err
