@@ -13,7 +13,6 @@ from typing import Dict, List, Optional, Tuple
 
 from modelscope_sd.constants import DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION
 from modelscope_sd.loading import is_hub_id
-from modelscope_sd.prompt_editing import split_and
 from modelscope_sd.prompts import CHUNK, check_syntax
 
 logger = logging.getLogger(__name__)
@@ -187,9 +186,6 @@ class TrainConfig:
                                  'only with --train_text_encoder: pass it too, or drop --text_encoder_lr.')
         if self.validation_prompt:  # a <lora:…> tag would be read as words
             check_syntax('validation_prompt', self.validation_prompt)
-            if split_and(self.validation_prompt):
-                raise ValueError("validation_prompt: A1111's AND (composable prompts) is not run for validation "
-                                 'images (diffusers\' loop renders them). Write one prompt.')
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f'lr_scheduler={self.lr_scheduler!r} is not one of {LR_SCHEDULERS}.')
         if self.optimizer not in OPTIMIZERS:

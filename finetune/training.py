@@ -499,11 +499,13 @@ def _validate(accelerator, config, parts, make_pipeline, validation_dataset, ste
                 os.makedirs(folder, exist_ok=True)
                 generator = torch.Generator('cpu').manual_seed(config.seed)
                 with accelerator.autocast():
-                    # the prompt as our pipeline reads it: long or weighted prompts in 75-token windows, edits
-                    text = prompts.call_arguments(pipe, config.validation_prompt, 25, config.num_validation_images,
-                                                  pipeline_clip_skip(config.clip_skip))
-                    images = pipe(**text, num_images_per_prompt=config.num_validation_images, num_inference_steps=25,
-                                  generator=generator).images
+                    # the prompt as our pipeline reads it: long or weighted prompts in 75-token windows, edits, AND
+                    text, context = prompts.call_arguments(pipe, config.validation_prompt, 25,
+                                                           config.num_validation_images,
+                                                           pipeline_clip_skip(config.clip_skip))
+                    with context:
+                        images = pipe(**text, num_images_per_prompt=config.num_validation_images,
+                                      num_inference_steps=25, generator=generator).images
                 for i, image in enumerate(images):
                     image.save(os.path.join(folder, f'step-{step:06d}-{i}.png'))
                 _log_images(accelerator, images, step)

@@ -7,9 +7,11 @@ negative + Σ weight · (subprompt − negative)] per image, so diffusers' guida
 is A1111's ``combine_denoised``: the same sum the table loop's step computes.
 """
 
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
+
+from .prompts import Composition, unet_embeds
 
 
 class ComposedCalls:
@@ -68,3 +70,16 @@ class ComposedCalls:
             return (combined, *output[1:])
         output.sample = combined
         return output
+
+
+def composed_call(pipe, text_inputs: Dict[str, torch.Tensor], changes: Dict[int, Dict[str, torch.Tensor]],
+                  composition: Composition, num_images_per_prompt: int) -> Tuple[Dict[str, Any], ComposedCalls]:
+    """diffusers' text arguments for an ``AND`` call (one row per image: the negative embeddings stand in) and the
+    `ComposedCalls` to open around it, from `prompts.EditedPrompts.text_inputs`' embeddings and changes."""
+    def rows(inputs):
+        return unet_embeds(pipe, inputs, num_images_per_prompt, cfg=True)
+
+    mixing = composition.tensors(num_images_per_prompt, pipe._execution_device)
+    calls = ComposedCalls(pipe.unet, rows(text_inputs), mixing, {call: rows(inputs) for call, inputs in changes.items()})
+    negative = text_inputs['negative_prompt_embeds']
+    return {'prompt_embeds': negative, 'negative_prompt_embeds': negative}, calls

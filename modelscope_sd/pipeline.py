@@ -18,7 +18,7 @@ from . import images as images_lib
 from . import lora as lora_utils
 from . import prompts as prompts_lib
 from . import variation
-from .composable import ComposedCalls
+from .composable import composed_call
 from .embeddings import load_embeddings
 from .loading import load_pipeline, resolve_device
 from .schedulers import DPMSolverSDEScheduler, image_seeds, make_scheduler
@@ -420,15 +420,9 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             if made is not None:
                 return made
         composed = nullcontext()
-        if composition is not None:
-            def rows(inputs):
-                return prompts_lib.unet_embeds(pipe, inputs, num_images_per_prompt, cfg=True)
-            mixing = composition.tensors(num_images_per_prompt, pipe._execution_device)
-            composed = ComposedCalls(pipe.unet, rows(text_inputs), mixing,
-                                     {call: rows(inputs) for call, inputs in changes.items()})
-            # diffusers' batch: one row per image; the composed calls put the subprompts' rows in
-            negative = text_inputs['negative_prompt_embeds']
-            text_inputs, changes = {'prompt_embeds': negative, 'negative_prompt_embeds': negative}, {}
+        if composition is not None:  # diffusers' batch: one row per image; the composed calls add the subprompts'
+            text_inputs, composed = composed_call(pipe, text_inputs, changes, composition, num_images_per_prompt)
+            changes = {}
         with composed:
             result = pipe(**text_inputs, **extra, num_inference_steps=num_inference_steps,
                           guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, eta=eta,

@@ -259,11 +259,11 @@ def test_and_in_image_to_image_keeps_each_images_seed(sd_pipe):
 def test_and_in_diffusers_loop_inpaints_calls_back_and_takes_any_scheduler(sd_pipe, monkeypatch):
     """Where the table loop does not run a call (inpainting, a step-end callback, a scheduler that is not linear),
     diffusers' loop runs it with the UNet's calls composed: the table loop's images, edits included."""
-    import modelscope_sd.pipeline as pipeline_module
+    import modelscope_sd.composable as composable
     from diffusers import DDIMScheduler
     composed = []
-    real = pipeline_module.ComposedCalls
-    monkeypatch.setattr(pipeline_module, 'ComposedCalls', lambda *a: composed.append(1) or real(*a))
+    real = composable.ComposedCalls
+    monkeypatch.setattr(composable, 'ComposedCalls', lambda *a: composed.append(1) or real(*a))
     steps = []
 
     def callback(pipe, i, t, kwargs):
