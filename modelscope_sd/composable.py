@@ -80,6 +80,7 @@ def composed_call(pipe, text_inputs: Dict[str, torch.Tensor], changes: Dict[int,
         return unet_embeds(pipe, inputs, num_images_per_prompt, cfg=True)
 
     mixing = composition.tensors(num_images_per_prompt, pipe._execution_device)
-    calls = ComposedCalls(pipe.unet, rows(text_inputs), mixing, {call: rows(inputs) for call, inputs in changes.items()})
+    later = {call: rows(inputs) for call, inputs in changes.items()}
+    calls = ComposedCalls(pipe.unet, rows(text_inputs), mixing, later)
     negative = text_inputs['negative_prompt_embeds']
     return {'prompt_embeds': negative, 'negative_prompt_embeds': negative}, calls
