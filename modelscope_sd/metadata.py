@@ -13,7 +13,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from .hires import A1111_NAMES as A1111_UPSCALERS, DEFAULT_STRENGTH, normalize_upscaler
 from .prompts import emphasis_name
-from .schedulers import scheduler_name
+from .schedulers import SCHEDULE_TYPES, named_schedulers, scheduler_name
 
 PARAMETERS_KEY = 'parameters'
 # our scheduler names ↔ A1111's sampler names
@@ -52,7 +52,8 @@ def format_parameters(prompt: str, negative_prompt: Optional[str], steps: int, s
     lines = [prompt]
     if negative_prompt:
         lines.append(f'Negative prompt: {negative_prompt}')
-    fields = [('Steps', steps), ('Sampler', A1111_SAMPLERS.get(scheduler, scheduler)), ('CFG scale', guidance_scale),
+    sampler, schedule = _a1111_sampler(scheduler)
+    fields = [('Steps', steps), ('Sampler', sampler), ('Schedule type', schedule), ('CFG scale', guidance_scale),
               ('Seed', seed), ('Size', f'{width}x{height}'), ('Model', model)]
     if variation is not None:
         fields += [('Variation seed', variation[0]), ('Variation seed strength', variation[1])]
@@ -77,11 +78,26 @@ def format_parameters(prompt: str, negative_prompt: Optional[str], steps: int, s
     return '\n'.join(lines)
 
 
+def _a1111_sampler(scheduler: str) -> Tuple[str, Optional[str]]:
+    """A1111's sampler name for ours, and its schedule type where the name alone does not say it (A1111 1.9+
+    writes e.g. 'Sampler: DPM++ 2M SDE, Schedule type: Exponential')."""
+    if scheduler in A1111_SAMPLERS:
+        return A1111_SAMPLERS[scheduler], None
+    base, _, schedule = scheduler.rpartition('_')
+    if schedule in SCHEDULE_TYPES and base in A1111_SAMPLERS:
+        return A1111_SAMPLERS[base], schedule.capitalize()
+    return scheduler, None
+
+
 def _sampler(sampler: str, schedule: Optional[str]) -> str:
-    """Our scheduler name for A1111's sampler; A1111 1.9+ writes Karras sigmas as its own 'Schedule type'."""
-    if schedule and schedule.lower() == 'karras' and f'{sampler} karras'.lower() in _FROM_A1111:
-        sampler = f'{sampler} Karras'
-    return _FROM_A1111.get(sampler.lower(), sampler)
+    """Our scheduler name for A1111's sampler and schedule type (A1111 1.9+ writes Karras, Exponential, Beta apart
+    from the sampler; 'Uniform' is the sampler's plain sigmas). Another schedule type keeps the sampler's name."""
+    ours = _FROM_A1111.get(sampler.lower(), sampler)
+    schedule = (schedule or '').lower()
+    if schedule in SCHEDULE_TYPES and not ours.endswith(f'_{schedule}'):
+        if f'{ours}_{schedule}' in named_schedulers():
+            return f'{ours}_{schedule}'
+    return ours
 
 
 def parse_parameters(text: str) -> Dict[str, Any]:
@@ -132,7 +148,7 @@ def parse_parameters(text: str) -> Dict[str, Any]:
         if upscaler.lower() not in (*A1111_UPSCALERS, 'none'):
             not_applied.append(f'Hires upscaler {upscaler} (ran as {A1111_UPSCALERS[call["hr_upscaler"]]})')
     schedule = params.get('Schedule type', 'Automatic')
-    if schedule.lower() != 'automatic' and not (schedule.lower() == 'karras' and call['scheduler'].endswith('karras')):
+    if schedule.lower() not in ('automatic', 'uniform') and not call['scheduler'].endswith(f'_{schedule.lower()}'):
         not_applied.append(f'Schedule type {schedule}')
     loras = [item.rsplit('=', 1) for item in params['Lora'].split('; ')] if params.get('Lora') else []
     embeddings = params['Textual inversion'].split('; ') if params.get('Textual inversion') else []

@@ -1,6 +1,7 @@
 """Scheduler by name: the names people use in A1111/ComfyUI mapped onto diffusers classes."""
 
 import difflib
+import functools
 import inspect
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -36,6 +37,9 @@ SCHEDULERS: Dict[str, Tuple[str, Dict[str, Any]]] = {
 # DPM++ 2M Karras has use_karras_sigmas): each named scheduler resets those its overrides do not set.
 _SAMPLER_DEFAULTS = {'use_karras_sigmas': False, 'use_exponential_sigmas': False, 'use_beta_sigmas': False,
                      'algorithm_type': 'dpmsolver++'}
+# A1111's schedule types (1.9+ writes them apart from the sampler) as diffusers' sigma options: each sampler whose
+# diffusers class takes the option is also named with its suffix ('euler_karras', 'dpm++_2m_sde_exponential')
+SCHEDULE_TYPES = {'karras': 'use_karras_sigmas', 'exponential': 'use_exponential_sigmas', 'beta': 'use_beta_sigmas'}
 ALIASES = {'plms': 'pndm', 'euler_a': 'euler_ancestral', 'k_euler': 'euler',
            'k_euler_a': 'euler_ancestral', 'k_lms': 'lms', 'dpm_solver++': 'dpm++_2m', 'dpm2_a': 'dpm2_ancestral',
            'dpm2_a_karras': 'dpm2_ancestral_karras', 'k_dpm_2': 'dpm2', 'k_dpm_2_a': 'dpm2_ancestral'}
@@ -81,13 +85,32 @@ def image_seeds(generator, count: int) -> List[int]:
 
 
 def normalize_scheduler_name(name: str) -> str:
-    """'DPM++ 2M Karras', 'dpmpp-2m-karras' and 'dpm++_2m_karras' are one scheduler."""
+    """'DPM++ 2M Karras', 'dpmpp-2m-karras' and 'dpm++_2m_karras' are one scheduler, and so are 'DPM2 a
+    Exponential' and 'dpm2_ancestral_exponential'."""
     key = name.strip().lower().replace(' ', '_').replace('-', '_').replace('dpmpp', 'dpm++')
-    return ALIASES.get(key, key)
+    if key in ALIASES:
+        return ALIASES[key]
+    base, _, suffix = key.rpartition('_')
+    return f'{ALIASES[base]}_{suffix}' if suffix in SCHEDULE_TYPES and base in ALIASES else key
+
+
+@functools.lru_cache(maxsize=None)
+def named_schedulers() -> Dict[str, Tuple[str, Dict[str, Any]]]:
+    """`SCHEDULERS`, plus each of them with a schedule type's suffix where its diffusers class takes that sigma
+    option and the sampler sets none itself."""
+    named = dict(SCHEDULERS)
+    for name, (class_name, overrides) in SCHEDULERS.items():
+        if any(option in overrides for option in SCHEDULE_TYPES.values()):
+            continue
+        accepted = inspect.signature(getattr(diffusers, class_name).__init__).parameters
+        for suffix, option in SCHEDULE_TYPES.items():
+            if option in accepted:
+                named.setdefault(f'{name}_{suffix}', (class_name, {**overrides, option: True}))
+    return named
 
 
 def scheduler_names():
-    return sorted(SCHEDULERS) + sorted(ALIASES)
+    return sorted(named_schedulers()) + sorted(ALIASES)
 
 
 def scheduler_name(scheduler: Union[str, SchedulerMixin]) -> str:
@@ -95,7 +118,7 @@ def scheduler_name(scheduler: Union[str, SchedulerMixin]) -> str:
     class and sampler settings it has, else its class name."""
     if isinstance(scheduler, str):
         return normalize_scheduler_name(scheduler)
-    for name, (class_name, overrides) in SCHEDULERS.items():
+    for name, (class_name, overrides) in named_schedulers().items():
         settings = {**_SAMPLER_DEFAULTS, **overrides}
         if class_name == type(scheduler).__name__ and all(scheduler.config.get(k, v) == v for k, v in settings.items()):
             return name
@@ -110,15 +133,17 @@ def make_scheduler(scheduler: Union[str, SchedulerMixin], base_config) -> Schedu
         return scheduler
     if not isinstance(scheduler, str):
         raise TypeError(f'scheduler must be a name (str) or a diffusers scheduler, got {type(scheduler).__name__}')
-    key = normalize_scheduler_name(scheduler)
-    if key not in SCHEDULERS:
+    key, named = normalize_scheduler_name(scheduler), named_schedulers()
+    if key not in named:
         class_names = {cls: name for name, (cls, extra) in SCHEDULERS.items() if not extra}
         key = class_names.get(scheduler.strip(), key)  # diffusers class names work too
-    if key not in SCHEDULERS:
+    if key not in named:
         close = difflib.get_close_matches(key, scheduler_names(), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ''
-        raise ValueError(f"scheduler={scheduler!r} is not known.{hint} Allowed: {', '.join(scheduler_names())}.")
-    class_name, overrides = SCHEDULERS[key]
+        raise ValueError(f"scheduler={scheduler!r} is not known.{hint} Allowed: {', '.join(sorted(SCHEDULERS))} "
+                         f"(each also with _{', _'.join(SCHEDULE_TYPES)} where diffusers' class has that schedule), "
+                         f"and {', '.join(sorted(ALIASES))}.")
+    class_name, overrides = named[key]
     cls = DPMSolverSDEScheduler if class_name == 'DPMSolverSDEScheduler' else getattr(diffusers, class_name)
     accepted = inspect.signature(cls.__init__).parameters
     resets = {k: v for k, v in _SAMPLER_DEFAULTS.items() if k in accepted}

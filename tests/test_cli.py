@@ -12,7 +12,7 @@ from diffusers import PNDMScheduler
 
 from modelscope_sd import metadata
 from modelscope_sd.cli import main
-from modelscope_sd.schedulers import SCHEDULERS, make_scheduler, scheduler_name
+from modelscope_sd.schedulers import SCHEDULERS, make_scheduler, named_schedulers, scheduler_name
 
 
 def test_parameters_round_trip():
@@ -40,16 +40,30 @@ def test_reads_an_a1111_parameters_text():
     assert parsed['not_applied'] == []  # a model hash only describes the file
     dpm2 = text.replace('Sampler: Euler a, Schedule type: Automatic', 'Sampler: DPM2 a, Schedule type: Karras')
     assert metadata.parse_parameters(dpm2)['call']['scheduler'] == 'dpm2_ancestral_karras'
+    # A1111 1.9+'s DPM++ 2M SDE runs on exponential sigmas and says so; Uniform is a sampler's plain sigmas
+    for sampler, schedule, ours, not_applied in (
+            ('DPM++ 2M SDE', 'Exponential', 'dpm++_2m_sde_exponential', []), ('Euler', 'Karras', 'euler_karras', []),
+            ('Heun', 'Beta', 'heun_beta', []), ('DPM++ 2M', 'Uniform', 'dpm++_2m', []),
+            ('Euler a', 'Karras', 'euler_ancestral', ['Schedule type Karras']),  # diffusers' Euler a has none
+            ('DPM++ 2M', 'SGM Uniform', 'dpm++_2m', ['Schedule type SGM Uniform'])):
+        parsed = metadata.parse_parameters(text.replace('Sampler: Euler a, Schedule type: Automatic',
+                                                        f'Sampler: {sampler}, Schedule type: {schedule}'))
+        assert (parsed['call']['scheduler'], parsed['not_applied']) == (ours, not_applied)
 
 
-@pytest.mark.parametrize('name', sorted(SCHEDULERS))
+@pytest.mark.parametrize('name', sorted(named_schedulers()))
 def test_every_scheduler_has_an_a1111_name_read_back_from_a_png(name):
-    """Its object (the model's own scheduler) is named right too: DPM++ 2M SDE is not written as DPM++ 2M."""
+    """Its object (the model's own scheduler) is named right too: DPM++ 2M SDE is not written as DPM++ 2M. A
+    schedule type A1111's sampler names leave out is written as A1111 1.9+ writes it."""
     scheduler = make_scheduler(name, PNDMScheduler().config)
     assert scheduler_name(scheduler) == name
     text = metadata.format_parameters('a', None, 20, scheduler_name(scheduler), 7.0, 1, 512, 512, 'm')
-    assert f'Sampler: {metadata.A1111_SAMPLERS[name]},' in text
-    assert metadata.parse_parameters(text)['call']['scheduler'] == name
+    base, _, schedule = name.rpartition('_')
+    written = (f'Sampler: {metadata.A1111_SAMPLERS[name]},' if name in SCHEDULERS else
+               f'Sampler: {metadata.A1111_SAMPLERS[base]}, Schedule type: {schedule.capitalize()},')
+    assert written in text
+    assert (metadata.parse_parameters(text)['call']['scheduler'], metadata.parse_parameters(text)['not_applied']) == (
+        name, [])
     if name.endswith('_karras'):  # A1111 1.9+ writes Karras as a schedule type of the sampler
         a1111_19 = text.replace(' Karras,', ', Schedule type: Karras,')
         assert metadata.parse_parameters(a1111_19) == metadata.parse_parameters(text)
@@ -80,10 +94,10 @@ def test_reads_a1111_19_schedule_type_and_the_hires_fix():
     parsed = metadata.parse_parameters(resize)
     assert 'hr_scale' not in parsed['call'] and 'strength' not in parsed['call']
     assert parsed['not_applied'] == ['Hires resize', 'Hires steps', 'Hires upscaler', 'Denoising strength']
-    other = 'a castle\nSteps: 30, Sampler: Euler, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512, ' \
-        'Emphasis: No norm, VAE: kl-f8-anime2.ckpt'
+    other = 'a castle\nSteps: 30, Sampler: Euler, Schedule type: SGM Uniform, CFG scale: 7, Seed: 1, ' \
+        'Size: 512x512, Emphasis: No norm, VAE: kl-f8-anime2.ckpt'
     parsed = metadata.parse_parameters(other)
-    assert parsed['not_applied'] == ['Schedule type Karras'] and parsed['call']['emphasis'] == 'No norm'
+    assert parsed['not_applied'] == ['Schedule type SGM Uniform'] and parsed['call']['emphasis'] == 'No norm'
     assert parsed['vae'] == 'kl-f8-anime2.ckpt'  # generate loads it when it is there (see the --vae test)
     assert 'Emphasis Sharp' in metadata.parse_parameters(other.replace('No norm', 'Sharp'))['not_applied']
     # A1111 leaves its default out, and so does a PNG written here

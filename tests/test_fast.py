@@ -31,7 +31,9 @@ def _vanilla(vanilla_pipe, scheduler, seeds, **kwargs):
         vanilla_pipe.scheduler = base
 
 
-@pytest.mark.parametrize('name', sorted(SCHEDULERS))
+@pytest.mark.parametrize('name', sorted(SCHEDULERS) + [  # and samplers with A1111's other schedule types
+    'dpm++_2m_sde_exponential', 'euler_karras', 'heun_beta', 'unipc_exponential', 'dpm2_ancestral_exponential',
+    'dpm++_sde_beta'])
 def test_every_offered_scheduler_has_a_table_that_matches_diffusers_loop(fast_pipe, vanilla_pipe, name):
     scheduler = _seeded(name, vanilla_pipe.scheduler.config, [3])
     plan = fast_pipe.denoiser.plan(scheduler, 4, 0.0)
