@@ -372,6 +372,15 @@ def check_network_weights(config) -> None:
     path = config.network_weights
     if not os.path.exists(path):
         raise FileNotFoundError(f'network_weights={path!r}: no such file or folder.')
+    from modelscope_sd.constants import PICKLE_SUFFIXES
+    from modelscope_sd.lora import locate_adapter
+    folder, name = locate_adapter(path, allow_pickle=True)
+    if name.endswith(PICKLE_SUFFIXES):  # ModelScope's old trainer wrote pytorch_lora_weights.bin
+        pickle_file = os.path.join(folder, name)
+        raise ValueError(f'network_weights={path!r} is a pickle file ({name}), which can run code when loaded. If '
+                         f'you trust it, convert it once: modelscope-sd convert-lora {pickle_file} '
+                         'adapter.safetensors --to diffusers --allow_pickle, then pass --network_weights '
+                         'adapter.safetensors.')
     state = adapter_state(path)
     ranks = {v.shape[0] for k, v in state.items() if '.lora_A.' in k}
     if not ranks:

@@ -132,18 +132,21 @@ def set_adapter_state(model, state: Dict[str, torch.Tensor], source: str) -> Non
         raise ValueError(f'{source}: adapter keys do not match this model: {result.unexpected_keys[:5]}')
 
 
-def adapter_state(path: str) -> Dict[str, torch.Tensor]:
-    """A LoRA file or folder (diffusers/peft or kohya/A1111 keys) as peft-named tensors under ``unet.`` and
+def adapter_state(path: str, allow_pickle: bool = False) -> Dict[str, torch.Tensor]:
+    """A LoRA file or folder (diffusers/peft or kohya/A1111 keys; with ``allow_pickle`` also the ``.bin`` of
+    ModelScope's old trainer, attention-processor keys of the UNet) as peft-named tensors under ``unet.`` and
     ``text_encoder.``, each module's alpha/rank scale folded into its up-projection: the same adapter at scale 1."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_peft
     from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
     from modelscope_sd.lora import locate_adapter
-    folder, name = locate_adapter(path)  # refuses pickles, models, embeddings and LyCORIS by name
+    folder, name = locate_adapter(path, allow_pickle)  # refuses pickles, models, embeddings and LyCORIS by name
     state, alphas, adapter_config = StableDiffusionPipeline.lora_state_dict(folder, weight_name=name,
                                                                            return_lora_metadata=True)
     state, adapter_config = dict(state), adapter_config or {}
+    if state and all('.processor.' in k for k in state):  # unet.save_attn_procs: the UNet's, without a prefix
+        state = {'unet.' + k: v for k, v in state.items()}
     for key, alpha in (alphas or {}).items():  # kohya: an alpha per module
         down = key[:-len('.alpha')]
         if down in state:
@@ -283,7 +286,8 @@ def _adapter_alpha(metadata: Dict[str, str]) -> Optional[float]:
         return None
 
 
-def import_kohya_lora(kohya_file: str, diffusers_file: str) -> str:
-    """kohya/A1111 adapter → our diffusers/peft-key file. diffusers reads the kohya keys; each module's
-    alpha/rank scale is folded into its up-projection, so the file needs no alpha to mean the same."""
-    return save_safetensors(adapter_state(kohya_file), diffusers_file)
+def import_kohya_lora(kohya_file: str, diffusers_file: str, allow_pickle: bool = False) -> str:
+    """kohya/A1111 adapter (or, with ``allow_pickle``, ModelScope's old ``.bin``) → our diffusers/peft-key file.
+    diffusers reads the kohya keys; each module's alpha/rank scale is folded into its up-projection, so the file
+    needs no alpha to mean the same."""
+    return save_safetensors(adapter_state(kohya_file, allow_pickle), diffusers_file)

@@ -173,9 +173,14 @@ def _batches(call: dict, batch_size: Optional[int]):
 
 def _convert(args) -> str:
     from finetune.models import export_kohya_lora, import_kohya_lora
-    if args.to == 'kohya':
+    if args.to == 'kohya' and not args.allow_pickle:
         return export_kohya_lora(args.input, args.output)
-    return import_kohya_lora(args.input, args.output)
+    if args.to == 'kohya':  # a pickle adapter: read as our file first, then written for kohya
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            ours = import_kohya_lora(args.input, os.path.join(tmp, 'adapter.safetensors'), allow_pickle=True)
+            return export_kohya_lora(ours, args.output)
+    return import_kohya_lora(args.input, args.output, args.allow_pickle)
 
 
 def _convert_model(args) -> str:
@@ -229,6 +234,9 @@ def main(argv: Optional[List[str]] = None):
     convert.add_argument('input')
     convert.add_argument('output')
     convert.add_argument('--to', choices=('kohya', 'diffusers'), default='kohya')
+    convert.add_argument('--allow_pickle', action='store_true',
+                         help="read a .bin (pickle) adapter, such as ModelScope's old trainer's "
+                              'pytorch_lora_weights.bin; only for a file you trust')
     model = sub.add_parser('convert-model', help='diffusers model (folder or hub id) → one original-layout '
                                                  '.safetensors checkpoint for A1111/ComfyUI, or such a checkpoint '
                                                  '→ a diffusers folder (what the trainers start from)')

@@ -1,6 +1,7 @@
 """Pipeline side of LoRA: lora_dir, scales, several adapters, fusing, kohya files, clear errors."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -174,6 +175,22 @@ def test_modelscope_old_trainer_bin_adapter_loads_with_allow_pickle(tiny_model_d
     loaded = _image(_pipe(tiny_model_dir, lora_dir=str(tmp_path), allow_pickle=True))
     assert np.abs(loaded - _image(_pipe(tiny_model_dir, lora_dir=adapters[1]))).max() <= 1
     assert np.abs(loaded - _image(sd_pipe)).max() > 10
+    # converted once (with the same opt-in) it is a .safetensors adapter like any other, for both formats
+    from modelscope_sd.cli import main
+    old_file = str(tmp_path / 'pytorch_lora_weights.bin')
+    with pytest.raises(SystemExit):
+        main(['convert-lora', old_file, str(tmp_path / 'no.safetensors'), '--to', 'diffusers'])
+    for to in ('diffusers', 'kohya'):
+        main(['convert-lora', old_file, str(tmp_path / f'{to}.safetensors'), '--to', to, '--allow_pickle'])
+        converted = _image(_pipe(tiny_model_dir, lora_dir=str(tmp_path / f'{to}.safetensors')))
+        assert np.abs(converted - loaded).max() <= 1
+    # the trainers start from the converted file, and say how to make it
+    from finetune.config import LoraTrainConfig
+    with pytest.raises(ValueError, match=re.escape('is a pickle file (pytorch_lora_weights.bin)') + '.*'
+                       + re.escape('convert-lora') + '.*--allow_pickle, then pass --network_weights'):
+        LoraTrainConfig(dataset_name='x', network_weights=str(tmp_path), rank=4)
+    assert LoraTrainConfig(dataset_name='x', network_weights=str(tmp_path / 'diffusers.safetensors'),
+                           rank=4).network_weights
 
 
 def test_missing_lora_dir(tiny_model_dir, tmp_path):
