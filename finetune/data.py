@@ -128,13 +128,15 @@ def records_from_image_folder(folder: str, caption: Optional[str] = None) -> Lis
 
 def kohya_concepts(folder: str) -> List[Tuple[str, int, str]]:
     """(subfolder, repeats, class tokens) of each ``<repeats>_<class tokens>`` subfolder, in name order, when the
-    folder is in kohya's layout: every subfolder that holds images is named so, and no image lies beside them.
-    Empty otherwise (then all images are read, subfolders included)."""
+    folder is in kohya's layout: every subfolder that holds images is named so, and no image or metadata file
+    (whose captions would go unread) lies beside them. Empty otherwise (then all images are read, subfolders
+    included)."""
     subfolders = sorted(p for p in glob.glob(os.path.join(folder, '*')) if os.path.isdir(p))
     concepts = [(p, int(m.group(1)), m.group(2).strip()) for p in subfolders
                 for m in [KOHYA_FOLDER.fullmatch(os.path.basename(p))] if m]
     named = {path for path, _, _ in concepts}
-    loose = [p for p in glob.glob(os.path.join(folder, '*')) if p.lower().endswith(IMAGE_EXTENSIONS)]
+    loose = [p for p in glob.glob(os.path.join(folder, '*'))
+             if p.lower().endswith(IMAGE_EXTENSIONS) or os.path.basename(p) in ('metadata.jsonl', 'metadata.csv')]
     if not concepts or loose or any(image_paths(p) for p in subfolders if p not in named):
         return []
     zero = [os.path.basename(path) for path, repeats, _ in concepts if repeats < 1]

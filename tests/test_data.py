@@ -235,6 +235,10 @@ def test_kohyas_repeats_folders_repeat_their_images_and_caption_by_class_tokens(
     make_images(str(tmp_path / 'mixed' / '2023_summer'), count=2)
     make_images(str(tmp_path / 'mixed' / 'winter'), count=1)
     assert len(records_from_image_folder(str(tmp_path / 'mixed'))) == 3
+    make_images(str(tmp_path / 'described' / '2_things'), count=2, captions=False)  # captions in metadata.jsonl
+    (tmp_path / 'described' / 'metadata.jsonl').write_text(''.join(
+        json.dumps({'file_name': f'2_things/img{i}.png', 'text': f'thing {i}'}) + '\n' for i in range(2)))
+    assert [r.caption for r in records_from_image_folder(str(tmp_path / 'described'))] == ['thing 0', 'thing 1']
     make_images(str(tmp_path / 'zero' / '0_x'), count=1)
     with pytest.raises(ValueError, match=re.escape("['0_x'] in") + ".*must be 1 or more"):
         records_from_image_folder(str(tmp_path / 'zero'))
