@@ -211,7 +211,6 @@ def _windows(tokenizer, ids: List[int], weights: List[float], count: int):
                [1.0] + chunk_w + [1.0] + [1.0] * fill)
 
 
-@torch.no_grad()
 def final_layer_norm(text_encoder):
     """CLIP's final layer norm (in ``text_model`` before transformers 5), through accelerate's (DDP) and
     torch.compile's wrappers: clip_skip reads an earlier layer's states through it, as diffusers does."""
@@ -220,6 +219,7 @@ def final_layer_norm(text_encoder):
     return getattr(model, 'text_model', model).final_layer_norm
 
 
+@torch.no_grad()
 def encode(pipe, prompts: List[str], clip_skip: Optional[int], windows: int, emphasis: str = 'Original'
            ) -> torch.Tensor:
     """(len(prompts), 77 * windows, hidden) weighted embeddings for a diffusers SD pipeline."""
