@@ -113,6 +113,7 @@ def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_
     if latents is not None:
         _check_latents(pipeline, latents, n_images, height, width, image)
 
+
 def _check_image_inputs(pipeline, image, mask_image, strength, latents, hr_scale) -> None:
     if mask_image is not None and image is None:
         raise ValueError('mask_image needs image: pass the picture to repaint as image=...')
@@ -130,6 +131,7 @@ def _check_image_inputs(pipeline, image, mask_image, strength, latents, hr_scale
                          f'{image.width}x{image.height}: they must be the same size.')
     if image is not None and mask_image is None and latents is not None:
         raise ValueError('latents cannot be given for image-to-image: the start latents come from image.')
+
 
 def _check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, image, guidance_rescale) -> None:
     if hr_scale is None:
@@ -151,6 +153,7 @@ def _check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, image, guidance_re
     if guidance_rescale:
         raise ValueError('guidance_rescale cannot go with hr_scale: the second pass is diffusers\' '
                          'image-to-image, which does not take it.')
+
 
 def _check_variation(subseed, subseed_strength, latents, mask_image) -> None:
     """A1111's variation seeds: they turn text-to-image's start latents, or the noise image-to-image adds."""
