@@ -461,7 +461,7 @@ class CachedDataset(torch.utils.data.Dataset):
                 if self.flipped:  # a mirrored crop is the crop mirrored: the same pixels prepare_image flips
                     entry['flipped_latent_params'] = vae.encode(pixels.flip(-1)).latent_dist.parameters[0]
                 if not self.varying:  # varying captions are tokenized per item, in __getitem__
-                    ids = dataset.tokenize(dataset.records[index].caption)
+                    ids = dataset.tokenize(record.caption)
                     if text_encoder is None:
                         entry['input_ids'] = ids
                     else:

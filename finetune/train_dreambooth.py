@@ -120,14 +120,14 @@ def check_class_images(config: DreamBoothConfig) -> None:
     class prompt (a shared class_data_dir, or an output_dir trained over with a new class) would be reused as this
     class's prior: refused. Ones another model made are still pictures of the class: reused, with a warning."""
     from PIL import Image
-    other_prompt, other_model = [], []
+    other_prompt, other_model, ours = [], [], class_model(config)
     for path in image_paths(config.class_data_dir) if os.path.isdir(config.class_data_dir) else []:
         if CLASS_IMAGE_NAME.fullmatch(os.path.basename(path)):
             with Image.open(path) as image:  # our text chunks come before the pixels: nothing is decoded
                 prompt, model = image.info.get(CLASS_PROMPT_KEY), image.info.get(CLASS_MODEL_KEY)
             if prompt is not None and prompt != config.class_prompt:
                 other_prompt.append((os.path.basename(path), prompt))
-            if model is not None and model != class_model(config):
+            if model is not None and model != ours:
                 other_model.append((os.path.basename(path), model))
     if other_prompt:
         raise ValueError(f'class_data_dir={config.class_data_dir!r} holds {len(other_prompt)} class image(s) made '
@@ -138,7 +138,7 @@ def check_class_images(config: DreamBoothConfig) -> None:
         logger.warning('class_data_dir=%r holds %d class image(s) made by another model (%s, e.g. %s), not %s. They '
                        'are reused as the prior, which should be what this model makes: delete them to have it make '
                        'them again, or pass another --class_data_dir.', config.class_data_dir, len(other_model),
-                       other_model[0][1], other_model[0][0], class_model(config))
+                       other_model[0][1], other_model[0][0], ours)
 
 
 def class_model(config: DreamBoothConfig) -> str:
