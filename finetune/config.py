@@ -15,6 +15,8 @@ from modelscope_sd.constants import DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION
 from modelscope_sd.loading import is_hub_id
 from modelscope_sd.prompts import CHUNK, check_syntax
 
+from .validation_images import check_scheduler_name, load_sample_prompts
+
 logger = logging.getLogger(__name__)
 
 LR_SCHEDULERS = ('linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup')
@@ -124,8 +126,19 @@ class TrainConfig:
     resume_from_checkpoint: Optional[str] = _help("'latest' or a checkpoint folder", default=None)
     # validation and logging
     validation_prompt: Optional[str] = _help('prompt rendered to PNGs during training', default=None)
-    validation_steps: int = _help('render validation images (and validation loss) every N steps', default=100)
-    num_validation_images: int = _help('validation images per render', default=1)
+    validation_steps: Optional[int] = _help('render validation images (and validation loss) every N steps '
+                                            '(default: 100, unless --validation_epochs is given)', default=None)
+    validation_epochs: Optional[int] = _help('render validation images (and validation loss) every N epochs',
+                                             default=None)
+    num_validation_images: int = _help('validation images per render (image i at --seed + i)', default=1)
+    sample_prompts: Optional[str] = _help("kohya's flag: more validation images, one per prompt of a .txt file "
+                                          "('a dog --n blurry --w 512 --h 768 --d SEED --l CFG --s STEPS --ss "
+                                          "SAMPLER', # comments), or kohya's .json/.toml", default=None)
+    validation_scheduler: Optional[str] = _help("sampler of validation images, a name the pipeline takes "
+                                                "(euler_a, dpm++_2m_karras, ...); default: the model's own",
+                                                default=None)
+    sample_at_first: bool = _help("kohya's flag: also render validation before the first step (the base model's "
+                                  'images, to compare)', default=False)
     logging_steps: int = _help('log loss and lr every N steps', default=10)
     report_to: Optional[str] = _help("'tensorboard' (pip install tensorboard) or another accelerate tracker to log "
                                      'loss and lr there (validation images too: tensorboard, wandb, swanlab)',
@@ -142,9 +155,11 @@ class TrainConfig:
         if self.revision is None and self.pretrained_model_name_or_path == DEFAULT_MODEL_ID:
             self.revision = DEFAULT_MODEL_REVISION  # the model card's revision; another repo may not have it
         _positive(self, 'resolution', 'train_batch_size', 'num_train_epochs', 'gradient_accumulation_steps',
-                  'validation_steps', 'num_validation_images', 'logging_steps')
+                  'num_validation_images', 'logging_steps')
         _positive(self, 'max_train_steps', 'checkpointing_steps', 'checkpointing_epochs', 'checkpoints_total_limit',
-                  optional=True)
+                  'validation_steps', 'validation_epochs', optional=True)
+        if self.validation_steps is None and self.validation_epochs is None:
+            self.validation_steps = 100
         _finite(self)
         if self.lr_warmup_steps < 0:
             raise ValueError(f'lr_warmup_steps={self.lr_warmup_steps} must be >= 0.')
@@ -186,6 +201,10 @@ class TrainConfig:
                                  'only with --train_text_encoder: pass it too, or drop --text_encoder_lr.')
         if self.validation_prompt:  # a <lora:…> tag would be read as words
             check_syntax('validation_prompt', self.validation_prompt)
+        if self.validation_scheduler is not None:
+            check_scheduler_name(self.validation_scheduler, 'validation_scheduler: ')
+        if self.sample_prompts is not None:
+            load_sample_prompts(self.sample_prompts)  # a bad line fails now, not at the first validation
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f'lr_scheduler={self.lr_scheduler!r} is not one of {LR_SCHEDULERS}.')
         if self.optimizer not in OPTIMIZERS:
@@ -503,6 +522,9 @@ KOHYA_FLAGS = {
     'max_train_epochs': (None, lambda v: {'num_train_epochs': int(v), 'max_train_steps': None}),
     'save_every_n_epochs': ('checkpointing_epochs', int),
     'save_every_n_steps': ('checkpointing_steps', int),
+    'sample_every_n_steps': ('validation_steps', int),
+    'sample_every_n_epochs': ('validation_epochs', int),
+    'sample_sampler': ('validation_scheduler', None),
     'caption_dropout_rate': ('proportion_empty_prompts', float),
     'max_data_loader_n_workers': ('dataloader_num_workers', int),
     'optimizer_type': (None, _kohya_optimizer),

@@ -24,7 +24,8 @@ from finetune.data import (PriorPreservationDataset, check_images, dataset_summa
                            records_from_image_folder, training_dataset)
 from finetune.models import load_components, save_lora, training_metadata
 from finetune.training import (log_how_to_load, pipeline_clip_skip, prepare_models, render_result, start_run,
-                               train_loop, validation_pipeline_factory)
+                               train_loop)
+from finetune.validation_images import validation_pipeline_factory
 from modelscope_sd.constants import MODEL_INDEX
 from modelscope_sd.loading import write_configuration
 from modelscope_sd.single_file import save_single_file

@@ -16,8 +16,8 @@ from typing import List, Optional
 from finetune.config import LoraTrainConfig, parse_args
 from finetune.data import check_images, dataset_summary, load_records, training_dataset
 from finetune.models import load_components, save_lora, training_metadata
-from finetune.training import (log_how_to_load, prepare_models, render_result, start_run, train_loop,
-                               validation_pipeline_factory)
+from finetune.training import log_how_to_load, prepare_models, render_result, start_run, train_loop
+from finetune.validation_images import validation_pipeline_factory
 from modelscope_sd.constants import LORA_WEIGHT_NAME
 
 logger = logging.getLogger('finetune.train_lora')

@@ -9,12 +9,10 @@ import shutil
 import signal
 from typing import List, Optional
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from modelscope_sd import prompts
-
+from . import validation_images
 from .buckets import BucketBatchSampler
 from .checkpoint import (check_resume_settings, find_checkpoint, read_state, remove_partial_writes,
                          save_checkpoint)
@@ -217,27 +215,6 @@ def load_network_weights(config, unet, text_encoder) -> None:
     logger.info('Adapters start from %s.', config.network_weights)
 
 
-def validation_pipeline_factory(accelerator, parts: dict):
-    """A diffusers pipeline over the parts being trained, for validation images."""
-    def make():
-        from diffusers import StableDiffusionPipeline
-        pipe = StableDiffusionPipeline(
-            unet=accelerator.unwrap_model(parts['unet']), text_encoder=accelerator.unwrap_model(parts['text_encoder']),
-            vae=parts['vae'], tokenizer=parts['tokenizer'], safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-            scheduler=_inference_scheduler(parts['model_dir']))
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-    return make
-
-
-def _inference_scheduler(model_dir: str):
-    """The model's own sampling scheduler (training uses DDPM's noise schedule)."""
-    import diffusers
-    config = diffusers.PNDMScheduler.load_config(model_dir, subfolder='scheduler')
-    return getattr(diffusers, config['_class_name']).from_config(config)
-
-
 def render_result(prompt: str, seed: int, filename: str, model: str, revision: Optional[str] = None,
                   lora_dir: Optional[str] = None, vae: Optional[str] = None, clip_skip: Optional[int] = None) -> str:
     """As ModelScope's examples do after training: one image for ``--prompt``, in the working folder
@@ -326,6 +303,7 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     epochs = math.ceil(max_steps / steps_per_epoch)
     checkpoint_every_epochs = config.checkpointing_epochs and config.checkpointing_epochs * steps_per_epoch
+    validate_every_epochs = config.validation_epochs and config.validation_epochs * steps_per_epoch
     # 2. optimizer and lr schedule over the trained parameters; with --text_encoder_lr the text encoder's are a
     # parameter group of their own
     params = [p for module in trained for p in module.parameters() if p.requires_grad]
@@ -364,6 +342,13 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
     logger.info('%d examples, %d epochs, %d optimizer steps of %d x %d x %d images.', len(dataset), epochs,
                 max_steps, config.train_batch_size, config.gradient_accumulation_steps, accelerator.num_processes)
     progress = tqdm(range(max_steps), initial=global_step, desc='steps', disable=not accelerator.is_local_main_process)
+    samples = validation_images.validation_samples(config)
+
+    def validation_due(step: int) -> bool:
+        return _due(step, config.validation_steps) or _due(step, validate_every_epochs)
+
+    if config.sample_at_first and global_step == 0 and accelerator.is_main_process:  # the base model's, to compare
+        _validate(accelerator, config, parts, pipeline_for_validation, validation_dataset, samples, 0)
     # 4. the loop
     last_saved, updating = global_step, False
     # Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit; out of memory: save the last step, say what helps
@@ -407,8 +392,9 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
                 saved = None
                 if _due(global_step, config.checkpointing_steps) or _due(global_step, checkpoint_every_epochs):
                     saved, last_saved = _checkpoint(accelerator, config, global_step), global_step
-                if _due(global_step, config.validation_steps) and accelerator.is_main_process:
-                    _validate(accelerator, config, parts, pipeline_for_validation, validation_dataset, global_step)
+                if validation_due(global_step) and accelerator.is_main_process:
+                    _validate(accelerator, config, parts, pipeline_for_validation, validation_dataset, samples,
+                              global_step)
                 if global_step >= max_steps:
                     break
                 if stop.agreed(accelerator):
@@ -416,10 +402,9 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
                     _stop(accelerator, config, global_step, stop.signum, saved)
     progress.close()
     accelerator.wait_for_everyone()
-    final_validation_due = (config.validation_prompt or validation_dataset is not None) and not _due(
-        global_step, config.validation_steps)
+    final_validation_due = (samples or validation_dataset is not None) and not validation_due(global_step)
     if accelerator.is_main_process and final_validation_due:
-        _validate(accelerator, config, parts, pipeline_for_validation, validation_dataset, global_step)
+        _validate(accelerator, config, parts, pipeline_for_validation, validation_dataset, samples, global_step)
     accelerator.end_training()
     return global_step
 
@@ -478,8 +463,8 @@ def _due(step: int, every: Optional[int]) -> bool:
 
 
 @torch.no_grad()
-def _validate(accelerator, config, parts, make_pipeline, validation_dataset, step: int) -> None:
-    """Validation images for the prompt, and the loss on the validation split, with fixed seeds."""
+def _validate(accelerator, config, parts, make_pipeline, validation_dataset, samples, step: int) -> None:
+    """The loss on the validation split, and the validation images (``samples``), with fixed seeds."""
     unet, text_encoder = accelerator.unwrap_model(parts['unet']), accelerator.unwrap_model(parts['text_encoder'])
     modes = (unet.training, text_encoder.training)
     unet.eval()
@@ -493,36 +478,17 @@ def _validate(accelerator, config, parts, make_pipeline, validation_dataset, ste
                 loss = validation_loss(accelerator, config, parts, validation_dataset)
                 accelerator.log({'validation_loss': loss}, step=step)
                 logger.info('step %d: validation loss %.5f', step, loss)
-            if config.validation_prompt and make_pipeline is not None:
+            if samples and make_pipeline is not None:
                 pipe = make_pipeline()
-                folder = os.path.join(config.output_dir, 'validation')
-                os.makedirs(folder, exist_ok=True)
-                generator = torch.Generator('cpu').manual_seed(config.seed)
-                with accelerator.autocast():
-                    # the prompt as our pipeline reads it: long or weighted prompts in 75-token windows, edits, AND
-                    text, context = prompts.call_arguments(pipe, config.validation_prompt, 25,
-                                                           config.num_validation_images,
-                                                           pipeline_clip_skip(config.clip_skip))
-                    with context:
-                        images = pipe(**text, num_images_per_prompt=config.num_validation_images,
-                                      num_inference_steps=25, generator=generator).images
-                for i, image in enumerate(images):
-                    image.save(os.path.join(folder, f'step-{step:06d}-{i}.png'))
-                _log_images(accelerator, images, step)
+                for sample in samples:
+                    with accelerator.autocast():
+                        images = validation_images.render(pipe, sample, pipeline_clip_skip(config.clip_skip))
+                    validation_images.save_and_log(accelerator, os.path.join(config.output_dir, 'validation'),
+                                                   sample, images, step)
     finally:
         torch.set_rng_state(rng_state)
         unet.train(modes[0])
         text_encoder.train(modes[1])
-
-
-def _log_images(accelerator, images, step: int) -> None:
-    """Validation images to the --report_to trackers that show images, each in the form it takes."""
-    for tracker in accelerator.trackers:
-        if tracker.name == 'tensorboard':
-            tracker.log_images({'validation': np.stack([np.asarray(image) for image in images])}, step,
-                               dataformats='NHWC')
-        elif tracker.name in ('wandb', 'swanlab'):
-            tracker.log_images({'validation': images}, step)
 
 
 def validation_loss(accelerator, config, parts, dataset) -> float:

@@ -378,14 +378,14 @@ def edited_prompts(prompt: Union[str, List[str]], negative_prompt: Union[str, Li
 
 
 def call_arguments(pipe, prompt: str, num_inference_steps: int, num_images_per_prompt: int,
-                   clip_skip: Optional[int] = None):
-    """The text arguments of a diffusers text-to-image call with ``pipe``'s scheduler, the prompt read as our
-    pipeline reads it, prompt editing and ``AND`` included (the trainers' validation images), and the context to
+                   clip_skip: Optional[int] = None, negative_prompt: Optional[str] = None):
+    """The text arguments of a diffusers text-to-image call with ``pipe``'s scheduler, the prompts read as our
+    pipeline reads them, prompt editing and ``AND`` included (the trainers' validation images), and the context to
     make the call in (``AND``'s composed UNet calls, else nothing)."""
     from contextlib import nullcontext
-    edited = edited_prompts(prompt, None, clip_skip)
+    edited = edited_prompts(prompt, negative_prompt, clip_skip)
     if edited is None:
-        return text_inputs(pipe, prompt, None, clip_skip), nullcontext()
+        return text_inputs(pipe, prompt, negative_prompt, clip_skip), nullcontext()
     first, changes = edited.text_inputs(pipe, model_calls(pipe, num_inference_steps))
     if edited.composition is not None:
         from .composable import composed_call

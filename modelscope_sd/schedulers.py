@@ -40,9 +40,11 @@ _SAMPLER_DEFAULTS = {'use_karras_sigmas': False, 'use_exponential_sigmas': False
 # A1111's schedule types (1.9+ writes them apart from the sampler) as diffusers' sigma options: each sampler whose
 # diffusers class takes the option is also named with its suffix ('euler_karras', 'dpm++_2m_sde_exponential')
 SCHEDULE_TYPES = {'karras': 'use_karras_sigmas', 'exponential': 'use_exponential_sigmas', 'beta': 'use_beta_sigmas'}
+# (kohya's --sample_sampler names among them)
 ALIASES = {'plms': 'pndm', 'euler_a': 'euler_ancestral', 'k_euler': 'euler',
-           'k_euler_a': 'euler_ancestral', 'k_lms': 'lms', 'dpm_solver++': 'dpm++_2m', 'dpm2_a': 'dpm2_ancestral',
-           'dpm2_a_karras': 'dpm2_ancestral_karras', 'k_dpm_2': 'dpm2', 'k_dpm_2_a': 'dpm2_ancestral'}
+           'k_euler_a': 'euler_ancestral', 'k_lms': 'lms', 'dpm_solver++': 'dpm++_2m', 'dpmsolver++': 'dpm++_2m',
+           'dpm2_a': 'dpm2_ancestral', 'dpm2_a_karras': 'dpm2_ancestral_karras', 'k_dpm_2': 'dpm2', 'dpm_2': 'dpm2',
+           'k_dpm_2_a': 'dpm2_ancestral', 'dpm_2_a': 'dpm2_ancestral'}
 
 
 class DPMSolverSDEScheduler(diffusers.DPMSolverSDEScheduler):

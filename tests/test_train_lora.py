@@ -814,6 +814,47 @@ def test_validation_image_of_an_and_prompt_is_what_the_pipeline_makes(tiny_model
     assert np.abs(validation - ours).max() <= 1 and np.abs(validation - plain).max() > 2
 
 
+def test_kohya_sample_prompts_render_what_the_pipeline_makes_each_epoch_and_before_the_first_step(
+        tiny_model_dir, csv_dataset, tmp_path):
+    """Each line's negative prompt, size, seed, CFG, steps and sampler are those of a pipeline call (DPM++ SDE's
+    noise from the seed included); --validation_prompt's image i is the pipeline's image i; --sample_at_first
+    renders the base model; every render goes to tensorboard under its own tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    lines = ['a red house --n blurry, dark --w 48 --h 32 --d 7 --l 5 --s 6 --ss euler_a',
+             'a green dragon --s 4 --ss dpm++_sde']
+    (tmp_path / 'prompts.txt').write_text('\n'.join(lines))
+    _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'out', learning_rate=5e-2, train_batch_size=2,
+                   checkpointing_steps=None, validation_prompt='a photo', num_validation_images=2,
+                   sample_prompts=str(tmp_path / 'prompts.txt'), validation_epochs=1, sample_at_first=True,
+                   report_to='tensorboard'))
+    folder = tmp_path / 'out' / 'validation'
+    assert sorted(os.listdir(folder)) == [f'step-{step:06d}-{name}.png' for step in (0, 2, 4)
+                                          for name in ('0', '1', 'sample00', 'sample01')]  # 2 steps an epoch
+
+    def saved(step, name):
+        return np.asarray(Image.open(folder / f'step-{step:06d}-{name}.png')).astype(int)
+
+    calls = {'sample00': dict(prompt='a red house', negative_prompt='blurry, dark', width=48, height=32, seed=7,
+                              guidance_scale=5, num_inference_steps=6, scheduler='euler_a'),
+             'sample01': dict(prompt='a green dragon', seed=3, num_inference_steps=4, scheduler='dpm++_sde')}
+    for step, lora_dir in ((4, str(tmp_path / 'out')), (0, None)):
+        pipe = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False,
+                                                 load_safety_checker=False, lora_dir=lora_dir)
+        for name, call in calls.items():
+            ours = pipe(**call)['output_imgs'][0][..., ::-1].astype(int)
+            assert ours.shape == saved(step, name).shape and np.abs(saved(step, name) - ours).max() <= 1, name
+        both = pipe('a photo', num_inference_steps=25, seed=3, num_images_per_prompt=2)['output_imgs']
+        for i, ours in enumerate(both):
+            assert np.abs(saved(step, str(i)) - ours[..., ::-1].astype(int)).max() <= 1
+    assert np.abs(saved(4, 'sample00') - saved(0, 'sample00')).max() > 2  # the adapter changed it
+    events = EventAccumulator(str(tmp_path / 'out' / 'logs' / 'modelscope-sd'), size_guidance={'images': 0})
+    events.Reload()
+    assert {tag: [e.step for e in events.Images(tag)] for tag in ('validation', 'sample00', 'sample01')} == {
+        'validation': [0, 2, 4], 'sample00': [0, 2, 4], 'sample01': [0, 2, 4]}
+
+
 def test_cache_latents_refuses_random_crops():
     with pytest.raises(ValueError, match='cache_latents needs --center_crop'):
         LoraTrainConfig(dataset_name='x', cache_latents=True, random_flip=True)
