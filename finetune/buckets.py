@@ -6,7 +6,7 @@ order is, so a resumed run sees the same ones."""
 import logging
 import math
 from collections import Counter
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -22,10 +22,12 @@ def size_step(unet) -> int:
     return 8 * 2 ** (len(unet.config.block_out_channels) - 1)
 
 
-def bucket_sizes(resolution: int, step: int) -> List[Size]:
-    """The largest ``step``-multiple sizes of at most ``resolution``² pixels, sides from half to twice
-    ``resolution`` (256 to 1024 at 512, as kohya's defaults)."""
-    low, high = max(step, resolution // 2 // step * step), resolution * 2 // step * step
+def bucket_sizes(resolution: int, step: int, shortest: Optional[int] = None, longest: Optional[int] = None
+                 ) -> List[Size]:
+    """The largest ``step``-multiple sizes of at most ``resolution``² pixels, sides from ``shortest`` to
+    ``longest`` (default: half to twice ``resolution``, 256 to 1024 at 512 as kohya's defaults)."""
+    low = max(step, (shortest or resolution // 2) // step * step)
+    high = (longest or resolution * 2) // step * step
     sizes = set()
     for width in range(low, high + 1, step):
         height = min(high, resolution * resolution // width // step * step)
@@ -43,9 +45,10 @@ def image_size(path: str) -> Size:
     return width, height
 
 
-def assign_buckets(paths: Sequence[str], resolution: int, step: int) -> List[Size]:
+def assign_buckets(paths: Sequence[str], resolution: int, step: int, shortest: Optional[int] = None,
+                   longest: Optional[int] = None) -> List[Size]:
     """Each image's bucket: the size whose aspect ratio is nearest the image's (on a log scale)."""
-    sizes = bucket_sizes(resolution, step)
+    sizes = bucket_sizes(resolution, step, shortest, longest)
     targets = []
     for path in paths:
         width, height = image_size(path)

@@ -15,6 +15,7 @@ from modelscope_sd.constants import DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION
 from modelscope_sd.loading import is_hub_id
 from modelscope_sd.prompts import CHUNK, check_syntax
 
+from . import kohya_flags
 from .validation_images import check_scheduler_name, load_sample_prompts
 
 logger = logging.getLogger(__name__)
@@ -62,11 +63,18 @@ class TrainConfig:
     random_flip: bool = _help('flip images horizontally at random', default=False)
     enable_bucket: bool = _help('aspect-ratio buckets (kohya\'s flag): each image trains at the size of about '
                                 'resolution² pixels nearest its shape, not as a cropped square', default=False)
+    min_bucket_reso: Optional[int] = _help("kohya's flag, with --enable_bucket: the shortest bucket side in pixels "
+                                           '(default: resolution/2)', default=None)
+    max_bucket_reso: Optional[int] = _help("kohya's flag, with --enable_bucket: the longest bucket side in pixels "
+                                           '(default: 2 x resolution)', default=None)
     skip_bad_images: bool = _help('skip unreadable images (counted in the log) instead of failing', default=False)
     dataloader_num_workers: int = _help('data loading processes (0: in the main process)', default=0)
     # output
     output_dir: str = _help('where adapters/models, checkpoints and validation images go', default='sd-output')
     overwrite_output_dir: bool = _help('allow an output_dir that already holds a run', default=False)
+    output_name: Optional[str] = _help("kohya's flag: also write the file for A1111/ComfyUI as OUTPUT_DIR/NAME."
+                                       'safetensors: an adapter\'s kohya export (as --export_kohya), or a full '
+                                       'DreamBooth model as one checkpoint (as --export_checkpoint)', default=None)
     # optimisation
     train_batch_size: int = _help('images per device per step', default=1)
     num_train_epochs: int = _help('epochs, when max_train_steps is not set', default=1)
@@ -85,6 +93,10 @@ class TrainConfig:
     scale_lr: bool = _help('multiply lr by batch size x accumulation x processes', default=False)
     lr_scheduler: str = _help(f'one of {LR_SCHEDULERS}', default='constant')
     lr_warmup_steps: int = _help('linear warmup steps', default=0)
+    lr_num_cycles: int = _help("cosine_with_restarts: the number of cosine cycles (diffusers' flag, kohya's "
+                               '--lr_scheduler_num_cycles)', default=1)
+    lr_power: float = _help("polynomial: the decay's power (diffusers' flag, kohya's --lr_scheduler_power)",
+                            default=1.0)
     optimizer: str = _help("'adamw', or 'adafactor': factored second moments and no momentum, so a full "
                            'SD1.5 UNet fine-tune keeps 2.0 GiB of optimizer state instead of 6.4', default='adamw')
     use_8bit_adam: bool = _help('bitsandbytes 8-bit AdamW (must be installed)', default=False)
@@ -163,6 +175,13 @@ class TrainConfig:
         _finite(self)
         if self.lr_warmup_steps < 0:
             raise ValueError(f'lr_warmup_steps={self.lr_warmup_steps} must be >= 0.')
+        if self.lr_num_cycles < 1:
+            raise ValueError(f'lr_num_cycles={self.lr_num_cycles} must be >= 1.')
+        if self.lr_power <= 0:
+            raise ValueError(f'lr_power={self.lr_power} must be > 0 (1.0 decays linearly).')
+        _check_buckets(self)
+        if self.output_name is not None:
+            _check_output_name(self.output_name)
         for name in ('adam_beta1', 'adam_beta2'):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f'{name}={getattr(self, name)} must be in [0, 1) (0.9 and 0.999 are usual).')
@@ -262,6 +281,8 @@ class LoraOptions:
     target_modules: str = _help('comma-separated UNet modules that get adapters',
                                 default='to_k,to_q,to_v,to_out.0')
     export_kohya: bool = _help('also write a kohya/A1111 .safetensors next to the diffusers file', default=False)
+    training_comment: Optional[str] = _help("kohya's flag: a comment for the kohya file's ss_training_comment "
+                                            '(A1111 and civitai show it)', default=None)
     network_weights: Optional[str] = _help("start from this LoRA (file or folder, diffusers or kohya format; kohya's "
                                            'flag): same --rank, modules within --target_modules', default=None)
 
@@ -278,6 +299,7 @@ class LoraTrainConfig(LoraOptions, TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        self.export_kohya = self.export_kohya or self.output_name is not None
         check_lora_fields(self)
         if not self.dataset_name and not self.train_data_dir:
             raise ValueError('No training data: pass --dataset_name (ModelScope id or folder) or --train_data_dir.')
@@ -312,6 +334,10 @@ class DreamBoothConfig(LoraOptions, TrainConfig):
         if self.learning_rate is None:
             self.learning_rate = 1e-4 if self.use_lora else 5e-6
         super().__post_init__()
+        if self.output_name is not None and self.use_lora:
+            self.export_kohya = True
+        elif self.output_name is not None:
+            self.export_checkpoint = True
         if self.use_lora:
             check_lora_fields(self)
         elif self.network_weights:
@@ -375,8 +401,9 @@ def check_lora_fields(config) -> None:
     if not target_module_list(config.target_modules):
         raise ValueError('target_modules is empty: name at least one module, e.g. to_q,to_k,to_v,to_out.0.')
     if config.use_dora and config.export_kohya:
-        raise ValueError('use_dora with export_kohya: the kohya export writes LoRA keys only, without DoRA\'s '
-                         'magnitudes. Load the DoRA file with lora_dir (or diffusers), or drop one of the two flags.')
+        raise ValueError('use_dora with export_kohya' + (' (output_name names that file)' if config.output_name else '')
+                         + ': the kohya export writes LoRA keys only, without DoRA\'s magnitudes. Load the DoRA file '
+                         'with lora_dir (or diffusers), or drop one of the two flags.')
     if config.use_dora and config.network_weights is not None:
         raise ValueError('use_dora with network_weights: a DoRA adapter starts from the base weights\' norms, so a '
                          'LoRA to start from would not keep its effect. Drop one of the two flags.')
@@ -438,6 +465,33 @@ def _finite(config) -> None:
             raise ValueError(f'{f.name}={value} must be a finite number.')
 
 
+def _check_buckets(config) -> None:
+    for name in ('min_bucket_reso', 'max_bucket_reso'):
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if not config.enable_bucket:
+            raise ValueError(f'{name}={value} sets the aspect-ratio buckets: pass --enable_bucket too, or drop it.')
+        if value <= 0 or value % 8:
+            raise ValueError(f'{name}={value} must be a positive multiple of 8 (64 for SD1.5, whose bucket sides '
+                             'are multiples of 64).')
+    low = config.min_bucket_reso or config.resolution // 2
+    high = config.max_bucket_reso or config.resolution * 2
+    if not low <= config.resolution <= high:
+        raise ValueError(f'resolution={config.resolution} must lie between min_bucket_reso={low} and '
+                         f'max_bucket_reso={high}: the buckets hold about resolution² pixels.')
+
+
+def _check_output_name(name: str) -> None:
+    if not name.strip() or os.sep in name or (os.altsep and os.altsep in name) or name in ('.', '..'):
+        raise ValueError(f'output_name={name!r} must be a file name without a folder (the file goes in output_dir), '
+                         "e.g. 'my_style'.")
+    if name.lower().endswith(('.safetensors', '.ckpt', '.pt')):
+        raise ValueError(f"output_name={name!r}: give the name without its extension ('.safetensors' is added).")
+    if name in ('pytorch_lora_weights', 'pytorch_lora_weights_kohya'):
+        raise ValueError(f'output_name={name!r} is a name the trainers write themselves: choose another.')
+
+
 def _positive(config, *names, optional=False):
     for name in names:
         value = getattr(config, name)
@@ -484,72 +538,10 @@ MODELSCOPE_FLAGS = {
     'use_model_config': (None, None),
 }
 IGNORED_REASONS = {
+    **kohya_flags.IGNORED_REASONS,
     'evaluation.dataloader.workers_per_gpu': 'validation loss is computed in the main process',
     'use_model_config': "there is no ModelScope trainer config to merge; every setting is a flag here",
 }
-
-
-# kohya's sd-scripts (train_network.py) flags that differ from ours by name; those with the same name and meaning
-# (--train_data_dir, --clip_skip, --keep_tokens, --network_weights, ...) are ours already
-def _kohya_alpha(value):
-    alpha = float(value)
-    if not alpha.is_integer():
-        raise ValueError(f'--network_alpha {value}: LoRA alpha is a whole number here (--lora_alpha).')
-    return {'lora_alpha': int(alpha)}
-
-
-def _kohya_optimizer(value):
-    table = {'adamw': {'optimizer': 'adamw'}, 'adamw8bit': {'optimizer': 'adamw', 'use_8bit_adam': True},
-             'adafactor': {'optimizer': 'adafactor'}}
-    if value.lower() not in table:
-        raise ValueError(f'--optimizer_type {value!r}: the optimizers here are AdamW, AdamW8bit and Adafactor.')
-    return table[value.lower()]
-
-
-def _kohya_choice(flag: str, accepted: Tuple[str, ...], why: str):
-    def check(value):
-        if value.lower() not in accepted:
-            raise ValueError(f'--{flag} {value!r}: {why}')
-        return {}
-    return check
-
-
-KOHYA_FLAGS = {
-    'network_dim': ('rank', int),
-    'network_alpha': (None, _kohya_alpha),
-    'unet_lr': ('learning_rate', float),
-    'min_snr_gamma': ('snr_gamma', float),
-    'max_train_epochs': (None, lambda v: {'num_train_epochs': int(v), 'max_train_steps': None}),
-    'save_every_n_epochs': ('checkpointing_epochs', int),
-    'save_every_n_steps': ('checkpointing_steps', int),
-    'sample_every_n_steps': ('validation_steps', int),
-    'sample_every_n_epochs': ('validation_epochs', int),
-    'sample_sampler': ('validation_scheduler', None),
-    'caption_dropout_rate': ('proportion_empty_prompts', float),
-    'max_data_loader_n_workers': ('dataloader_num_workers', int),
-    'optimizer_type': (None, _kohya_optimizer),
-    'log_with': ('report_to', None),
-    'network_module': (None, _kohya_choice('network_module', ('networks.lora',),
-                                           'this trainer trains LoRA (networks.lora); LyCORIS kinds load for '
-                                           'generation but do not train here.')),
-    'save_model_as': (None, _kohya_choice('save_model_as', ('safetensors',),
-                                          'adapters are saved as .safetensors only.')),
-    'caption_extension': (None, _kohya_choice('caption_extension', ('.txt', '.caption', 'txt', 'caption'),
-                                              'captions are read from .txt files, or .caption where there is none.')),
-    'xformers': (None, None),
-    'sdpa': (None, None),
-    'network_train_unet_only': (None, None),
-    'persistent_data_loader_workers': (None, None),
-    'save_precision': (None, None),
-}
-IGNORED_REASONS.update({
-    'xformers': "PyTorch's scaled-dot-product attention (flash/memory-efficient kernels) is always used",
-    'sdpa': "PyTorch's scaled-dot-product attention is always used",
-    'network_train_unet_only': 'only the UNet trains unless --train_text_encoder is given',
-    'persistent_data_loader_workers': 'loader workers start again each epoch here',
-    'save_precision': 'adapters are saved in float32 (a few MB)',
-})
-KOHYA_VALUELESS = ('xformers', 'sdpa', 'network_train_unet_only', 'persistent_data_loader_workers')
 
 
 def str2bool(value) -> bool:
@@ -577,21 +569,29 @@ def build_parser(config_cls, description: str, extra_flags: Dict[str, tuple]) ->
                                 help=f.metadata.get('help'))
     groups = {False: parser.add_argument_group("ModelScope example flags (mapped onto the ones above)"),
               True: parser.add_argument_group("kohya's sd-scripts flags (mapped onto the ones above)")}
+    fields = {f.name for f in dataclasses.fields(config_cls)}
     for flag in extra_flags:
-        if flag not in {f.name for f in dataclasses.fields(config_cls)}:
-            valueless = {'nargs': '?', 'const': 'true'} if flag in KOHYA_VALUELESS else {}
-            groups[flag in KOHYA_FLAGS].add_argument(f'--{flag}', dest=f'ms:{flag}', default=None, metavar='VALUE',
-                                                     **valueless)
+        if flag not in fields:
+            valueless = {'nargs': '?', 'const': 'true'} if flag in kohya_flags.VALUELESS else {}
+            groups[flag in kohya_flags.FLAGS].add_argument(f'--{flag}', dest=f'ms:{flag}', default=None,
+                                                           metavar='VALUE', **valueless)
+    for flag in kohya_flags.REFUSED:  # refused in parse_args, each with what to do instead
+        if flag not in fields:
+            parser.add_argument(f'--{flag}', dest=f'refused:{flag}', nargs='*', default=None, help=argparse.SUPPRESS)
     return parser
 
 
 def parse_args(config_cls, argv: Optional[List[str]], description: str,
                extra_flags: Optional[Dict[str, tuple]] = None) -> Tuple[object, List[str]]:
     """argv → (validated config, notes on each ModelScope or kohya flag that was mapped or ignored)."""
-    extra_flags = {**MODELSCOPE_FLAGS, **KOHYA_FLAGS} if extra_flags is None else extra_flags
+    extra_flags = {**MODELSCOPE_FLAGS, **kohya_flags.FLAGS} if extra_flags is None else extra_flags
     parser = build_parser(config_cls, description, extra_flags)
     namespace = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
-    values = {k: v for k, v in namespace.items() if not k.startswith('ms:')}
+    refused = [flag for flag in kohya_flags.REFUSED if namespace.get(f'refused:{flag}') is not None]
+    if refused:  # all at once: a pasted kohya command line is fixed in one go
+        parser.error('kohya flags that this trainer does not follow: ' + '; '.join(
+            f'--{flag}: {kohya_flags.REFUSED[flag]}' for flag in refused) + '. Drop them to train here.')
+    values = {k: v for k, v in namespace.items() if not k.startswith(('ms:', 'refused:'))}
     notes = []
     for flag, (target, convert) in extra_flags.items():
         raw = namespace.get(f'ms:{flag}')

@@ -351,8 +351,8 @@ def training_dataset(config, records: List[Record], tokenizer, unet, validation:
     """A trainer's dataset: the config's size, crop, flip, seed, caption windows and (not for ``validation``)
     caption dropout, tag shuffling and tag dropout, and with ``--enable_bucket`` each image's aspect bucket.
     ``name`` tells apart datasets trained side by side."""
-    targets = (assign_buckets([r.image for r in records], config.resolution, size_step(unet))
-               if config.enable_bucket else None)
+    targets = (assign_buckets([r.image for r in records], config.resolution, size_step(unet), config.min_bucket_reso,
+                              config.max_bucket_reso) if config.enable_bucket else None)
     return CaptionDataset(records, tokenizer, config.resolution, config.center_crop, config.random_flip,
                           config.seed, config.max_token_length // CHUNK, targets,
                           0.0 if validation else config.proportion_empty_prompts, name,

@@ -2,6 +2,7 @@
 format (plus kohya/A1111's), and let accelerate checkpoint only what is trained."""
 
 import json
+import logging
 import os
 import tempfile
 from dataclasses import asdict
@@ -18,6 +19,8 @@ from modelscope_sd.vae import load_vae
 
 from .checkpoint import TEMP_PREFIX
 from .config import single_file_message
+
+logger = logging.getLogger(__name__)
 
 KOHYA_WEIGHT_NAME = 'pytorch_lora_weights_kohya.safetensors'
 TEXT_ENCODER_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'out_proj']
@@ -192,10 +195,19 @@ def training_metadata(config, base_model_dir: str, dataset: Optional[Dict[str, d
     return metadata
 
 
+def kohya_file_name(config) -> Optional[str]:
+    """The kohya/A1111 export's file name in output_dir (kohya's --output_name, else ours), or None without
+    --export_kohya."""
+    if not config.export_kohya:
+        return None
+    return config.output_name + '.safetensors' if config.output_name else KOHYA_WEIGHT_NAME
+
+
 def save_lora(output_dir: str, unet, text_encoder=None, metadata: Optional[Dict[str, str]] = None,
-              export_kohya: bool = False) -> str:
+              kohya_file: Optional[str] = None) -> str:
     """``pytorch_lora_weights.safetensors`` in diffusers' format (diffusers' own writer, so its adapter
-    config travels in the metadata), plus our training metadata; written to a temporary name first."""
+    config travels in the metadata), plus our training metadata; written to a temporary name first.
+    ``kohya_file``: also export it under this name, for A1111/ComfyUI."""
     from diffusers import StableDiffusionPipeline
 
     os.makedirs(output_dir, exist_ok=True)
@@ -209,8 +221,8 @@ def save_lora(output_dir: str, unet, text_encoder=None, metadata: Optional[Dict[
                                                 if text_encoder is not None and has_lora(text_encoder) else None))
         path = os.path.join(output_dir, LORA_WEIGHT_NAME)
         _write_with_metadata(os.path.join(tmp, LORA_WEIGHT_NAME), path, metadata or {})
-    if export_kohya:
-        export_kohya_lora(path, os.path.join(output_dir, KOHYA_WEIGHT_NAME))
+    if kohya_file:
+        logger.info('kohya/A1111 file: %s', export_kohya_lora(path, os.path.join(output_dir, kohya_file)))
     return path
 
 
@@ -250,7 +262,8 @@ def kohya_metadata(metadata: Dict[str, str]) -> Dict[str, str]:
         settings = json.loads(metadata.get('modelscope_sd.training', '{}'))
     except ValueError:
         settings = {}
-    out = {'ss_network_module': 'networks.lora', 'ss_training_comment': 'modelscope-sd', 'ss_v2': str(v2),
+    out = {'ss_network_module': 'networks.lora', 'ss_v2': str(v2),
+           'ss_training_comment': settings.get('training_comment') or 'modelscope-sd',
            'ss_base_model_version': 'sd_v2' if v2 else 'sd_v1'}
     if metadata.get('modelscope_sd.rank'):
         out['ss_network_dim'] = metadata['modelscope_sd.rank']
@@ -273,8 +286,8 @@ def kohya_metadata(metadata: Dict[str, str]) -> Dict[str, str]:
         out['ss_tag_frequency'] = json.dumps(dataset['tag_frequency'], ensure_ascii=False)
         out['ss_dataset_dirs'] = json.dumps(dataset['dataset_dirs'], ensure_ascii=False)
         out['ss_num_train_images'] = str(sum(d['n_repeats'] * d['img_count'] for d in dataset['dataset_dirs'].values()))
-    if settings.get('output_dir'):
-        out['ss_output_name'] = os.path.basename(os.path.normpath(settings['output_dir']))
+    if settings.get('output_name') or settings.get('output_dir'):
+        out['ss_output_name'] = settings.get('output_name') or os.path.basename(os.path.normpath(settings['output_dir']))
     return out
 
 

@@ -22,7 +22,7 @@ from finetune.checkpoint import TEMP_PREFIX
 from finetune.config import DreamBoothConfig, parse_args
 from finetune.data import (PriorPreservationDataset, check_images, dataset_summary, image_paths, load_records,
                            records_from_image_folder, training_dataset)
-from finetune.models import load_components, save_lora, training_metadata
+from finetune.models import kohya_file_name, load_components, save_lora, training_metadata
 from finetune.training import (log_how_to_load, pipeline_clip_skip, prepare_models, render_result, start_run,
                                train_loop)
 from finetune.validation_images import validation_pipeline_factory
@@ -35,6 +35,11 @@ RESULT_IMAGE = 'dreambooth_result.png'
 CLASS_PROMPT_KEY = 'modelscope_sd.class_prompt'
 CLASS_MODEL_KEY = 'modelscope_sd.class_model'  # the model (and VAE) that made a class image
 CLASS_IMAGE_NAME = re.compile(r'class-(\d+)\.png')
+
+
+def checkpoint_file_name(config: DreamBoothConfig) -> str:
+    """--export_checkpoint's file in output_dir: kohya's --output_name, else the folder's name."""
+    return (config.output_name or os.path.basename(os.path.normpath(os.path.abspath(config.output_dir)))) + '.safetensors'
 
 
 def main(config: DreamBoothConfig, notes: Optional[List[str]] = None) -> str:
@@ -64,13 +69,12 @@ def main(config: DreamBoothConfig, notes: Optional[List[str]] = None) -> str:
         unet, text_encoder = accelerator.unwrap_model(parts['unet']), accelerator.unwrap_model(parts['text_encoder'])
         if config.use_lora:
             save_lora(config.output_dir, unet, text_encoder if config.train_text_encoder else None,
-                      metadata=training_metadata(config, parts['model_dir'], summary), export_kohya=config.export_kohya)
+                      metadata=training_metadata(config, parts['model_dir'], summary), kohya_file=kohya_file_name(config))
         else:
             pipe = save_full_model(config.output_dir, parts['model_dir'], unet, text_encoder,
                                    parts['vae'] if config.vae else None)
             if config.export_checkpoint:
-                name = os.path.basename(os.path.normpath(os.path.abspath(config.output_dir))) + '.safetensors'
-                path = save_single_file(pipe, os.path.join(config.output_dir, name),
+                path = save_single_file(pipe, os.path.join(config.output_dir, checkpoint_file_name(config)),
                                         metadata=training_metadata(config, parts['model_dir'], summary))
                 logger.info('Single-file checkpoint for A1111/ComfyUI: %s', path)
         logger.info('Saved to %s', config.output_dir)

@@ -15,7 +15,7 @@ from typing import List, Optional
 
 from finetune.config import LoraTrainConfig, parse_args
 from finetune.data import check_images, dataset_summary, load_records, training_dataset
-from finetune.models import load_components, save_lora, training_metadata
+from finetune.models import kohya_file_name, load_components, save_lora, training_metadata
 from finetune.training import log_how_to_load, prepare_models, render_result, start_run, train_loop
 from finetune.validation_images import validation_pipeline_factory
 from modelscope_sd.constants import LORA_WEIGHT_NAME
@@ -48,7 +48,7 @@ def main(config: LoraTrainConfig, notes: Optional[List[str]] = None) -> str:
         path = save_lora(config.output_dir, accelerator.unwrap_model(parts['unet']),
                          accelerator.unwrap_model(parts['text_encoder']) if config.train_text_encoder else None,
                          metadata=training_metadata(config, parts['model_dir'], summary),
-                         export_kohya=config.export_kohya)
+                         kohya_file=kohya_file_name(config))
         logger.info('Adapter saved to %s', path)
         log_how_to_load(config, lora=True)
         if config.prompt:

@@ -319,7 +319,8 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
         warn_if_checkpoints_outgrow_the_disk(config, params, max_steps, checkpoint_every_epochs)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max_steps * accelerator.num_processes)
+                                 num_training_steps=max_steps * accelerator.num_processes,
+                                 num_cycles=config.lr_num_cycles, power=config.lr_power)
     prepared = accelerator.prepare(*trained, optimizer, loader, lr_scheduler)
     trained_wrapped, (optimizer, loader, lr_scheduler) = prepared[:len(trained)], prepared[len(trained):]
     if len(loader) != batches_per_process:

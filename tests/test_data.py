@@ -323,6 +323,33 @@ def test_bucket_sizes_are_steps_of_about_resolution_squared_pixels():
     assert all((h, w) in sizes for w, h in sizes)
 
 
+def test_kohyas_min_and_max_bucket_reso_bound_the_sides():
+    from finetune.buckets import bucket_sizes
+    sizes = bucket_sizes(512, 64, 384, 640)
+    assert min(min(s) for s in sizes) == 384 and max(max(s) for s in sizes) == 640
+    assert (640, 384) in sizes and (768, 320) not in sizes and (512, 512) in sizes
+
+
+def test_a_trainers_buckets_keep_within_its_min_and_max_bucket_reso(tiny_model_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import CLIPTokenizer
+
+    from finetune.config import LoraTrainConfig
+    from finetune.data import training_dataset
+    Image.new('RGB', (80, 30)).save(tmp_path / 'wide.png')
+    (tmp_path / 'wide.txt').write_text('a wide photo')
+    records = records_from_image_folder(str(tmp_path))
+    unet = SimpleNamespace(config=SimpleNamespace(block_out_channels=[32, 64]))  # sides in steps of 16
+
+    def targets(**bounds):
+        config = LoraTrainConfig(train_data_dir=str(tmp_path), resolution=32, enable_bucket=True, **bounds)
+        return training_dataset(config, records, tokenizer, unet).targets
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_model_dir, subfolder='tokenizer')
+    assert targets() == [(48, 16)]
+    assert targets(min_bucket_reso=32, max_bucket_reso=48) == [(32, 32)]  # no side under 32 fits 32² pixels
+
+
 def test_images_go_to_the_bucket_of_their_shape_exif_rotation_included(tmp_path):
     from finetune.buckets import assign_buckets
     Image.new('RGB', (80, 30)).save(tmp_path / 'landscape.png')

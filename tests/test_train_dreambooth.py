@@ -69,10 +69,11 @@ def test_full_fine_tune_via_shell_loads_as_model_and_changes_the_image(tiny_mode
 
 def test_lora_mode_via_shell_loads_as_lora_dir(tiny_model_dir, instance_dir, tmp_path, sd_pipe):
     from modelscope_sd import StableDiffusionText2ImagePipeline
-    _bash(['--use_lora', '--learning_rate', '5e-2', '--train_text_encoder'],
+    _bash(['--use_lora', '--learning_rate', '5e-2', '--train_text_encoder', '--output_name', 'sks_dog'],
           {'MODEL': tiny_model_dir, 'INSTANCE_DIR': instance_dir, 'OUTPUT_DIR': str(tmp_path / 'out'),
            'RESOLUTION': '32', 'MAX_TRAIN_STEPS': '3'}, tmp_path)
     assert os.path.isfile(tmp_path / 'out' / 'pytorch_lora_weights.safetensors')
+    assert os.path.isfile(tmp_path / 'out' / 'sks_dog.safetensors')  # kohya's --output_name: the A1111 file
     pipe = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False,
                                              lora_dir=str(tmp_path / 'out'))
     assert np.abs(_image(pipe) - _image(sd_pipe)).max() > 0
@@ -273,6 +274,15 @@ def test_bad_config(instance_dir, tmp_path, kwargs, error, message):
         kwargs = {**kwargs, 'class_data_dir': instance_dir + '/'}  # the same folder, spelled differently
     with pytest.raises(error, match=message):
         _config('unused', instance_dir, tmp_path / 'out', **kwargs)
+
+
+def test_output_name_names_the_file_for_a1111_a_checkpoint_or_an_adapter(instance_dir, tmp_path):
+    from finetune.train_dreambooth import checkpoint_file_name
+    full = _config('unused', instance_dir, tmp_path / 'out', output_name='sks_dog')
+    assert (full.export_checkpoint, full.export_kohya, checkpoint_file_name(full)) == (True, False, 'sks_dog.safetensors')
+    assert checkpoint_file_name(_config('unused', instance_dir, tmp_path / 'out')) == 'out.safetensors'
+    lora = _config('unused', instance_dir, tmp_path / 'out', output_name='sks_dog', use_lora=True)
+    assert (lora.export_checkpoint, lora.export_kohya) == (False, True)
 
 
 def test_class_prompt_without_prior_preservation_is_reported(instance_dir, tmp_path, caplog):

@@ -560,6 +560,36 @@ def test_revision_defaults_to_the_model_cards_only_for_its_model():
     assert config.revision == 'v2'
 
 
+def test_output_name_is_the_kohya_files_name_and_training_comment_its_comment(tiny_model_dir, csv_dataset, tmp_path):
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    out = tmp_path / 'out'
+    _train(_config(tiny_model_dir, csv_dataset, out, output_name='my_style', training_comment='trigger: sks',
+                   max_train_steps=2, learning_rate=5e-2, checkpointing_steps=None))
+    assert sorted(n for n in os.listdir(out) if n.endswith('.safetensors')) == [
+        'my_style.safetensors', 'pytorch_lora_weights.safetensors']  # --output_name implies --export_kohya
+    with safe_open(str(out / 'my_style.safetensors'), framework='pt') as f:
+        metadata = f.metadata()
+    assert (metadata['ss_output_name'], metadata['ss_training_comment']) == ('my_style', 'trigger: sks')
+    images = [StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', lora_dir=lora_dir, progress_bar=False)(
+        'x', num_inference_steps=2, seed=0)['output_imgs'][0].astype(int) for lora_dir in (str(out),
+                                                                                        str(out / 'my_style.safetensors'))]
+    assert np.abs(images[0] - images[1]).max() <= 1  # the folder still loads: the diffusers file is preferred
+
+
+@pytest.mark.parametrize('schedule, expected', [
+    (dict(lr_scheduler='cosine_with_restarts', lr_num_cycles=2), 1e-3),  # the second cycle starts at the peak
+    (dict(lr_scheduler='polynomial', lr_power=2.0), (1e-3 - 1e-7) * 0.5 ** 2 + 1e-7),  # linear would be half
+])
+def test_lr_schedules_take_their_cycles_and_power(tiny_model_dir, csv_dataset, tmp_path, schedule, expected):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'out', checkpointing_steps=None, logging_steps=1,
+                   report_to='tensorboard', **schedule))
+    events = EventAccumulator(str(tmp_path / 'out' / 'logs' / 'modelscope-sd'))
+    events.Reload()
+    lrs = {e.step: e.value for e in events.Scalars('lr')}
+    assert lrs[2] == pytest.approx(expected, rel=1e-5), lrs
+
+
 def test_kohya_command_line_flags_map_onto_ours_and_say_how(tmp_path, capsys):
     argv = ['--train_data_dir', str(tmp_path), '--network_module', 'networks.lora', '--network_dim', '16',
             '--network_alpha', '8', '--optimizer_type', 'AdamW8bit', '--learning_rate', '1e-4', '--unet_lr', '5e-4',
@@ -587,6 +617,35 @@ def test_kohya_command_line_flags_map_onto_ours_and_say_how(tmp_path, capsys):
         assert words in capsys.readouterr().err
 
 
+def test_more_kohya_flags_map_onto_ours_and_the_rest_are_refused_together_with_what_to_do(tmp_path, capsys):
+    argv = ['--train_data_dir', str(tmp_path), '--enable_bucket', '--min_bucket_reso', '320', '--max_bucket_reso',
+            '768', '--bucket_reso_steps', '64', '--lr_scheduler', 'cosine_with_restarts', '--lr_scheduler_num_cycles',
+            '3', '--lr_scheduler_power', '2', '--v_parameterization', '--flip_aug', '--center_crop',
+            '--cache_latents_to_disk', '--save_last_n_epochs', '2', '--output_name', 'my_style', '--training_comment',
+            'trigger: sks', '--save_state', '--mem_eff_attn', '--full_bf16', '--logging_dir', 'logs', '--loss_type',
+            'l2', '--random_crop']
+    config, notes = parse_args(LoraTrainConfig, argv, 'x')
+    assert (config.min_bucket_reso, config.max_bucket_reso, config.lr_num_cycles, config.lr_power) == (320, 768, 3, 2.0)
+    assert (config.prediction_type, config.random_flip, config.cache_latents, config.checkpoints_total_limit) == (
+        'v_prediction', True, True, 2)
+    assert (config.output_name, config.export_kohya, config.training_comment) == ('my_style', True, 'trigger: sks')
+    assert '--lr_scheduler_num_cycles 3 → --lr_num_cycles 3' in notes and '--flip_aug true → --random_flip True' in notes
+    assert any(note.startswith('--save_state true: accepted, no effect here (every checkpoint holds the optimizer')
+               for note in notes)
+    with pytest.raises(SystemExit):
+        parse_args(LoraTrainConfig, ['--train_data_dir', str(tmp_path), '--reg_data_dir', 'reg', '--color_aug',
+                                     '--network_args', 'conv_dim=4', 'conv_alpha=1', '--network_dim', '8'], 'x')
+    err = capsys.readouterr().err
+    assert ('kohya flags that this trainer does not follow: --reg_data_dir: regularization (class) images train with '
+            'the DreamBooth trainer') in err
+    assert '; --color_aug: no color augmentation here' in err and '; --network_args: LoCon (conv_dim)' in err
+    for flag, value, words in (('--bucket_reso_steps', '32', "bucket sides are multiples of 64"),
+                               ('--loss_type', 'huber', 'the loss is the mean squared error')):
+        with pytest.raises(SystemExit):
+            parse_args(LoraTrainConfig, ['--train_data_dir', str(tmp_path), flag, value], 'x')
+        assert words in capsys.readouterr().err
+
+
 def test_typo_flag_fails_instead_of_vanishing(capsys):
     with pytest.raises(SystemExit):
         parse_args(LoraTrainConfig, ['--learning_rat', '1e-4'], 'x')
@@ -608,6 +667,16 @@ def test_typo_flag_fails_instead_of_vanishing(capsys):
     (dict(proportion_empty_prompts=1.0), 'proportion_empty_prompts=1.0 must be in [0, 1)'),
     (dict(validation_prompt='a cat <lora:x:1>'), 'validation_prompt: <lora:x:1>: A1111 network tags go in the text'),
     (dict(clip_skip=0), "clip_skip=0 must be >= 1 (A1111's count"),
+    (dict(lr_num_cycles=0), 'lr_num_cycles=0 must be >= 1'),
+    (dict(lr_power=0.0), 'lr_power=0.0 must be > 0'),
+    (dict(min_bucket_reso=256), 'min_bucket_reso=256 sets the aspect-ratio buckets: pass --enable_bucket'),
+    (dict(enable_bucket=True, max_bucket_reso=100), 'max_bucket_reso=100 must be a positive multiple of 8'),
+    (dict(enable_bucket=True, min_bucket_reso=64, max_bucket_reso=256, resolution=512),
+     'resolution=512 must lie between min_bucket_reso=64 and max_bucket_reso=256'),
+    (dict(output_name='out/my_style'), "output_name='out/my_style' must be a file name without a folder"),
+    (dict(output_name='my_style.safetensors'), "give the name without its extension"),
+    (dict(output_name='pytorch_lora_weights'), 'is a name the trainers write themselves'),
+    (dict(output_name='x', use_dora=True), 'use_dora with export_kohya (output_name names that file)'),
     (dict(text_encoder_lr=5e-5), 'the text encoder trains only with --train_text_encoder: pass it too'),
     (dict(text_encoder_lr=0.0, train_text_encoder=True), 'text_encoder_lr=0.0 must be > 0'),
 ])
