@@ -2,7 +2,7 @@
 mapped onto ours, accepted as changing nothing here (with the reason), or refused with what to do instead. Flags
 with the same name and meaning (--train_data_dir, --clip_skip, --network_weights, --sample_prompts, ...) are ours
 already. Each table entry: flag → (our field, value parser) or (None, function of the value → {field: value}),
-as config.MODELSCOPE_FLAGS."""
+as flags.MODELSCOPE_FLAGS."""
 
 from typing import Tuple
 

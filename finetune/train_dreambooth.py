@@ -19,7 +19,8 @@ import tempfile
 from typing import List, Optional, Tuple
 
 from finetune.checkpoint import TEMP_PREFIX
-from finetune.config import DreamBoothConfig, parse_args
+from finetune.config import DreamBoothConfig
+from finetune.flags import parse_args
 from finetune.data import (PriorPreservationDataset, check_images, dataset_summary, image_paths, load_records,
                            records_from_image_folder, training_dataset)
 from finetune.models import kohya_file_name, load_components, save_lora, training_metadata

@@ -263,7 +263,8 @@ def _train(command: str, argv: List[str]):
     """In this process, on one device; for several GPUs use the shell launchers (accelerate launch)."""
     import logging
 
-    from finetune.config import DreamBoothConfig, LoraTrainConfig, parse_args
+    from finetune.config import DreamBoothConfig, LoraTrainConfig
+    from finetune.flags import parse_args
     logging.basicConfig(format='%(asctime)s %(levelname)s %(name)s: %(message)s', level=logging.INFO)
     if command == 'train-lora':
         from finetune import train_lora as trainer

@@ -15,7 +15,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from finetune.config import LoraTrainConfig, parse_args
+from finetune.config import LoraTrainConfig
+from finetune.flags import parse_args
 from train_helpers import (REPO, Killed, at_loss_calls, kill_at_loss_call, make_images, make_modelscope_csv_dataset,
                            reset_accelerate, run_launcher, signal_at_loss_calls)
 

@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from finetune.config import LoraTrainConfig, parse_args
+from finetune.config import LoraTrainConfig
+from finetune.flags import parse_args
 from finetune.validation_images import SamplePrompt, load_sample_prompts, validation_samples
 
 
