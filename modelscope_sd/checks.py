@@ -27,8 +27,9 @@ def _is_number(value) -> bool:
 
 def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_scale, guidance_rescale, height,
                width, num_images_per_prompt, eta, seed, generator, latents, scheduler, clip_skip, emphasis, lora_scale,
-               progress_bar, image, mask_image, strength, hr_scale, hr_upscaler, hr_second_pass_steps, batch_size,
-               callback_on_step_end, callback_on_step_end_tensor_inputs, subseed, subseed_strength) -> None:
+               progress_bar, image, mask_image, strength, hr_scale, hr_upscaler, hr_second_pass_steps, hr_prompt,
+               hr_negative_prompt, batch_size, callback_on_step_end, callback_on_step_end_tensor_inputs, subseed,
+               subseed_strength) -> None:
     """Every option of a call to ``pipeline`` (a `StableDiffusionText2ImagePipeline`), checked before any work."""
     if prompt is None:
         raise ValueError("The prompt is missing: call pipe('a photo of a cat') or pipe({'text': '...'}).")
@@ -40,16 +41,9 @@ def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_
     prompts = prompt if isinstance(prompt, list) else [prompt]
     for text in prompts:
         prompts_lib.check_syntax('text', text)
-    if negative_prompt is not None:
-        if isinstance(negative_prompt, list):
-            n_prompts = len(prompt) if isinstance(prompt, list) else 1
-            if len(negative_prompt) != n_prompts or not all(isinstance(p, str) for p in negative_prompt):
-                raise ValueError(f'negative_prompt as a list needs one str per prompt ({n_prompts}), '
-                                 f'got {negative_prompt!r:.80}')
-        elif not isinstance(negative_prompt, str):
-            raise TypeError(f'negative_prompt must be a str or a list of str, got {type(negative_prompt).__name__}')
-        for text in negative_prompt if isinstance(negative_prompt, list) else [negative_prompt]:
-            prompts_lib.check_syntax('negative_prompt', text)
+    for name, value in (('negative_prompt', negative_prompt), ('hr_prompt', hr_prompt),
+                        ('hr_negative_prompt', hr_negative_prompt)):
+        _check_prompt_option(name, value, len(prompts))
     for name, value in (('height', height), ('width', width)):
         if value is None:
             continue
@@ -101,9 +95,9 @@ def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_
     if scheduler is not None:
         pipeline._scheduler(scheduler)  # raises on unknown names
     _check_image_inputs(pipeline, image, mask_image, strength, latents, hr_scale)
-    _check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, image, guidance_rescale)
+    _check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, hr_prompt, hr_negative_prompt, image, guidance_rescale)
     _check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, mask_image)
-    if any(split_and(text) for text in prompts):
+    if any(split_and(text) for text in prompts + ([hr_prompt] if isinstance(hr_prompt, str) else hr_prompt or [])):
         _check_and(guidance_scale)
     n_images = len(prompts) * num_images_per_prompt
     if isinstance(generator, list) and len(generator) != n_images:
@@ -112,6 +106,19 @@ def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_
                          f'or seed=...')
     if latents is not None:
         _check_latents(pipeline, latents, n_images, height, width, image)
+
+
+def _check_prompt_option(name: str, value, n_prompts: int) -> None:
+    """negative_prompt, hr_prompt, hr_negative_prompt: None, a str, or one str per prompt."""
+    if value is None:
+        return
+    if isinstance(value, list):
+        if len(value) != n_prompts or not all(isinstance(p, str) for p in value):
+            raise ValueError(f'{name} as a list needs one str per prompt ({n_prompts}), got {value!r:.80}')
+    elif not isinstance(value, str):
+        raise TypeError(f'{name} must be a str or a list of str, got {type(value).__name__}')
+    for text in value if isinstance(value, list) else [value]:
+        prompts_lib.check_syntax(name, text)
 
 
 def _check_image_inputs(pipeline, image, mask_image, strength, latents, hr_scale) -> None:
@@ -133,9 +140,11 @@ def _check_image_inputs(pipeline, image, mask_image, strength, latents, hr_scale
         raise ValueError('latents cannot be given for image-to-image: the start latents come from image.')
 
 
-def _check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, image, guidance_rescale) -> None:
+def _check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, hr_prompt, hr_negative_prompt, image,
+                 guidance_rescale) -> None:
     if hr_scale is None:
-        for name, value in (('hr_upscaler', hr_upscaler), ('hr_second_pass_steps', hr_second_pass_steps)):
+        for name, value in (('hr_upscaler', hr_upscaler), ('hr_second_pass_steps', hr_second_pass_steps),
+                            ('hr_prompt', hr_prompt), ('hr_negative_prompt', hr_negative_prompt)):
             if value is not None:
                 raise ValueError(f'{name} is an option of the hires fix, which hr_scale turns on: pass hr_scale '
                                  '(e.g. 2) too.')

@@ -77,6 +77,10 @@ def _generate_parser(sub):
                                               "('latent (nearest-exact)', ...), 'lanczos' or 'nearest'")
     parser.add_argument('--hr_second_pass_steps', type=int, help='hires fix: steps of the second pass '
                                                                  '(default --num_inference_steps)')
+    parser.add_argument('--hr_prompt', help="hires fix: the second pass's prompt (A1111's Hires prompt; default "
+                                            '--prompt)')
+    parser.add_argument('--hr_negative_prompt', help="hires fix: the second pass's negative prompt (default "
+                                                     '--negative_prompt)')
     parser.add_argument('--from_png', help='take every setting from a PNG written here (or by A1111)')
     parser.add_argument('--device', default='gpu')
     parser.add_argument('--fast', action='store_true', help='compiled fast path (CUDA graphs on CUDA); the first image compiles')
@@ -118,7 +122,8 @@ def generate(args) -> List[str]:
                  'num_images_per_prompt': args.num_images, 'clip_skip': args.clip_skip, 'emphasis': args.emphasis,
                  'image': args.image,
                  'mask_image': args.mask_image, 'strength': args.strength, 'hr_scale': args.hr_scale,
-                 'hr_upscaler': args.hr_upscaler, 'hr_second_pass_steps': args.hr_second_pass_steps}
+                 'hr_upscaler': args.hr_upscaler, 'hr_second_pass_steps': args.hr_second_pass_steps,
+                 'hr_prompt': args.hr_prompt, 'hr_negative_prompt': args.hr_negative_prompt}
     call.update({k: v for k, v in overrides.items() if v is not None})
     if args.batch_size is not None and args.batch_size < 1:  # before minutes of loading
         raise ValueError(f'--batch_size {args.batch_size}: must be >= 1 (or left out: all images at once).')

@@ -29,14 +29,15 @@ _FROM_A1111 = {v.lower(): k for k, v in A1111_SAMPLERS.items()}
 _APPLIED = {'Steps', 'Sampler', 'Schedule type', 'CFG scale', 'Seed', 'Size', 'Model', 'Rescale CFG', 'Clip skip',
             'Denoising strength', 'Lora', 'Textual inversion', 'Emphasis', 'VAE', 'Variation seed',
             'Variation seed strength'}
-_HIRES = {'Hires upscale', 'Hires steps', 'Hires upscaler'}  # read back when 'Hires upscale' is there
+# read back when 'Hires upscale' is there
+_HIRES = {'Hires upscale', 'Hires steps', 'Hires upscaler', 'Hires prompt', 'Hires negative prompt'}
 _INFORMATIONAL = {'Model hash', 'VAE hash', 'Lora hashes', 'TI hashes', 'Hashes', 'Version'}
 # A1111's own pattern for "Key: value, Key: "quoted, value""
 _PARAM = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
 def _quote(value: str) -> str:
-    return json.dumps(value, ensure_ascii=False) if (',' in value or ':' in value or '"' in value) else value
+    return json.dumps(value, ensure_ascii=False) if any(c in value for c in ',:"\n') else value
 
 
 def format_parameters(prompt: str, negative_prompt: Optional[str], steps: int, scheduler: str,
@@ -46,9 +47,10 @@ def format_parameters(prompt: str, negative_prompt: Optional[str], steps: int, s
                       guidance_rescale: float = 0.0, hires: Optional[Dict[str, Any]] = None,
                       emphasis: Optional[str] = None, vae: Optional[str] = None,
                       variation: Optional[Tuple[int, float]] = None) -> str:
-    """A1111's ``parameters`` text. With ``hires`` (hr_scale, hr_upscaler, hr_second_pass_steps), ``width`` and
-    ``height`` are the first pass's size and ``strength`` the second pass's, as A1111 writes them. ``variation``:
-    (subseed, subseed_strength)."""
+    """A1111's ``parameters`` text. With ``hires`` (hr_scale, hr_upscaler, hr_second_pass_steps, and this image's
+    hr_prompt and hr_negative_prompt), ``width`` and ``height`` are the first pass's size and ``strength`` the second
+    pass's, as A1111 writes them; the hires prompts only where they differ from the first pass's, as A1111 does.
+    ``variation``: (subseed, subseed_strength)."""
     lines = [prompt]
     if negative_prompt:
         lines.append(f'Negative prompt: {negative_prompt}')
@@ -68,6 +70,10 @@ def format_parameters(prompt: str, negative_prompt: Optional[str], steps: int, s
     if hires:
         fields += [('Hires upscale', hires['hr_scale']), ('Hires steps', hires.get('hr_second_pass_steps')),
                    ('Hires upscaler', A1111_UPSCALERS[normalize_upscaler(hires.get('hr_upscaler'))])]
+        for key, text, first in (('Hires prompt', hires.get('hr_prompt'), prompt),
+                                 ('Hires negative prompt', hires.get('hr_negative_prompt'), negative_prompt or '')):
+            if text is not None and text != first:
+                fields.append((key, text))
     if vae is not None:  # A1111 writes the file's name; the path or hub id given here loads again
         fields.append(('VAE', vae))
     if loras:
@@ -147,6 +153,9 @@ def parse_parameters(text: str) -> Dict[str, Any]:
         call['hr_upscaler'] = upscaler.lower() if upscaler.lower() in A1111_UPSCALERS else 'lanczos'
         if upscaler.lower() not in (*A1111_UPSCALERS, 'none'):
             not_applied.append(f'Hires upscaler {upscaler} (ran as {A1111_UPSCALERS[call["hr_upscaler"]]})')
+        for key, option in (('Hires prompt', 'hr_prompt'), ('Hires negative prompt', 'hr_negative_prompt')):
+            if key in params:
+                call[option] = params[key]
     schedule = params.get('Schedule type', 'Automatic')
     if schedule.lower() not in ('automatic', 'uniform') and not call['scheduler'].endswith(f'_{schedule.lower()}'):
         not_applied.append(f'Schedule type {schedule}')
@@ -197,6 +206,7 @@ def describe_outputs(pipe, options: Dict[str, Any], output: Dict[str, Any], mode
     negatives = negative if isinstance(negative, list) else [negative] * len(prompts)
     per_prompt = options.get('num_images_per_prompt', 1)
     hires = {k: options.get(k) for k in ('hr_scale', 'hr_upscaler', 'hr_second_pass_steps')}
+    hires_texts = {k: options.get(k) for k in ('hr_prompt', 'hr_negative_prompt')}
     strength, first_pass = options.get('strength'), None
     if hires['hr_scale'] is not None:  # A1111 writes the first pass's size and the second pass's strength
         strength = DEFAULT_STRENGTH if strength is None else strength
@@ -210,6 +220,8 @@ def describe_outputs(pipe, options: Dict[str, Any], output: Dict[str, Any], mode
             prompts[i // per_prompt], negatives[i // per_prompt], options.get('num_inference_steps', 50),
             scheduler, options.get('guidance_scale', 7.5), seeds[i] if seeds else None, width, height, model, loras,
             options.get('clip_skip'), strength, embeddings, options.get('guidance_rescale', 0.0),
-            hires if hires['hr_scale'] is not None else None, options.get('emphasis'), vae,
+            None if hires['hr_scale'] is None else {**hires, **{
+                k: v[i // per_prompt] if isinstance(v, list) else v for k, v in hires_texts.items()}},
+            options.get('emphasis'), vae,
             (subseeds[i], strength_of_variation) if subseeds else None))
     return texts

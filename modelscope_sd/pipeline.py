@@ -52,6 +52,8 @@ CALL_DEFAULTS: Dict[str, Any] = {
     'hr_scale': None,  # A1111's hires fix: text-to-image, upscaled by this factor, then image-to-image (None: off)
     'hr_upscaler': None,  # 'latent' (None) or 'lanczos'
     'hr_second_pass_steps': None,  # None: num_inference_steps
+    'hr_prompt': None,  # the second pass's prompt (A1111's Hires prompt; None: the prompt)
+    'hr_negative_prompt': None,  # the second pass's negative prompt (None: the negative prompt)
     'batch_size': None,  # at most this many images per denoising batch (ModelScope's name); None: all at once
     'callback_on_step_end': None,  # diffusers' step-end callback (progress, previews, stopping early)
     'callback_on_step_end_tensor_inputs': None,  # None: ['latents'], or a diffusers PipelineCallback's own
@@ -214,6 +216,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         if not prompts or not all(isinstance(p, str) for p in prompts):
             return options, None  # check_inputs says what is wrong
         texts, tags = zip(*(prompts_lib.lora_tags(p) for p in prompts))
+        options = self._hires_prompt_tags(options, tags)
         if not any(tags):
             return options, None
         if options['lora_scale'] is not None:
@@ -236,6 +239,25 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         if any(s != scales[0] for s in scales):
             return options, scales
         return (dict(options, lora_scale=scales[0]) if changed else options), None
+
+    @staticmethod
+    def _hires_prompt_tags(options: Dict[str, Any], tags) -> Dict[str, Any]:
+        """``hr_prompt`` without its ``<lora:…>`` tags, which must be its prompt's (``tags``, per prompt): the
+        adapter weights hold for both passes here, while A1111 would switch to the hires prompt's for the second
+        (turning off adapters it does not name)."""
+        hr_prompt = options['hr_prompt']
+        hr_prompts = [hr_prompt] * len(tags) if isinstance(hr_prompt, str) else hr_prompt
+        if not isinstance(hr_prompts, list) or len(hr_prompts) != len(tags) or not all(
+                isinstance(p, str) for p in hr_prompts):
+            return options  # None, or check_inputs says what is wrong
+        texts, hr_tags = zip(*(prompts_lib.lora_tags(p) for p in hr_prompts))
+        for own, theirs in zip(tags, hr_tags):
+            if own != theirs:
+                raise ValueError(f'hr_prompt: its <lora:…> tags {theirs or "(none)"} differ from the prompt\'s '
+                                 f'{own or "(none)"}. Adapter weights hold for both passes of the hires fix here (A1111 '
+                                 'would switch to the hires prompt\'s, turning off adapters it does not name): give '
+                                 'hr_prompt the prompt\'s tags.')
+        return dict(options, hr_prompt=texts[0] if isinstance(hr_prompt, str) else list(texts))
 
     def check_inputs(self, **options) -> None:
         """Every user-facing option, checked once, with what was given and what is allowed (`checks.check_call`)."""
@@ -288,8 +310,12 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         n_images = len(prompts) * per_prompt
         if prompt_scales is None and (batch_size is None or n_images <= batch_size):
             return self._generate(**options)
-        negative, generator, latents, seeds = options['negative_prompt'], options['generator'], options['latents'], None
-        negatives = negative if isinstance(negative, list) else [negative] * len(prompts)
+        generator, latents, seeds = options['generator'], options['latents'], None
+
+        def per_image(name: str, index: range):  # a per-prompt text option's values for these images
+            value = options[name]
+            return value if not isinstance(value, list) else [value[i // per_prompt] for i in index]
+
         if generator is None:
             generator, seeds = self._generators(options['seed'], n_images)
         outputs = []
@@ -299,7 +325,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             outputs.append(self._generate(**dict(
                 options, prompt=[prompts[i // per_prompt] for i in index], num_images_per_prompt=1, seed=None,
                 subseed=subseed,
-                negative_prompt=None if negative is None else [negatives[i // per_prompt] for i in index],
+                negative_prompt=per_image('negative_prompt', index), hr_prompt=per_image('hr_prompt', index),
+                hr_negative_prompt=per_image('hr_negative_prompt', index),
                 generator=[generator[i] for i in index] if isinstance(generator, list) else generator,
                 latents=None if latents is None else latents[index.start:index.stop], **weights)))
         merged = {key: [item for out in outputs for item in out[key]] for key in outputs[0] if key != 'seeds'}
@@ -309,8 +336,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
     def _generate(self, prompt, negative_prompt, num_inference_steps, guidance_scale, guidance_rescale, height,
                   width, num_images_per_prompt, eta, seed, generator, latents, scheduler, clip_skip, emphasis,
                   lora_scale, progress_bar, image, mask_image, strength, hr_scale, hr_upscaler, hr_second_pass_steps,
-                  callback_on_step_end, callback_on_step_end_tensor_inputs, subseed, subseed_strength
-                  ) -> Dict[str, Any]:
+                  hr_prompt, hr_negative_prompt, callback_on_step_end, callback_on_step_end_tensor_inputs, subseed,
+                  subseed_strength) -> Dict[str, Any]:
         # 1. batch and randomness; the hires fix's second pass draws from the generators as they are now
         n_images = (len(prompt) if isinstance(prompt, list) else 1) * num_images_per_prompt
         seeds = None
@@ -351,8 +378,11 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             # 4. long or weighted prompts become embeddings here (edited ones per pass, once its steps are known);
             # the fast path or diffusers does the denoising
             emphasis = prompts_lib.emphasis_name(emphasis or 'Original')
-            text_inputs = (prompts_lib.edited_prompts(prompt, negative_prompt, clip_skip, emphasis)
-                           or prompts_lib.text_inputs(self.sd, prompt, negative_prompt, clip_skip, emphasis))
+            def encoded(prompt, negative_prompt):
+                return (prompts_lib.edited_prompts(prompt, negative_prompt, clip_skip, emphasis)
+                        or prompts_lib.text_inputs(self.sd, prompt, negative_prompt, clip_skip, emphasis))
+
+            text_inputs = encoded(prompt, negative_prompt)
             # the fast loop has no step-end callback: with one, diffusers' loop runs (over the compiled UNet)
             passes = dict(text_inputs=text_inputs, guidance_scale=guidance_scale, eta=eta, generator=generator,
                           num_images_per_prompt=num_images_per_prompt,
@@ -360,8 +390,10 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                           step_end=(callback_on_step_end, callback_on_step_end_tensor_inputs))
             turn = (subseeds, subseed_strength) if subseeds else None
             if hr_scale is not None:
+                second_text = (text_inputs if hr_prompt is None and hr_negative_prompt is None else encoded(
+                    _second_pass(hr_prompt, prompt), _second_pass(hr_negative_prompt, negative_prompt)))
                 images, nsfw = self._hires_fix(pipe, extra, num_inference_steps, passes, strength, hr_scale,
-                                               hr_upscaler, hr_second_pass_steps, quiet, restart, turn)
+                                               hr_upscaler, hr_second_pass_steps, quiet, restart, turn, second_text)
             else:
                 with _turning(pipe.scheduler, turn if image is not None else None):
                     images, nsfw = self._denoise(pipe, extra, num_inference_steps, **passes)
@@ -375,11 +407,12 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         return self._output(images, seeds, nsfw, subseeds)
 
     def _hires_fix(self, pipe, extra, num_inference_steps, passes, strength, hr_scale, hr_upscaler,
-                   hr_second_pass_steps, quiet, restart, turn):
+                   hr_second_pass_steps, quiet, restart, turn, second_text):
         """A1111's hires fix: a first pass at the base size, its latents upscaled, then image-to-image at the
-        larger size, drawing its noise from the seeds again as A1111's second pass does (``restart``: the
-        generators as they were before the first pass drew from them), turned towards the subseeds' noise by a
-        variation (``turn``: subseeds and strength, or None) as in the first pass."""
+        larger size with ``second_text`` (the hires prompts' text inputs), drawing its noise from the seeds again
+        as A1111's second pass does (``restart``: the generators as they were before the first pass drew from
+        them), turned towards the subseeds' noise by a variation (``turn``: subseeds and strength, or None) as in
+        the first pass."""
         second = self._variant('img2img')
         second.scheduler = pipe.scheduler
         second_steps = hr_second_pass_steps or num_inference_steps
@@ -387,7 +420,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         checks.check_runs_a_step(second, second_steps, strength,
                                  'num_inference_steps' if hr_second_pass_steps is None else 'hr_second_pass_steps')
         # an edited prompt's steps in the second pass count on from the first pass's
-        edited = isinstance(passes['text_inputs'], prompts_lib.EditedPrompts)
+        edited = isinstance(second_text, prompts_lib.EditedPrompts)
         first_pass_calls = prompts_lib.model_calls(pipe, num_inference_steps) if edited else None
         latents, _ = self._denoise(pipe, extra, num_inference_steps, **passes, output_type='latent')
         factor = self.sd.vae_scale_factor  # the first pass's size, however it was set (height/width or latents)
@@ -396,8 +429,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         extra = {'image': hires.upscale(self.sd, latents, target, hires.normalize_upscaler(hr_upscaler)),
                  'strength': strength}
         with _turning(second.scheduler, turn):
-            return self._denoise(second, extra, second_steps,
-                                 **dict(passes, generator=restart), first_pass_calls=first_pass_calls)
+            return self._denoise(second, extra, second_steps, **dict(passes, generator=restart, text_inputs=second_text),
+                                 first_pass_calls=first_pass_calls)
 
     def _denoise(self, pipe, extra, num_inference_steps, text_inputs, guidance_scale, num_images_per_prompt, eta,
                  generator, fast, step_end, output_type='np', first_pass_calls=None):
@@ -448,6 +481,14 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         if nsfw is not None:
             output['nsfw_content_detected'] = list(nsfw)
         return output
+
+
+def _second_pass(value, first):
+    """A hires-fix text option (hr_prompt, hr_negative_prompt) in the shape of the first pass's, one str per
+    prompt of a list; None: the first pass's."""
+    if value is None:
+        return first
+    return [value] * len(first) if isinstance(first, list) and isinstance(value, str) else value
 
 
 def _image_batches(n_images: int, batch_size: Optional[int], per_prompt: int, prompt_scales):

@@ -1,5 +1,7 @@
 """A1111's hires fix (hr_scale): diffusers' two passes, seeds per image, clear errors, reproducible PNGs."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ A1111_LATENT = {'latent': ('bilinear', False), 'latent (antialiased)': ('bilinea
 
 
 def _two_passes_in_diffusers(vanilla_pipe, prompt, seed, scale, upscaler, strength, second_steps=3,
-                             second_prompt=None):
+                             second_prompt=None, second_negative=None):
     """What hr_scale does, written with diffusers' own pipelines: text-to-image latents, upscaled, then
     image-to-image at the larger size, each pass drawing its noise from the seed (as A1111's hires pass does)."""
     from diffusers import StableDiffusionImg2ImgPipeline
@@ -31,7 +33,8 @@ def _two_passes_in_diffusers(vanilla_pipe, prompt, seed, scale, upscaler, streng
                  for i in vanilla_pipe.image_processor.postprocess(decoded, output_type='pil')]
     second = StableDiffusionImg2ImgPipeline(**vanilla_pipe.components)
     second.set_progress_bar_config(disable=True)
-    images = second(second_prompt or prompt, image=image, strength=strength, output_type='np',
+    images = second(second_prompt or prompt, negative_prompt=second_negative, image=image, strength=strength,
+                    output_type='np',
                     generator=[torch.Generator('cpu').manual_seed(seed)], num_inference_steps=second_steps).images
     return (images[0] * 255).round().astype(int)[..., ::-1]
 
@@ -68,6 +71,46 @@ def test_edited_prompt_reads_a1111s_hires_schedule_in_the_second_pass(sd_pipe, v
     assert np.abs(got - expected).max() <= 1
 
 
+def test_hires_prompts_are_the_second_pass_prompts(sd_pipe, vanilla_pipe):
+    """A1111's Hires prompt and Hires negative prompt: the first pass reads the prompt, the second theirs."""
+    got = sd_pipe('a cat', seed=0, hr_scale=2, hr_prompt='a dog', hr_negative_prompt='blurry',
+                  **STEPS)['output_imgs'][0].astype(int)
+    expected = _two_passes_in_diffusers(vanilla_pipe, 'a cat', 0, 2, 'latent', 0.7, second_prompt='a dog',
+                                        second_negative='blurry')
+    assert np.abs(got - expected).max() <= 1
+    plain = sd_pipe('a cat', seed=0, hr_scale=2, **STEPS)['output_imgs'][0].astype(int)
+    assert np.abs(got - plain).max() > 2
+
+
+def test_hires_prompts_in_a_batch_are_each_prompts_own(sd_pipe):
+    args = dict(hr_scale=1.5, num_images_per_prompt=2, **STEPS)
+    batch = sd_pipe(['a cat', 'a dog'], seed=3, hr_prompt=['a red cat', 'a blue dog'], negative_prompt='dark',
+                    batch_size=3, **args)['output_imgs']
+    alone = sd_pipe('a dog', seed=5, hr_prompt='a blue dog', negative_prompt='dark', **args)['output_imgs']
+    for made, again in zip(batch[2:], alone):  # the third and fourth images: 'a dog' at seeds 5 and 6
+        assert np.abs(made.astype(int) - again.astype(int)).max() <= 1
+    # one hires prompt for all prompts, beside a negative prompt per prompt
+    shared = sd_pipe(['a cat', 'a dog'], seed=3, hr_prompt='a bird', negative_prompt=['dark', 'flat'], hr_scale=1.5,
+                     **STEPS)['output_imgs'][1]
+    alone = sd_pipe('a dog', seed=4, hr_prompt='a bird', negative_prompt='flat', hr_scale=1.5, **STEPS)['output_imgs']
+    assert np.abs(shared.astype(int) - alone[0].astype(int)).max() <= 1
+
+
+def test_hires_prompts_lora_tags_must_be_the_prompts(tiny_model_dir, tmp_path):
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    from train_helpers import make_random_lora
+    make_random_lora(tiny_model_dir, str(tmp_path / 'style'))
+    pipe = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', lora_dir=str(tmp_path / 'style'),
+                                             progress_bar=False)
+    tagged = pipe('a cat <lora:style:0.5>', seed=0, hr_scale=1.5, hr_prompt='a dog <lora:style:0.5>', **STEPS)
+    untagged = pipe('a cat', seed=0, hr_scale=1.5, hr_prompt='a dog', lora_scale=0.5, **STEPS)
+    assert np.array_equal(tagged['output_imgs'][0], untagged['output_imgs'][0])
+    for hr_prompt, shown in (('a dog', '(none)'), ('a dog <lora:style:0.8>', "{'style': 0.8}")):
+        with pytest.raises(ValueError, match=re.escape(f"hr_prompt: its <lora:…> tags {shown} differ from the "
+                                                       "prompt's {'style': 0.5}")):
+            pipe('a cat <lora:style:0.5>', seed=0, hr_scale=1.5, hr_prompt=hr_prompt, **STEPS)
+
+
 def test_start_latents_set_the_first_pass_size(sd_pipe):
     latents = torch.randn((1, 4, 24, 16), generator=torch.Generator().manual_seed(0))  # 48x32 on the tiny VAE
     out = sd_pipe('a cat', seed=0, latents=latents, hr_scale=2, **STEPS)['output_imgs'][0]
@@ -78,6 +121,11 @@ def test_start_latents_set_the_first_pass_size(sd_pipe):
     (dict(hr_upscaler='latent'), 'hr_upscaler is an option of the hires fix, which hr_scale turns on'),
     (dict(hr_second_pass_steps=10), 'hr_second_pass_steps is an option of the hires fix'),
     (dict(hr_scale=0.5), 'hr_scale=0.5 must be >= 1.0'),
+    (dict(hr_prompt='a dog'), 'hr_prompt is an option of the hires fix, which hr_scale turns on'),
+    (dict(hr_negative_prompt='blurry'), 'hr_negative_prompt is an option of the hires fix'),
+    (dict(hr_scale=2, hr_prompt=['a', 'b']), r'hr_prompt as a list needs one str per prompt \(1\)'),
+    (dict(hr_scale=2, hr_negative_prompt=['a', 3]), r'hr_negative_prompt as a list needs one str per prompt'),
+    (dict(hr_scale=2, hr_prompt='a dog AND a cat', guidance_scale=1), 'AND'),
     (dict(hr_scale=8), 'hr_scale=8 must be between 1 and 4'),
     (dict(hr_scale=2, hr_upscaler='R-ESRGAN 4x+'),
      "hr_upscaler='R-ESRGAN 4x\\+' is not one of \\('latent', 'latent \\(antialiased\\)'"),
@@ -103,6 +151,24 @@ def test_generate_writes_a1111_hires_parameters_and_from_png_remakes_the_image(t
     assert 'Size: 32x32' in text and 'Denoising strength: 0.7' in text  # A1111 writes the first pass's size
     assert 'Hires upscale: 2.0' in text and 'Hires upscaler: Lanczos' in text
     assert metadata.read_png(paths[0])['not_applied'] == []
+    assert 'Hires prompt' not in text  # A1111 writes the hires prompts only where they differ
     again = main(['generate', '--from_png', paths[0], '--device', 'cpu', '--output_dir', str(tmp_path / 'again')])
     first, second = (np.asarray(Image.open(p)).astype(int) for p in (paths[0], again[0]))
     assert first.shape == (64, 64, 3) and np.abs(first - second).max() <= 1
+
+
+def test_hires_prompts_go_into_the_png_and_back(tiny_model_dir, tmp_path):
+    from modelscope_sd import metadata
+    from modelscope_sd.cli import main
+    paths = main(['generate', '--prompt', 'a cat', '--negative_prompt', 'dark', '--model', tiny_model_dir,
+                  '--num_inference_steps', '3', '--seed', '5', '--hr_scale', '1.5', '--hr_prompt',
+                  'a cat, sharp: detailed', '--hr_negative_prompt', 'dark, blurry', '--device', 'cpu',
+                  '--output_dir', str(tmp_path / 'first')])
+    text = Image.open(paths[0]).text['parameters']
+    assert 'Hires prompt: "a cat, sharp: detailed", Hires negative prompt: "dark, blurry"' in text  # A1111's quoting
+    saved = metadata.read_png(paths[0])
+    assert (saved['call']['hr_prompt'], saved['call']['hr_negative_prompt'], saved['not_applied']) == (
+        'a cat, sharp: detailed', 'dark, blurry', [])
+    again = main(['generate', '--from_png', paths[0], '--device', 'cpu', '--output_dir', str(tmp_path / 'again')])
+    first, second = (np.asarray(Image.open(p)).astype(int) for p in (paths[0], again[0]))
+    assert np.abs(first - second).max() <= 1
