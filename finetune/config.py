@@ -12,8 +12,9 @@ from typing import List, Optional
 from modelscope_sd.constants import DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION
 from modelscope_sd.loading import is_hub_id
 from modelscope_sd.prompts import CHUNK, check_syntax
+from modelscope_sd.schedulers import check_scheduler_name
 
-from .validation_images import check_scheduler_name, load_sample_prompts
+from .validation_images import load_sample_prompts
 
 logger = logging.getLogger(__name__)
 

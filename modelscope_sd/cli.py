@@ -2,7 +2,7 @@
 
     modelscope-sd generate --prompt '飞流直下三千尺,油画' --num_images 2 --seed 42 --output_dir outputs
     modelscope-sd generate --from_png outputs/42.png            # re-create an image from its metadata
-    modelscope-sd generate --prompt_file prompts.txt --batch_size 4   # one prompt per line
+    modelscope-sd generate --prompt_file prompts.txt --batch_size 4   # one prompt per line (kohya's options too)
     modelscope-sd train-lora --dataset_name ./my-images --output_dir my-lora --max_train_steps 1000
     modelscope-sd train-dreambooth --instance_data_dir ./dog --instance_prompt 'a photo of sks dog'
     modelscope-sd convert-lora my-lora/pytorch_lora_weights.safetensors my-lora-kohya.safetensors
@@ -37,8 +37,11 @@ def _generate_parser(sub):
                             description='Writes one PNG per image, named by its seed, with the settings that '
                                         're-create it in a "parameters" text chunk (A1111 format).')
     parser.add_argument('--prompt', help='the prompt (required unless --prompt_file or --from_png)')
-    parser.add_argument('--prompt_file', help='a text file with one prompt per line (blank lines skipped); each gets '
-                                              '--num_images images, seeds counting on from --seed')
+    parser.add_argument('--prompt_file', help="a text file with one prompt per line (blank and '#' lines "
+                                              'skipped); each gets --num_images images, seeds counting on from '
+                                              "--seed. A line may carry kohya's sample options (--n NEGATIVE --w "
+                                              'WIDTH --h HEIGHT --d SEED --l CFG --s STEPS --ss SAMPLER), which '
+                                              "override the flags for it; kohya's .json/.toml sample files work too")
     parser.add_argument('--negative_prompt')
     parser.add_argument('--model', default=None, help=f'hub id, diffusers folder or .safetensors file '
                                                       f'(default {DEFAULT_MODEL_ID})')
@@ -92,6 +95,7 @@ def generate(args) -> List[str]:
     from . import metadata
     from .loading import is_hub_id
     from .pipeline import StableDiffusionText2ImagePipeline
+    from .prompt_file import read_prompt_file
 
     call, model, loras, embeddings = {}, args.model, list(args.lora), list(args.textual_inversion)
     vae = args.vae
@@ -113,7 +117,8 @@ def generate(args) -> List[str]:
         raise SystemExit('modelscope-sd generate: --prompt is required (or --prompt_file FILE, or --from_png FILE).')
     if args.prompt and args.prompt_file:
         raise ValueError('Pass --prompt or --prompt_file, not both.')
-    overrides = {'text': _read_prompts(args.prompt_file) if args.prompt_file else args.prompt,
+    lines = read_prompt_file(args.prompt_file, '--prompt_file') if args.prompt_file else None
+    overrides = {'text': [line['prompt'] for line in lines] if lines else args.prompt,
                  'negative_prompt': args.negative_prompt,
                  'num_inference_steps': args.num_inference_steps, 'guidance_scale': args.guidance_scale,
                  'guidance_rescale': args.guidance_rescale,
@@ -137,24 +142,27 @@ def generate(args) -> List[str]:
         textual_inversion=embeddings or None, fast=args.fast, vae=vae)
     os.makedirs(args.output_dir, exist_ok=True)
     paths = []
-    for part in _batches(call, args.batch_size):
-        output = pipe(part)
-        texts = metadata.describe_outputs(pipe, part, output, model, loras, embeddings, vae)
-        for i, (image, text) in enumerate(zip(output['output_imgs'], texts)):
-            name = f"{output['seeds'][i]}.png" if output.get('seeds') else f'{len(paths)}.png'
-            paths.append(metadata.save_png(os.path.join(args.output_dir, name), image, text))
-            print(paths[-1])
+    for one_call in _line_calls(call, lines) if lines and any(len(line) > 1 for line in lines) else [call]:
+        for part in _batches(one_call, args.batch_size):
+            output = pipe(part)
+            texts = metadata.describe_outputs(pipe, part, output, model, loras, embeddings, vae)
+            for i, (image, text) in enumerate(zip(output['output_imgs'], texts)):
+                name = f"{output['seeds'][i]}.png" if output.get('seeds') else f'{len(paths)}.png'
+                paths.append(metadata.save_png(os.path.join(args.output_dir, name), image, text))
+                print(paths[-1])
     return paths
 
 
-def _read_prompts(path: str) -> List[str]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'--prompt_file {path!r}: no such file.')
-    with open(path, encoding='utf-8-sig') as f:
-        prompts = [line.strip() for line in f if line.strip()]
-    if not prompts:
-        raise ValueError(f'--prompt_file {path!r} holds no prompts (one per line).')
-    return prompts
+def _line_calls(call: dict, lines: List[dict]) -> List[dict]:
+    """A prompt file whose lines carry options: one call per line, its options over the flags', its seed its own
+    --d or the one it has in the file's order (--seed + line × --num_images, as a file without options gives)."""
+    per_prompt = call.get('num_images_per_prompt', 1)
+    base = call['seed'] if call.get('seed') is not None else secrets.randbelow(2**32)
+    calls = []
+    for index, line in enumerate(lines):
+        options = {k: v for k, v in line.items() if k != 'prompt'}
+        calls.append({**call, 'text': line['prompt'], 'seed': base + index * per_prompt, **options})
+    return calls
 
 
 def _batches(call: dict, batch_size: Optional[int]):

@@ -150,3 +150,11 @@ def make_scheduler(scheduler: Union[str, SchedulerMixin], base_config) -> Schedu
     accepted = inspect.signature(cls.__init__).parameters
     resets = {k: v for k, v in _SAMPLER_DEFAULTS.items() if k in accepted}
     return cls.from_config(base_config, **{**resets, **overrides})
+
+
+def check_scheduler_name(name: str, place: str = '') -> None:
+    """Refuse a scheduler name the pipeline does not take, before any model loads (``place``: what named it)."""
+    try:
+        make_scheduler(name, diffusers.PNDMScheduler().config)
+    except ValueError as err:
+        raise ValueError(f'{place}{err}') from None

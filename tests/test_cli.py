@@ -175,6 +175,33 @@ def test_prompt_file_gives_each_prompt_its_images_and_seeds_batched_or_not(tiny_
         main(['generate', '--prompt_file', str(tmp_path / 'none.txt'), '--model', tiny_model_dir, '--device', 'cpu'])
 
 
+def test_prompt_file_lines_with_kohyas_sample_options_are_each_their_own_call(tiny_model_dir, tmp_path, capsys):
+    """The trainers' --sample_prompts file renders here too: a line's options win over the flags for that line, a
+    line without --d takes the seed of its place in the file."""
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    (tmp_path / 'samples.txt').write_text('# kohya sample prompts\n'
+                                          'a red ball --n dark --w 48 --h 32 --d 7 --l 5 --s 3 --ss euler_a\n'
+                                          'a blue cube\n', encoding='utf-8')
+    paths = main(['generate', '--prompt_file', str(tmp_path / 'samples.txt'), '--model', tiny_model_dir,
+                  '--num_images', '2', '--seed', '10', '--num_inference_steps', '2', '--device', 'cpu',
+                  '--output_dir', str(tmp_path / 'out')])
+    assert [os.path.basename(p) for p in paths] == ['7.png', '8.png', '12.png', '13.png']
+    first = metadata.read_png(paths[0])['call']
+    assert first == {'text': 'a red ball', 'negative_prompt': 'dark', 'width': 48, 'height': 32, 'seed': 7,
+                     'guidance_scale': 5.0, 'num_inference_steps': 3, 'scheduler': 'euler_ancestral'}
+    last = metadata.read_png(paths[3])['call']
+    assert (last['text'], last['seed'], last['num_inference_steps'], last['width']) == ('a blue cube', 13, 2, 32)
+    pipe = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False)
+    again = pipe('a red ball', negative_prompt='dark', width=48, height=32, seed=7, guidance_scale=5,
+                 num_inference_steps=3, scheduler='euler_a', num_images_per_prompt=2)['output_imgs']
+    for path, image in zip(paths[:2], again):
+        assert np.abs(np.asarray(Image.open(path), int)[..., ::-1] - image.astype(int)).max() <= 1
+    (tmp_path / 'bad.txt').write_text('a dog --cfg 7\n', encoding='utf-8')
+    with pytest.raises(SystemExit):
+        main(['generate', '--prompt_file', str(tmp_path / 'bad.txt'), '--model', tiny_model_dir, '--device', 'cpu'])
+    assert "bad.txt' line 1: --cfg is not an option here; kohya's options are --n, --w" in capsys.readouterr().err
+
+
 def test_bad_generate_options_are_one_line_errors(tiny_model_dir, tmp_path, capsys):
     for args, message in ((['--seed', '-1'], 'seed=-1 is out of range'), (['--batch_size', '0'], '--batch_size 0'),
                           (['--num_images', '0'], '--num_images 0: must be >= 1'),

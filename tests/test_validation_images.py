@@ -60,7 +60,7 @@ def test_kohya_json_and_toml_files_read_as_the_txt_lines(tmp_path):
     ('p.json', '["a dog", 3]', 'entry 2: a prompt string or an object with a "prompt", not int'),
     ('p.json', '[a dog]', 'is not valid JSON'),
     ('p.toml', 'prompt = "a dog"', "kohya's TOML layout is a [prompt] table"),
-    ('p.yaml', 'a dog', 'a .txt (one prompt a line), .json or .toml file'),
+    ('p.yaml', 'a dog', 'a .txt file (one prompt a line), or a .json or .toml file as kohya writes them; YAML'),
 ])
 def test_a_bad_sample_file_is_refused_by_place_and_value(tmp_path, name, text, message):
     with pytest.raises(ValueError, match=re.escape(message)):
