@@ -57,7 +57,9 @@ class TrainConfig:
     # data
     resolution: int = _help("training size in pixels (multiple of 8; kohya's '512,512' too)", parse=_square_size,
                             default=512)
-    center_crop: bool = _help('center crop instead of a random crop', default=False)
+    center_crop: Optional[bool] = _help('center crop instead of a random crop (default: random, or center with '
+                                        '--cache_latents, whose latents are encoded once, as kohya crops)',
+                                        default=None)
     random_flip: bool = _help('flip images horizontally at random', default=False)
     enable_bucket: bool = _help('aspect-ratio buckets (kohya\'s flag): each image trains at the size of about '
                                 'resolution² pixels nearest its shape, not as a cropped square', default=False)
@@ -127,7 +129,8 @@ class TrainConfig:
                                   '(kohya\'s values): a longer caption is encoded in 75-token windows side by side, '
                                   'as the pipeline encodes long prompts', default=75)
     cache_latents: bool = _help('encode images (and prompts, unless the text encoder trains) once before '
-                                'training; needs --center_crop (with --random_flip both orientations are cached)',
+                                'training; crops are then centered (with --random_flip both orientations are '
+                                'cached)',
                                 default=False)
     # checkpoints
     checkpointing_steps: Optional[int] = _help('save a resumable checkpoint every N steps', default=500)
@@ -234,8 +237,11 @@ class TrainConfig:
             raise ValueError(f"prediction_type={self.prediction_type!r} must be 'epsilon' or 'v_prediction'.")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f'snr_gamma={self.snr_gamma} must be > 0 (5.0 is usual), or unset.')
+        if self.center_crop is None:
+            self.center_crop = self.cache_latents
         if self.cache_latents and not self.center_crop:
-            raise ValueError('cache_latents needs --center_crop: a random crop changes the latents every epoch '
+            raise ValueError('cache_latents needs center crops, and --center_crop false asks for random ones, which '
+                             'change the latents every epoch: drop --center_crop false, or --cache_latents '
                              '(--random_flip is fine: both orientations are cached).')
         if self.dataloader_num_workers < 0:
             raise ValueError(f'dataloader_num_workers={self.dataloader_num_workers} must be >= 0.')

@@ -55,6 +55,7 @@ FLAGS = {
     'sample_sampler': ('validation_scheduler', None),
     'v_parameterization': (None, _switch(prediction_type='v_prediction')),
     'flip_aug': (None, _switch(random_flip=True)),
+    'random_crop': (None, _switch(center_crop=False)),
     'cache_latents_to_disk': (None, _switch(cache_latents=True)),
     'network_module': (None, _choice('network_module', ('networks.lora',),
                                      'this trainer trains LoRA (networks.lora); LyCORIS kinds load for generation '
@@ -72,7 +73,6 @@ FLAGS = {
     'persistent_data_loader_workers': (None, None),
     'save_precision': (None, None),
     'save_state': (None, None),
-    'random_crop': (None, None),
     'full_fp16': (None, None),
     'full_bf16': (None, None),
     'logging_dir': (None, None),
@@ -90,7 +90,6 @@ IGNORED_REASONS = {
     'save_precision': 'adapters are saved in float32 (a few MB)',
     'save_state': 'every checkpoint holds the optimizer, lr schedule and data position: --resume_from_checkpoint '
                   'latest continues a run',
-    'random_crop': 'crops are random unless --center_crop is given',
     'full_fp16': 'trained weights stay float32 under --mixed_precision (adapters are a few MB, so fp16 ones would '
                  'save little and round small updates away)',
     'full_bf16': 'trained weights stay float32 under --mixed_precision (adapters are a few MB, so bf16 ones would '

@@ -444,7 +444,7 @@ def memory_advice(config, mixed_precision: str) -> List[str]:
         (f'--train_batch_size {max(1, config.train_batch_size // 2)} with --gradient_accumulation_steps '
          f'{config.gradient_accumulation_steps * 2} (the same images per step)', config.train_batch_size > 1),
         ('--gradient_checkpointing', not config.gradient_checkpointing),
-        ('--cache_latents --center_crop', not config.cache_latents),
+        ('--cache_latents', not config.cache_latents),
         (f'a lower --resolution (e.g. {config.resolution * 3 // 4 // 8 * 8})', True),
     ]
     return [flag for flag, applies in advice if applies]

@@ -624,7 +624,7 @@ def test_more_kohya_flags_map_onto_ours_and_the_rest_are_refused_together_with_w
             '3', '--lr_scheduler_power', '2', '--v_parameterization', '--flip_aug', '--center_crop',
             '--cache_latents_to_disk', '--save_last_n_epochs', '2', '--output_name', 'my_style', '--training_comment',
             'trigger: sks', '--save_state', '--mem_eff_attn', '--full_bf16', '--logging_dir', 'logs', '--loss_type',
-            'l2', '--random_crop']
+            'l2']
     config, notes = parse_args(LoraTrainConfig, argv, 'x')
     assert (config.min_bucket_reso, config.max_bucket_reso, config.lr_num_cycles, config.lr_power) == (320, 768, 3, 2.0)
     assert (config.prediction_type, config.random_flip, config.cache_latents, config.checkpoints_total_limit) == (
@@ -925,9 +925,15 @@ def test_kohya_sample_prompts_render_what_the_pipeline_makes_each_epoch_and_befo
         'validation': [0, 2, 4], 'sample00': [0, 2, 4], 'sample01': [0, 2, 4]}
 
 
-def test_cache_latents_refuses_random_crops():
-    with pytest.raises(ValueError, match='cache_latents needs --center_crop'):
-        LoraTrainConfig(dataset_name='x', cache_latents=True, random_flip=True)
+def test_cache_latents_crops_centered_and_refuses_random_crops():
+    assert LoraTrainConfig(dataset_name='x').center_crop is False  # diffusers' default: random crops
+    assert LoraTrainConfig(dataset_name='x', cache_latents=True).center_crop is True  # kohya's --cache_latents
+    with pytest.raises(ValueError, match='cache_latents needs center crops, and --center_crop false asks for random'):
+        LoraTrainConfig(dataset_name='x', cache_latents=True, center_crop=False, random_flip=True)
+    config, _ = parse_args(LoraTrainConfig, ['--dataset_name', 'x', '--cache_latents'], 'x')
+    assert config.center_crop is True
+    config, notes = parse_args(LoraTrainConfig, ['--dataset_name', 'x', '--random_crop'], 'x')
+    assert config.center_crop is False and '--random_crop true → --center_crop False' in notes
 
 
 def test_validation_under_torch_compile_runs_eager(tiny_model_dir, csv_dataset, tmp_path, monkeypatch):
