@@ -1,12 +1,14 @@
-"""Prompt files: kohya's sample-prompt format, which the trainers' --sample_prompts and generate's --prompt_file
-read. A .txt file holds one prompt a line, each with kohya's options ('a dog --n blurry --w 512 --h 768 --d 42
---l 7 --s 28 --ss euler_a'; '#' starts a comment line); kohya's .json (a list of lines or of objects) and .toml
-([prompt] defaults, [[prompt.subset]] entries) files name them with its keys. Every value is checked on reading,
-so a bad line fails before a model loads."""
+"""Prompt files, which the trainers' --sample_prompts and generate's --prompt_file read. A .txt file holds one
+prompt a line, each with kohya's sample options ('a dog --n blurry --w 512 --h 768 --d 42 --l 7 --s 28 --ss
+euler_a') or written as A1111's "Prompts from file" script writes a line ('--prompt "a dog" --steps 28
+--sampler_name "DPM++ 2M Karras"'); '#' starts a comment line. kohya's .json (a list of lines or of objects) and
+.toml ([prompt] defaults, [[prompt.subset]] entries) files name the options with its keys. Every value is checked
+on reading, so a bad line fails before a model loads."""
 
 import json
 import math
 import os
+import shlex
 from typing import Any, Dict, List
 
 from .prompts import check_syntax
@@ -18,6 +20,9 @@ LINE_OPTIONS = {'n': 'negative_prompt', 'w': 'width', 'h': 'height', 'd': 'seed'
 FILE_KEYS = {'prompt': 'prompt', 'negative_prompt': 'negative_prompt', 'width': 'width', 'height': 'height',
              'seed': 'seed', 'scale': 'guidance_scale', 'sample_steps': 'num_inference_steps',
              'sample_sampler': 'scheduler'}
+# A1111's "Prompts from file or textbox" line options → diffusers' names
+A1111_OPTIONS = {'prompt': 'prompt', 'negative_prompt': 'negative_prompt', 'seed': 'seed', 'steps': 'num_inference_steps',
+                 'cfg_scale': 'guidance_scale', 'width': 'width', 'height': 'height', 'sampler_name': 'scheduler'}
 _KINDS = {'width': int, 'height': int, 'seed': int, 'num_inference_steps': int, 'guidance_scale': float}
 
 
@@ -74,8 +79,10 @@ def _toml_entries(path, name, f) -> list:
 
 def _entry(place: str, entry) -> Dict[str, Any]:
     """A .txt line or a .json/.toml entry → a call's options, each value checked and named with its place."""
-    if isinstance(entry, str):
-        text, *options = (' ' + entry).split(' --')  # a line that starts with an option has no prompt
+    if isinstance(entry, str) and entry.startswith('--') and entry[2:].split(' ')[0].lower() not in LINE_OPTIONS:
+        values = _a1111_line(place, entry)
+    elif isinstance(entry, str):
+        text, *options = (' ' + entry).split(' --')  # a line that starts with kohya's options has no prompt
         values = {'prompt': text.strip()}
         for option in options:
             key, _, value = option.strip().partition(' ')
@@ -97,6 +104,27 @@ def _entry(place: str, entry) -> Dict[str, Any]:
         if values.get(key) is not None:
             check_syntax(f'{place} {key}', str(values[key]))
     return _typed(place, values)
+
+
+def _a1111_line(place: str, line: str) -> Dict[str, Any]:
+    """'--prompt "a dog" --steps 28 ...', as A1111's "Prompts from file or textbox" script reads a line."""
+    try:
+        words = shlex.split(line)
+    except ValueError as err:  # an unclosed quote
+        raise ValueError(f'{place}: {err} (A1111\'s line format quotes values with spaces: --prompt "a dog").') \
+            from None
+    values = {}
+    for i in range(0, len(words), 2):
+        key = words[i][2:] if words[i].startswith('--') else None
+        if key not in A1111_OPTIONS:
+            raise ValueError(f"{place}: {words[i]!r} is not one of the options read from A1111's line format "
+                             f"({', '.join('--' + k for k in A1111_OPTIONS)}); quote values with spaces.")
+        if i + 1 == len(words):
+            raise ValueError(f'{place}: --{key} has no value.')
+        values[A1111_OPTIONS[key]] = words[i + 1]
+    if values.get('seed') in ('-1', '-1.0'):  # A1111's random seed
+        del values['seed']
+    return values
 
 
 def _typed(place: str, values: dict) -> dict:

@@ -181,11 +181,15 @@ def test_prompt_file_lines_with_kohyas_sample_options_are_each_their_own_call(ti
     from modelscope_sd import StableDiffusionText2ImagePipeline
     (tmp_path / 'samples.txt').write_text('# kohya sample prompts\n'
                                           'a red ball --n dark --w 48 --h 32 --d 7 --l 5 --s 3 --ss euler_a\n'
-                                          'a blue cube\n', encoding='utf-8')
+                                          'a blue cube\n'
+                                          '--prompt "a green tree" --sampler_name "DPM++ 2M Karras" --seed 99\n',
+                                          encoding='utf-8')
     paths = main(['generate', '--prompt_file', str(tmp_path / 'samples.txt'), '--model', tiny_model_dir,
                   '--num_images', '2', '--seed', '10', '--num_inference_steps', '2', '--device', 'cpu',
                   '--output_dir', str(tmp_path / 'out')])
-    assert [os.path.basename(p) for p in paths] == ['7.png', '8.png', '12.png', '13.png']
+    assert [os.path.basename(p) for p in paths] == ['7.png', '8.png', '12.png', '13.png', '99.png', '100.png']
+    tree = metadata.read_png(paths[4])['call']  # a line of A1111's "Prompts from file" script
+    assert (tree['text'], tree['scheduler'], tree['num_inference_steps']) == ('a green tree', 'dpm++_2m_karras', 2)
     first = metadata.read_png(paths[0])['call']
     assert first == {'text': 'a red ball', 'negative_prompt': 'dark', 'width': 48, 'height': 32, 'seed': 7,
                      'guidance_scale': 5.0, 'num_inference_steps': 3, 'scheduler': 'euler_ancestral'}

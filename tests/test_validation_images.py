@@ -28,6 +28,16 @@ def test_a_kohya_txt_file_reads_each_line_and_its_options(tmp_path):
         SamplePrompt('a sks dog on a beach', negative_prompt='blurry', num_inference_steps=12, name='sample01')]
 
 
+def test_a1111_prompts_from_file_lines_read_too(tmp_path):
+    path = _write(tmp_path, 'prompts.txt', '--prompt "a cat, sitting" --negative_prompt "blurry" --steps 20 '
+                  '--cfg_scale 6.5 --seed -1 --width 512 --height 768 --sampler_name "DPM++ 2M Karras"\n'
+                  '--prompt "a dog" --seed 5\n')
+    assert load_sample_prompts(path) == [
+        SamplePrompt('a cat, sitting', negative_prompt='blurry', num_inference_steps=20, guidance_scale=6.5,
+                     width=512, height=768, scheduler='DPM++ 2M Karras', name='sample00'),  # seed -1: A1111's random
+        SamplePrompt('a dog', seed=5, name='sample01')]
+
+
 def test_kohya_json_and_toml_files_read_as_the_txt_lines(tmp_path):
     entries = ['a red house --s 10', {'prompt': 'a cat', 'negative_prompt': 'dog', 'width': 640, 'height': 384,
                                       'seed': 5, 'scale': 4, 'sample_steps': 20, 'sample_sampler': 'ddim'}]
@@ -53,6 +63,10 @@ def test_kohya_json_and_toml_files_read_as_the_txt_lines(tmp_path):
     ('p.txt', 'a dog --l -1', 'guidance_scale=-1.0 must be a number >= 0'),
     ('p.txt', 'a dog --ss euler_aa', "line 1: scheduler='euler_aa' is not known. Did you mean 'euler_a'?"),
     ('p.txt', '--n blurry', 'line 1 has no prompt'),
+    ('p.txt', '--prompt "a dog" --restore_faces true', "line 1: '--restore_faces' is not one of the options read "
+                                                        "from A1111's line format (--prompt, --negative_prompt"),
+    ('p.txt', '--prompt "a dog', "line 1: No closing quotation (A1111's line format quotes values with spaces"),
+    ('p.txt', '--prompt "a dog" --steps', 'line 1: --steps has no value'),
     ('p.txt', 'a <lora:style:0.8> dog', 'A1111 network tags go in the text of a pipeline call'),
     ('p.txt', '# only a comment\n\n', 'holds no prompt'),
     ('p.json', '{"prompt": "a dog"}', 'a JSON list of prompts'),
