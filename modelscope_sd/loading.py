@@ -25,7 +25,9 @@ class _IrrelevantAdvice(logging.Filter):
       transformers 4 always did), and says to install torchvision, which breaks beside the CPU build of torch
       that the README pins;
     - bitsandbytes (for --use_8bit_adam), which diffusers imports while loading a model, says on a CPU to install
-      `kernels` for a 4-bit CPU kernel nothing here runs."""
+      `kernels` for a 4-bit CPU kernel nothing here runs;
+    - diffusers says of every LoRA without text-encoder weights (the trainers' default) that it found none, to
+      ignore that, or to open an issue; an adapter that matches nothing at all is refused by name instead."""
 
     def __init__(self, fragment: str):
         super().__init__()
@@ -36,7 +38,8 @@ class _IrrelevantAdvice(logging.Filter):
 
 
 for _name, _fragment in (('transformers.utils.import_utils', 'requires torchvision (not installed); falling back'),
-                         ('bitsandbytes.backends.cpu.ops', 'Failed to load CPU gemm_4bit_forward')):
+                         ('bitsandbytes.backends.cpu.ops', 'Failed to load CPU gemm_4bit_forward'),
+                         ('diffusers.loaders.lora_base', 'No LoRA keys associated to CLIPTextModel')):
     _logger = logging.getLogger(_name)
     if not any(isinstance(f, _IrrelevantAdvice) for f in _logger.filters):
         _logger.addFilter(_IrrelevantAdvice(_fragment))

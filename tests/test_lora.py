@@ -43,6 +43,13 @@ def test_lora_dir_changes_the_image_and_matches_vanilla_diffusers(tiny_model_dir
     assert np.abs(ours - expected).max() <= 1
 
 
+def test_a_unet_only_adapter_loads_without_diffusers_text_encoder_notice(tiny_model_dir, adapters, diffusers_caplog):
+    """diffusers says of every adapter without text-encoder weights that it found none, and to open an issue."""
+    with diffusers_caplog.at_level('WARNING'):
+        _pipe(tiny_model_dir, lora_dir=adapters[1])  # the trainers' default: UNet weights only
+    assert 'No LoRA keys' not in diffusers_caplog.text
+
+
 def test_call_time_scale_and_restore(tiny_model_dir, adapters, sd_pipe):
     pipe = _pipe(tiny_model_dir, lora_dir=adapters[0])
     full = _image(pipe)
