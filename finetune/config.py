@@ -180,6 +180,10 @@ class TrainConfig:
             raise ValueError(f'lr_num_cycles={self.lr_num_cycles} must be >= 1.')
         if self.lr_power <= 0:
             raise ValueError(f'lr_power={self.lr_power} must be > 0 (1.0 decays linearly).')
+        for name, default, schedule in (('lr_num_cycles', 1, 'cosine_with_restarts'), ('lr_power', 1.0, 'polynomial')):
+            if getattr(self, name) != default and self.lr_scheduler != schedule:
+                raise ValueError(f'{name}={getattr(self, name)} shapes the {schedule} schedule, and lr_scheduler is '
+                                 f'{self.lr_scheduler!r}: pass --lr_scheduler {schedule}, or drop {name}.')
         _check_buckets(self)
         if self.output_name is not None:
             _check_output_name(self.output_name)

@@ -621,18 +621,21 @@ def test_kohya_command_line_flags_map_onto_ours_and_say_how(tmp_path, capsys):
 def test_more_kohya_flags_map_onto_ours_and_the_rest_are_refused_together_with_what_to_do(tmp_path, capsys):
     argv = ['--train_data_dir', str(tmp_path), '--enable_bucket', '--min_bucket_reso', '320', '--max_bucket_reso',
             '768', '--bucket_reso_steps', '64', '--lr_scheduler', 'cosine_with_restarts', '--lr_scheduler_num_cycles',
-            '3', '--lr_scheduler_power', '2', '--v_parameterization', '--flip_aug', '--center_crop',
+            '3', '--lr_scheduler_power', '1', '--v_parameterization', '--flip_aug', '--center_crop',
             '--cache_latents_to_disk', '--save_last_n_epochs', '2', '--output_name', 'my_style', '--training_comment',
             'trigger: sks', '--save_state', '--mem_eff_attn', '--full_bf16', '--logging_dir', 'logs', '--loss_type',
             'l2']
     config, notes = parse_args(LoraTrainConfig, argv, 'x')
-    assert (config.min_bucket_reso, config.max_bucket_reso, config.lr_num_cycles, config.lr_power) == (320, 768, 3, 2.0)
+    assert (config.min_bucket_reso, config.max_bucket_reso, config.lr_num_cycles, config.lr_power) == (320, 768, 3, 1.0)
     assert (config.prediction_type, config.random_flip, config.cache_latents, config.checkpoints_total_limit) == (
         'v_prediction', True, True, 2)
     assert (config.output_name, config.export_kohya, config.training_comment) == ('my_style', True, 'trigger: sks')
     assert '--lr_scheduler_num_cycles 3 → --lr_num_cycles 3' in notes and '--flip_aug true → --random_flip True' in notes
     assert any(note.startswith('--save_state true: accepted, no effect here (every checkpoint holds the optimizer')
                for note in notes)
+    config, _ = parse_args(LoraTrainConfig, ['--train_data_dir', str(tmp_path), '--lr_scheduler', 'polynomial',
+                                             '--lr_scheduler_power', '2'], 'x')
+    assert config.lr_power == 2.0
     with pytest.raises(SystemExit):
         parse_args(LoraTrainConfig, ['--train_data_dir', str(tmp_path), '--reg_data_dir', 'reg', '--color_aug',
                                      '--network_args', 'conv_dim=4', 'conv_alpha=1', '--network_dim', '8'], 'x')
@@ -670,6 +673,8 @@ def test_typo_flag_fails_instead_of_vanishing(capsys):
     (dict(clip_skip=0), "clip_skip=0 must be >= 1 (A1111's count"),
     (dict(lr_num_cycles=0), 'lr_num_cycles=0 must be >= 1'),
     (dict(lr_power=0.0), 'lr_power=0.0 must be > 0'),
+    (dict(lr_num_cycles=3), "lr_num_cycles=3 shapes the cosine_with_restarts schedule, and lr_scheduler is 'constant'"),
+    (dict(lr_scheduler='cosine', lr_power=2.0), "lr_power=2.0 shapes the polynomial schedule, and lr_scheduler is"),
     (dict(min_bucket_reso=256), 'min_bucket_reso=256 sets the aspect-ratio buckets: pass --enable_bucket'),
     (dict(enable_bucket=True, max_bucket_reso=100), 'max_bucket_reso=100 must be a positive multiple of 8'),
     (dict(enable_bucket=True, min_bucket_reso=64, max_bucket_reso=256, resolution=512),
