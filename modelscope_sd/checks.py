@@ -28,8 +28,8 @@ def _is_number(value) -> bool:
 def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_scale, guidance_rescale, height,
                width, num_images_per_prompt, eta, seed, generator, latents, scheduler, clip_skip, emphasis, lora_scale,
                progress_bar, image, mask_image, strength, hr_scale, hr_upscaler, hr_second_pass_steps, hr_prompt,
-               hr_negative_prompt, batch_size, callback_on_step_end, callback_on_step_end_tensor_inputs, subseed,
-               subseed_strength) -> None:
+               hr_negative_prompt, hr_scheduler, batch_size, callback_on_step_end, callback_on_step_end_tensor_inputs,
+               subseed, subseed_strength) -> None:
     """Every option of a call to ``pipeline`` (a `StableDiffusionText2ImagePipeline`), checked before any work."""
     if prompt is None:
         raise ValueError("The prompt is missing: call pipe('a photo of a cat') or pipe({'text': '...'}).")
@@ -92,10 +92,15 @@ def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_
         lora_utils.check_scales(lora_scale, pipeline.adapters)
     if progress_bar is not None and not isinstance(progress_bar, bool):
         raise TypeError(f'progress_bar must be True or False, got {progress_bar!r}')
-    if scheduler is not None:
-        pipeline._scheduler(scheduler)  # raises on unknown names
+    for name, value in (('scheduler', scheduler), ('hr_scheduler', hr_scheduler)):
+        if value is not None:
+            try:
+                pipeline._scheduler(value)  # raises on unknown names
+            except ValueError as err:
+                raise ValueError(str(err).replace('scheduler=', f'{name}=', 1)) from None
     _check_image_inputs(pipeline, image, mask_image, strength, latents, hr_scale)
-    _check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, hr_prompt, hr_negative_prompt, image, guidance_rescale)
+    _check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, hr_prompt, hr_negative_prompt, hr_scheduler, image,
+                 guidance_rescale)
     _check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, mask_image)
     if any(split_and(text) for text in prompts + ([hr_prompt] if isinstance(hr_prompt, str) else hr_prompt or [])):
         _check_and(guidance_scale)
@@ -140,11 +145,12 @@ def _check_image_inputs(pipeline, image, mask_image, strength, latents, hr_scale
         raise ValueError('latents cannot be given for image-to-image: the start latents come from image.')
 
 
-def _check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, hr_prompt, hr_negative_prompt, image,
+def _check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, hr_prompt, hr_negative_prompt, hr_scheduler, image,
                  guidance_rescale) -> None:
     if hr_scale is None:
         for name, value in (('hr_upscaler', hr_upscaler), ('hr_second_pass_steps', hr_second_pass_steps),
-                            ('hr_prompt', hr_prompt), ('hr_negative_prompt', hr_negative_prompt)):
+                            ('hr_prompt', hr_prompt), ('hr_negative_prompt', hr_negative_prompt),
+                            ('hr_scheduler', hr_scheduler)):
             if value is not None:
                 raise ValueError(f'{name} is an option of the hires fix, which hr_scale turns on: pass hr_scale '
                                  '(e.g. 2) too.')

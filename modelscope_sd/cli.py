@@ -84,6 +84,8 @@ def _generate_parser(sub):
                                             '--prompt)')
     parser.add_argument('--hr_negative_prompt', help="hires fix: the second pass's negative prompt (default "
                                                      '--negative_prompt)')
+    parser.add_argument('--hr_scheduler', help="hires fix: the second pass's scheduler (A1111's Hires sampler; "
+                                               'default --scheduler)')
     parser.add_argument('--from_png', help='take every setting from a PNG written here (or by A1111)')
     parser.add_argument('--device', default='gpu')
     parser.add_argument('--fast', action='store_true', help='compiled fast path (CUDA graphs on CUDA); the first image compiles')
@@ -128,7 +130,8 @@ def generate(args) -> List[str]:
                  'image': args.image,
                  'mask_image': args.mask_image, 'strength': args.strength, 'hr_scale': args.hr_scale,
                  'hr_upscaler': args.hr_upscaler, 'hr_second_pass_steps': args.hr_second_pass_steps,
-                 'hr_prompt': args.hr_prompt, 'hr_negative_prompt': args.hr_negative_prompt}
+                 'hr_prompt': args.hr_prompt, 'hr_negative_prompt': args.hr_negative_prompt,
+                 'hr_scheduler': args.hr_scheduler}
     call.update({k: v for k, v in overrides.items() if v is not None})
     if args.batch_size is not None and args.batch_size < 1:  # before minutes of loading
         raise ValueError(f'--batch_size {args.batch_size}: must be >= 1 (or left out: all images at once).')

@@ -30,7 +30,8 @@ _APPLIED = {'Steps', 'Sampler', 'Schedule type', 'CFG scale', 'Seed', 'Size', 'M
             'Denoising strength', 'Lora', 'Textual inversion', 'Emphasis', 'VAE', 'Variation seed',
             'Variation seed strength'}
 # read back when 'Hires upscale' is there
-_HIRES = {'Hires upscale', 'Hires steps', 'Hires upscaler', 'Hires prompt', 'Hires negative prompt'}
+_HIRES = {'Hires upscale', 'Hires steps', 'Hires upscaler', 'Hires prompt', 'Hires negative prompt', 'Hires sampler',
+          'Hires schedule type'}
 _INFORMATIONAL = {'Model hash', 'VAE hash', 'Lora hashes', 'TI hashes', 'Hashes', 'Version'}
 # A1111's own pattern for "Key: value, Key: "quoted, value""
 _PARAM = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -74,6 +75,9 @@ def format_parameters(prompt: str, negative_prompt: Optional[str], steps: int, s
                                  ('Hires negative prompt', hires.get('hr_negative_prompt'), negative_prompt or '')):
             if text is not None and text != first:
                 fields.append((key, text))
+        if hires.get('hr_scheduler') is not None and hires['hr_scheduler'] != scheduler:
+            hires_sampler, hires_schedule = _a1111_sampler(hires['hr_scheduler'])
+            fields += [('Hires sampler', hires_sampler), ('Hires schedule type', hires_schedule)]
     if vae is not None:  # A1111 writes the file's name; the path or hub id given here loads again
         fields.append(('VAE', vae))
     if loras:
@@ -156,13 +160,25 @@ def parse_parameters(text: str) -> Dict[str, Any]:
         for key, option in (('Hires prompt', 'hr_prompt'), ('Hires negative prompt', 'hr_negative_prompt')):
             if key in params:
                 call[option] = params[key]
-    schedule = params.get('Schedule type', 'Automatic')
-    if schedule.lower() not in ('automatic', 'uniform') and not call['scheduler'].endswith(f'_{schedule.lower()}'):
-        not_applied.append(f'Schedule type {schedule}')
+        hires_sampler = params.get('Hires sampler', 'Use same sampler')
+        if hires_sampler != 'Use same sampler' or 'Hires schedule type' in params:  # A1111 writes those that differ
+            sampler = params['Sampler'] if hires_sampler == 'Use same sampler' else hires_sampler
+            hires_schedule = params.get('Hires schedule type', params.get('Schedule type'))
+            call['hr_scheduler'] = _sampler(sampler, hires_schedule)
+            not_applied += _schedule_not_applied('Hires schedule type', hires_schedule, call['hr_scheduler'])
+    not_applied += _schedule_not_applied('Schedule type', params.get('Schedule type'), call['scheduler'])
     loras = [item.rsplit('=', 1) for item in params['Lora'].split('; ')] if params.get('Lora') else []
     embeddings = params['Textual inversion'].split('; ') if params.get('Textual inversion') else []
     return {'call': call, 'model': params.get('Model'), 'vae': params.get('VAE'), 'lora_dir': [p for p, _ in loras],
             'lora_scale': [float(s) for _, s in loras], 'textual_inversion': embeddings, 'not_applied': not_applied}
+
+
+def _schedule_not_applied(key: str, schedule: Optional[str], scheduler: str) -> List[str]:
+    """A1111's schedule type where our scheduler name does not carry it (SGM Uniform, ...): named as not applied."""
+    schedule = schedule or 'Automatic'
+    if schedule.lower() in ('automatic', 'uniform') or scheduler.endswith(f'_{schedule.lower()}'):
+        return []
+    return [f'{key} {schedule}']
 
 
 def save_png(path: str, image_bgr: np.ndarray, parameters: str) -> str:
@@ -206,6 +222,8 @@ def describe_outputs(pipe, options: Dict[str, Any], output: Dict[str, Any], mode
     negatives = negative if isinstance(negative, list) else [negative] * len(prompts)
     per_prompt = options.get('num_images_per_prompt', 1)
     hires = {k: options.get(k) for k in ('hr_scale', 'hr_upscaler', 'hr_second_pass_steps')}
+    if options.get('hr_scheduler') is not None:
+        hires['hr_scheduler'] = scheduler_name(options['hr_scheduler'])
     hires_texts = {k: options.get(k) for k in ('hr_prompt', 'hr_negative_prompt')}
     strength, first_pass = options.get('strength'), None
     if hires['hr_scale'] is not None:  # A1111 writes the first pass's size and the second pass's strength

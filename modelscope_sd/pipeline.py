@@ -54,6 +54,7 @@ CALL_DEFAULTS: Dict[str, Any] = {
     'hr_second_pass_steps': None,  # None: num_inference_steps
     'hr_prompt': None,  # the second pass's prompt (A1111's Hires prompt; None: the prompt)
     'hr_negative_prompt': None,  # the second pass's negative prompt (None: the negative prompt)
+    'hr_scheduler': None,  # the second pass's scheduler (A1111's Hires sampler; None: the first pass's)
     'batch_size': None,  # at most this many images per denoising batch (ModelScope's name); None: all at once
     'callback_on_step_end': None,  # diffusers' step-end callback (progress, previews, stopping early)
     'callback_on_step_end_tensor_inputs': None,  # None: ['latents'], or a diffusers PipelineCallback's own
@@ -336,8 +337,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
     def _generate(self, prompt, negative_prompt, num_inference_steps, guidance_scale, guidance_rescale, height,
                   width, num_images_per_prompt, eta, seed, generator, latents, scheduler, clip_skip, emphasis,
                   lora_scale, progress_bar, image, mask_image, strength, hr_scale, hr_upscaler, hr_second_pass_steps,
-                  hr_prompt, hr_negative_prompt, callback_on_step_end, callback_on_step_end_tensor_inputs, subseed,
-                  subseed_strength) -> Dict[str, Any]:
+                  hr_prompt, hr_negative_prompt, hr_scheduler, callback_on_step_end, callback_on_step_end_tensor_inputs,
+                  subseed, subseed_strength) -> Dict[str, Any]:
         # 1. batch and randomness; the hires fix's second pass draws from the generators as they are now
         n_images = (len(prompt) if isinstance(prompt, list) else 1) * num_images_per_prompt
         seeds = None
@@ -392,7 +393,11 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             if hr_scale is not None:
                 second_text = (text_inputs if hr_prompt is None and hr_negative_prompt is None else encoded(
                     _second_pass(hr_prompt, prompt), _second_pass(hr_negative_prompt, negative_prompt)))
-                images, nsfw = self._hires_fix(pipe, extra, num_inference_steps, passes, strength, hr_scale,
+                second = self._variant('img2img')
+                second.scheduler = pipe.scheduler if hr_scheduler is None else self._scheduler(hr_scheduler)
+                if isinstance(second.scheduler, DPMSolverSDEScheduler):
+                    second.scheduler.image_seeds = image_seeds(generator, n_images)
+                images, nsfw = self._hires_fix(pipe, second, extra, num_inference_steps, passes, strength, hr_scale,
                                                hr_upscaler, hr_second_pass_steps, quiet, restart, turn, second_text)
             else:
                 with _turning(pipe.scheduler, turn if image is not None else None):
@@ -406,15 +411,14 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             images = np.stack([images_lib.overlay(img, image, mask_image) for img in images])
         return self._output(images, seeds, nsfw, subseeds)
 
-    def _hires_fix(self, pipe, extra, num_inference_steps, passes, strength, hr_scale, hr_upscaler,
+    def _hires_fix(self, pipe, second, extra, num_inference_steps, passes, strength, hr_scale, hr_upscaler,
                    hr_second_pass_steps, quiet, restart, turn, second_text):
-        """A1111's hires fix: a first pass at the base size, its latents upscaled, then image-to-image at the
-        larger size with ``second_text`` (the hires prompts' text inputs), drawing its noise from the seeds again
+        """A1111's hires fix: a first pass at the base size, its latents upscaled, then image-to-image (``second``,
+        with the second pass's scheduler) at the larger size with ``second_text`` (the hires prompts' text inputs),
+        drawing its noise from the seeds again
         as A1111's second pass does (``restart``: the generators as they were before the first pass drew from
         them), turned towards the subseeds' noise by a variation (``turn``: subseeds and strength, or None) as in
         the first pass."""
-        second = self._variant('img2img')
-        second.scheduler = pipe.scheduler
         second_steps = hr_second_pass_steps or num_inference_steps
         strength = hires.DEFAULT_STRENGTH if strength is None else strength
         checks.check_runs_a_step(second, second_steps, strength,

@@ -15,7 +15,7 @@ A1111_LATENT = {'latent': ('bilinear', False), 'latent (antialiased)': ('bilinea
 
 
 def _two_passes_in_diffusers(vanilla_pipe, prompt, seed, scale, upscaler, strength, second_steps=3,
-                             second_prompt=None, second_negative=None):
+                             second_prompt=None, second_negative=None, second_scheduler=None):
     """What hr_scale does, written with diffusers' own pipelines: text-to-image latents, upscaled, then
     image-to-image at the larger size, each pass drawing its noise from the seed (as A1111's hires pass does)."""
     from diffusers import StableDiffusionImg2ImgPipeline
@@ -32,6 +32,8 @@ def _two_passes_in_diffusers(vanilla_pipe, prompt, seed, scale, upscaler, streng
         image = [i.resize(size[::-1], Image.LANCZOS if upscaler == 'lanczos' else Image.NEAREST)
                  for i in vanilla_pipe.image_processor.postprocess(decoded, output_type='pil')]
     second = StableDiffusionImg2ImgPipeline(**vanilla_pipe.components)
+    if second_scheduler is not None:
+        second.scheduler = second_scheduler.from_config(vanilla_pipe.scheduler.config)
     second.set_progress_bar_config(disable=True)
     images = second(second_prompt or prompt, negative_prompt=second_negative, image=image, strength=strength,
                     output_type='np',
@@ -82,6 +84,21 @@ def test_hires_prompts_are_the_second_pass_prompts(sd_pipe, vanilla_pipe):
     assert np.abs(got - plain).max() > 2
 
 
+def test_hr_scheduler_is_the_second_passs_sampler(sd_pipe, vanilla_pipe):
+    """A1111's Hires sampler: the first pass keeps the call's scheduler, the second runs this one."""
+    from diffusers import EulerDiscreteScheduler
+    got = sd_pipe('a cat', seed=0, hr_scale=2, hr_scheduler='euler', **STEPS)['output_imgs'][0].astype(int)
+    expected = _two_passes_in_diffusers(vanilla_pipe, 'a cat', 0, 2, 'latent', 0.7,
+                                        second_scheduler=EulerDiscreteScheduler)
+    assert np.abs(got - expected).max() <= 1
+    plain = sd_pipe('a cat', seed=0, hr_scale=2, **STEPS)['output_imgs'][0].astype(int)
+    assert np.abs(got - plain).max() > 2
+    # DPM++ SDE's Brownian noise in the second pass comes from the seed too: the image is made again exactly
+    sde = [sd_pipe('a cat', seed=0, hr_scale=1.5, hr_scheduler='dpm++_sde', **STEPS)['output_imgs'][0]
+           for _ in range(2)]
+    assert np.array_equal(*sde)
+
+
 def test_hires_prompts_in_a_batch_are_each_prompts_own(sd_pipe):
     args = dict(hr_scale=1.5, num_images_per_prompt=2, **STEPS)
     batch = sd_pipe(['a cat', 'a dog'], seed=3, hr_prompt=['a red cat', 'a blue dog'], negative_prompt='dark',
@@ -123,6 +140,8 @@ def test_start_latents_set_the_first_pass_size(sd_pipe):
     (dict(hr_scale=0.5), 'hr_scale=0.5 must be >= 1.0'),
     (dict(hr_prompt='a dog'), 'hr_prompt is an option of the hires fix, which hr_scale turns on'),
     (dict(hr_negative_prompt='blurry'), 'hr_negative_prompt is an option of the hires fix'),
+    (dict(hr_scheduler='euler'), 'hr_scheduler is an option of the hires fix'),
+    (dict(hr_scale=2, hr_scheduler='eulr'), "hr_scheduler='eulr' is not known. Did you mean 'euler'?"),
     (dict(hr_scale=2, hr_prompt=['a', 'b']), r'hr_prompt as a list needs one str per prompt \(1\)'),
     (dict(hr_scale=2, hr_negative_prompt=['a', 3]), r'hr_negative_prompt as a list needs one str per prompt'),
     (dict(hr_scale=2, hr_prompt='a dog AND a cat', guidance_scale=1), 'AND'),
@@ -162,13 +181,27 @@ def test_hires_prompts_go_into_the_png_and_back(tiny_model_dir, tmp_path):
     from modelscope_sd.cli import main
     paths = main(['generate', '--prompt', 'a cat', '--negative_prompt', 'dark', '--model', tiny_model_dir,
                   '--num_inference_steps', '3', '--seed', '5', '--hr_scale', '1.5', '--hr_prompt',
-                  'a cat, sharp: detailed', '--hr_negative_prompt', 'dark, blurry', '--device', 'cpu',
-                  '--output_dir', str(tmp_path / 'first')])
+                  'a cat, sharp: detailed', '--hr_negative_prompt', 'dark, blurry', '--hr_scheduler',
+                  'DPM++ 2M SDE Exponential', '--device', 'cpu', '--output_dir', str(tmp_path / 'first')])
     text = Image.open(paths[0]).text['parameters']
     assert 'Hires prompt: "a cat, sharp: detailed", Hires negative prompt: "dark, blurry"' in text  # A1111's quoting
+    assert 'Hires sampler: DPM++ 2M SDE, Hires schedule type: Exponential' in text
     saved = metadata.read_png(paths[0])
-    assert (saved['call']['hr_prompt'], saved['call']['hr_negative_prompt'], saved['not_applied']) == (
-        'a cat, sharp: detailed', 'dark, blurry', [])
+    assert (saved['call']['hr_prompt'], saved['call']['hr_negative_prompt'], saved['call']['hr_scheduler'],
+            saved['not_applied']) == ('a cat, sharp: detailed', 'dark, blurry', 'dpm++_2m_sde_exponential', [])
     again = main(['generate', '--from_png', paths[0], '--device', 'cpu', '--output_dir', str(tmp_path / 'again')])
     first, second = (np.asarray(Image.open(p)).astype(int) for p in (paths[0], again[0]))
     assert np.abs(first - second).max() <= 1
+
+
+@pytest.mark.parametrize('keys, expected, not_applied', [
+    ('Hires sampler: Euler a', 'euler_ancestral', []),
+    ('Hires sampler: DPM++ 2M, Hires schedule type: Karras', 'dpm++_2m_karras', []),
+    ('Hires schedule type: Karras', 'dpm++_2m_karras', []),  # the first pass's sampler, another schedule
+    ('Hires sampler: Euler, Hires schedule type: SGM Uniform', 'euler', ['Hires schedule type SGM Uniform']),
+])
+def test_a1111_hires_sampler_keys_read_as_hr_scheduler(keys, expected, not_applied):
+    from modelscope_sd import metadata
+    saved = metadata.parse_parameters(f'a cat\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Uniform, CFG scale: 7, '
+                                      f'Seed: 1, Size: 512x512, Denoising strength: 0.5, Hires upscale: 2, {keys}')
+    assert (saved['call']['hr_scheduler'], saved['not_applied']) == (expected, not_applied)
