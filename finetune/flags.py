@@ -119,5 +119,5 @@ def parse_args(config_cls, argv: Optional[List[str]], description: str,
         notes.append(f'--{flag} {raw} → ' + (', '.join(f'--{k} {v}' for k, v in mapped.items()) or 'as here'))
     try:
         return config_cls(**values), notes
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:  # a missing file or folder is one line too, not a traceback
         parser.error(str(err))

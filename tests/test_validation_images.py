@@ -89,6 +89,13 @@ def test_a_missing_sample_file_fails_when_the_config_is_made(tmp_path):
         LoraTrainConfig(dataset_name='x', validation_scheduler='eulr')
 
 
+def test_a_missing_file_on_the_command_line_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(LoraTrainConfig, ['--dataset_name', 'x', '--sample_prompts', str(tmp_path / 'none.txt')], 'd')
+    err = capsys.readouterr().err
+    assert f"error: sample_prompts='{tmp_path}/none.txt': no such file." in err and 'Traceback' not in err
+
+
 def test_validation_renders_the_prompt_then_each_sample_at_the_runs_seed_and_sampler(tmp_path):
     path = _write(tmp_path, 'p.txt', 'a cat --d 9 --ss ddim\na dog\n')
     config = LoraTrainConfig(dataset_name='x', validation_prompt='a house', num_validation_images=2, seed=4,
