@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .hires import A1111_NAMES as A1111_UPSCALERS, DEFAULT_STRENGTH, normalize_upscaler
+from .hires import A1111_NAMES as A1111_UPSCALERS, DEFAULT_STRENGTH, MAX_SCALE, normalize_upscaler, target_size
 from .prompts import emphasis_name
 from .schedulers import SCHEDULE_TYPES, named_schedulers, scheduler_name
 
@@ -137,19 +137,21 @@ def parse_parameters(text: str) -> Dict[str, Any]:
         call['guidance_rescale'] = float(params['Rescale CFG'])
     if 'Clip skip' in params:
         call['clip_skip'] = int(params['Clip skip']) - 1
-    applied = _APPLIED | _INFORMATIONAL | (_HIRES if 'Hires upscale' in params else set())
-    not_applied = [key for key in params if key not in applied]
+    hr_scale = _hires_scale(params, width, height)
+    applied = _APPLIED | _INFORMATIONAL | (_HIRES | {'Hires resize'} if hr_scale is not None else set())
+    not_applied = [key if key != 'Hires resize' else f'Hires resize {params[key]} (not the first pass\'s size scaled: '
+                   'A1111 crops to it)' for key in params if key not in applied]
     if 'Emphasis' in params:
         try:
             call['emphasis'] = emphasis_name(params['Emphasis'])
         except ValueError:  # a mode this pipeline does not know
             not_applied.append(f'Emphasis {params["Emphasis"]}')
-    if 'Denoising strength' in params and 'Hires resize' in params and 'Hires upscale' not in params:
+    if 'Denoising strength' in params and 'Hires resize' in params and hr_scale is None:
         not_applied.append('Denoising strength')  # of a hires pass to a size of its own, which hr_scale cannot say
     elif 'Denoising strength' in params:  # image-to-image's, or the hires fix's second pass's
         call['strength'] = float(params['Denoising strength'])
-    if 'Hires upscale' in params:
-        call['hr_scale'] = float(params['Hires upscale'])
+    if hr_scale is not None:
+        call['hr_scale'] = hr_scale
         if int(params.get('Hires steps', 0)):
             call['hr_second_pass_steps'] = int(params['Hires steps'])
         upscaler = params.get('Hires upscaler', 'Latent')
@@ -171,6 +173,29 @@ def parse_parameters(text: str) -> Dict[str, Any]:
     embeddings = params['Textual inversion'].split('; ') if params.get('Textual inversion') else []
     return {'call': call, 'model': params.get('Model'), 'vae': params.get('VAE'), 'lora_dir': [p for p, _ in loras],
             'lora_scale': [float(s) for _, s in loras], 'textual_inversion': embeddings, 'not_applied': not_applied}
+
+
+def _hires_scale(params: Dict[str, str], width: int, height: int) -> Optional[float]:
+    """The hires fix's scale: A1111's 'Hires upscale', or its 'Hires resize' to a size (0: that side follows the
+    other) where that is the first pass's size scaled, as hr_scale can say it; None where neither is, or where the
+    resize changes the aspect ratio (A1111 then crops, which hr_scale cannot say)."""
+    if 'Hires upscale' in params:
+        return float(params['Hires upscale'])
+    if 'Hires resize' not in params:
+        return None
+    try:
+        to_x, to_y = (int(v) for v in params['Hires resize'].split('x'))
+    except ValueError:
+        return None
+    if not to_x:  # A1111's sizes for a side left 0, in whole pixels
+        to_x = to_y * width // height
+    if not to_y:
+        to_y = to_x * height // width
+    wanted = (to_y // 8 * 8, to_x // 8 * 8)
+    for scale in (to_x / width, to_x / width * (1 + 1e-9)):  # the second: a quotient rounded down past a pixel
+        if target_size(height, width, scale) == wanted:
+            return scale if 1 <= scale <= MAX_SCALE else None
+    return None
 
 
 def _schedule_not_applied(key: str, schedule: Optional[str], scheduler: str) -> List[str]:

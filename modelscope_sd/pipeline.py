@@ -419,10 +419,9 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                    hr_second_pass_steps, quiet, restart, turn, second_text):
         """A1111's hires fix: a first pass at the base size, its latents upscaled, then image-to-image (``second``,
         with the second pass's scheduler) at the larger size with ``second_text`` (the hires prompts' text inputs),
-        drawing its noise from the seeds again
-        as A1111's second pass does (``restart``: the generators as they were before the first pass drew from
-        them), turned towards the subseeds' noise by a variation (``turn``: subseeds and strength, or None) as in
-        the first pass."""
+        drawing its noise from the seeds again as A1111's second pass does (``restart``: the generators as they were
+        before the first pass drew from them), turned towards the subseeds' noise by a variation (``turn``: subseeds
+        and strength, or None) as in the first pass."""
         second_steps = hr_second_pass_steps or num_inference_steps
         strength = hires.DEFAULT_STRENGTH if strength is None else strength
         checks.check_runs_a_step(second, second_steps, strength,

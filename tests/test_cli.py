@@ -93,7 +93,11 @@ def test_reads_a1111_19_schedule_type_and_the_hires_fix():
     resize = text.replace('Hires upscale: 2', 'Hires resize: 1024x1024')
     parsed = metadata.parse_parameters(resize)
     assert 'hr_scale' not in parsed['call'] and 'strength' not in parsed['call']
-    assert parsed['not_applied'] == ['Hires resize', 'Hires steps', 'Hires upscaler', 'Denoising strength']
+    assert parsed['not_applied'] == ["Hires resize 1024x1024 (not the first pass's size scaled: A1111 crops to it)",
+                                     'Hires steps', 'Hires upscaler', 'Denoising strength']
+    # a resize to the first pass's size scaled is that scale (test_hires.py has more)
+    parsed = metadata.parse_parameters(text.replace('Hires upscale: 2', 'Hires resize: 1024x1536'))
+    assert (parsed['call']['hr_scale'], parsed['call']['hr_second_pass_steps'], parsed['not_applied']) == (2.0, 20, [])
     other = 'a castle\nSteps: 30, Sampler: Euler, Schedule type: SGM Uniform, CFG scale: 7, Seed: 1, ' \
         'Size: 512x512, Emphasis: No norm, VAE: kl-f8-anime2.ckpt'
     parsed = metadata.parse_parameters(other)

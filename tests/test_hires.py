@@ -205,3 +205,33 @@ def test_a1111_hires_sampler_keys_read_as_hr_scheduler(keys, expected, not_appli
     saved = metadata.parse_parameters(f'a cat\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Uniform, CFG scale: 7, '
                                       f'Seed: 1, Size: 512x512, Denoising strength: 0.5, Hires upscale: 2, {keys}')
     assert (saved['call']['hr_scheduler'], saved['not_applied']) == (expected, not_applied)
+
+
+@pytest.mark.parametrize('resize, scale, size', [
+    ('1024x1536', 2.0, (1536, 1024)), ('1000x0', 1.953125, (1496, 1000)),  # A1111: 1000x1500, latents of 187 rows
+    ('0x1200', 1.5625, (1200, 800)), ('1000x1500', 1.953125, (1496, 1000))])
+def test_a1111_hires_resize_reads_as_the_scale_it_is(resize, scale, size):
+    from modelscope_sd import metadata
+    from modelscope_sd.hires import target_size
+    saved = metadata.parse_parameters('a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x768, '
+                                      f'Denoising strength: 0.5, Hires upscaler: Latent, Hires resize: {resize}')
+    assert (saved['call']['hr_scale'], saved['call']['strength'], saved['not_applied']) == (scale, 0.5, [])
+    assert target_size(768, 512, saved['call']['hr_scale']) == size
+
+
+def test_a1111_hires_resize_whose_quotient_rounds_below_a_pixel_still_gives_a1111s_size():
+    """264x352 to 360 wide: A1111's height is 360 * 352 // 264 = 480, while 352 * (360 / 264) is 479.99…."""
+    from modelscope_sd import metadata
+    from modelscope_sd.hires import target_size
+    saved = metadata.parse_parameters('a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 264x352, '
+                                      'Denoising strength: 0.5, Hires upscaler: Latent, Hires resize: 360x0')
+    assert target_size(352, 264, saved['call']['hr_scale']) == (480, 360)
+
+
+def test_a1111_hires_resize_to_another_aspect_is_named_not_applied():
+    from modelscope_sd import metadata
+    saved = metadata.parse_parameters('a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x768, '
+                                      'Denoising strength: 0.5, Hires upscaler: Latent, Hires resize: 1024x1024')
+    assert 'hr_scale' not in saved['call'] and 'strength' not in saved['call']
+    assert saved['not_applied'] == ['Hires upscaler', "Hires resize 1024x1024 (not the first pass's size scaled: "
+                                    'A1111 crops to it)', 'Denoising strength']
