@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
-from modelscope_sd.prompts import final_layer_norm
+from modelscope_sd.prompts import clip_states
 
 
 def encode_latents(vae, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -46,6 +46,12 @@ def per_sample_loss(model_pred, target, timesteps, scheduler, snr_gamma=None) ->
     return loss * weights
 
 
+def pipeline_clip_skip(clip_skip: Optional[int]) -> Optional[int]:
+    """The trainers' --clip_skip (A1111's and kohya's count, 1: the last layer) as the pipeline's (diffusers' count,
+    the layers skipped)."""
+    return None if clip_skip is None or clip_skip <= 1 else clip_skip - 1
+
+
 def encode_prompt_ids(text_encoder, input_ids: torch.Tensor, clip_skip: Optional[int] = None) -> torch.Tensor:
     """(B, windows × 77) token ids → (B, windows × 77, hidden): each 77-token window through CLIP on its own and
     the results side by side, as the pipeline encodes long prompts. One window is the usual encoding. ``clip_skip``
@@ -54,11 +60,7 @@ def encode_prompt_ids(text_encoder, input_ids: torch.Tensor, clip_skip: Optional
     batch, length = input_ids.shape
     window = text_encoder.config.max_position_embeddings
     windows = input_ids.reshape(batch * (length // window), window)
-    if clip_skip is None or clip_skip <= 1:
-        hidden = text_encoder(windows, return_dict=False)[0]
-    else:
-        states = text_encoder(windows, output_hidden_states=True, return_dict=True).hidden_states[-clip_skip]
-        hidden = final_layer_norm(text_encoder)(states)
+    hidden = clip_states(text_encoder, windows, pipeline_clip_skip(clip_skip))
     return hidden.reshape(batch, length, hidden.shape[-1])
 
 

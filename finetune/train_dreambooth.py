@@ -20,12 +20,12 @@ from typing import List, Optional, Tuple
 
 from finetune.checkpoint import TEMP_PREFIX
 from finetune.config import DreamBoothConfig
-from finetune.flags import parse_args
 from finetune.data import (PriorPreservationDataset, check_images, dataset_summary, image_paths, load_records,
                            records_from_image_folder, training_dataset)
+from finetune.diffusion import pipeline_clip_skip
+from finetune.flags import parse_args
 from finetune.models import kohya_file_name, load_components, save_lora, training_metadata
-from finetune.training import (log_how_to_load, pipeline_clip_skip, prepare_models, render_result, start_run,
-                               train_loop)
+from finetune.training import log_how_to_load, prepare_models, render_result, start_run, train_loop
 from finetune.validation_images import validation_pipeline_factory
 from modelscope_sd.constants import MODEL_INDEX
 from modelscope_sd.loading import write_configuration

@@ -14,8 +14,8 @@ import sys
 from typing import List, Optional
 
 from finetune.config import LoraTrainConfig
-from finetune.flags import parse_args
 from finetune.data import check_images, dataset_summary, load_records, training_dataset
+from finetune.flags import parse_args
 from finetune.models import kohya_file_name, load_components, save_lora, training_metadata
 from finetune.training import log_how_to_load, prepare_models, render_result, start_run, train_loop
 from finetune.validation_images import validation_pipeline_factory

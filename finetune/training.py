@@ -18,7 +18,7 @@ from .checkpoint import (check_resume_settings, find_checkpoint, read_state, rem
                          save_checkpoint)
 from .config import target_module_list
 from .data import EpochSampler, cache_dataset, collate
-from .diffusion import denoising_loss
+from .diffusion import denoising_loss, pipeline_clip_skip
 from .interrupt import StopRequests, TrainingInterrupted, ignore_stop_signals, restore_stop_signals
 
 logger = logging.getLogger(__name__)
@@ -264,12 +264,6 @@ def log_how_to_load(config, lora: bool) -> None:
     if skip is not None:
         logger.info('Trained with --clip_skip %d: generate with A1111\'s Clip skip %d, which is the pipeline\'s '
                     'clip_skip=%d.', config.clip_skip, config.clip_skip, skip)
-
-
-def pipeline_clip_skip(clip_skip: Optional[int]) -> Optional[int]:
-    """The trainers' --clip_skip (A1111's and kohya's count, 1: the last layer) as the pipeline's (diffusers' count,
-    the layers skipped)."""
-    return None if clip_skip is None or clip_skip <= 1 else clip_skip - 1
 
 
 def step_seed(seed: int, micro_step: int, process: int) -> int:

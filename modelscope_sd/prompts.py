@@ -219,6 +219,15 @@ def final_layer_norm(text_encoder):
     return getattr(model, 'text_model', model).final_layer_norm
 
 
+def clip_states(text_encoder, input_ids: torch.Tensor, clip_skip: Optional[int] = None) -> torch.Tensor:
+    """CLIP's output for ``input_ids``; with ``clip_skip`` (diffusers' count: the layers skipped) an earlier
+    layer's states through the final layer norm, as diffusers reads them."""
+    if clip_skip is None:
+        return text_encoder(input_ids, return_dict=False)[0]
+    states = text_encoder(input_ids, output_hidden_states=True, return_dict=True).hidden_states[-(clip_skip + 1)]
+    return final_layer_norm(text_encoder)(states)
+
+
 @torch.no_grad()
 def encode(pipe, prompts: List[str], clip_skip: Optional[int], windows: int, emphasis: str = 'Original'
            ) -> torch.Tensor:
@@ -230,12 +239,7 @@ def encode(pipe, prompts: List[str], clip_skip: Optional[int], windows: int, emp
         ids, weights = tokens_with_weights(tokenizer, text or '', emphasis)
         parts = []
         for chunk_ids, chunk_w in _windows(tokenizer, ids, weights, windows):
-            input_ids = torch.tensor([chunk_ids], device=device)
-            if clip_skip is None:
-                hidden = text_encoder(input_ids)[0]
-            else:
-                states = text_encoder(input_ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
-                hidden = final_layer_norm(text_encoder)(states)
+            hidden = clip_states(text_encoder, torch.tensor([chunk_ids], device=device), clip_skip)
             # hidden.device, not device: an offload hook may have run the encoder elsewhere
             weights = torch.tensor(chunk_w, device=hidden.device, dtype=torch.float32)[None, :, None]
             plain = hidden.float()
