@@ -94,10 +94,7 @@ def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_
         raise TypeError(f'progress_bar must be True or False, got {progress_bar!r}')
     for name, value in (('scheduler', scheduler), ('hr_scheduler', hr_scheduler)):
         if value is not None:
-            try:
-                pipeline._scheduler(value)  # raises on unknown names
-            except ValueError as err:
-                raise ValueError(str(err).replace('scheduler=', f'{name}=', 1)) from None
+            pipeline._scheduler(value, name)  # raises on unknown names
     _check_image_inputs(pipeline, image, mask_image, strength, latents, hr_scale)
     _check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, hr_prompt, hr_negative_prompt, hr_scheduler, image,
                  guidance_rescale)

@@ -264,13 +264,14 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         """Every user-facing option, checked once, with what was given and what is allowed (`checks.check_call`)."""
         checks.check_call(self, **options)
 
-    def _scheduler(self, name):
+    def _scheduler(self, name, argument: str = 'scheduler'):
+        """The call's scheduler option (``argument``: its name, for errors) as a scheduler, built once per name."""
         if name is None:
             return self.base_scheduler
         if not isinstance(name, str):
-            return make_scheduler(name, self.base_scheduler.config)
+            return make_scheduler(name, self.base_scheduler.config, argument)
         if name not in self._schedulers:
-            self._schedulers[name] = make_scheduler(name, self.base_scheduler.config)
+            self._schedulers[name] = make_scheduler(name, self.base_scheduler.config, argument)
         return self._schedulers[name]
 
     def _seeded_scheduler(self, name, generator, count: int):

@@ -127,14 +127,15 @@ def scheduler_name(scheduler: Union[str, SchedulerMixin]) -> str:
     return type(scheduler).__name__
 
 
-def make_scheduler(scheduler: Union[str, SchedulerMixin], base_config) -> SchedulerMixin:
-    """Build the named scheduler from the model's own scheduler config (betas, offsets, prediction type)."""
+def make_scheduler(scheduler: Union[str, SchedulerMixin], base_config, argument: str = 'scheduler') -> SchedulerMixin:
+    """Build the named scheduler from the model's own scheduler config (betas, offsets, prediction type);
+    ``argument``: the option that named it, for errors."""
     if type(scheduler) is diffusers.DPMSolverSDEScheduler:  # the same sampler, with noise its seeds decide
         return DPMSolverSDEScheduler.from_config(scheduler.config)
     if isinstance(scheduler, SchedulerMixin):
         return scheduler
     if not isinstance(scheduler, str):
-        raise TypeError(f'scheduler must be a name (str) or a diffusers scheduler, got {type(scheduler).__name__}')
+        raise TypeError(f'{argument} must be a name (str) or a diffusers scheduler, got {type(scheduler).__name__}')
     key, named = normalize_scheduler_name(scheduler), named_schedulers()
     if key not in named:
         class_names = {cls: name for name, (cls, extra) in SCHEDULERS.items() if not extra}
@@ -142,7 +143,7 @@ def make_scheduler(scheduler: Union[str, SchedulerMixin], base_config) -> Schedu
     if key not in named:
         close = difflib.get_close_matches(key, scheduler_names(), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ''
-        raise ValueError(f"scheduler={scheduler!r} is not known.{hint} Allowed: {', '.join(sorted(SCHEDULERS))} "
+        raise ValueError(f"{argument}={scheduler!r} is not known.{hint} Allowed: {', '.join(sorted(SCHEDULERS))} "
                          f"(each also with _{', _'.join(SCHEDULE_TYPES)} where diffusers' class has that schedule), "
                          f"and {', '.join(sorted(ALIASES))}.")
     class_name, overrides = named[key]
