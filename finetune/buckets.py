@@ -22,12 +22,17 @@ def size_step(unet) -> int:
     return 8 * 2 ** (len(unet.config.block_out_channels) - 1)
 
 
+def side_bounds(resolution: int, shortest: Optional[int] = None, longest: Optional[int] = None) -> Tuple[int, int]:
+    """The shortest and longest bucket side in pixels: ``shortest`` and ``longest`` (kohya's --min/max_bucket_reso),
+    by default half and twice ``resolution`` (256 to 1024 at 512, as kohya's defaults)."""
+    return shortest or resolution // 2, longest or resolution * 2
+
+
 def bucket_sizes(resolution: int, step: int, shortest: Optional[int] = None, longest: Optional[int] = None
                  ) -> List[Size]:
-    """The largest ``step``-multiple sizes of at most ``resolution``² pixels, sides from ``shortest`` to
-    ``longest`` (default: half to twice ``resolution``, 256 to 1024 at 512 as kohya's defaults)."""
-    low = max(step, (shortest or resolution // 2) // step * step)
-    high = (longest or resolution * 2) // step * step
+    """The largest ``step``-multiple sizes of at most ``resolution``² pixels, sides within `side_bounds`."""
+    low, high = side_bounds(resolution, shortest, longest)
+    low, high = max(step, low // step * step), high // step * step
     sizes = set()
     for width in range(low, high + 1, step):
         height = min(high, resolution * resolution // width // step * step)

@@ -14,6 +14,7 @@ from modelscope_sd.loading import is_hub_id
 from modelscope_sd.prompts import CHUNK, check_syntax
 from modelscope_sd.schedulers import check_scheduler_name
 
+from .buckets import side_bounds
 from .validation_images import load_sample_prompts
 
 logger = logging.getLogger(__name__)
@@ -483,8 +484,7 @@ def _check_buckets(config) -> None:
         if value <= 0 or value % 8:
             raise ValueError(f'{name}={value} must be a positive multiple of 8 (64 for SD1.5, whose bucket sides '
                              'are multiples of 64).')
-    low = config.min_bucket_reso or config.resolution // 2
-    high = config.max_bucket_reso or config.resolution * 2
+    low, high = side_bounds(config.resolution, config.min_bucket_reso, config.max_bucket_reso)
     if not low <= config.resolution <= high:
         raise ValueError(f'resolution={config.resolution} must lie between min_bucket_reso={low} and '
                          f'max_bucket_reso={high}: the buckets hold about resolution² pixels.')

@@ -29,9 +29,9 @@ _FROM_A1111 = {v.lower(): k for k, v in A1111_SAMPLERS.items()}
 _APPLIED = {'Steps', 'Sampler', 'Schedule type', 'CFG scale', 'Seed', 'Size', 'Model', 'Rescale CFG', 'Clip skip',
             'Denoising strength', 'Lora', 'Textual inversion', 'Emphasis', 'VAE', 'Variation seed',
             'Variation seed strength'}
-# read back when 'Hires upscale' is there
-_HIRES = {'Hires upscale', 'Hires steps', 'Hires upscaler', 'Hires prompt', 'Hires negative prompt', 'Hires sampler',
-          'Hires schedule type'}
+# read back when the hires fix is ('Hires upscale', or a 'Hires resize' that is a scale)
+_HIRES = {'Hires upscale', 'Hires resize', 'Hires steps', 'Hires upscaler', 'Hires prompt', 'Hires negative prompt',
+          'Hires sampler', 'Hires schedule type'}
 _INFORMATIONAL = {'Model hash', 'VAE hash', 'Lora hashes', 'TI hashes', 'Hashes', 'Version'}
 # A1111's own pattern for "Key: value, Key: "quoted, value""
 _PARAM = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -138,7 +138,7 @@ def parse_parameters(text: str) -> Dict[str, Any]:
     if 'Clip skip' in params:
         call['clip_skip'] = int(params['Clip skip']) - 1
     hr_scale = _hires_scale(params, width, height)
-    applied = _APPLIED | _INFORMATIONAL | (_HIRES | {'Hires resize'} if hr_scale is not None else set())
+    applied = _APPLIED | _INFORMATIONAL | (_HIRES if hr_scale is not None else set())
     not_applied = [key if key != 'Hires resize' else f'Hires resize {params[key]} (not the first pass\'s size scaled: '
                    'A1111 crops to it)' for key in params if key not in applied]
     if 'Emphasis' in params:
