@@ -221,12 +221,16 @@ def main(argv=None):
     for name, mode, batch, options in runs:
         _reset(args.device)
         parts = build_components(args.tiny, args.device)  # fresh weights on the card for every run
-        if options is None:
-            runner = vanilla_step_runner(parts, mode, batch, args.device, records, resolution)
-        else:
-            runner = ours_step_runner(parts, mode, batch, args.device, records, resolution, options)
-        measure(name, runner, args, batch, results)
-        del parts, runner
+        try:
+            if options is None:
+                runner = vanilla_step_runner(parts, mode, batch, args.device, records, resolution)
+            else:
+                runner = ours_step_runner(parts, mode, batch, args.device, records, resolution, options)
+            measure(name, runner, args, batch, results)
+        except Exception as error:  # one GPU session per task: one failing row must not cost the others
+            emit({'name': name, 'batch': batch, 'error': f'{type(error).__name__}: {error}'[-2000:]}, args, results)
+        runner = None
+        del parts
         _reset(args.device)
     print('\n| run | batch | it/s | images/s | peak GiB |\n|---|---|---|---|---|')
     for row in results:

@@ -15,9 +15,9 @@ DEVICE_ARGS="" ATTENTION_ARGS=""
 if [ "${DRY_RUN:-0}" = 1 ]; then
   DEVICE_ARGS="--device cpu --tiny" ATTENTION_ARGS="--device cpu --repeats 1"
   INFER_SIZE="--steps 4 --repeats 1 --batch 2 --profile_steps 2" TRAIN_SIZE="--steps 2 --warmup 1 --profile_steps 2"
-elif [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}" || exit 1
+elif [ -d .whl ]; then  # once per machine: a second call of this script on the same machine reuses /tmp/site
+  [ -f /tmp/site/.installed ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && touch /tmp/site/.installed && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}" || exit 1
 fi
 export PYTHONPATH="$(pwd):${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TQDM_DISABLE=1
 export MODELSCOPE_CACHE=/tmp/modelscope_cache TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_cache
