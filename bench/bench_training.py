@@ -130,10 +130,10 @@ def ours_step_runner(parts, mode, batch, device, records, resolution, options):
     from finetune.data import CaptionDataset
     from finetune.training import make_accelerator, prepare_models, train_loop
     out = _temporary_folder('bench_out_')
-    common = dict(pretrained_model_name_or_path='unused', output_dir=out, resolution=resolution, center_crop=True,
-                  cache_latents=True, mixed_precision='bf16' if device.startswith('cuda') else 'no',
-                  train_batch_size=batch, checkpointing_steps=None, validation_steps=10**9, logging_steps=10**9,
-                  **options)
+    defaults = dict(pretrained_model_name_or_path='unused', output_dir=out, resolution=resolution, center_crop=True,
+                    cache_latents=True, mixed_precision='bf16' if device.startswith('cuda') else 'no',
+                    train_batch_size=batch, checkpointing_steps=None, validation_steps=10**9, logging_steps=10**9)
+    common = {**defaults, **options}
     if mode == 'lora':
         config = LoraTrainConfig(dataset_name='unused', **common)
     else:
@@ -147,6 +147,9 @@ def ours_step_runner(parts, mode, batch, device, records, resolution, options):
     def run(steps):
         config.max_train_steps = steps
         train_loop(accelerator, config, parts, trained, dataset)
+        # the accelerator keeps every optimizer it prepared: without this, the timed run's peak memory held the
+        # state of the runs before it (2 x 3.2 GiB of 8-bit AdamW state in the H200 run of 2026-11-27)
+        accelerator.free_memory()
     return run
 
 
@@ -172,9 +175,10 @@ def measure(name, runner, args, batch, results):
            'allocated_before_gib': round(baseline, 2) if baseline is not None else None}
     emit(row, args, results)
     if args.profile:
-        # ours: a run of train_loop, so its setup (caching the latents, prepare) is in the profile too
-        emit(dict(device_profile(name, lambda: runner(args.profile_steps), args.device), steps=args.profile_steps),
-             args, results)
+        # one step's share of two runs (ours: whole train_loop runs, whose setup cancels as in the timing)
+        emit(dict(device_profile(name, lambda: runner(args.warmup + args.profile_steps), args.device,
+                                 baseline=lambda: runner(args.warmup), steps=args.profile_steps),
+                  steps=args.profile_steps), args, results)
 
 
 def emit(row, args, results):
@@ -191,6 +195,8 @@ def plan_runs(only):
     lora = [('vanilla LoRA r4', None), ('ours LoRA r4 (cached latents, bf16, fused AdamW)', {})]
     if 'compile' in only:
         lora.append(('ours LoRA r4 + --torch_compile', {'torch_compile': True}))
+    # bf16 against vanilla's fp16 at batch 1, where ours was slower than vanilla in the H200 run of 2026-11-27
+    precision = [('ours LoRA r4, fp16 like vanilla (cached latents, fused AdamW)', {'mixed_precision': 'fp16'})]
     dreambooth = [('vanilla DreamBooth full UNet', None)]
     if importlib.util.find_spec('bitsandbytes'):
         dreambooth.append(('ours DreamBooth full UNet + --use_8bit_adam', {'use_8bit_adam': True}))
@@ -200,7 +206,7 @@ def plan_runs(only):
                     {'optimizer': 'adafactor', 'gradient_checkpointing': True})]
     runs = []
     if 'lora' in only:
-        runs += [(name, 'lora', 1, options) for name, options in lora]
+        runs += [(name, 'lora', 1, options) for name, options in lora + precision]
     if 'dreambooth' in only:
         runs += [(name, 'dreambooth', 1, options) for name, options in dreambooth]
     if 'lora' in only:

@@ -26,16 +26,25 @@ def timed(fn, device: str):
     return time.perf_counter() - start, result
 
 
-def device_profile(name: str, call, device: str) -> dict:
-    """Profile ``call()`` once (run it once before, so one-time work stays out). A profiler failure (CUPTI and
-    CUDA graphs do not always agree) becomes the row's 'error': the benchmark's timings around it stay."""
+def device_profile(name: str, call, device: str, baseline=None, steps: int = 1) -> dict:
+    """Profile ``call()`` once (run it once before, so one-time work stays out). With ``baseline`` (the same work
+    with ``steps`` fewer steps, e.g. a whole training run that is shorter), the row is one step's share,
+    (call - baseline) / steps, so setup that both runs do cancels. A profiler failure (CUPTI and CUDA graphs do not
+    always agree) becomes the row's 'error': the benchmark's timings around it stay."""
     try:
-        return {'name': f'profile {name}', **_summary(call, device)}
+        wall_ms, busy = _trace(call, device)
+        if baseline is not None:
+            base_ms, base = _trace(baseline, device)
+            wall_ms = (wall_ms - base_ms) / steps
+            busy = {key: ((ms - base.get(key, (0.0, 0))[0]) / steps, (count - base.get(key, (0.0, 0))[1]) / steps)
+                    for key, (ms, count) in busy.items()}
+        return {'name': f'profile {name}' + (', per step' if baseline is not None else ''), **_summary(wall_ms, busy)}
     except Exception as err:  # noqa: BLE001 - reported in the results, not swallowed
         return {'name': f'profile {name}', 'error': repr(err)[:400]}
 
 
-def _summary(call, device: str) -> dict:
+def _trace(call, device: str):
+    """(wall ms, {event: (busy ms, count)}) of one profiled ``call()``."""
     from torch.profiler import ProfilerActivity, profile
     cuda = device.startswith('cuda')
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
@@ -43,14 +52,27 @@ def _summary(call, device: str) -> dict:
     # on the GPU the kernels are the device work; on the CPU the aten ops' own time stands in for it
     events = [e for e in prof.key_averages() if e.self_device_time_total > 0] if cuda else \
         [e for e in prof.key_averages() if e.key.startswith('aten::') and e.self_cpu_time_total > 0]
-    busy = {e.key: ((e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3, e.count) for e in events}
+    return wall_ms, {e.key: ((e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3, e.count)
+                     for e in events}
+
+
+def _summary(wall_ms: float, busy: dict) -> dict:
+    # '## Call CompiledFxGraph … ##' marks a compiled graph's call (a CUDA graph replay under reduce-overhead). The
+    # profiler gives it the device time of the kernels it ran, and in the H200 run of 2026-11-27 listed many of those
+    # kernels on their own as well (busy time above the wall time): such marks are a total of their own, not busy time.
+    graphs = {key: value for key, value in busy.items() if key.startswith('## ')}
+    busy = {key: value for key, value in busy.items() if key not in graphs}
     by_kind = {}
     for key, (ms, _) in busy.items():
         kind = next((k for k, pattern in KERNEL_KINDS if re.search(pattern, key, re.IGNORECASE)), 'other')
         by_kind[kind] = round(by_kind.get(kind, 0.0) + ms, 2)
     total = sum(ms for ms, _ in busy.values())
     top = sorted(busy.items(), key=lambda item: -item[1][0])[:10]
-    return {'wall_ms': round(wall_ms, 2), 'device_busy_ms': round(total, 2),
-            'busy_fraction': round(total / wall_ms, 3),
-            'busy_ms_by_kind': dict(sorted(by_kind.items(), key=lambda item: -item[1])),
-            'top': [[key[:90], round(ms, 2), count] for key, (ms, count) in top]}
+    row = {'wall_ms': round(wall_ms, 2), 'device_busy_ms': round(total, 2),
+           'busy_fraction': round(total / wall_ms, 3) if wall_ms > 0 else None,
+           'busy_ms_by_kind': dict(sorted(by_kind.items(), key=lambda item: -item[1])),
+           'top': [[key[:90], round(ms, 2), round(count, 2)] for key, (ms, count) in top]}
+    if graphs:
+        row['compiled_graph_calls_ms'] = round(sum(ms for ms, _ in graphs.values()), 2)
+        row['compiled_graph_calls'] = round(sum(count for _, count in graphs.values()), 2)
+    return row

@@ -1,8 +1,13 @@
-"""The memory estimator behind the README's DreamBooth memory numbers, on the tiny UNet."""
+"""The benchmarks' own measuring, on the tiny model: the memory estimator behind the README's DreamBooth memory
+numbers, the training bench's runs and the per-step profile."""
+
+import gc
 
 import pytest
+import torch
 
 from bench.estimate_training_memory import estimate
+from bench.profiling import device_profile
 
 
 @pytest.fixture(scope='module')
@@ -19,3 +24,28 @@ def test_adamw_state_is_two_copies_of_the_weights(rows):
 
 def test_adafactor_state_is_factored(rows):
     assert rows['adafactor']['step_peak_gib_by_kind']['opt'] < 0.5 * rows['adamw']['step_peak_gib_by_kind']['opt']
+
+
+def test_a_training_run_leaves_no_optimizer_state_to_the_next(tmp_path, fresh_accelerate):
+    """The timed run's peak memory must not hold the optimizer state of the runs before it."""
+    from bench.bench_training import make_data, ours_step_runner
+    from bench.models import build_components
+    (tmp_path / 'data').mkdir()
+    records = make_data(str(tmp_path / 'data'), 2, 32)
+    runner = ours_step_runner(build_components(True, 'cpu'), 'dreambooth', 1, 'cpu', records, 32, {})
+    for _ in range(2):
+        runner(1)
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, torch.optim.Optimizer) and o.state]
+
+
+def test_a_profile_against_a_baseline_is_one_steps_share():
+    a = torch.randn(64, 64)
+
+    def steps(n):
+        return lambda: [torch.mm(a, a).relu() for _ in range(n)]
+
+    row = device_profile('mm', steps(7), 'cpu', baseline=steps(2), steps=5)
+    counts = {key: count for key, _, count in row['top']}
+    assert row['name'] == 'profile mm, per step'
+    assert counts['aten::mm'] == 1 and counts['aten::relu'] == 1
