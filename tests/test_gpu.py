@@ -73,22 +73,26 @@ def test_and_prompts_run_in_the_compiled_loop(gpu_pipes):
 def test_fast_denoising_loop_never_waits_for_the_gpu(gpu_pipes):
     """No host sync between steps: the CPU queues all steps' graph replays ahead of the GPU."""
     _, fast = gpu_pipes
-    denoiser = fast.denoiser
+    denoiser, config = fast.denoiser, fast.sd.unet.config
     plan = denoiser.plan(fast.sd.scheduler, 4, 0.0)
-    latents = torch.randn((1, 4, 8, 8), device='cuda', dtype=torch.float16)
-    embeds = torch.randn((2, 77, 32), device='cuda', dtype=torch.float16)
 
     class Bar:
         def update(self):
             pass
 
-    denoiser.denoise(plan, latents, embeds, 7.5, None, Bar())  # warm: compile and record
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode('error')
-    try:
-        denoiser.denoise(plan, latents, embeds, 7.5, None, Bar())
-    finally:
-        torch.cuda.set_sync_debug_mode('default')
+    # the pipeline's shapes, under inference_mode as the pipeline calls it: the compiled step, not a new one (a
+    # new grad mode or latent size compiled the step again: longer than the 150 s this test had on the H200)
+    with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):
+        latents = torch.randn((1, config.in_channels, config.sample_size, config.sample_size), device='cuda',
+                              dtype=torch.float16)
+        embeds = torch.randn((2, 77, config.cross_attention_dim), device='cuda', dtype=torch.float16)
+        fast('a cat', num_inference_steps=4, seed=0)  # compiled and recorded, if no test before did it
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode('error')
+        try:
+            denoiser.denoise(plan, latents, embeds, 7.5, None, Bar())
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
 
 
 def test_model_cpu_offload_on_pipe_sd_keeps_the_images(tiny_model_dir):
