@@ -35,6 +35,9 @@ def parse_args(argv=None):
     parser.add_argument('--compile_mode', default='reduce-overhead')
     parser.add_argument('--sdpa_backend', choices=('default', 'cudnn', 'flash', 'efficient'), default='default',
                         help='attention kernel tried first in the fast runs (default: the one SDPA picks)')
+    parser.add_argument('--static_shapes', action='store_true',
+                        help="torch._dynamo.config.automatic_dynamic_shapes=False: the batch-4 call compiles kernels for "
+                             "its own shapes, not shape-generic ones (the H200 run of 2026-11-27 ran shape-generic)")
     parser.add_argument('--skip_fast', action='store_true')
     parser.add_argument('--skip_plain', action='store_true', help='skip our plain (uncompiled) pipeline')
     parser.add_argument('--compare_loops', action='store_true',
@@ -114,6 +117,8 @@ def main(argv=None):
     if not args.skip_plain:
         plain = measure('ours', run_ours, args, results)[0]
         emit({'name': 'ours vs vanilla, same seed', **compare(reference, plain)}, args, results)
+    if args.static_shapes:
+        torch._dynamo.config.automatic_dynamic_shapes = False
     if not args.skip_fast:
         # fast=True changes the modules in place (fused QKV, compiled forward): vanilla is done by now
         fast = StableDiffusionText2ImagePipeline(vanilla, device=args.device, torch_dtype=dtype, progress_bar=False,
@@ -123,8 +128,8 @@ def main(argv=None):
             with attention_backend(args.sdpa_backend):
                 return fast([PROMPT] * n, num_inference_steps=args.steps, seed=seed)['output_imgs']
 
-        label = f'ours fast=True ({args.compile_mode}' + (f', SDPA {args.sdpa_backend} first)'
-                                                           if args.sdpa_backend != 'default' else ')')
+        label = (f'ours fast=True ({args.compile_mode}' + (', static shapes' if args.static_shapes else '')
+                 + (f', SDPA {args.sdpa_backend} first)' if args.sdpa_backend != 'default' else ')'))
         try:
             image = measure(label, run_fast, args, results)[0]
         except Exception as error:  # one GPU session per task: keep the error, then time the UNet-only fallback
