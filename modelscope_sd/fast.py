@@ -110,10 +110,13 @@ class WholeStepDenoiser:
         self.step = torch.compile(self._step, mode=compile_mode, fullgraph=True) if compile_mode else self._step
         self._plans: Dict[Any, Optional[DevicePlan]] = {}
 
-    def plan(self, scheduler, num_inference_steps: int, eta: float, begin_index: int = 0) -> Optional[DevicePlan]:
-        """The scheduler's table on the device (built once per scheduler config, steps, eta and start), or None."""
+    def plan(self, scheduler, num_inference_steps: int, eta: float, begin_index: int = 0,
+             device: Optional[torch.device] = None) -> Optional[DevicePlan]:
+        """The scheduler's table on ``device`` (the pipeline's when None; built once per scheduler config, steps,
+        eta, start and device), or None."""
+        device = self.sd.device if device is None else device
         key = (type(scheduler).__name__, json.dumps(dict(scheduler.config), sort_keys=True, default=str),
-               num_inference_steps, eta, begin_index, str(self.sd.device))
+               num_inference_steps, eta, begin_index, str(device))
         if key not in self._plans:
             plan = plan_scheduler(scheduler, num_inference_steps, eta, begin_index)
             if plan is None:
@@ -121,11 +124,10 @@ class WholeStepDenoiser:
                             'runs it over the compiled UNet.', type(scheduler).__name__)
             if len(self._plans) >= self.MAX_PLANS:
                 self._plans.pop(next(iter(self._plans)))  # the oldest
-            self._plans[key] = None if plan is None else self._to_device(plan)
+            self._plans[key] = None if plan is None else self._to_device(plan, device)
         return self._plans[key]
 
-    def _to_device(self, plan) -> DevicePlan:
-        device = self.sd.device
+    def _to_device(self, plan, device) -> DevicePlan:
         used = plan.coefs.shape[1] - 1
         capacity = MIN_HISTORY if used <= MIN_HISTORY else 2 ** math.ceil(math.log2(used))
         coefs = torch.zeros((plan.coefs.shape[0], 1 + capacity), dtype=torch.float32)
@@ -202,6 +204,8 @@ class WholeStepDenoiser:
         caller then runs diffusers' loop). ``prompt_changes``: {UNet call: text inputs from that call on};
         ``composition``: A1111's AND (`prompts.Composition`; the prompt embeddings are then the subprompts')."""
         begin = 0
+        # once per call: diffusers finds the device by walking every module (~5 ms for SD1.5 on a desktop CPU), time
+        # in which the GPU has nothing queued
         device = pipe._execution_device
         # this call's timesteps, as diffusers sets them before the start latents: sigma schedulers (Euler, LMS,
         # DPM++ SDE, …) scale the start noise by the largest sigma of the timesteps set last
@@ -209,21 +213,20 @@ class WholeStepDenoiser:
         if image is not None:  # diffusers' own img2img timesteps: strength skips the first ones
             remaining, _ = pipe.get_timesteps(num_inference_steps, strength, device)
             begin = len(pipe.scheduler.timesteps) - len(remaining)
-        plan = self.plan(pipe.scheduler, num_inference_steps, eta, begin)
+        plan = self.plan(pipe.scheduler, num_inference_steps, eta, begin, device)
         if plan is None:
             return None
         with torch.inference_mode():
-            return self._generate(pipe, plan, begin, text_inputs, guidance_scale, num_images_per_prompt, generator,
-                                  height, width, latents, image, guidance_rescale, output_type, prompt_changes,
-                                  composition)
+            return self._generate(pipe, device, plan, begin, text_inputs, guidance_scale, num_images_per_prompt,
+                                  generator, height, width, latents, image, guidance_rescale, output_type,
+                                  prompt_changes, composition)
 
-    def _generate(self, pipe, plan, begin, text_inputs, guidance_scale, num_images_per_prompt, generator, height,
-                  width, latents, image, guidance_rescale, output_type, prompt_changes, composition):
+    def _generate(self, pipe, device, plan, begin, text_inputs, guidance_scale, num_images_per_prompt, generator,
+                  height, width, latents, image, guidance_rescale, output_type, prompt_changes, composition):
         """diffusers' steps around `denoise`: encode → start latents → denoise → decode → safety check."""
-        device = pipe._execution_device
         cfg = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
-        embeds = unet_embeds(pipe, text_inputs, num_images_per_prompt, cfg)
-        changes = {call: unet_embeds(pipe, inputs, num_images_per_prompt, cfg)
+        embeds = unet_embeds(pipe, text_inputs, num_images_per_prompt, cfg, device)
+        changes = {call: unet_embeds(pipe, inputs, num_images_per_prompt, cfg, device)
                    for call, inputs in (prompt_changes or {}).items()}
         batch, dtype, mixing = embeds.shape[0] // (2 if cfg else 1), embeds.dtype, None
         if composition is not None:  # negative rows, one per image, then the subprompts'

@@ -289,16 +289,18 @@ def _expand(pipe, text: str) -> str:
     return pipe.maybe_convert_prompt(text, pipe.tokenizer) if hasattr(pipe, 'maybe_convert_prompt') else text
 
 
-def unet_embeds(pipe, text_inputs: Dict[str, Any], num_images_per_prompt: int, cfg: bool) -> torch.Tensor:
+def unet_embeds(pipe, text_inputs: Dict[str, Any], num_images_per_prompt: int, cfg: bool,
+                device: Optional[torch.device] = None) -> torch.Tensor:
     """The UNet's ``encoder_hidden_states`` for text inputs, laid out as diffusers' loop has them: each prompt's
     copies side by side, and with classifier-free guidance the negative half first. Embeddings of ours are
-    repeated here, as diffusers would, since with A1111's AND the positive side has more rows than the negative."""
+    repeated here, as diffusers would, since with A1111's AND the positive side has more rows than the negative.
+    ``device``: the pipeline's execution device, where the caller has it already."""
+    device = pipe._execution_device if device is None else device
     if 'prompt_embeds' not in text_inputs:
-        positive, negative = pipe.encode_prompt(
-            text_inputs.get('prompt'), pipe._execution_device, num_images_per_prompt, cfg,
-            text_inputs.get('negative_prompt'))
+        positive, negative = pipe.encode_prompt(text_inputs.get('prompt'), device, num_images_per_prompt, cfg,
+                                                text_inputs.get('negative_prompt'))
     else:
-        positive, negative = (text_inputs[key].to(pipe._execution_device).repeat_interleave(num_images_per_prompt, 0)
+        positive, negative = (text_inputs[key].to(device).repeat_interleave(num_images_per_prompt, 0)
                               for key in ('prompt_embeds', 'negative_prompt_embeds'))
     return torch.cat([negative, positive]) if cfg else positive
 

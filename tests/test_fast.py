@@ -87,6 +87,18 @@ def test_pipeline_routes_text_to_image_through_the_table_loop(fast_pipe, sd_pipe
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
+def test_the_table_loop_looks_the_device_up_once_per_call(fast_pipe, monkeypatch):
+    """diffusers finds a pipeline's device by walking all its modules: each lookup is host time before the GPU has
+    work, so the table loop does it once (it did three full lookups and one partial before)."""
+    from diffusers import DiffusionPipeline
+    looked_up = []
+    for name in ('_execution_device', 'device'):  # the second: diffusers' execution device reads it too
+        monkeypatch.setattr(DiffusionPipeline, name, property(
+            lambda pipe, name=name, lookup=getattr(DiffusionPipeline, name).fget: looked_up.append(name) or lookup(pipe)))
+    fast_pipe(['a cat', 'a dog'], seed=0, scheduler='euler_a', **ARGS)
+    assert looked_up == ['_execution_device', 'device']
+
+
 def test_a_step_end_callback_takes_diffusers_loop(fast_pipe, sd_pipe, monkeypatch):
     """The whole-step loop has no step boundary in Python to call back from: with a callback, diffusers' loop runs."""
     monkeypatch.setattr(fast_pipe.denoiser, 'denoise', _spy(fast_pipe.denoiser.denoise, calls := []))
