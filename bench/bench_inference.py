@@ -38,6 +38,9 @@ def parse_args(argv=None):
     parser.add_argument('--static_shapes', action='store_true',
                         help="torch._dynamo.config.automatic_dynamic_shapes=False: the batch-4 call compiles kernels for "
                              "its own shapes, not shape-generic ones (the H200 run of 2026-11-27 ran shape-generic)")
+    parser.add_argument('--cudnn_benchmark', action='store_true',
+                        help='torch.backends.cudnn.benchmark=True for the fast runs: cuDNN times its convolution '
+                             'algorithms at the first call of each shape instead of picking by heuristics')
     parser.add_argument('--skip_fast', action='store_true')
     parser.add_argument('--skip_plain', action='store_true', help='skip our plain (uncompiled) pipeline')
     parser.add_argument('--compare_loops', action='store_true',
@@ -119,6 +122,7 @@ def main(argv=None):
         emit({'name': 'ours vs vanilla, same seed', **compare(reference, plain)}, args, results)
     if args.static_shapes:
         torch._dynamo.config.automatic_dynamic_shapes = False
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark  # vanilla has run by now, with the default
     if not args.skip_fast:
         # fast=True changes the modules in place (fused QKV, compiled forward): vanilla is done by now
         fast = StableDiffusionText2ImagePipeline(vanilla, device=args.device, torch_dtype=dtype, progress_bar=False,
@@ -129,6 +133,7 @@ def main(argv=None):
                 return fast([PROMPT] * n, num_inference_steps=args.steps, seed=seed)['output_imgs']
 
         label = (f'ours fast=True ({args.compile_mode}' + (', static shapes' if args.static_shapes else '')
+                 + (', cuDNN benchmark' if args.cudnn_benchmark else '')
                  + (f', SDPA {args.sdpa_backend} first)' if args.sdpa_backend != 'default' else ')'))
         try:
             image = measure(label, run_fast, args, results)[0]
