@@ -19,6 +19,7 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.utils.torch_utils import randn_tensor
 
+from .cfg_cutoff import guided_calls
 from .linear_steps import plan_scheduler
 from .prompts import unet_embeds
 
@@ -165,13 +166,16 @@ class WholeStepDenoiser:
 
     def denoise(self, plan: DevicePlan, latents, embeds, guidance_scale: Optional[float], generator, progress_bar,
                 guidance_rescale: float = 0.0, changes: Optional[Dict[int, torch.Tensor]] = None, mixing=None,
-                brownian_noise: Optional[Callable[[float, float], torch.Tensor]] = None):
+                brownian_noise: Optional[Callable[[float, float], torch.Tensor]] = None,
+                guided: Optional[int] = None):
         """``latents``: the start latents as ``prepare_latents`` gives them. Noise for stochastic schedulers is
         drawn up front, in the order the scheduler would draw it, so seeds give the pictures of the plain path:
         from ``generator``, or for DPM++ SDE from its tree (``brownian_noise``: (sigma, sigma_next) → noise).
         ``changes``: {call: embeddings} from that UNet call on (prompt editing); same shape, so the same graph.
-        ``mixing``: A1111's AND (see `_step`)."""
+        ``mixing``: A1111's AND (see `_step`). ``guided``: only the first that many UNet calls are guided, the rest
+        run the positive half of the embeddings alone (diffusers' ``SDCFGCutoffCallback``; a second graph, once)."""
         n = plan.num_model_calls
+        guided = n if guided is None or guidance_scale is None else guided
         # one layout for all callers (the channels_last VAE encoder hands image-to-image latents over in NHWC)
         x0 = latents.to(torch.float32, memory_format=torch.contiguous_format)
         history = torch.zeros((plan.capacity,) + tuple(latents.shape), dtype=torch.float32, device=latents.device)
@@ -187,8 +191,12 @@ class WholeStepDenoiser:
                    else torch.full((), guidance_rescale, dtype=torch.float32, device=latents.device))
         for i in range(n):
             embeds = changes.get(i, embeds) if changes else embeds
-            history[i] = self.step(x0, history, plan.rows[i], plan.scales[i], plan.timesteps[i], embeds, guidance,
-                                   rescale, mixing)
+            if i < guided:
+                history[i] = self.step(x0, history, plan.rows[i], plan.scales[i], plan.timesteps[i], embeds, guidance,
+                                       rescale, mixing)
+            else:  # negative rows first: the positive half is each image's own prompt
+                history[i] = self.step(x0, history, plan.rows[i], plan.scales[i], plan.timesteps[i],
+                                       embeds[embeds.shape[0] // 2:], None, None, None)
             progress_bar.update()
         final = plan.rows[n]
         return (final[0] * x0 + torch.tensordot(final[1:], history, dims=1)).to(latents.dtype)
@@ -197,12 +205,17 @@ class WholeStepDenoiser:
                  num_images_per_prompt: int, eta: float, generator, height: Optional[int] = None,
                  width: Optional[int] = None, latents=None, image=None, strength: Optional[float] = None,
                  guidance_rescale: float = 0.0, output_type: str = 'np',
-                 prompt_changes: Optional[Dict[int, Dict[str, Any]]] = None, composition=None):
+                 prompt_changes: Optional[Dict[int, Dict[str, Any]]] = None, composition=None, cfg_cutoff=None):
         """Text-to-image (``pipe``: the pipeline) or image-to-image (``pipe``: its img2img twin, ``image`` given)
         through the whole-step loop. Returns float images in [0, 1] (N, H, W, 3) and the safety checker's
         flags (``output_type='latent'``: the final latents and None), or None when the scheduler has no table (the
         caller then runs diffusers' loop). ``prompt_changes``: {UNet call: text inputs from that call on};
-        ``composition``: A1111's AND (`prompts.Composition`; the prompt embeddings are then the subprompts')."""
+        ``composition``: A1111's AND (`prompts.Composition`; the prompt embeddings are then the subprompts');
+        ``cfg_cutoff``: an ``SDCFGCutoffCallback`` (`cfg_cutoff.is_cfg_cutoff`)."""
+        if cfg_cutoff is not None and composition is not None:  # diffusers' loop would fail on it with an IndexError
+            raise ValueError("callback_on_step_end=SDCFGCutoffCallback turns classifier-free guidance off, and A1111's "
+                             "AND has no prediction without it (it sums each subprompt's guidance): drop the callback "
+                             "or the AND.")
         begin = 0
         # once per call: diffusers finds the device by walking every module (4.6 ms for SD1.5 on a 2-core CPU), time
         # in which the GPU has nothing queued
@@ -219,10 +232,11 @@ class WholeStepDenoiser:
         with torch.inference_mode():
             return self._generate(pipe, device, plan, begin, text_inputs, guidance_scale, num_images_per_prompt,
                                   generator, height, width, latents, image, guidance_rescale, output_type,
-                                  prompt_changes, composition)
+                                  prompt_changes, composition, cfg_cutoff)
 
     def _generate(self, pipe, device, plan, begin, text_inputs, guidance_scale, num_images_per_prompt, generator,
-                  height, width, latents, image, guidance_rescale, output_type, prompt_changes, composition):
+                  height, width, latents, image, guidance_rescale, output_type, prompt_changes, composition,
+                  cfg_cutoff):
         """diffusers' steps around `denoise`: encode → start latents → denoise → decode → safety check."""
         cfg = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
         embeds = unet_embeds(pipe, text_inputs, num_images_per_prompt, cfg, device)
@@ -244,8 +258,9 @@ class WholeStepDenoiser:
                                          generator)
         with pipe.progress_bar(total=plan.num_model_calls) as bar:
             brownian = pipe.scheduler.brownian_noise(start.float()) if plan.brownian else None
+            guided = None if cfg_cutoff is None else guided_calls(cfg_cutoff, plan.num_model_calls)
             final = self.denoise(plan, start, embeds, guidance_scale if cfg else None, generator, bar, guidance_rescale,
-                                 changes, mixing, brownian)
+                                 changes, mixing, brownian, guided)
         if output_type == 'latent':
             return final, None
         decoded = pipe.vae.decode(final / pipe.vae.config.scaling_factor, return_dict=False, generator=generator)[0]

@@ -13,11 +13,13 @@ from modelscope.pipelines.base import Pipeline
 from PIL import Image
 
 from . import checks
+from . import fast as fast_lib
 from . import hires
 from . import images as images_lib
 from . import lora as lora_utils
 from . import prompts as prompts_lib
 from . import variation
+from .cfg_cutoff import BatchCFGCutoff, is_cfg_cutoff
 from .composable import composed_call
 from .embeddings import load_embeddings
 from .loading import load_pipeline, resolve_device
@@ -148,8 +150,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         # corrupt each other. Throughput comes from batching prompts in one call, not from threads.
         self._call_lock = threading.Lock()
         if fast:
-            from .fast import enable_fast_inference
-            self.denoiser = enable_fast_inference(self.sd, compile_mode)
+            self.denoiser = fast_lib.enable_fast_inference(self.sd, compile_mode)
 
     # ModelScope callers
     def __call__(self, input: Union[str, List[str], Dict[str, Any], List[Dict[str, Any]]] = None,
@@ -390,10 +391,12 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                         or prompts_lib.text_inputs(self.sd, prompt, negative_prompt, clip_skip, emphasis))
 
             text_inputs = encoded(prompt, negative_prompt)
-            # the fast loop has no step-end callback: with one, diffusers' loop runs (over the compiled UNet)
+            # the fast loop has no step-end callback but diffusers' CFG cutoff, which it does itself: with another,
+            # diffusers' loop runs (over the compiled UNet)
             passes = dict(text_inputs=text_inputs, guidance_scale=guidance_scale, eta=eta, generator=generator,
                           num_images_per_prompt=num_images_per_prompt,
-                          fast=mask_image is None and callback_on_step_end is None,
+                          fast=mask_image is None and (callback_on_step_end is None
+                                                       or is_cfg_cutoff(callback_on_step_end)),
                           step_end=(callback_on_step_end, callback_on_step_end_tensor_inputs))
             turn = (subseeds, subseed_strength) if subseeds else None
             if hr_scale is not None:
@@ -457,7 +460,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         if denoiser is not None:
             made = denoiser.generate(pipe, text_inputs, num_inference_steps, guidance_scale, num_images_per_prompt,
                                      eta, generator, output_type=output_type, prompt_changes=changes,
-                                     composition=composition, **extra)
+                                     composition=composition, cfg_cutoff=step_end[0], **extra)
             if made is not None:
                 return made
         composed = nullcontext()
@@ -474,8 +477,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
     def _table_loop(self):
         """The fast path's denoiser, or the same loop run eagerly (built once) for calls only it can run."""
         if self.denoiser is None and self._eager_denoiser is None:
-            from .fast import WholeStepDenoiser
-            self._eager_denoiser = WholeStepDenoiser(self.sd)
+            self._eager_denoiser = fast_lib.WholeStepDenoiser(self.sd)
         return self.denoiser or self._eager_denoiser
 
     @staticmethod
@@ -517,9 +519,11 @@ def _step_end_arguments(callback, tensor_inputs, changes, num_images_per_prompt)
     chained: the caller's runs first and sees what it asked for; at a switch, the next call's embeddings win."""
     from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
     callbacks, wanted = [], []
+    if is_cfg_cutoff(callback):  # diffusers' own keeps one prompt row, which fails for a batch
+        callback = BatchCFGCutoff(callback)
     if callback is not None:
         # diffusers reads a PipelineCallback's own list; a plain function gets diffusers' default
-        own = isinstance(callback, (PipelineCallback, MultiPipelineCallbacks))
+        own = isinstance(callback, (PipelineCallback, MultiPipelineCallbacks, BatchCFGCutoff))
         wanted += callback.tensor_inputs if own else list(tensor_inputs or ['latents'])
         callbacks.append(callback)
     if changes:

@@ -145,6 +145,74 @@ def test_hires_fix_runs_both_passes_through_the_table_loop(fast_pipe, sd_pipe, m
     assert len(calls) == 2 and a.shape == (48, 48, 3) and np.abs(a - b).max() <= 1
 
 
+@pytest.mark.parametrize('name', ['pndm', 'euler_ancestral', 'heun', 'dpm++_2m_sde'])
+@pytest.mark.parametrize('cutoff', [dict(cutoff_step_index=0), dict(cutoff_step_index=1), dict(cutoff_step_ratio=0.4)])
+def test_cfg_cutoff_in_the_table_loop_matches_diffusers_callback(fast_pipe, vanilla_pipe, name, cutoff):
+    """SDCFGCutoffCallback (guidance off after a step: fewer UNet rows, lossy, the caller's choice) in the table loop:
+    diffusers' loop's latents with diffusers' own callback, the cutoff counted in UNet calls as diffusers counts it
+    (PNDM's and Heun's extra calls too), guidance_rescale off with the guidance."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    def callback():
+        return SDCFGCutoffCallback(**{'cutoff_step_ratio': None, **cutoff})
+
+    scheduler = _seeded(name, vanilla_pipe.scheduler.config, [3])
+    texts = dict(prompt='a red house', negative_prompt='a green dog')
+    expected = _vanilla(vanilla_pipe, scheduler, [3], **texts, guidance_rescale=0.5, callback_on_step_end=callback(),
+                        **ARGS)
+    guided = _vanilla(vanilla_pipe, scheduler, [3], **texts, guidance_rescale=0.5, **ARGS)
+    fast_pipe.sd.scheduler = scheduler
+    got, _ = fast_pipe.denoiser.generate(fast_pipe.sd, texts, 4, 7.5, 1, 0.0, [torch.Generator('cpu').manual_seed(3)],
+                                         guidance_rescale=0.5, cfg_cutoff=callback())
+    np.testing.assert_allclose(got, expected, atol=2e-4)
+    assert np.abs(got - guided).max() > 1e-3  # the cutoff changed the picture
+
+
+def test_cfg_cutoff_guides_each_image_of_a_batch_by_its_own_prompt(fast_pipe, sd_pipe, monkeypatch):
+    """diffusers' callback keeps one prompt row, and a batch then fails in its loop; here each image keeps its own
+    prompt, in both loops."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+    args = dict(ARGS, callback_on_step_end=SDCFGCutoffCallback(cutoff_step_index=1, cutoff_step_ratio=None))
+    step, steps = fast_pipe.denoiser.step, []
+    monkeypatch.setattr(fast_pipe.denoiser, 'step', lambda *inputs: steps.append(inputs[5:7]) or step(*inputs))
+    batch = fast_pipe(['a red cat', 'a blue house'], seed=3, **args)['output_imgs']  # steps: (embeddings, guidance)
+    monkeypatch.undo()
+    (guided, scale), (_, scale_1) = steps[:2]
+    assert scale is not None and scale_1 is not None and len(steps) == ARGS['num_inference_steps'] + 1  # PNDM
+    assert all(s is None and torch.equal(e, guided[2:]) for e, s in steps[2:])  # the prompts' rows, unguided
+    alone = [fast_pipe(prompt, seed=3 + i, **args)['output_imgs'][0] for i, prompt in enumerate(['a red cat',
+                                                                                              'a blue house'])]
+    plain = sd_pipe(['a red cat', 'a blue house'], seed=3, **args)['output_imgs']  # diffusers' loop, our callback
+    assert all(np.abs(x.astype(int) - y.astype(int)).max() <= 1 for x, y in zip(batch, alone))
+    assert all(np.abs(x.astype(int) - y.astype(int)).max() <= 1 for x, y in zip(batch, plain))
+
+
+def test_cfg_cutoff_with_edited_prompts_matches_diffusers_loop(fast_pipe, sd_pipe):
+    """A switch of embeddings after the cutoff brings the prompt rows alone, in both loops."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+    args = dict(ARGS, num_inference_steps=6, seed=3, guidance_scale=30.0, negative_prompt='[blurry:sharp:4]',
+                callback_on_step_end=SDCFGCutoffCallback(cutoff_step_index=1, cutoff_step_ratio=None))
+    a = fast_pipe('a [red:blue:3] cat', **args)['output_imgs'][0].astype(int)
+    b = sd_pipe('a [red:blue:3] cat', **args)['output_imgs'][0].astype(int)
+    assert np.abs(a - b).max() <= 1
+
+
+def test_cfg_cutoff_with_an_and_prompt_is_refused_by_name(sd_pipe):
+    from diffusers.callbacks import SDCFGCutoffCallback
+    with pytest.raises(ValueError, match='SDCFGCutoffCallback.*AND'):
+        sd_pipe('a cat AND a dog', callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5), **ARGS)
+
+
+def test_cfg_cutoff_in_both_hires_passes_matches_diffusers_loop(fast_pipe, sd_pipe, monkeypatch):
+    from diffusers.callbacks import SDCFGCutoffCallback
+    monkeypatch.setattr(fast_pipe.denoiser, 'denoise', _spy(fast_pipe.denoiser.denoise, calls := []))
+    args = dict(ARGS, seed=3, hr_scale=1.5, hr_second_pass_steps=4, scheduler='euler_a',
+                callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5))
+    a = fast_pipe('a tree', **args)['output_imgs'][0].astype(int)
+    b = sd_pipe('a tree', **args)['output_imgs'][0].astype(int)
+    assert len(calls) == 2 and np.abs(a - b).max() <= 1
+
+
 def test_stochastic_table_draws_noise_in_the_schedulers_order():
     scheduler = make_scheduler('euler_a', EulerDiscreteScheduler().config)
     plan = plan_scheduler(scheduler, 6)

@@ -70,6 +70,18 @@ def test_and_prompts_run_in_the_compiled_loop(gpu_pipes):
     assert max(np.abs(x.astype(int) - y.astype(int)).max() for x, y in zip(a, b)) <= 3
 
 
+def test_cfg_cutoff_runs_in_the_compiled_loop_with_one_graph_more(gpu_pipes):
+    """diffusers' SDCFGCutoffCallback: the unguided calls are a second graph, compiled once."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+    plain, fast = gpu_pipes
+    args = dict(num_inference_steps=4, seed=0, callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5))
+    fast('a cat', **args)  # compiles the unguided step
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        b = fast('a cat', **args)['output_imgs'][0].astype(int)
+    a = plain('a cat', **args)['output_imgs'][0].astype(int)
+    assert np.abs(a - b).max() <= 3
+
+
 def test_fast_denoising_loop_never_waits_for_the_gpu(gpu_pipes):
     """No host sync between steps: the CPU queues all steps' graph replays ahead of the GPU."""
     _, fast = gpu_pipes
