@@ -41,6 +41,9 @@ def parse_args(argv=None):
     parser.add_argument('--cudnn_benchmark', action='store_true',
                         help='torch.backends.cudnn.benchmark=True for the fast runs: cuDNN times its convolution '
                              'algorithms at the first call of each shape instead of picking by heuristics')
+    parser.add_argument('--cfg_cutoff', type=float, default=None,
+                        help="also time fast=True with diffusers' SDCFGCutoffCallback(cutoff_step_ratio=this) (lossy: "
+                             'no guidance after that share of the steps) and compare its image with the guided one')
     parser.add_argument('--skip_fast', action='store_true')
     parser.add_argument('--skip_plain', action='store_true', help='skip our plain (uncompiled) pipeline')
     parser.add_argument('--compare_loops', action='store_true',
@@ -154,6 +157,18 @@ def main(argv=None):
                                    args.device)
             emit({'name': f'ours fast, scheduler {scheduler}, call after switching', 's': round(seconds, 3)},
                  args, results)
+        if args.cfg_cutoff is not None:
+            from diffusers.callbacks import SDCFGCutoffCallback
+            cutoff = SDCFGCutoffCallback(cutoff_step_ratio=args.cfg_cutoff)
+
+            def run_cutoff(n, seed):
+                with attention_backend(args.sdpa_backend):
+                    return fast([PROMPT] * n, num_inference_steps=args.steps, seed=seed,
+                                callback_on_step_end=cutoff)['output_imgs']
+
+            cut = measure(f'ours fast=True + SDCFGCutoffCallback({args.cfg_cutoff}), lossy', run_cutoff, args, results)
+            emit({'name': f'cutoff {args.cfg_cutoff} vs guided fast, same seed (a difference, not a quality score)',
+                  **compare(image, cut[0])}, args, results)
         if args.compare_loops and fast.denoiser is not None:
             # the same compiled UNet without the whole-step loop: scheduler and CFG math outside the graph
             fast.denoiser = None
