@@ -37,8 +37,10 @@ class BatchCFGCutoff:
         self.cutoff = cutoff
 
     def __call__(self, pipe, i: int, t, callback_kwargs) -> Dict[str, torch.Tensor]:
+        """``callback_kwargs`` back, as diffusers' callbacks return them (``MultiPipelineCallbacks`` hands each
+        one's to the next)."""
         if i != last_guided_call(self.cutoff, pipe.num_timesteps) or not pipe.do_classifier_free_guidance:
-            return {}
+            return callback_kwargs
         pipe._guidance_scale = 0.0  # diffusers' own switch, read by its loop from the next call on
         embeds = callback_kwargs['prompt_embeds']
-        return {'prompt_embeds': embeds[embeds.shape[0] // 2:]}  # negative rows first
+        return {**callback_kwargs, 'prompt_embeds': embeds[embeds.shape[0] // 2:]}  # negative rows first

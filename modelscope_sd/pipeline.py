@@ -521,6 +521,8 @@ def _step_end_arguments(callback, tensor_inputs, changes, num_images_per_prompt)
     callbacks, wanted = [], []
     if is_cfg_cutoff(callback):  # diffusers' own keeps one prompt row, which fails for a batch
         callback = BatchCFGCutoff(callback)
+    elif isinstance(callback, MultiPipelineCallbacks) and any(is_cfg_cutoff(c) for c in callback.callbacks):
+        callback = MultiPipelineCallbacks([BatchCFGCutoff(c) if is_cfg_cutoff(c) else c for c in callback.callbacks])
     if callback is not None:
         # diffusers reads a PipelineCallback's own list; a plain function gets diffusers' default
         own = isinstance(callback, (PipelineCallback, MultiPipelineCallbacks, BatchCFGCutoff))

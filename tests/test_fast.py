@@ -187,6 +187,28 @@ def test_cfg_cutoff_guides_each_image_of_a_batch_by_its_own_prompt(fast_pipe, sd
     assert all(np.abs(x.astype(int) - y.astype(int)).max() <= 1 for x, y in zip(batch, plain))
 
 
+def test_cfg_cutoff_among_several_callbacks_takes_a_batch_too(sd_pipe):
+    from diffusers.callbacks import MultiPipelineCallbacks, SDCFGCutoffCallback
+    seen = []
+
+    class Steps(SDCFGCutoffCallback.__base__):  # a PipelineCallback that records the steps
+        tensor_inputs = ['latents']
+
+        def callback_fn(self, pipe, i, t, callback_kwargs):
+            seen.append(i)
+            return callback_kwargs
+
+    def cutoff():
+        return SDCFGCutoffCallback(cutoff_step_index=1, cutoff_step_ratio=None)
+
+    args = dict(ARGS, seed=3, guidance_scale=30.0)
+    both = sd_pipe(['a red cat', 'a blue house'], callback_on_step_end=MultiPipelineCallbacks([cutoff(), Steps()]),
+                   **args)['output_imgs']
+    alone = sd_pipe(['a red cat', 'a blue house'], callback_on_step_end=cutoff(), **args)['output_imgs']
+    assert seen == list(range(len(seen))) and len(seen) >= ARGS['num_inference_steps']
+    assert all(np.abs(x.astype(int) - y.astype(int)).max() <= 1 for x, y in zip(both, alone))
+
+
 def test_cfg_cutoff_with_edited_prompts_matches_diffusers_loop(fast_pipe, sd_pipe):
     """A switch of embeddings after the cutoff brings the prompt rows alone, in both loops."""
     from diffusers.callbacks import SDCFGCutoffCallback
