@@ -53,13 +53,11 @@ def render(pipe, sample: SamplePrompt, clip_skip: Optional[int]) -> list:
     """PIL images of ``sample`` from the diffusers ``pipe`` over the model being trained: the prompt as our
     pipeline reads it (weights, long prompts, edits, ``AND``), image i from a CPU generator at seed + i, as the
     pipeline's image i of a call with that seed. ``clip_skip``: the pipeline's count."""
-    from modelscope_sd.schedulers import DPMSolverSDEScheduler, image_seeds, make_scheduler
+    from modelscope_sd.schedulers import make_scheduler, seeded
     base = pipe.scheduler
     try:
-        pipe.scheduler = make_scheduler(sample.scheduler or base, base.config)
         generators = [torch.Generator('cpu').manual_seed(sample.seed + i) for i in range(sample.num_images)]
-        if isinstance(pipe.scheduler, DPMSolverSDEScheduler):  # its Brownian noise comes from each image's seed
-            pipe.scheduler.image_seeds = image_seeds(generators, sample.num_images)
+        pipe.scheduler = seeded(make_scheduler(sample.scheduler or base, base.config), generators, sample.num_images)
         text, context = prompts.call_arguments(pipe, sample.prompt, sample.num_inference_steps, sample.num_images,
                                                clip_skip, sample.negative_prompt)
         with context:

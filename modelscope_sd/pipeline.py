@@ -23,7 +23,7 @@ from .cfg_cutoff import BatchCFGCutoff, is_cfg_cutoff
 from .composable import composed_call
 from .embeddings import load_embeddings
 from .loading import load_pipeline, resolve_device
-from .schedulers import DPMSolverSDEScheduler, image_seeds, make_scheduler
+from .schedulers import make_scheduler, seeded
 from .vae import load_vae
 
 # Every per-call option, with diffusers' names, and its default. 'text' (ModelScope) and 'prompt'
@@ -275,13 +275,6 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             self._schedulers[name] = make_scheduler(name, self.base_scheduler.config, argument)
         return self._schedulers[name]
 
-    def _seeded_scheduler(self, name, generator, count: int):
-        """The call's scheduler by name (`_scheduler`); DPM++ SDE's Brownian noise comes from each image's seed."""
-        scheduler = self._scheduler(name)
-        if isinstance(scheduler, DPMSolverSDEScheduler):
-            scheduler.image_seeds = image_seeds(generator, count)
-        return scheduler
-
     def _generators(self, seed: Optional[int], count: int):
         """Image i of a call gets seed + i on a CPU generator, so any image can be re-made alone and the
         same seed gives the same picture on every device."""
@@ -375,7 +368,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                                          n_images)
         # 3. scheduler, progress bar and adapter weights for this call; the pipeline's own are back afterwards, so
         # pipe.sd stays as it was built
-        pipe.scheduler = self._seeded_scheduler(scheduler, generator, n_images)
+        pipe.scheduler = seeded(self._scheduler(scheduler), generator, n_images)
         quiet = not (self.progress_bar if progress_bar is None else progress_bar)
         pipe.set_progress_bar_config(disable=quiet)
         if lora_scale is not None:
@@ -404,7 +397,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                     _second_pass(hr_prompt, prompt), _second_pass(hr_negative_prompt, negative_prompt)))
                 second = self._variant('img2img')
                 second.scheduler = (pipe.scheduler if hr_scheduler is None
-                                    else self._seeded_scheduler(hr_scheduler, generator, n_images))
+                                    else seeded(self._scheduler(hr_scheduler), generator, n_images))
                 images, nsfw = self._hires_fix(pipe, second, extra, num_inference_steps, passes, strength, hr_scale,
                                                hr_upscaler, hr_second_pass_steps, quiet, restart, turn, second_text)
             else:

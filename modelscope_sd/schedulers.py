@@ -86,6 +86,13 @@ def image_seeds(generator, count: int) -> List[int]:
     return [generator.initial_seed() + i for i in range(count)]
 
 
+def seeded(scheduler: SchedulerMixin, generator, count: int) -> SchedulerMixin:
+    """``scheduler`` for a call of ``count`` images: DPM++ SDE's Brownian noise then comes from each image's seed."""
+    if isinstance(scheduler, DPMSolverSDEScheduler):
+        scheduler.image_seeds = image_seeds(generator, count)
+    return scheduler
+
+
 def normalize_scheduler_name(name: str) -> str:
     """'DPM++ 2M Karras', 'dpmpp-2m-karras' and 'dpm++_2m_karras' are one scheduler, and so are 'DPM2 a
     Exponential' and 'dpm2_ancestral_exponential'."""
