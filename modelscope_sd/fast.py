@@ -191,12 +191,10 @@ class WholeStepDenoiser:
                    else torch.full((), guidance_rescale, dtype=torch.float32, device=latents.device))
         for i in range(n):
             embeds = changes.get(i, embeds) if changes else embeds
-            if i < guided:
-                history[i] = self.step(x0, history, plan.rows[i], plan.scales[i], plan.timesteps[i], embeds, guidance,
-                                       rescale, mixing)
-            else:  # negative rows first: the positive half is each image's own prompt
-                history[i] = self.step(x0, history, plan.rows[i], plan.scales[i], plan.timesteps[i],
-                                       embeds[embeds.shape[0] // 2:], None, None, None)
+            # after the cutoff the prompt rows alone, unguided (negative rows come first)
+            guiding = ((embeds, guidance, rescale, mixing) if i < guided
+                       else (embeds[embeds.shape[0] // 2:], None, None, None))
+            history[i] = self.step(x0, history, plan.rows[i], plan.scales[i], plan.timesteps[i], *guiding)
             progress_bar.update()
         final = plan.rows[n]
         return (final[0] * x0 + torch.tensordot(final[1:], history, dims=1)).to(latents.dtype)
