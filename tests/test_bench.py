@@ -2,6 +2,7 @@
 numbers, the training bench's runs and the per-step profile."""
 
 import gc
+import gzip
 
 import pytest
 import torch
@@ -43,9 +44,22 @@ def test_a_profile_against_a_baseline_is_one_steps_share():
     a = torch.randn(64, 64)
 
     def steps(n):
-        return lambda: [torch.mm(a, a).relu() for _ in range(n)]
+        return lambda: [torch.mm(a, a).relu().sum().item() for _ in range(n)]
 
     row = device_profile('mm', steps(7), 'cpu', baseline=steps(2), steps=5)
     counts = {key: count for key, _, count in row['top']}
     assert row['name'] == 'profile mm, per step'
     assert counts['aten::mm'] == 1 and counts['aten::relu'] == 1
+    assert row['host_waits'] == 1  # the .item(): where a training loop makes the host wait for the GPU
+
+
+def test_a_profile_can_keep_its_timeline(tmp_path):
+    """--trace_dir: the profiled call's timeline, for finding where the device sat idle."""
+    import json
+    from bench.profiling import trace_path
+    path = trace_path(str(tmp_path / 'traces'), 'ours fast=True (reduce-overhead)')
+    a = torch.randn(32, 32)
+    device_profile('mm', lambda: torch.mm(a, a), 'cpu', trace=path)
+    assert path.endswith('ours-fast-True-reduce-overhead.json.gz')
+    with gzip.open(path) as f:
+        assert any(event.get('name') == 'aten::mm' for event in json.load(f)['traceEvents'])
