@@ -2,7 +2,8 @@
 # One prepared GPU session: the opt-in GPU tests on the tiny model, SDPA backends at SD1.5's attention shapes, the
 # inference benchmark (vanilla vs ours vs ours fast), then the training benchmark. PARTS picks some of
 # tests,attention,inference,training; INFER_ARGS and TRAIN_ARGS pass options on (e.g. INFER_ARGS=--compare_loops,
-# TRAIN_ARGS="--only lora,compile"), TESTS_K a pytest -k expression for the GPU tests.
+# TRAIN_ARGS="--only lora,compile"), TESTS_K a pytest -k expression for the GPU tests; TRACE=1 also brings back the
+# profiled calls' timelines (each one tens of MB before gzip).
 # On the lent GPU machine, where diffusers/modelscope are missing, wheels come from .whl/ (see README).
 # Results go to $OUT (or ./bench-results) as JSON lines and logs. DRY_RUN=1 runs every part on the CPU with the
 # tiny model and few steps, with the installed packages: the script itself checked before GPU time is spent on it.
@@ -37,11 +38,11 @@ if [[ "$PARTS" == *attention* ]]; then
   timeout "$(left 120)" python3 bench/bench_attention.py $ATTENTION_ARGS --out "$OUT/attention.jsonl" 2>&1 | tail -1
 fi
 if [[ "$PARTS" == *inference* ]]; then
-  timeout "$(left "${INFER_TIMEOUT:-400}")" python3 bench/bench_inference.py --second_start --profile --trace_dir "$TRACES" $DEVICE_ARGS ${INFER_SIZE:-} ${INFER_ARGS:-} \
+  timeout "$(left "${INFER_TIMEOUT:-400}")" python3 bench/bench_inference.py --second_start --profile ${TRACE:+--trace_dir "$TRACES"} $DEVICE_ARGS ${INFER_SIZE:-} ${INFER_ARGS:-} \
     --out "$OUT/inference.jsonl" 2>&1 | grep -v "^\[transformers\]" | tee "$OUT/inference.log" | grep -v "^{" | tail -20
 fi
 if [[ "$PARTS" == *training* ]]; then
-  timeout "$(left "${TRAIN_TIMEOUT:-400}")" python3 bench/bench_training.py --profile --trace_dir "$TRACES" $DEVICE_ARGS ${TRAIN_SIZE:-} ${TRAIN_ARGS:-} --out "$OUT/training.jsonl" 2>&1 \
+  timeout "$(left "${TRAIN_TIMEOUT:-400}")" python3 bench/bench_training.py --profile ${TRACE:+--trace_dir "$TRACES"} $DEVICE_ARGS ${TRAIN_SIZE:-} ${TRAIN_ARGS:-} --out "$OUT/training.jsonl" 2>&1 \
     | grep -v "^\[transformers\]" | tee "$OUT/training.log" | grep -v "^{" | tail -14
 fi
 # the profiled calls' timelines as one file: a device call brings back at most 8
