@@ -304,3 +304,43 @@ def test_compiled_step_is_one_graph_for_every_scheduler_and_step_count(tiny_mode
             a = compiled('a cat', **args)['output_imgs'][0].astype(int)
             b = eager('a cat', **args)['output_imgs'][0].astype(int)
             assert np.abs(a - b).max() <= 1, scheduler
+
+
+def test_compiled_text_encoder_matches_eager_and_compiles_once_per_call_signature(tiny_model_dir):
+    """fast=True compiles CLIP too (eager, its launches kept an H200 idle for 31 ms before the first step): the same
+    states, clip_skip's hidden states included, and a new prompt of the same shape reuses the graph."""
+    from diffusers import StableDiffusionPipeline
+
+    from modelscope_sd.fast import enable_fast_inference
+    from modelscope_sd.prompts import clip_states
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
+    encoder = pipe.text_encoder
+    ids = [torch.randint(0, encoder.config.vocab_size, (1, 77), generator=torch.Generator().manual_seed(i))
+           for i in range(2)]
+    with torch.no_grad():
+        expected = [(clip_states(encoder, x), clip_states(encoder, x, clip_skip=1)) for x in ids]
+        enable_fast_inference(pipe, 'default')  # compiles lazily: only the encoder runs here
+        frames = torch._dynamo.utils.counters['stats']['unique_graphs']
+        assert torch.allclose(clip_states(encoder, ids[0]), expected[0][0], atol=1e-5)
+        assert torch.allclose(clip_states(encoder, ids[0], clip_skip=1), expected[0][1], atol=1e-5)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            assert torch.allclose(clip_states(encoder, ids[1]), expected[1][0], atol=1e-5)
+            assert torch.allclose(clip_states(encoder, ids[1], clip_skip=1), expected[1][1], atol=1e-5)
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] > frames  # compiled, not the eager forward
+
+
+def test_compiled_outputs_are_copied_out_of_the_graphs_memory():
+    """The next CUDA-graph replay overwrites a compiled call's outputs: every tensor in them is copied, in the
+    output classes of diffusers and transformers and in their tuples."""
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from modelscope_sd.fast import _owned
+    a, b, c = torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3)
+    outputs = (BaseModelOutputWithPooling(last_hidden_state=a, hidden_states=(b, c)), UNet2DConditionOutput(sample=a),
+               (a, [b]))
+    owned = [_owned(out) for out in outputs]
+    tensors = [owned[0].last_hidden_state, owned[0]['last_hidden_state'], *owned[0].hidden_states, owned[1].sample,
+               owned[2][0], owned[2][1][0]]
+    assert all(t.data_ptr() not in (a.data_ptr(), b.data_ptr(), c.data_ptr()) for t in tensors)
+    assert all(torch.equal(t, ref) for t, ref in zip(tensors, (a, a, b, c, a, a, b)))
