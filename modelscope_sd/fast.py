@@ -82,7 +82,9 @@ def compile_text_encoder(text_encoder: torch.nn.Module, mode: str) -> None:
     compiled = torch.compile(text_encoder.forward, mode=mode)
 
     def forward(*args, **kwargs):
-        return _owned(compiled(*args, **kwargs))
+        # CLIP's optional arguments all default to None: diffusers passes attention_mask=None, weighted prompts pass
+        # nothing, and without the Nones both are one call signature, so one graph rather than a compile per caller
+        return _owned(compiled(*args, **{key: value for key, value in kwargs.items() if value is not None}))
 
     text_encoder.forward = forward
 

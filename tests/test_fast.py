@@ -296,6 +296,11 @@ def test_compiled_step_is_one_graph_for_every_scheduler_and_step_count(tiny_mode
             a = compiled('a cat', **args)['output_imgs'][0].astype(int)
             b = eager('a cat', **args)['output_imgs'][0].astype(int)
             assert np.abs(a - b).max() <= 1, scheduler
+        # weighted and edited prompts: our encoding calls the compiled text encoder as diffusers' does
+        for prompt in ('a (red:1.3) cat', '[a cat:a dog:0.5]'):
+            a = compiled(prompt, seed=1, **ARGS)['output_imgs'][0].astype(int)
+            b = eager(prompt, seed=1, **ARGS)['output_imgs'][0].astype(int)
+            assert np.abs(a - b).max() <= 1, prompt
     # guidance_rescale compiles its own graph once; other values and schedulers reuse it
     compiled('a cat', seed=1, guidance_rescale=0.7, **ARGS)
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -326,6 +331,8 @@ def test_compiled_text_encoder_matches_eager_and_compiles_once_per_call_signatur
         with torch._dynamo.config.patch(error_on_recompile=True):
             assert torch.allclose(clip_states(encoder, ids[1]), expected[1][0], atol=1e-5)
             assert torch.allclose(clip_states(encoder, ids[1], clip_skip=1), expected[1][1], atol=1e-5)
+            # diffusers' encode_prompt (plain prompts) calls it so: the graph of weighted prompts' calls, not a new one
+            assert torch.allclose(encoder(ids[1], attention_mask=None)[0], expected[1][0], atol=1e-5)
     assert torch._dynamo.utils.counters['stats']['unique_graphs'] > frames  # compiled, not the eager forward
 
 
