@@ -222,11 +222,11 @@ def final_layer_norm(text_encoder):
 def clip_states(text_encoder, input_ids: torch.Tensor, clip_skip: Optional[int] = None) -> torch.Tensor:
     """CLIP's output for ``input_ids``; with ``clip_skip`` (diffusers' count: the layers skipped) an earlier
     layer's states through the final layer norm, as diffusers reads them."""
-    # called as diffusers' encode_prompt calls it (output_hidden_states aside), so that fast=True's compiled encoder
-    # runs one graph for both
+    # without clip_skip called as diffusers' encode_prompt calls it, so that fast=True's compiled encoder runs one
+    # graph for both
     if clip_skip is None:
         return text_encoder(input_ids)[0]
-    states = text_encoder(input_ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+    states = text_encoder(input_ids, output_hidden_states=True, return_dict=True).hidden_states[-(clip_skip + 1)]
     return final_layer_norm(text_encoder)(states)
 
 
