@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -229,8 +230,10 @@ def main(argv=None):
     records = make_data(_temporary_folder('bench_data_'), 8, resolution)
     runs = plan_runs(args.only.split(','))
     for name, mode, batch, options in runs:
+        started = time.perf_counter()
         _reset(args.device)
         parts = build_components(args.tiny, args.device)  # fresh weights on the card for every run
+        built = time.perf_counter()
         try:
             if options is None:
                 runner = vanilla_step_runner(parts, mode, batch, args.device, records, resolution)
@@ -239,6 +242,9 @@ def main(argv=None):
             measure(name, runner, args, batch, results)
         except Exception as error:  # one GPU session per task: one failing row must not cost the others
             emit({'name': name, 'batch': batch, 'error': f'{type(error).__name__}: {error}'[-2000:]}, args, results)
+        # where a GPU session's minutes go: the H200 run of 2026-11-27 spent ~80 s per row, the timed steps ~5 s of it
+        print(f'# {name}, batch {batch}: {time.perf_counter() - started:.0f} s for the row, '
+              f'{built - started:.0f} s of it building the weights', flush=True)
         runner = None
         del parts
         _reset(args.device)
