@@ -223,18 +223,29 @@ def profile(name, pipe, args):
 
 
 SECOND_START = '''
-import time, torch, sys
+import json, time
+clock = [('python', time.time())]
+import torch, sys
+clock.append(('import torch', time.time()))
 start = time.perf_counter()
 sys.path.insert(0, {root!r})
 from bench.models import build_components
 from diffusers import StableDiffusionPipeline
 from modelscope_sd import StableDiffusionText2ImagePipeline
+clock.append(('import diffusers, modelscope_sd', time.time()))
 parts = build_components({tiny}, {device!r})
 pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+clock.append(('build the weights', time.time()))
 fast = StableDiffusionText2ImagePipeline(pipe, device={device!r}, torch_dtype=torch.{dtype}, progress_bar=False,
                                          fast=True, compile_mode={mode!r})
+clock.append(('fast=True pipeline', time.time()))
 fast({prompt!r}, num_inference_steps={steps}, seed=0)
+clock.append(('first call', time.time()))
 print('SECOND_START', time.perf_counter() - start, time.time())
+# seconds per phase, and dynamo's and inductor's own time inside the first call (tracing, cache loads, compiling)
+phases = {{name: round(t - clock[i][1], 2) for i, (name, t) in enumerate(clock[1:])}}
+compile_s = {{key: round(sum(times), 2) for key, times in torch._dynamo.utils.compilation_time_metrics.items()}}
+print('PHASES', json.dumps({{'phases_s': phases, 'compile_s': compile_s}}))
 '''
 
 
@@ -249,9 +260,10 @@ def second_start(args):
     total = time.perf_counter() - start
     inner = [line.split() for line in out.stdout.splitlines() if line.startswith('SECOND_START')]
     # first_image_s: from the process's start to its first image (the wall clock, same machine), its exit left out
+    phases = [json.loads(line[len('PHASES '):]) for line in out.stdout.splitlines() if line.startswith('PHASES ')]
     return {'name': 'second start, warm compile cache', 'process_s': round(total, 2),
             'first_image_s': round(float(inner[0][2]) - started, 2) if inner else None,
-            'script_s': round(float(inner[0][1]), 2) if inner else None,
+            'script_s': round(float(inner[0][1]), 2) if inner else None, **(phases[0] if phases else {}),
             'ok': out.returncode == 0, 'stderr_tail': out.stderr[-400:] if out.returncode else ''}
 
 
