@@ -959,6 +959,28 @@ def test_validation_under_torch_compile_runs_eager(tiny_model_dir, csv_dataset, 
     assert graphs and all(graphs), graphs  # training compiled; nothing compiled with grad off
 
 
+def test_torch_compile_compiles_once_not_every_step(tiny_model_dir, csv_dataset, tmp_path, monkeypatch):
+    """A recompile per step would cost minutes per step on SD1.5: a run of 8 steps (two epochs, other timesteps,
+    noise and learning rates) compiles no more graphs than a run of 1. A backend that counts the graphs it is
+    given stands in for inductor."""
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(len(graph.graph.nodes))
+        return graph.forward
+
+    real_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, 'compile', lambda self, **kwargs: real_compile(self, backend=counting_backend))
+    counts = []
+    for steps in (1, 8):
+        torch._dynamo.reset()
+        graphs.clear()
+        _train(_config(tiny_model_dir, csv_dataset, tmp_path / f'out{steps}', torch_compile=True, cache_latents=True,
+                       center_crop=True, max_train_steps=steps, checkpointing_steps=None, lr_scheduler='cosine'))
+        counts.append(len(graphs))
+    assert counts[0] >= 1 and counts[1] == counts[0], counts
+
+
 @pytest.mark.slow
 def test_compiled_unet_trains_the_same_adapter(tiny_model_dir, csv_dataset, tmp_path):
     """--torch_compile (inductor on the CPU, about a minute) changes speed, not the result; resume from its
