@@ -22,6 +22,12 @@ def last_guided_call(cutoff, num_model_calls: int) -> int:
     return index if index is not None else int(num_model_calls * ratio)
 
 
+def prompt_rows(embeds: torch.Tensor) -> torch.Tensor:
+    """The prompt half of guided embeddings (diffusers' layout: the negative rows first): what the unguided calls
+    after the cutoff run on."""
+    return embeds[embeds.shape[0] // 2:]
+
+
 def guided_calls(cutoff, num_model_calls: int) -> int:
     """How many of a pass's first UNet calls keep guidance."""
     return min(num_model_calls, last_guided_call(cutoff, num_model_calls) + 1)
@@ -43,4 +49,4 @@ class BatchCFGCutoff:
             return callback_kwargs
         pipe._guidance_scale = 0.0  # diffusers' own switch, read by its loop from the next call on
         embeds = callback_kwargs['prompt_embeds']
-        return {**callback_kwargs, 'prompt_embeds': embeds[embeds.shape[0] // 2:]}  # negative rows first
+        return {**callback_kwargs, 'prompt_embeds': prompt_rows(embeds)}

@@ -20,7 +20,7 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.utils.torch_utils import randn_tensor
 
-from .cfg_cutoff import guided_calls
+from .cfg_cutoff import guided_calls, prompt_rows
 from .linear_steps import plan_scheduler
 from .prompts import unet_embeds
 
@@ -218,9 +218,8 @@ class WholeStepDenoiser:
                    else torch.full((), guidance_rescale, dtype=torch.float32, device=latents.device))
         for i in range(n):
             embeds = changes.get(i, embeds) if changes else embeds
-            # after the cutoff the prompt rows alone, unguided (negative rows come first)
-            guiding = ((embeds, guidance, rescale, mixing) if i < guided
-                       else (embeds[embeds.shape[0] // 2:], None, None, None))
+            # after the cutoff the prompt rows alone, unguided
+            guiding = (embeds, guidance, rescale, mixing) if i < guided else (prompt_rows(embeds), None, None, None)
             history[i] = self.step(x0, history, plan.rows[i], plan.scales[i], plan.timesteps[i], *guiding)
             progress_bar.update()
         final = plan.rows[n]
