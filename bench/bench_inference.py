@@ -67,10 +67,7 @@ def measure(name, run, args, results, batched=True):
     latencies = [timed(lambda: run(1, 0), args.device)[0] for _ in range(args.repeats)]
     row = {'name': name, 'first_call_s': round(warmup, 3), 's_per_image_batch1': round(statistics.median(latencies), 4),
            'it_per_s_batch1': round(args.steps / statistics.median(latencies), 2)}
-    if batched:
-        row.update(throughput(run, args))
-    if args.device.startswith('cuda'):
-        row['peak_mem_gib'] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    row.update(throughput(run, args) if batched else peak_memory(args))
     emit(row, args, results)
     return first
 
@@ -79,11 +76,15 @@ def throughput(run, args):
     """One batched call to warm up (a new batch size compiles again on the fast path), then one timed."""
     batch_warmup, _ = timed(lambda: run(args.batch, 1), args.device)
     batch_time, _ = timed(lambda: run(args.batch, 1), args.device)
-    row = {'batch': args.batch, 'batch_first_call_s': round(batch_warmup, 3),
-           'images_per_s_batched': round(args.batch / batch_time, 3)}
-    if args.device.startswith('cuda'):
-        row['peak_mem_gib'] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    return row
+    return {'batch': args.batch, 'batch_first_call_s': round(batch_warmup, 3),
+            'images_per_s_batched': round(args.batch / batch_time, 3), **peak_memory(args)}
+
+
+def peak_memory(args):
+    """The device's peak allocation so far, on CUDA."""
+    if not args.device.startswith('cuda'):
+        return {}
+    return {'peak_mem_gib': round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
 def emit(row, args, results):
@@ -221,7 +222,6 @@ def profile(name, pipe, args):
             'steps': args.profile_steps}
 
 
-
 SECOND_START = '''
 import json, time
 clock = [('python', time.time())]
@@ -259,9 +259,9 @@ def second_start(args):
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=400)
     total = time.perf_counter() - start
     inner = [line.split() for line in out.stdout.splitlines() if line.startswith('SECOND_START')]
-    # first_image_s: from the process's start to its first image (the wall clock, same machine), its exit left out
     phases = [json.loads(line[len('PHASES '):]) for line in out.stdout.splitlines() if line.startswith('PHASES ')]
     return {'name': 'second start, warm compile cache', 'process_s': round(total, 2),
+            # from the process's start to its first image (the wall clock, same machine), its exit left out
             'first_image_s': round(float(inner[0][2]) - started, 2) if inner else None,
             'script_s': round(float(inner[0][1]), 2) if inner else None, **(phases[0] if phases else {}),
             'ok': out.returncode == 0, 'stderr_tail': out.stderr[-400:] if out.returncode else ''}
