@@ -63,3 +63,20 @@ def test_a_profile_can_keep_its_timeline(tmp_path):
     assert path.endswith('ours-fast-True-reduce-overhead.json.gz')
     with gzip.open(path) as f:
         assert any(event.get('name') == 'aten::mm' for event in json.load(f)['traceEvents'])
+
+
+@pytest.mark.parametrize('only', [('lora', 'dreambooth'), ('lora', 'dreambooth', 'compile')])
+def test_the_training_rows_that_answer_the_goals_run_first(only):
+    """A GPU session's time limit cuts the rows at the end: each goal's vanilla row and ours come first, ours being
+    the --torch_compile row where it is asked for."""
+    from bench.bench_training import plan_runs
+    runs = plan_runs(list(only))
+    first = [(mode, batch, options is None, bool(options and options.get('torch_compile')))
+             for _, mode, batch, options in runs[:4]]
+    compiled = 'compile' in only
+    assert first == [('lora', 1, True, False), ('lora', 1, False, compiled),
+                     ('dreambooth', 1, True, False), ('dreambooth', 1, False, compiled)]
+    assert runs[3][3]['use_8bit_adam']
+    assert len({(name, batch) for name, _, batch, _ in runs}) == len(runs)
+    compiled_rows = [name for name, _, batch, options in runs if batch == 1 and (options or {}).get('torch_compile')]
+    assert len(compiled_rows) == 2 * compiled
