@@ -1,6 +1,7 @@
 """Model side of training: load the base model's parts, attach LoRA adapters, save adapters in diffusers'
 format (plus kohya/A1111's), and let accelerate checkpoint only what is trained."""
 
+import contextlib
 import json
 import logging
 import os
@@ -69,6 +70,26 @@ def add_lora(model, rank: int, alpha: Optional[int], dropout: float, target_modu
                         target_modules=list(target_modules), use_dora=use_dora)
     inject_adapter_in_model(config, model, adapter_name='default')
     model.peft_config = {'default': config}
+
+
+@contextlib.contextmanager
+def lora_inputs_uncast(models: List[torch.nn.Module], autocast: bool):
+    """Under ``autocast``, peft's LoRA layers keep their input's dtype rather than casting it to the adapter's fp32:
+    autocast casts it straight back to bf16/fp16 for the adapter's matmul, so the round trip changes no number, but
+    it costs two copies forward and two backward per bf16 input (to_out's, after attention), in training loops that
+    the host's kernel launches bound. DoRA keeps the cast: its weight norm is computed in the input's dtype, so the
+    cast makes it fp32. peft releases before 0.15 always cast."""
+    try:
+        from peft.helpers import disable_input_dtype_casting
+    except ImportError:
+        disable_input_dtype_casting = None
+    dora = any(getattr(config, 'use_dora', False) for model in models
+               for config in getattr(model, 'peft_config', {}).values())
+    with contextlib.ExitStack() as stack:
+        if autocast and not dora and disable_input_dtype_casting is not None:
+            for model in models:
+                stack.enter_context(disable_input_dtype_casting(model))
+        yield
 
 
 def has_lora(model) -> bool:

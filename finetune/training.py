@@ -276,6 +276,7 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
     noise_scheduler; ``trained`` the modules whose parameters require grad."""
     from diffusers.optimization import get_scheduler
 
+    from .models import lora_inputs_uncast
     unet, text_encoder, vae, scheduler = parts['unet'], parts['text_encoder'], parts['vae'], parts['noise_scheduler']
     if config.prediction_type:
         scheduler.register_to_config(prediction_type=config.prediction_type)
@@ -348,7 +349,8 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
     last_saved, updating = global_step, False
     # Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit; out of memory: save the last step, say what helps
     with StopRequests() as stop, saved_on_out_of_memory(accelerator, config, lambda: (global_step, last_saved,
-                                                                                       updating)):
+                                                                                       updating)), \
+            lora_inputs_uncast(trained, accelerator.native_amp):
         for epoch in range(first_epoch, epochs):
             if global_step >= max_steps:
                 break

@@ -60,6 +60,51 @@ def test_frozen_weights_take_the_compute_precision_and_trained_ones_stay_fp32(ti
     assert 'should be kept in float32' not in diffusers_caplog.text  # diffusers warns on any cast, models with none too
 
 
+@pytest.mark.parametrize('use_dora', [False, True])
+def test_under_autocast_lora_inputs_skip_pefts_fp32_round_trip_and_learn_the_same_adapter(
+        tiny_model_dir, csv_dataset, tmp_path, monkeypatch, use_dora):
+    """peft casts a LoRA layer's bf16 input to the adapter's fp32 and autocast casts it back: two copies per layer in
+    each forward (and their backward), launches that bound SD1.5's LoRA step on an H200. Skipping them must change
+    no number of the trained adapter; DoRA's, which the cast does change, keeps it."""
+    import contextlib
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import finetune.models
+    import finetune.training
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default:
+                counts[(args[0].dtype, (kwargs or {}).get('dtype'))] += 1
+            return func(*args, **(kwargs or {}))
+
+    def counted(*args, **kwargs):
+        with Casts():
+            return loss(*args, **kwargs)
+
+    loss = finetune.training.denoising_loss
+    monkeypatch.setattr(finetune.training, 'denoising_loss', counted)
+    runs = {}
+    for uncast in (True, False):
+        counts = Counter()
+        if not uncast:  # peft's default
+            monkeypatch.setattr(finetune.models, 'lora_inputs_uncast', lambda *a: contextlib.nullcontext())
+        path = _train(_config(tiny_model_dir, csv_dataset, tmp_path / str(uncast), mixed_precision='bf16',
+                              max_train_steps=2, checkpointing_steps=None, train_text_encoder=True, use_dora=use_dora))
+        runs[uncast] = load_file(path), counts
+    (ours, ours_casts), (default, default_casts) = runs[True], runs[False]
+    assert ours.keys() == default.keys() and all(torch.equal(ours[k], default[k]) for k in ours)
+    up, down = (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)
+    skipped = default_casts[up] - ours_casts[up]
+    if use_dora:
+        assert skipped == 0
+    else:  # each bf16 input skips peft's cast up and autocast's cast back down, and nothing else changes
+        assert skipped > 0 and default_casts[down] - ours_casts[down] == skipped
+        assert sum(default_casts.values()) - sum(ours_casts.values()) == 2 * skipped
+
+
 def test_trained_adapter_loads_in_our_pipeline_and_in_vanilla_diffusers(tiny_model_dir, csv_dataset, tmp_path):
     from diffusers import StableDiffusionPipeline
 
