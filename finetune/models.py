@@ -307,8 +307,8 @@ def kohya_metadata(metadata: Dict[str, str]) -> Dict[str, str]:
         out['ss_tag_frequency'] = json.dumps(dataset['tag_frequency'], ensure_ascii=False)
         out['ss_dataset_dirs'] = json.dumps(dataset['dataset_dirs'], ensure_ascii=False)
         out['ss_num_train_images'] = str(sum(d['n_repeats'] * d['img_count'] for d in dataset['dataset_dirs'].values()))
-    if settings.get('output_name') or settings.get('output_dir'):
-        out['ss_output_name'] = settings.get('output_name') or os.path.basename(os.path.normpath(settings['output_dir']))
+    if settings.get('output_name') or settings.get('output_dir'):  # the folder's name, also for --output_dir .
+        out['ss_output_name'] = settings.get('output_name') or os.path.basename(os.path.abspath(settings['output_dir']))
     return out
 
 

@@ -357,6 +357,16 @@ def test_every_checkpoint_holds_the_adapter_file_and_loads_with_lora_dir(tiny_mo
     assert np.abs(image(str(tmp_path / 'out' / 'checkpoint-2')) - image(str(tmp_path / 'out'))).max() > 0
 
 
+def test_kohya_output_name_of_a_run_in_the_current_folder_is_the_folders_name(tiny_model_dir, tmp_path, monkeypatch):
+    from finetune.models import kohya_metadata
+    (tmp_path / 'my_style').mkdir()
+    monkeypatch.chdir(tmp_path / 'my_style')
+    for output_dir in ('.', './', '../my_style'):
+        metadata = {'modelscope_sd.base_model_dir': tiny_model_dir,
+                    'modelscope_sd.training': json.dumps({'output_dir': output_dir})}
+        assert kohya_metadata(metadata)['ss_output_name'] == 'my_style'
+
+
 def test_kohya_export_is_written_and_loads(tiny_model_dir, csv_dataset, tmp_path):
     from modelscope_sd import StableDiffusionText2ImagePipeline
     _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'out', export_kohya=True, max_train_steps=2,
