@@ -204,25 +204,25 @@ def plan_runs(only):
     lora_goal = [('vanilla LoRA r4', None), compiled_lora if compiled else ours_lora]
     # bf16 against vanilla's fp16 at batch 1: ours was 0.63x vanilla in the first H200 run of 2026-11-27 and 1.13x
     # in the second, while vanilla itself went from 6.97 to 4.35 it/s (host speed)
-    lora_more = [ours_lora] * compiled + [
+    lora_more = ([ours_lora] if compiled else []) + [
         ('ours LoRA r4, fp16 like vanilla (cached latents, fused AdamW)', {'mixed_precision': 'fp16'})]
     dreambooth_goal, dreambooth_more = [('vanilla DreamBooth full UNet', None)], []
     if importlib.util.find_spec('bitsandbytes'):
         eight_bit = ('ours DreamBooth full UNet + --use_8bit_adam', {'use_8bit_adam': True})
-        # compiled: fewer launches for the forward and backward, to pay for 8-bit AdamW's per-tensor ones
-        dreambooth_goal.append(('ours DreamBooth full UNet + 8-bit AdamW + --torch_compile',
-                                {'use_8bit_adam': True, 'torch_compile': True}) if compiled else eight_bit)
-        dreambooth_more += [eight_bit] * compiled
+        if compiled:  # fewer launches for the forward and backward, to pay for 8-bit AdamW's per-tensor ones
+            dreambooth_goal.append(('ours DreamBooth full UNet + 8-bit AdamW + --torch_compile',
+                                    {'use_8bit_adam': True, 'torch_compile': True}))
+            dreambooth_more.append(eight_bit)
+        else:
+            dreambooth_goal.append(eight_bit)
     dreambooth_more += [('ours DreamBooth full UNet + --optimizer adafactor', {'optimizer': 'adafactor'}),
                         ('ours DreamBooth full UNet (cached latents, bf16, fused AdamW)', {}),
                         ('ours DreamBooth full UNet + adafactor + gradient checkpointing',
                          {'optimizer': 'adafactor', 'gradient_checkpointing': True})]
-    lora, dreambooth = 'lora' in only, 'dreambooth' in only
-    return ([(name, 'lora', 1, options) for name, options in lora_goal * lora]
-            + [(name, 'dreambooth', 1, options) for name, options in dreambooth_goal * dreambooth]
-            + [(name, 'lora', 1, options) for name, options in lora_more * lora]
-            + [(name, 'dreambooth', 1, options) for name, options in dreambooth_more * dreambooth]
-            + [(name, 'lora', 4, options) for name, options in (lora_goal + lora_more[:compiled]) * lora])
+    lora_batched = lora_goal + ([ours_lora] if compiled else [])
+    order = [('lora', 1, lora_goal), ('dreambooth', 1, dreambooth_goal), ('lora', 1, lora_more),
+             ('dreambooth', 1, dreambooth_more), ('lora', 4, lora_batched)]
+    return [(name, mode, batch, options) for mode, batch, rows in order if mode in only for name, options in rows]
 
 
 def main(argv=None):

@@ -76,7 +76,7 @@ def add_lora(model, rank: int, alpha: Optional[int], dropout: float, target_modu
 def lora_inputs_uncast(models: List[torch.nn.Module], autocast: bool):
     """Under ``autocast``, peft's LoRA layers keep their input's dtype rather than casting it to the adapter's fp32:
     autocast casts it straight back to bf16/fp16 for the adapter's matmul, so the round trip changes no number, but
-    it costs two copies forward and two backward per bf16 input (to_out's, after attention), in training loops that
+    it costs two copies forward and two backward per bf16 input (to_out's, after attention, among them) in loops that
     the host's kernel launches bound. DoRA keeps the cast: its weight norm is computed in the input's dtype, so the
     cast makes it fp32. peft releases before 0.15 always cast."""
     try:
