@@ -81,8 +81,8 @@ class TrainConfig:
     num_train_epochs: int = _help('epochs, when max_train_steps is not set', default=1)
     max_train_steps: Optional[int] = _help('total optimizer steps (overrides num_train_epochs)', default=None)
     gradient_accumulation_steps: int = _help('micro-batches per optimizer step', default=1)
-    gradient_checkpointing: bool = _help('recompute activations in backward: less memory, ~20% slower',
-                                         default=False)
+    gradient_checkpointing: bool = _help('recompute activations in backward: less memory, ~20% slower (autocast then '
+                                         'keeps no copies of cast weights)', default=False)
     torch_compile: bool = _help('compile the UNet with torch.compile: the first steps compile (minutes on '
                                 'SD1.5), later ones run faster; an epoch\'s last, smaller batch compiles once more; '
                                 'validation runs eager; inductor caches make the next run start sooner',

@@ -84,6 +84,11 @@ def make_accelerator(config):
         logger.warning('mixed_precision=fp16 needs a CUDA GPU; training in fp32 on this machine.')
         mixed_precision = 'no'
     handlers = []
+    if config.gradient_checkpointing:
+        from accelerate.utils import AutocastKwargs
+        # autocast keeps the bf16 copy of every fp32 weight it casts until the forward ends (1.6 GiB for SD1.5's
+        # UNet), also those of checkpointed blocks, which save nothing for backward: uncached, they go with their block
+        handlers.append(AutocastKwargs(cache_enabled=False))
     if pipeline_clip_skip(config.clip_skip) and config.train_text_encoder:
         # the skipped last layers get no gradient, which DDP (several processes) must be told
         from accelerate.utils import DistributedDataParallelKwargs

@@ -210,6 +210,18 @@ def test_full_fine_tune_resume_matches_an_uninterrupted_run(tiny_model_dir, inst
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
 
 
+def test_gradient_checkpointing_turns_off_autocasts_weight_cache(instance_dir, tmp_path):
+    """autocast keeps a bf16 copy of each fp32 weight until the forward ends, also of checkpointed blocks' weights."""
+    from finetune.training import make_accelerator
+
+    def autocast_handler(checkpointing):
+        return make_accelerator(_config('unused', instance_dir, tmp_path, gradient_checkpointing=checkpointing)
+                                ).autocast_handler
+
+    assert autocast_handler(False) is None  # torch's default: cached
+    assert autocast_handler(True).cache_enabled is False
+
+
 def test_memory_optimizers_keep_a_fraction_of_adamws_state(tiny_model_dir, instance_dir, tmp_path):
     """The memory options for full fine-tunes: AdamW keeps two fp32 tensors per weight; Adafactor factored
     row/column statistics (for SD1.5's UNet: 2.0 GiB against 6.4 GiB); 8-bit AdamW one byte per moment."""
