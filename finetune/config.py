@@ -334,6 +334,11 @@ class DreamBoothConfig(LoraOptions, TrainConfig):
     use_lora: bool = _help('train LoRA adapters instead of the whole UNet', default=False)
     export_checkpoint: bool = _help('full fine-tune: also write OUTPUT_DIR/<its name>.safetensors, the model as '
                                     'one original-layout fp16 file for A1111/ComfyUI', default=False)
+    fused_backward_pass: bool = _help("kohya's flag, full fine-tune: the optimizer steps the weights during "
+                                      'backward, about 256 MiB of gradients at a time, and frees them, so SD1.5\'s '
+                                      '3.2 GiB of gradients are never held at once; gradients are clipped to '
+                                      '--max_grad_norm per group (never more than together). One process, '
+                                      '--gradient_accumulation_steps 1, bf16 or fp32', default=False)
     output_dir: str = _help('where the model (or adapter), checkpoints and validation images go',
                             default='sd-dreambooth')
     learning_rate: Optional[float] = _help('peak learning rate (default 5e-6, or 1e-4 with --use_lora)',
@@ -355,6 +360,8 @@ class DreamBoothConfig(LoraOptions, TrainConfig):
         if self.export_checkpoint and self.use_lora:
             raise ValueError('export_checkpoint writes a full model; with --use_lora the adapter is the result: '
                              'pass --export_kohya for an A1111/ComfyUI file instead.')
+        if self.fused_backward_pass:
+            check_fused_backward_pass(self, self.mixed_precision)
         source = self.instance_data_dir or self.dataset_name
         if not source:
             raise ValueError('No instance images: pass --instance_data_dir (a folder of subject photos) or '
@@ -393,6 +400,30 @@ class DreamBoothConfig(LoraOptions, TrainConfig):
                 and os.path.abspath(self.class_data_dir) == os.path.abspath(self.instance_data_dir)):
             raise ValueError(f'class_data_dir={self.class_data_dir!r} is the instance folder: generated class images '
                              'would mix with your subject photos. Leave class_data_dir unset or pick another folder.')
+
+
+def check_fused_backward_pass(config, mixed_precision: Optional[str], processes: int = 1) -> None:
+    """What --fused_backward_pass cannot combine with: the flags here; ``mixed_precision`` and ``processes`` once the
+    accelerator has them (from accelerate's config)."""
+    reason = None
+    if config.use_lora:
+        reason = ("it saves a full fine-tune's gradients (GiBs), and an adapter's are a few MB: train the whole "
+                  'UNet (no --use_lora)')
+    elif config.gradient_accumulation_steps > 1:
+        reason = (f'the weights change during each backward, so gradients cannot add up over '
+                  f'--gradient_accumulation_steps {config.gradient_accumulation_steps}: pass 1 (a larger '
+                  '--train_batch_size gives the same images per step)')
+    elif mixed_precision == 'fp16':
+        reason = ('fp16 training checks the whole gradient for overflow before any weight changes: pass '
+                  '--mixed_precision bf16 (or no)')
+    elif config.torch_compile:
+        reason = ("a compiled UNet's backward hands over all its gradients at once, so nothing is saved: drop one "
+                  'of the two')
+    elif processes > 1:
+        reason = (f'with {processes} processes each would step on its own gradients before they are averaged: '
+                  'train on one process')
+    if reason:
+        raise ValueError(f'fused_backward_pass: {reason}, or drop --fused_backward_pass.')
 
 
 def target_module_list(target_modules: str) -> List[str]:

@@ -80,6 +80,7 @@ FLAGS = {
     'prior_loss_weight': (None, None),  # the LoRA trainer's; DreamBooth's is a flag of its own
     'no_half_vae': (None, None),
     'lowram': (None, None),
+    'fused_backward_pass': (None, None),  # the LoRA trainer's; DreamBooth's full fine-tune has the flag
 }
 IGNORED_REASONS = {
     'xformers': "PyTorch's scaled-dot-product attention (flash/memory-efficient kernels) is always used",
@@ -100,10 +101,12 @@ IGNORED_REASONS = {
                          'with --with_prior_preservation (and --use_lora for an adapter)',
     'no_half_vae': "the VAE runs in the --mixed_precision dtype; SD1.5's VAE does not overflow in fp16 as SDXL's does",
     'lowram': 'models load to RAM, then move to the device',
+    'fused_backward_pass': "an adapter's gradients are a few MB; the DreamBooth trainer's full fine-tune takes "
+                           '--fused_backward_pass',
 }
 VALUELESS = ('xformers', 'sdpa', 'mem_eff_attn', 'network_train_unet_only', 'persistent_data_loader_workers',
              'save_state', 'random_crop', 'full_fp16', 'full_bf16', 'v_parameterization', 'flip_aug',
-             'cache_latents_to_disk', 'no_half_vae', 'lowram')
+             'cache_latents_to_disk', 'no_half_vae', 'lowram', 'fused_backward_pass')
 # kohya flags that change training in a way this trainer does not: refused, each with what to do here instead
 REFUSED = {
     'reg_data_dir': 'regularization (class) images train with the DreamBooth trainer: run_train_dreambooth.sh '

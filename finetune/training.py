@@ -16,9 +16,10 @@ from . import validation_images
 from .buckets import BucketBatchSampler
 from .checkpoint import (check_resume_settings, find_checkpoint, read_state, remove_partial_writes,
                          save_checkpoint)
-from .config import target_module_list
+from .config import check_fused_backward_pass, target_module_list
 from .data import EpochSampler, cache_dataset, collate
 from .diffusion import denoising_loss, pipeline_clip_skip
+from .fused_backward import OptimizerInBackward
 from .interrupt import StopRequests, TrainingInterrupted, ignore_stop_signals, restore_stop_signals
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ def start_run(config, notes=None):
         logger.warning("resume_from_checkpoint='latest' but %s holds no checkpoint: starting a new run.",
                        config.output_dir)
     accelerator = make_accelerator(config)
+    if getattr(config, 'fused_backward_pass', False):  # precision and processes may come from accelerate's config
+        check_fused_backward_pass(config, accelerator.mixed_precision, accelerator.num_processes)
     for note in notes or []:
         logger.info(note)
     return accelerator
@@ -352,10 +355,12 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
         _validate(accelerator, config, parts, pipeline_for_validation, validation_dataset, samples, 0)
     # 4. the loop
     last_saved, updating = global_step, False
+    fused = getattr(config, 'fused_backward_pass', False)
+    in_backward = OptimizerInBackward(optimizer, params, config.max_grad_norm) if fused else contextlib.nullcontext()
     # Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit; out of memory: save the last step, say what helps
     with StopRequests() as stop, saved_on_out_of_memory(accelerator, config, lambda: (global_step, last_saved,
                                                                                        updating)), \
-            lora_inputs_uncast(trained, accelerator.native_amp):
+            lora_inputs_uncast(trained, accelerator.native_amp), in_backward:
         for epoch in range(first_epoch, epochs):
             if global_step >= max_steps:
                 break
@@ -372,11 +377,15 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
                                             config.noise_offset, config.snr_gamma, config.clip_skip)
                     weights = batch.get('loss_weight')
                     loss = losses.mean() if weights is None else (losses * weights).sum() / batch['is_instance'].sum()
+                    updating = fused  # --fused_backward_pass steps during backward
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                    updating = True  # weights change from here: a failure now leaves a step half done
-                    optimizer.step()
+                    if fused:
+                        in_backward.flush()  # the last group
+                    else:
+                        if accelerator.sync_gradients:
+                            accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                        updating = True  # weights change from here: a failure now leaves a step half done
+                        optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     updating = False
@@ -442,6 +451,8 @@ def memory_advice(config, mixed_precision: str) -> List[str]:
         ('--mixed_precision bf16', mixed_precision == 'no'),
         ('--use_8bit_adam or --optimizer adafactor', full and config.optimizer == 'adamw' and not config.use_8bit_adam),
         ('--use_lora', full),
+        ('--fused_backward_pass', full and not config.fused_backward_pass and config.gradient_accumulation_steps == 1
+         and not config.torch_compile and mixed_precision != 'fp16'),
         (f'--train_batch_size {max(1, config.train_batch_size // 2)} with --gradient_accumulation_steps '
          f'{config.gradient_accumulation_steps * 2} (the same images per step)', config.train_batch_size > 1),
         ('--gradient_checkpointing', not config.gradient_checkpointing),

@@ -192,22 +192,101 @@ def test_prior_loss_is_instance_mean_plus_weighted_class_mean():
     assert float(loss) == pytest.approx(2.0 + 0.5 * 15.0)
 
 
-@pytest.mark.parametrize('optimizer', [dict(optimizer='adamw'), dict(optimizer='adafactor'), dict(use_8bit_adam=True)])
+@pytest.mark.parametrize('optimizer, resumed', [
+    (dict(optimizer='adamw'), {}), (dict(optimizer='adafactor'), {}), (dict(use_8bit_adam=True), {}),
+    (dict(fused_backward_pass=True), {}), ({}, dict(fused_backward_pass=True))],
+    ids=['adamw', 'adafactor', '8bit', 'fused backward', 'resumed with fused backward'])
 def test_full_fine_tune_resume_matches_an_uninterrupted_run(tiny_model_dir, instance_dir, tmp_path, monkeypatch,
-                                                            optimizer):
+                                                            optimizer, resumed):
     settings = dict(max_train_steps=4, checkpointing_steps=2, learning_rate=1e-3, lr_scheduler='cosine', **optimizer)
     _train(_config(tiny_model_dir, instance_dir, tmp_path / 'a', **settings))
     revive = kill_at_loss_call(monkeypatch, 3)  # step 3 of 4, after checkpoint-2
     with pytest.raises(Killed):
         _train(_config(tiny_model_dir, instance_dir, tmp_path / 'b', **settings))
     revive()
-    _train(_config(tiny_model_dir, instance_dir, tmp_path / 'b', resume_from_checkpoint='latest', **settings))
+    _train(_config(tiny_model_dir, instance_dir, tmp_path / 'b', resume_from_checkpoint='latest', **settings,
+                   **resumed))
     weights = 'unet/diffusion_pytorch_model.safetensors'
     a, b = load_file(str(tmp_path / 'a' / weights)), load_file(str(tmp_path / 'b' / weights))
     base = load_file(os.path.join(tiny_model_dir, weights))
     assert any(not torch.equal(a[k], base[k]) for k in a)  # it trained
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('group_bytes, max_grad_norm', [(64 * 2**10, 1e6), (None, 1e-4)],
+                         ids=['small groups', 'one group, clipping'])
+def test_fused_backward_pass_gives_the_plain_loops_weights_holding_a_group_of_gradients(
+        tiny_model_dir, instance_dir, tmp_path, monkeypatch, group_bytes, max_grad_norm):
+    """--fused_backward_pass steps the optimizer during backward, a group at a time, and frees those gradients. With
+    no clipping biting, groups of 64 KiB (several per step on the tiny UNet) give the plain loop's weights to the
+    bit; one group of all gradients (the tiny UNet is below the default size) clips as the plain loop does."""
+    from finetune import fused_backward
+    if group_bytes:
+        monkeypatch.setattr(fused_backward, 'GROUP_BYTES', group_bytes)
+    alive, flush = [], fused_backward.OptimizerInBackward.flush
+
+    def counting_flush(self):
+        if self.pending:
+            alive.append(sum(p.grad.numel() * p.grad.element_size() for p in self.params if p.grad is not None))
+        flush(self)
+
+    monkeypatch.setattr(fused_backward.OptimizerInBackward, 'flush', counting_flush)
+    settings = dict(max_train_steps=3, learning_rate=1e-3, max_grad_norm=max_grad_norm)
+    _train(_config(tiny_model_dir, instance_dir, tmp_path / 'plain', **settings))
+    assert not alive
+    _train(_config(tiny_model_dir, instance_dir, tmp_path / 'fused', fused_backward_pass=True, **settings))
+    weights = 'unet/diffusion_pytorch_model.safetensors'
+    plain, fused = load_file(str(tmp_path / 'plain' / weights)), load_file(str(tmp_path / 'fused' / weights))
+    base = load_file(os.path.join(tiny_model_dir, weights))
+    assert any(not torch.equal(plain[k], base[k]) for k in plain)  # it trained
+    for key in plain:
+        assert torch.equal(fused[key], plain[key]), key
+    all_gradients = sum(v.numel() * 4 for v in base.values())
+    if group_bytes:
+        largest = max(v.numel() * 4 for v in base.values())
+        assert len(alive) >= 3 * 4  # several groups per step
+        assert max(alive) <= group_bytes + largest < all_gradients / 4
+    else:
+        assert alive == [all_gradients] * 3
+
+
+def test_fused_backward_pass_is_refused_where_accelerates_config_sets_fp16_or_several_processes(
+        instance_dir, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from finetune import training
+    config = _config('unused', instance_dir, tmp_path / 'out', fused_backward_pass=True)
+    for precision, processes, message in (('fp16', 1, '--mixed_precision bf16'), ('bf16', 2, 'with 2 processes')):
+        accelerator = SimpleNamespace(mixed_precision=precision, num_processes=processes)
+        monkeypatch.setattr(training, 'make_accelerator', lambda config: accelerator)
+        with pytest.raises(ValueError, match=f'fused_backward_pass: .*{message}'):
+            training.start_run(config)
+    accelerator = SimpleNamespace(mixed_precision='bf16', num_processes=1)
+    assert training.start_run(config) is accelerator
+
+
+def test_kohyas_fused_backward_pass_is_a_dreambooth_flag_and_changes_nothing_for_an_adapter(instance_dir, tmp_path):
+    from finetune.config import LoraTrainConfig
+    from finetune.flags import parse_args
+    config, _ = parse_args(DreamBoothConfig, ['--instance_data_dir', instance_dir, '--instance_prompt', INSTANCE_PROMPT,
+                                              '--output_dir', str(tmp_path), '--fused_backward_pass'], 'x')
+    assert config.fused_backward_pass
+    config, notes = parse_args(LoraTrainConfig, ['--train_data_dir', instance_dir, '--fused_backward_pass'], 'x')
+    assert not hasattr(config, 'fused_backward_pass')
+    assert "--fused_backward_pass true: accepted, no effect here (an adapter's gradients are a few MB" in notes[0]
+
+
+def test_out_of_memory_advice_names_the_fused_backward_pass_for_a_full_fine_tune(instance_dir, tmp_path):
+    from finetune.training import memory_advice
+
+    def advice(**kwargs):
+        return memory_advice(_config('unused', instance_dir, tmp_path / 'out', **kwargs), 'bf16')
+
+    assert '--fused_backward_pass' in advice()
+    assert '--fused_backward_pass' not in advice(fused_backward_pass=True)
+    assert '--fused_backward_pass' not in advice(use_lora=True)
+    assert '--fused_backward_pass' not in advice(gradient_accumulation_steps=2)
 
 
 def test_gradient_checkpointing_turns_off_autocasts_weight_cache(instance_dir, tmp_path):
@@ -280,6 +359,12 @@ def test_modelscope_example_command_line_runs_unchanged(tiny_model_dir, instance
     (dict(with_prior_preservation=True, enable_bucket=True), ValueError, 'enable_bucket does not combine'),
     (dict(network_weights='some-lora'), ValueError, 'network_weights starts the LoRA adapters .*pass --use_lora'),
     (dict(use_lora=True, network_weights='/no/such/lora'), FileNotFoundError, 'network_weights=.*no such file'),
+    (dict(fused_backward_pass=True, use_lora=True), ValueError, 'fused_backward_pass: .*train the whole UNet'),
+    (dict(fused_backward_pass=True, gradient_accumulation_steps=2), ValueError,
+     'fused_backward_pass: .*--gradient_accumulation_steps 2: pass 1'),
+    (dict(fused_backward_pass=True, mixed_precision='fp16'), ValueError,
+     'fused_backward_pass: .*--mixed_precision bf16'),
+    (dict(fused_backward_pass=True, torch_compile=True), ValueError, "fused_backward_pass: a compiled UNet's backward"),
 ])
 def test_bad_config(instance_dir, tmp_path, kwargs, error, message):
     if kwargs.get('class_data_dir') == 'INSTANCE':
