@@ -2,6 +2,7 @@
 
     python bench/estimate_training_memory.py --optimizer adamw8bit     # SD1.5 UNet, 512x512, batch 1
     python bench/estimate_training_memory.py --optimizer vanilla       # diffusers' example: foreach AdamW
+    python bench/estimate_training_memory.py --fused_backward_pass     # ours, stepping in backward
     python bench/estimate_training_memory.py --tiny                    # dry run on the tiny model
 
 The step is our trainer's (bf16 autocast over fp32 weights, loss, backward, gradient clipping, the optimizer
@@ -13,11 +14,13 @@ sizes. A first untracked step creates the optimizer state, so the tracked step i
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import torch
 
@@ -33,14 +36,17 @@ def parse_args(argv=None):
                         help="vanilla: torch's AdamW as diffusers' example runs it (foreach on a GPU); adamw: "
                              'ours (fused); adafactor; adamw8bit: --use_8bit_adam')
     parser.add_argument('--gradient_checkpointing', action='store_true')
+    parser.add_argument('--fused_backward_pass', action='store_true',
+                        help='the optimizer steps in groups during backward (finetune/fused_backward.py)')
     parser.add_argument('--batch', type=int, default=1)
     parser.add_argument('--tiny', action='store_true')
     return parser.parse_args(argv)
 
 
-def make_step(parts, optimizer, batch: int):
+def make_step(parts, optimizer, batch: int, in_backward=None, autocast_cache: bool = True):
     """One step as train_loop runs it with cached latents and embeddings: the trainer's own loss, backward,
-    gradient clipping, optimizer step."""
+    gradient clipping, optimizer step (``in_backward``: a `finetune.fused_backward.OptimizerInBackward` that
+    clips and steps during backward instead)."""
     from diffusers import DDPMScheduler
 
     from finetune.diffusion import denoising_loss
@@ -52,9 +58,12 @@ def make_step(parts, optimizer, batch: int):
     def step():
         cached = {'latent_params': torch.randn(batch, 2 * unet.config.in_channels, size, size),
                   'encoder_hidden_states': torch.randn(batch, 77, unet.config.cross_attention_dim)}
-        with torch.autocast('cpu', dtype=torch.bfloat16):
+        with torch.autocast('cpu', dtype=torch.bfloat16, cache_enabled=autocast_cache):
             loss = denoising_loss(unet, parts['text_encoder'], parts['vae'], scheduler, cached).mean()
         loss.backward()
+        if in_backward is not None:
+            in_backward.flush()
+            return
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -74,25 +83,39 @@ def make_optimizer_for(name: str, params):
     return make_optimizer(config, params, torch.device('cuda' if name == 'adamw' else 'cpu'), 1e-6)
 
 
-def estimate(optimizer: str, gradient_checkpointing: bool = False, batch: int = 1, tiny: bool = False) -> dict:
+def estimate(optimizer: str, gradient_checkpointing: bool = False, batch: int = 1, tiny: bool = False,
+             fused_backward_pass: bool = False, group_bytes: Optional[int] = None,
+             autocast_cache: Optional[bool] = None) -> dict:
+    """``group_bytes``: with ``fused_backward_pass``, the gradients per optimizer call (default: the trainer's);
+    ``autocast_cache``: autocast's cache of cast weights (default: the trainer's, off with gradient checkpointing)."""
     from torch.distributed._tools.mem_tracker import MemTracker
+
+    from finetune.fused_backward import GROUP_BYTES, OptimizerInBackward
     parts = build_components(tiny, 'cpu')
     unet = parts['unet'].train().requires_grad_(True)
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     frozen = sum(p.numel() * 2 for name in ('vae', 'text_encoder') for p in parts[name].parameters())
     opt = make_optimizer_for(optimizer, list(unet.parameters()))
-    step = make_step(parts, opt, batch)
+    group_bytes = group_bytes or GROUP_BYTES
+    in_backward = (OptimizerInBackward(opt, unet.parameters(), 1.0, group_bytes) if fused_backward_pass
+                   else contextlib.nullcontext())
     start = time.perf_counter()
-    step()
-    tracker = MemTracker()
-    tracker.track_external(unet, opt)
-    with tracker:
+    with in_backward:
+        # the trainer turns autocast's weight cache off with gradient checkpointing (finetune.training.make_accelerator)
+        step = make_step(parts, opt, batch, in_backward if fused_backward_pass else None,
+                         autocast_cache=not gradient_checkpointing if autocast_cache is None else autocast_cache)
         step()
+        tracker = MemTracker()
+        tracker.track_external(unet, opt)
+        with tracker:
+            step()
     peak = tracker.get_tracker_snapshot('peak')[torch.device('cpu')]
     by_kind = {str(kind).split('.')[-1].lower(): round(nbytes / 2**30, 4) for kind, nbytes in peak.items()
                if nbytes and str(kind) != 'Total'}
     return {'optimizer': optimizer, 'gradient_checkpointing': gradient_checkpointing, 'batch': batch,
+            'fused_backward_pass': fused_backward_pass,
+            'group_mib': group_bytes / 2**20 if fused_backward_pass else None,
             'model': 'tiny' if tiny else 'SD1.5 UNet, 512x512', 'step_peak_gib_by_kind': by_kind,
             'frozen_vae_text_encoder_gib': round(frozen / 2**30, 3),
             'estimated_peak_gib': round((peak['Total'] + frozen) / 2**30, 2),
@@ -101,7 +124,7 @@ def estimate(optimizer: str, gradient_checkpointing: bool = False, batch: int = 
 
 def main(argv=None):
     args = parse_args(argv)
-    row = estimate(args.optimizer, args.gradient_checkpointing, args.batch, args.tiny)
+    row = estimate(args.optimizer, args.gradient_checkpointing, args.batch, args.tiny, args.fused_backward_pass)
     print(json.dumps(row), flush=True)
     return row
 

@@ -27,6 +27,20 @@ def test_adafactor_state_is_factored(rows):
     assert rows['adafactor']['step_peak_gib_by_kind']['opt'] < 0.5 * rows['adamw']['step_peak_gib_by_kind']['opt']
 
 
+def test_fused_backward_pass_with_checkpointing_holds_no_gradients_and_no_cached_weight_copies():
+    """--fused_backward_pass frees gradients a group at a time; with --gradient_checkpointing the trainer turns off
+    autocast's cache, which would keep a bf16 copy of every weight until the forward ends (1.2 GiB of SD1.5's
+    estimate). On the tiny model the weights' bf16 copies are ~1.9 MB."""
+    plain = estimate('adamw', gradient_checkpointing=True, tiny=True)['step_peak_gib_by_kind']
+    cached, uncached = (estimate('adamw', gradient_checkpointing=True, tiny=True, fused_backward_pass=True,
+                                 group_bytes=64 * 2**10, autocast_cache=cache)['step_peak_gib_by_kind']
+                        for cache in (True, False))
+    weights = plain['param']
+    assert plain['grad'] >= 0.9 * weights  # the plain loop's peak holds every gradient
+    assert uncached.get('grad', 0) < 0.1 * weights
+    assert cached['act'] - uncached['act'] > 0.3 * weights  # bf16 copies: half the fp32 weights' bytes
+
+
 def test_a_training_run_leaves_no_optimizer_state_to_the_next(tmp_path, fresh_accelerate):
     """The timed run's peak memory must not hold the optimizer state of the runs before it."""
     from bench.bench_training import make_data, ours_step_runner
@@ -68,15 +82,17 @@ def test_a_profile_can_keep_its_timeline(tmp_path):
 @pytest.mark.parametrize('only', [('lora', 'dreambooth'), ('lora', 'dreambooth', 'compile')])
 def test_the_training_rows_that_answer_the_goals_run_first(only):
     """A GPU session's time limit cuts the rows at the end: each goal's vanilla row and ours come first, ours being
-    the --torch_compile row where it is asked for."""
+    the --torch_compile row where it is asked for; DreamBooth's are --fused_backward_pass with
+    checkpointing, then 8-bit AdamW."""
     from bench.bench_training import plan_runs
     runs = plan_runs(list(only))
     first = [(mode, batch, options is None, bool(options and options.get('torch_compile')))
-             for _, mode, batch, options in runs[:4]]
+             for _, mode, batch, options in runs[:5]]
     compiled = 'compile' in only
-    assert first == [('lora', 1, True, False), ('lora', 1, False, compiled),
-                     ('dreambooth', 1, True, False), ('dreambooth', 1, False, compiled)]
-    assert runs[3][3]['use_8bit_adam']
+    assert first == [('lora', 1, True, False), ('lora', 1, False, compiled), ('dreambooth', 1, True, False),
+                     ('dreambooth', 1, False, False), ('dreambooth', 1, False, compiled)]
+    assert runs[3][3] == {'fused_backward_pass': True, 'gradient_checkpointing': True}
+    assert runs[4][3]['use_8bit_adam']
     assert len({(name, batch) for name, _, batch, _ in runs}) == len(runs)
     compiled_rows = [name for name, _, batch, options in runs if batch == 1 and (options or {}).get('torch_compile')]
     assert len(compiled_rows) == 2 * compiled
