@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from typing import Optional
 
 import torch
@@ -108,7 +109,10 @@ def estimate(optimizer: str, gradient_checkpointing: bool = False, batch: int = 
         step()
         tracker = MemTracker()
         tracker.track_external(unet, opt)
-        with tracker:
+        with tracker, warnings.catch_warnings():
+            # its gradient hook runs after ours, which may have stepped and freed the gradient: it warns of the None,
+            # and that gradient's bytes count under the kind they were allocated as
+            warnings.filterwarnings('ignore', 'Expected a tensor or a traceable wrapper-subclass')
             step()
     peak = tracker.get_tracker_snapshot('peak')[torch.device('cpu')]
     by_kind = {str(kind).split('.')[-1].lower(): round(nbytes / 2**30, 4) for kind, nbytes in peak.items()
