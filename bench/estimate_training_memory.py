@@ -91,14 +91,13 @@ def estimate(optimizer: str, gradient_checkpointing: bool = False, batch: int = 
     ``autocast_cache``: autocast's cache of cast weights (default: the trainer's, off with gradient checkpointing)."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from finetune.fused_backward import GROUP_BYTES, OptimizerInBackward
+    from finetune.fused_backward import OptimizerInBackward
     parts = build_components(tiny, 'cpu')
     unet = parts['unet'].train().requires_grad_(True)
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     frozen = sum(p.numel() * 2 for name in ('vae', 'text_encoder') for p in parts[name].parameters())
     opt = make_optimizer_for(optimizer, list(unet.parameters()))
-    group_bytes = group_bytes or GROUP_BYTES
     in_backward = (OptimizerInBackward(opt, unet.parameters(), 1.0, group_bytes) if fused_backward_pass
                    else contextlib.nullcontext())
     start = time.perf_counter()
@@ -119,7 +118,7 @@ def estimate(optimizer: str, gradient_checkpointing: bool = False, batch: int = 
                if nbytes and str(kind) != 'Total'}
     return {'optimizer': optimizer, 'gradient_checkpointing': gradient_checkpointing, 'batch': batch,
             'fused_backward_pass': fused_backward_pass,
-            'group_mib': group_bytes / 2**20 if fused_backward_pass else None,
+            'group_mib': in_backward.group_bytes / 2**20 if fused_backward_pass else None,
             'model': 'tiny' if tiny else 'SD1.5 UNet, 512x512', 'step_peak_gib_by_kind': by_kind,
             'frozen_vae_text_encoder_gib': round(frozen / 2**30, 3),
             'estimated_peak_gib': round((peak['Total'] + frozen) / 2**30, 2),

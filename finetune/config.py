@@ -405,25 +405,30 @@ class DreamBoothConfig(LoraOptions, TrainConfig):
 def check_fused_backward_pass(config, mixed_precision: Optional[str], processes: int = 1) -> None:
     """What --fused_backward_pass cannot combine with: the flags here; ``mixed_precision`` and ``processes`` once the
     accelerator has them (from accelerate's config)."""
-    reason = None
-    if config.use_lora:
-        reason = ("it saves a full fine-tune's gradients (GiBs), and an adapter's are a few MB: train the whole "
-                  'UNet (no --use_lora)')
-    elif config.gradient_accumulation_steps > 1:
-        reason = (f'the weights change during each backward, so gradients cannot add up over '
-                  f'--gradient_accumulation_steps {config.gradient_accumulation_steps}: pass 1 (a larger '
-                  '--train_batch_size gives the same images per step)')
-    elif mixed_precision == 'fp16':
-        reason = ('fp16 training checks the whole gradient for overflow before any weight changes: pass '
-                  '--mixed_precision bf16 (or no)')
-    elif config.torch_compile:
-        reason = ("a compiled UNet's backward hands over all its gradients at once, so nothing is saved: drop one "
-                  'of the two')
-    elif processes > 1:
-        reason = (f'with {processes} processes each would step on its own gradients before they are averaged: '
-                  'train on one process')
+    reason = fused_backward_pass_conflict(config, mixed_precision, processes)
     if reason:
         raise ValueError(f'fused_backward_pass: {reason}, or drop --fused_backward_pass.')
+
+
+def fused_backward_pass_conflict(config, mixed_precision: Optional[str], processes: int = 1) -> Optional[str]:
+    """Why --fused_backward_pass cannot go with this run, with the fix; None where it can."""
+    if config.use_lora:
+        return ("it saves a full fine-tune's gradients (GiBs), and an adapter's are a few MB: train the whole UNet "
+                '(no --use_lora)')
+    if config.gradient_accumulation_steps > 1:
+        return (f'the weights change during each backward, so gradients cannot add up over '
+                f'--gradient_accumulation_steps {config.gradient_accumulation_steps}: pass 1 (a larger '
+                '--train_batch_size gives the same images per step)')
+    if mixed_precision == 'fp16':
+        return ('fp16 training checks the whole gradient for overflow before any weight changes: pass '
+                '--mixed_precision bf16 (or no)')
+    if config.torch_compile:
+        return ("a compiled UNet's backward hands over all its gradients at once, so nothing is saved: drop one of "
+                'the two')
+    if processes > 1:
+        return (f'with {processes} processes each would step on its own gradients before they are averaged: train on '
+                'one process')
+    return None
 
 
 def target_module_list(target_modules: str) -> List[str]:

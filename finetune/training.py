@@ -16,7 +16,7 @@ from . import validation_images
 from .buckets import BucketBatchSampler
 from .checkpoint import (check_resume_settings, find_checkpoint, read_state, remove_partial_writes,
                          save_checkpoint)
-from .config import check_fused_backward_pass, target_module_list
+from .config import check_fused_backward_pass, fused_backward_pass_conflict, target_module_list
 from .data import EpochSampler, cache_dataset, collate
 from .diffusion import denoising_loss, pipeline_clip_skip
 from .fused_backward import OptimizerInBackward
@@ -451,8 +451,8 @@ def memory_advice(config, mixed_precision: str) -> List[str]:
         ('--mixed_precision bf16', mixed_precision == 'no'),
         ('--use_8bit_adam or --optimizer adafactor', full and config.optimizer == 'adamw' and not config.use_8bit_adam),
         ('--use_lora', full),
-        ('--fused_backward_pass', full and not config.fused_backward_pass and config.gradient_accumulation_steps == 1
-         and not config.torch_compile and mixed_precision != 'fp16'),
+        ('--fused_backward_pass', full and not config.fused_backward_pass
+         and fused_backward_pass_conflict(config, mixed_precision) is None),
         (f'--train_batch_size {max(1, config.train_batch_size // 2)} with --gradient_accumulation_steps '
          f'{config.gradient_accumulation_steps * 2} (the same images per step)', config.train_batch_size > 1),
         ('--gradient_checkpointing', not config.gradient_checkpointing),
