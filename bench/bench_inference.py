@@ -50,6 +50,9 @@ def parse_args(argv=None):
                         help="also time fast=True through diffusers' loop over the compiled UNet (compiles again)")
     parser.add_argument('--second_start', action='store_true',
                         help='also time a fresh process to its first fast image with the warm compile cache')
+    parser.add_argument('--precompile', action='store_true',
+                        help='fast=True with precompile=True (compiled functions kept whole on disk), the second start '
+                             'too: it then loads them instead of tracing the model again')
     parser.add_argument('--profile', action='store_true',
                         help='also profile one batch-1 call of vanilla and of fast: where the device time goes')
     parser.add_argument('--profile_steps', type=int, default=10, help='denoising steps in the profiled calls')
@@ -141,13 +144,14 @@ def main(argv=None):
     if not args.skip_fast:
         # fast=True changes the modules in place (fused QKV, compiled forward): vanilla is done by now
         fast = StableDiffusionText2ImagePipeline(vanilla, device=args.device, torch_dtype=dtype, progress_bar=False,
-                                                 fast=True, compile_mode=args.compile_mode)
+                                                 fast=True, compile_mode=args.compile_mode, precompile=args.precompile)
 
         def run_fast(n, seed):
             with attention_backend(args.sdpa_backend):
                 return fast([PROMPT] * n, num_inference_steps=args.steps, seed=seed)['output_imgs']
 
         label = (f'ours fast=True ({args.compile_mode}' + (', static shapes' if args.static_shapes else '')
+                 + (', precompile=True' if args.precompile else '')
                  + (', cuDNN benchmark' if args.cudnn_benchmark else '')
                  + (f', SDPA {args.sdpa_backend} first)' if args.sdpa_backend != 'default' else ')'))
         # batch 1 first, its batched call last: that call compiles again (over a minute on an H200), and a GPU
@@ -237,7 +241,7 @@ parts = build_components({tiny}, {device!r})
 pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 clock.append(('build the weights', time.time()))
 fast = StableDiffusionText2ImagePipeline(pipe, device={device!r}, torch_dtype=torch.{dtype}, progress_bar=False,
-                                         fast=True, compile_mode={mode!r})
+                                         fast=True, compile_mode={mode!r}, precompile={precompile})
 clock.append(('fast=True pipeline', time.time()))
 fast({prompt!r}, num_inference_steps={steps}, seed=0)
 clock.append(('first call', time.time()))
@@ -254,13 +258,14 @@ def second_start(args):
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
     dtype = 'float16' if args.device.startswith('cuda') else 'float32'
     code = SECOND_START.format(root=root, tiny=args.tiny, device=args.device, mode=args.compile_mode, dtype=dtype,
-                               prompt=PROMPT, steps=args.steps)
+                               prompt=PROMPT, steps=args.steps, precompile=args.precompile)
     started, start = time.time(), time.perf_counter()
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=400)
     total = time.perf_counter() - start
     inner = [line.split() for line in out.stdout.splitlines() if line.startswith('SECOND_START')]
     phases = [json.loads(line[len('PHASES '):]) for line in out.stdout.splitlines() if line.startswith('PHASES ')]
-    return {'name': 'second start, warm compile cache', 'process_s': round(total, 2),
+    name = 'second start, warm compile cache' + (', precompile=True' if args.precompile else '')
+    return {'name': name, 'process_s': round(total, 2),
             # from the process's start to its first image (the wall clock, same machine), its exit left out
             'first_image_s': round(float(inner[0][2]) - started, 2) if inner else None,
             'script_s': round(float(inner[0][1]), 2) if inner else None, **(phases[0] if phases else {}),

@@ -89,6 +89,9 @@ def _generate_parser(sub):
     parser.add_argument('--from_png', help='take every setting from a PNG written here (or by A1111)')
     parser.add_argument('--device', default='gpu')
     parser.add_argument('--fast', action='store_true', help='compiled fast path (CUDA graphs on CUDA); the first image compiles')
+    parser.add_argument('--precompile', action='store_true',
+                        help='with --fast: keep the compiled functions whole on disk, so the next run loads them '
+                             'instead of tracing the model again')
     parser.add_argument('--local_files_only', action='store_true', help='never ask the hub; use the cache')
     parser.add_argument('--output_dir', default='outputs')
 
@@ -133,6 +136,8 @@ def generate(args) -> List[str]:
                  'hr_prompt': args.hr_prompt, 'hr_negative_prompt': args.hr_negative_prompt,
                  'hr_scheduler': args.hr_scheduler}
     call.update({k: v for k, v in overrides.items() if v is not None})
+    if args.precompile and not args.fast:
+        raise ValueError("--precompile keeps --fast's compiled functions on disk: add --fast.")
     if args.batch_size is not None and args.batch_size < 1:  # before minutes of loading
         raise ValueError(f'--batch_size {args.batch_size}: must be >= 1 (or left out: all images at once).')
     if args.num_images is not None and args.num_images < 1:  # the pipeline would name num_images_per_prompt
@@ -142,7 +147,7 @@ def generate(args) -> List[str]:
     pipe = StableDiffusionText2ImagePipeline(
         model, model_revision=revision, device=args.device, local_files_only=args.local_files_only,
         lora_dir=[path for path, _ in loras] or None, lora_scale=[scale for _, scale in loras] or 1.0,
-        textual_inversion=embeddings or None, fast=args.fast, vae=vae)
+        textual_inversion=embeddings or None, fast=args.fast, precompile=args.precompile, vae=vae)
     os.makedirs(args.output_dir, exist_ok=True)
     paths = []
     for one_call in _line_calls(call, lines) if lines and any(len(line) > 1 for line in lines) else [call]:

@@ -1,6 +1,7 @@
 """Opt-in fast inference on CUDA: fused QKV projections, channels_last, SDPA attention, and torch.compile
 with CUDA graphs (the text encoder, the denoising step, the VAE decoder); inductor's caches kept on disk so a
-second start reuses the compiled kernels.
+second start reuses the compiled kernels, and with ``precompile`` each compiled function whole (`precompile`), so a
+second start does not trace the model either.
 
 Text-to-image and image-to-image run our own loop (`WholeStepDenoiser`): the scheduler becomes a table of
 coefficients (`linear_steps`), so one denoising step (latents from the table, CFG batch, UNet, guidance) is
@@ -9,6 +10,7 @@ scheduler. Inpainting and schedulers without a table keep diffusers' loop over t
 eager, runs A1111's AND for the plain path: a step then sums the guidance of several subprompts per image.
 """
 
+import functools
 import json
 import logging
 import math
@@ -22,6 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .cfg_cutoff import guided_calls, prompt_rows
 from .linear_steps import plan_scheduler
+from .precompile import PrecompiledFunction
 from .prompts import unet_embeds
 
 logger = logging.getLogger(__name__)
@@ -33,7 +36,9 @@ MIN_HISTORY = 128
 _WITHOUT_CUDA_GRAPHS = {'reduce-overhead': 'default', 'max-autotune': 'max-autotune-no-cudagraphs'}
 
 
-def _configure_inductor(cache_dir: str) -> None:
+def _configure_inductor(cache_dir: str) -> str:
+    """Inductor's settings and on-disk caches for the fast path; returns the cache folder (``TORCHINDUCTOR_CACHE_DIR``
+    where it is set, else ``cache_dir``)."""
     # 1x1 convolutions as matmuls (diffusers' torch.compile guide). Its coordinate-descent kernel tuning is
     # left off: on an H200 it kept the first SD1.5 compile running past 5 minutes.
     import torch._inductor.config as inductor
@@ -42,6 +47,7 @@ def _configure_inductor(cache_dir: str) -> None:
     os.environ.setdefault('TORCHINDUCTOR_CACHE_DIR', cache_dir)
     os.environ.setdefault('TORCHINDUCTOR_FX_GRAPH_CACHE', '1')
     os.environ.setdefault('TORCHINDUCTOR_AUTOGRAD_CACHE', '1')
+    return os.environ['TORCHINDUCTOR_CACHE_DIR']
 
 
 def _owned(value):
@@ -58,58 +64,116 @@ def _owned(value):
     return value
 
 
-def _compile_keeping_outputs(module: torch.nn.Module, mode: str) -> None:
+def compiler(mode: str, precompile_dir: Optional[str] = None) -> Callable[..., Callable]:
+    """``compile(fn, fullgraph=True)``: `torch.compile` with ``mode``, or with ``precompile_dir`` a
+    `PrecompiledFunction` kept there whole for later processes."""
+    def compile(fn, fullgraph=True):
+        if precompile_dir is None:
+            return torch.compile(fn, mode=mode, fullgraph=fullgraph)
+        return PrecompiledFunction(fn, mode, precompile_dir, fullgraph=fullgraph)
+    return compile
+
+
+def unet_forward(unet, sample, timestep, *args, **kwargs):
+    # the class's forward: the instance's is the compiled one
+    return type(unet).forward(unet, sample, timestep, *args, **kwargs)
+
+
+def _compile_keeping_outputs(module: torch.nn.Module, compile: Callable) -> None:
     """Compile the UNet's ``forward`` in place, for diffusers' loop; multistep schedulers (PNDM, DPM++, UniPC) keep
     earlier outputs, so each one is copied out of the CUDA graph's memory (a few hundred KB per step)."""
-    compiled = torch.compile(module.forward, mode=mode, fullgraph=True)
+    compiled = compile(unet_forward)
 
     def forward(sample, timestep, *args, **kwargs):
         # schedulers hand over int64 (PNDM, DDIM, DPM++) or float32 (Euler, LMS) timesteps; the UNet turns
         # them into float32 anyway, so one dtype means one compiled graph for every scheduler
         if torch.is_tensor(timestep):
             timestep = timestep.to(torch.float32)
-        return _owned(compiled(sample, timestep, *args, **kwargs))
+        return _owned(compiled(module, sample, timestep, *args, **kwargs))
 
     module.forward = forward
 
 
-def compile_text_encoder(text_encoder: torch.nn.Module, mode: str) -> None:
+def text_encoder_forward(text_encoder, *args, **kwargs):
+    """CLIP's fields as a plain dict: a compiled function that builds transformers' output class refers to objects
+    that torch's precompile cannot save."""
+    return dict(type(text_encoder).forward(text_encoder, *args, **kwargs))
+
+
+def compile_text_encoder(text_encoder: torch.nn.Module, compile: Callable) -> None:
     """Compile CLIP's ``forward`` in place. It runs once per prompt and once per negative prompt before the first
     step; eager, each pass is some 200 small kernel launches, and in a profiled 10-step SD1.5 call on an H200
     (2026-11-27) the GPU sat idle for 31 ms of them before its first step. Each set of call arguments
     (``output_hidden_states`` for clip_skip, another batch) compiles once; graph breaks in transformers' code split the
     graph rather than fail the call. The outputs are copied out: the negative prompt's replay reuses the memory."""
-    compiled = torch.compile(text_encoder.forward, mode=mode)
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    compiled = compile(text_encoder_forward, fullgraph=False)
 
     def forward(*args, **kwargs):
         # CLIP's optional arguments all default to None: diffusers passes attention_mask=None, weighted prompts pass
         # nothing, and without the Nones both are one call signature, so one graph rather than a compile per caller
-        return _owned(compiled(*args, **{key: value for key, value in kwargs.items() if value is not None}))
+        fields = compiled(text_encoder, *args, **{key: value for key, value in kwargs.items() if value is not None})
+        return _owned(BaseModelOutputWithPooling(**fields))
 
     text_encoder.forward = forward
 
 
-def enable_fast_inference(pipe, compile_mode: str = 'reduce-overhead', cache_dir: str = None):
+def decoder_forward(decoder, sample, latent_embeds=None):
+    return type(decoder).forward(decoder, sample, latent_embeds)
+
+
+def enable_fast_inference(pipe, compile_mode: str = 'reduce-overhead', cache_dir: str = None,
+                          precompile: bool = False):
     """Apply the fast path to a diffusers ``StableDiffusionPipeline``, in place; returns the compiled
-    denoiser for text-to-image and image-to-image. Off CUDA the modes that capture CUDA graphs compile without them."""
+    denoiser for text-to-image and image-to-image. Off CUDA the modes that capture CUDA graphs compile without them.
+    ``precompile``: keep each compiled function whole in inductor's cache folder (`precompile.PrecompiledFunction`)."""
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f'compile_mode={compile_mode!r} is not one of {", ".join(COMPILE_MODES)}.')
     if pipe.device.type != 'cuda' and compile_mode in _WITHOUT_CUDA_GRAPHS:
         logger.info('fast=True on %s: compiling with mode=%r (CUDA graphs need a CUDA device).',
                     pipe.device, _WITHOUT_CUDA_GRAPHS[compile_mode])
         compile_mode = _WITHOUT_CUDA_GRAPHS[compile_mode]
-    _configure_inductor(cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'modelscope_sd', 'inductor'))
+    cache_dir = _configure_inductor(cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'modelscope_sd',
+                                                             'inductor'))
+    compile = compiler(compile_mode, os.path.join(cache_dir, 'modelscope_sd_precompiled') if precompile else None)
     pipe.fuse_qkv_projections()
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
-    denoiser = WholeStepDenoiser(pipe, compile_mode)
-    _compile_keeping_outputs(pipe.unet, compile_mode)
-    compile_text_encoder(pipe.text_encoder, compile_mode)
-    pipe.vae.decoder.forward = torch.compile(pipe.vae.decoder.forward, mode=compile_mode, fullgraph=True)
+    denoiser = WholeStepDenoiser(pipe, compile)
+    _compile_keeping_outputs(pipe.unet, compile)
+    compile_text_encoder(pipe.text_encoder, compile)
+    decode = compile(decoder_forward)
+    pipe.vae.decoder.forward = functools.partial(decode, pipe.vae.decoder)
     logger.info('Fast path on: fused QKV, channels_last, torch.compile(mode=%r) of the text encoder, the whole '
-                'denoising step and the VAE decoder. The first call per image size and batch compiles (a minute or '
-                'more).', compile_mode)
+                'denoising step and the VAE decoder%s. The first call per image size and batch compiles (a minute or '
+                'more).', compile_mode, ', each kept whole on disk' if precompile else '')
     return denoiser
+
+
+def denoise_step(unet, x0, history, coefs, scale, timestep, embeds, guidance, rescale, mixing=None):
+    """One denoising step: latents from the table, CFG batch, UNet, guidance (and its rescale, when given)
+    → the guided model output. ``mixing`` (A1111's AND): (image of each positive row, its weight); the
+    prompt's prediction is then the negative one plus the weighted sum of its subprompts' differences."""
+    latents = coefs[0] * x0 + torch.tensordot(coefs[1:], history, dims=1)
+    model_input = (latents * scale).to(embeds.dtype)
+    if mixing is not None:
+        model_input = torch.cat([model_input, model_input[mixing[0]]])
+    elif guidance is not None:
+        model_input = torch.cat([model_input] * 2)
+    # the class's forward: with fast=True the instance's forward is a compiled one (for the fallback loop)
+    noise_pred = type(unet).forward(unet, model_input, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+    if guidance is not None:
+        if mixing is None:
+            uncond, text = noise_pred.chunk(2)
+        else:
+            index, weights = mixing
+            uncond, parts = noise_pred[:latents.shape[0]], noise_pred[latents.shape[0]:]
+            weighted = (parts - uncond[index]) * weights.to(parts.dtype)[:, None, None, None]
+            text = uncond.index_add(0, index, weighted)
+        noise_pred = uncond + guidance * (text - uncond)
+        if rescale is not None:
+            noise_pred = rescale_noise_cfg(noise_pred, text, guidance_rescale=rescale)
+    return noise_pred
 
 
 @dataclass
@@ -129,13 +193,13 @@ class DevicePlan:
 
 class WholeStepDenoiser:
     """Text-to-image and image-to-image where each denoising step is one function of fixed-shape tensors.
-    With ``compile_mode=None`` it runs eagerly (the CPU tests compare it with diffusers' own loops)."""
+    ``compile``: `compiler`'s; without it the step runs eagerly (the CPU tests compare it with diffusers' own loops)."""
 
     MAX_PLANS = 64  # tables are small, but every (scheduler, steps, eta, strength) makes one
 
-    def __init__(self, sd, compile_mode: Optional[str] = None):
+    def __init__(self, sd, compile: Optional[Callable] = None):
         self.sd = sd
-        self.step = torch.compile(self._step, mode=compile_mode, fullgraph=True) if compile_mode else self._step
+        self.step = compile(denoise_step) if compile else denoise_step
         self._plans: Dict[Any, Optional[DevicePlan]] = {}
 
     def plan(self, scheduler, num_inference_steps: int, eta: float, begin_index: int = 0,
@@ -164,32 +228,6 @@ class WholeStepDenoiser:
                           scales=list(plan.scales.to(device, torch.float32).unbind()),
                           timesteps=list(plan.timesteps.to(device, torch.float32).unbind()),
                           noise_dtypes=plan.noise_dtypes, capacity=capacity, brownian=plan.brownian)
-
-    def _step(self, x0, history, coefs, scale, timestep, embeds, guidance, rescale, mixing=None):
-        """One denoising step: latents from the table, CFG batch, UNet, guidance (and its rescale, when given)
-        → the guided model output. ``mixing`` (A1111's AND): (image of each positive row, its weight); the
-        prompt's prediction is then the negative one plus the weighted sum of its subprompts' differences."""
-        latents = coefs[0] * x0 + torch.tensordot(coefs[1:], history, dims=1)
-        model_input = (latents * scale).to(embeds.dtype)
-        if mixing is not None:
-            model_input = torch.cat([model_input, model_input[mixing[0]]])
-        elif guidance is not None:
-            model_input = torch.cat([model_input] * 2)
-        unet = self.sd.unet
-        # the class's forward: with fast=True the instance's forward is a compiled one (for the fallback loop)
-        noise_pred = type(unet).forward(unet, model_input, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
-        if guidance is not None:
-            if mixing is None:
-                uncond, text = noise_pred.chunk(2)
-            else:
-                index, weights = mixing
-                uncond, parts = noise_pred[:latents.shape[0]], noise_pred[latents.shape[0]:]
-                weighted = (parts - uncond[index]) * weights.to(parts.dtype)[:, None, None, None]
-                text = uncond.index_add(0, index, weighted)
-            noise_pred = uncond + guidance * (text - uncond)
-            if rescale is not None:
-                noise_pred = rescale_noise_cfg(noise_pred, text, guidance_rescale=rescale)
-        return noise_pred
 
     def denoise(self, plan: DevicePlan, latents, embeds, guidance_scale: Optional[float], generator, progress_bar,
                 guidance_rescale: float = 0.0, changes: Optional[Dict[int, torch.Tensor]] = None, mixing=None,
@@ -220,7 +258,7 @@ class WholeStepDenoiser:
             embeds = changes.get(i, embeds) if changes else embeds
             # after the cutoff the prompt rows alone, unguided
             guiding = (embeds, guidance, rescale, mixing) if i < guided else (prompt_rows(embeds), None, None, None)
-            history[i] = self.step(x0, history, plan.rows[i], plan.scales[i], plan.timesteps[i], *guiding)
+            history[i] = self.step(self.sd.unet, x0, history, plan.rows[i], plan.scales[i], plan.timesteps[i], *guiding)
             progress_bar.update()
         final = plan.rows[n]
         return (final[0] * x0 + torch.tensordot(final[1:], history, dims=1)).to(latents.dtype)

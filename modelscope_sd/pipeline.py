@@ -91,6 +91,9 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             graphs on CUDA (adapters are fused). The first call per size and batch compiles; later calls, other
             schedulers and later starts reuse the kernels.
         compile_mode: torch.compile mode for ``fast`` ('reduce-overhead' or 'max-autotune').
+        precompile: with ``fast``, keep each compiled function whole on disk (torch's AOT precompile, experimental):
+            a later process loads it instead of tracing the model again. Kept in inductor's cache folder
+            (``TORCHINDUCTOR_CACHE_DIR``, by default ``~/.cache/modelscope_sd/inductor``).
         vae: a VAE in place of the model's own, as A1111's VAE setting: a single file in the original layout
             (``vae-ft-mse-840000-ema-pruned.safetensors``), a diffusers VAE or model folder, a hub id, or an
             ``AutoencoderKL``.
@@ -104,18 +107,22 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                  local_files_only: bool = False, progress_bar: bool = True,
                  lora_dir=None, lora_scale: Union[float, List[float]] = 1.0, fuse_lora: bool = False,
                  textual_inversion=None, fast: bool = False, compile_mode: str = 'reduce-overhead',
-                 trust_remote_code: bool = False, use_safetensors: Optional[bool] = None, vae=None, **kwargs):
+                 precompile: bool = False, trust_remote_code: bool = False, use_safetensors: Optional[bool] = None,
+                 vae=None, **kwargs):
         if kwargs:
             raise ValueError(checks.unknown_message('pipeline argument', kwargs, [
                 'device', 'torch_dtype', 'model_revision', 'config', 'allow_pickle', 'load_safety_checker',
                 'local_files_only', 'progress_bar', 'lora_dir', 'lora_scale', 'fuse_lora', 'textual_inversion',
-                'fast', 'compile_mode', 'use_safetensors', 'vae']))
+                'fast', 'compile_mode', 'precompile', 'use_safetensors', 'vae']))
         if torch_type is not None and torch_dtype is not None:
             raise ValueError('Pass torch_dtype or its alias torch_type, not both.')
         # ModelScope's Pipeline.__init__ would build a ModelScope Model from configuration.json (and import
         # torchvision); the diffusers pipeline is our model, so only the attributes callers read are set.
         self.device_name = device
         self.device = resolve_device(device)
+        if precompile and not fast:
+            raise ValueError('precompile=True keeps the fast path\'s compiled functions on disk: pass fast=True with it, '
+                             'or leave precompile out.')
         if fast and self.device.type == 'mps':  # before minutes of loading
             raise ValueError("fast=True compiles for CUDA (and runs uncaptured on the CPU); it is not offered on "
                              "Apple's mps: leave fast out there.")
@@ -150,7 +157,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         # corrupt each other. Throughput comes from batching prompts in one call, not from threads.
         self._call_lock = threading.Lock()
         if fast:
-            self.denoiser = fast_lib.enable_fast_inference(self.sd, compile_mode)
+            self.denoiser = fast_lib.enable_fast_inference(self.sd, compile_mode, precompile=precompile)
 
     # ModelScope callers
     def __call__(self, input: Union[str, List[str], Dict[str, Any], List[Dict[str, Any]]] = None,

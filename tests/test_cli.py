@@ -214,6 +214,7 @@ def test_bad_generate_options_are_one_line_errors(tiny_model_dir, tmp_path, caps
     for args, message in ((['--seed', '-1'], 'seed=-1 is out of range'), (['--batch_size', '0'], '--batch_size 0'),
                           (['--num_images', '0'], '--num_images 0: must be >= 1'),
                           (['--prompt_file', __file__], '--prompt or --prompt_file, not both'),
+                          (['--precompile'], '--precompile keeps --fast'),
                           (['--image', str(tmp_path / 'nope.png')], 'nope.png')):
         with pytest.raises(SystemExit) as exit_info:
             main(['generate', '--prompt', 'a cat', '--model', tiny_model_dir, '--device', 'cpu',

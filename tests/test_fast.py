@@ -1,6 +1,8 @@
 """The fast path's own denoising loop (scheduler as a coefficient table, one function per step), run eagerly on
 the CPU against diffusers' loop: same latents for every scheduler, stochastic ones included."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -174,7 +176,7 @@ def test_cfg_cutoff_guides_each_image_of_a_batch_by_its_own_prompt(fast_pipe, sd
     from diffusers.callbacks import SDCFGCutoffCallback
     args = dict(ARGS, callback_on_step_end=SDCFGCutoffCallback(cutoff_step_index=1, cutoff_step_ratio=None))
     step, steps = fast_pipe.denoiser.step, []
-    monkeypatch.setattr(fast_pipe.denoiser, 'step', lambda *inputs: steps.append(inputs[5:7]) or step(*inputs))
+    monkeypatch.setattr(fast_pipe.denoiser, 'step', lambda *inputs: steps.append(inputs[6:8]) or step(*inputs))
     batch = fast_pipe(['a red cat', 'a blue house'], seed=3, **args)['output_imgs']  # steps: (embeddings, guidance)
     monkeypatch.undo()
     (guided, scale), (_, scale_1) = steps[:2]
@@ -275,20 +277,33 @@ def _spy(function, calls):
     return wrapper
 
 
+def _graph_count():
+    """Compiled graphs so far: dynamo's, or with precompile=True the precompiled functions' files."""
+    folder = os.path.join(os.environ['TORCHINDUCTOR_CACHE_DIR'], 'modelscope_sd_precompiled')
+    return torch._dynamo.utils.counters['stats']['unique_graphs'], sorted(os.listdir(folder)) if os.path.isdir(
+        folder) else []
+
+
 @pytest.mark.slow
-def test_compiled_step_is_one_graph_for_every_scheduler_and_step_count(tiny_model_dir, sd_pipe, tmp_path):
-    """fast=True with a LoRA on the CPU (torch.compile without CUDA graphs, about 30 s): the first call
-    compiles, then other schedulers, stochastic ones, other step counts and image-to-image reuse the graph."""
+@pytest.mark.parametrize('precompile', [False, True])
+def test_compiled_step_is_one_graph_for_every_scheduler_and_step_count(tiny_model_dir, sd_pipe, tmp_path, precompile,
+                                                                       monkeypatch):
+    """fast=True with a LoRA on the CPU (torch.compile without CUDA graphs, about 30 s; with precompile=True, its
+    files): the first call compiles, then other schedulers, stochastic ones, other step counts and image-to-image
+    reuse the graph."""
     from modelscope_sd import StableDiffusionText2ImagePipeline
     from train_helpers import make_random_lora
+    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path / 'cache'))
     lora = make_random_lora(tiny_model_dir, str(tmp_path / 'lora'))
     eager = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False, lora_dir=lora)
     eager.denoiser = WholeStepDenoiser(eager.sd)
     compiled = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False, fast=True,
-                                                 lora_dir=lora)
+                                                 lora_dir=lora, precompile=precompile)
     first = compiled('a cat', seed=0, **ARGS)['output_imgs'][0].astype(int)
     assert np.abs(first - sd_pipe('a cat', seed=0, **ARGS)['output_imgs'][0].astype(int)).max() > 5  # the LoRA acts
     image = np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    graphs = _graph_count()
+    assert bool(graphs[1]) == precompile
     with torch._dynamo.config.patch(error_on_recompile=True):
         for scheduler, steps, extra in (('dpm++_2m_karras', 4, {}), ('euler_a', 6, {}), ('unipc', 9, {}),
                                         (None, 30, {}), ('heun', 5, {'image': image})):
@@ -301,14 +316,17 @@ def test_compiled_step_is_one_graph_for_every_scheduler_and_step_count(tiny_mode
             a = compiled(prompt, seed=1, **ARGS)['output_imgs'][0].astype(int)
             b = eager(prompt, seed=1, **ARGS)['output_imgs'][0].astype(int)
             assert np.abs(a - b).max() <= 1, prompt
+    assert _graph_count() == graphs  # no graph more in all of that
     # guidance_rescale compiles its own graph once; other values and schedulers reuse it
     compiled('a cat', seed=1, guidance_rescale=0.7, **ARGS)
+    graphs = _graph_count()
     with torch._dynamo.config.patch(error_on_recompile=True):
         for scheduler, rescale in (('euler_a', 0.5), ('dpm++_2m', 0.9)):
             args = dict(seed=2, scheduler=scheduler, guidance_rescale=rescale, **ARGS)
             a = compiled('a cat', **args)['output_imgs'][0].astype(int)
             b = eager('a cat', **args)['output_imgs'][0].astype(int)
             assert np.abs(a - b).max() <= 1, scheduler
+    assert _graph_count() == graphs
 
 
 def test_compiled_text_encoder_matches_eager_and_compiles_once_per_call_signature(tiny_model_dir):

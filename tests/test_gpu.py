@@ -116,3 +116,16 @@ def test_model_cpu_offload_on_pipe_sd_keeps_the_images(tiny_model_dir):
     pipe.sd.enable_model_cpu_offload()
     after = [pipe(text, **args)['output_imgs'][0].astype(int) for text in ('a cat', 'a (red:1.3) cat')]
     assert all(np.abs(a - b).max() <= 1 for a, b in zip(before, after))
+
+
+def test_precompiled_functions_load_in_a_new_process_as_cuda_graphs(tiny_model_dir, tmp_path):
+    """precompile=True on CUDA: the second process traces nothing, replays CUDA graphs (the mode's option applied as
+    the files load), and draws the first one's image, which is the plain path's within fp16 noise."""
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    from test_precompile import run_in_new_processes
+    first, second = run_in_new_processes(tiny_model_dir, 'gpu', tmp_path)
+    assert first['traced_s'] > 0 and second['traced_s'] == 0
+    assert first['cuda_graphs'] > 0 and second['cuda_graphs'] > 0
+    assert np.abs(first['image'] - second['image']).max() <= 1
+    plain = StableDiffusionText2ImagePipeline(tiny_model_dir, device='gpu', progress_bar=False)
+    assert np.abs(plain('a cat', num_inference_steps=4, seed=0)['output_imgs'][0].astype(int) - first['image']).max() <= 3

@@ -165,9 +165,9 @@ def _step_inputs(denoiser, monkeypatch, record):
     """Records the embeddings each step of the whole-step loop gets."""
     step = denoiser.step
 
-    def recording_step(x0, history, coefs, scale, timestep, embeds, *rest):
+    def recording_step(unet, x0, history, coefs, scale, timestep, embeds, *rest):
         record.append(embeds.clone())
-        return step(x0, history, coefs, scale, timestep, embeds, *rest)
+        return step(unet, x0, history, coefs, scale, timestep, embeds, *rest)
 
     monkeypatch.setattr(denoiser, 'step', recording_step)
 
