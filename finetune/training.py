@@ -440,19 +440,19 @@ def saved_on_out_of_memory(accelerator, config, where):
             logger.error('Out of memory after step %d; saved %s: --resume_from_checkpoint latest continues from '
                          'there.', step, path)
         logger.error('Out of GPU memory. Flags that use less: %s.',
-                     ', '.join(memory_advice(config, accelerator.mixed_precision)))
+                     ', '.join(memory_advice(config, accelerator.mixed_precision, accelerator.num_processes)))
         raise
 
 
-def memory_advice(config, mixed_precision: str) -> List[str]:
-    """The memory-saving flags this run does not use yet, biggest saving first."""
+def memory_advice(config, mixed_precision: str, processes: int = 1) -> List[str]:
+    """The memory-saving flags this run (on ``processes`` processes) does not use yet, biggest saving first."""
     full = not getattr(config, 'use_lora', True)  # DreamBooth's full fine-tune: optimizer state is GiBs
     advice = [
         ('--mixed_precision bf16', mixed_precision == 'no'),
         ('--use_8bit_adam or --optimizer adafactor', full and config.optimizer == 'adamw' and not config.use_8bit_adam),
         ('--use_lora', full),
         ('--fused_backward_pass', full and not config.fused_backward_pass
-         and fused_backward_pass_conflict(config, mixed_precision) is None),
+         and fused_backward_pass_conflict(config, mixed_precision, processes) is None),
         (f'--train_batch_size {max(1, config.train_batch_size // 2)} with --gradient_accumulation_steps '
          f'{config.gradient_accumulation_steps * 2} (the same images per step)', config.train_batch_size > 1),
         ('--gradient_checkpointing', not config.gradient_checkpointing),

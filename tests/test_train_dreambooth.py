@@ -280,13 +280,14 @@ def test_kohyas_fused_backward_pass_is_a_dreambooth_flag_and_changes_nothing_for
 def test_out_of_memory_advice_names_the_fused_backward_pass_for_a_full_fine_tune(instance_dir, tmp_path):
     from finetune.training import memory_advice
 
-    def advice(**kwargs):
-        return memory_advice(_config('unused', instance_dir, tmp_path / 'out', **kwargs), 'bf16')
+    def advice(processes=1, **kwargs):
+        return memory_advice(_config('unused', instance_dir, tmp_path / 'out', **kwargs), 'bf16', processes)
 
     assert '--fused_backward_pass' in advice()
     assert '--fused_backward_pass' not in advice(fused_backward_pass=True)
     assert '--fused_backward_pass' not in advice(use_lora=True)
     assert '--fused_backward_pass' not in advice(gradient_accumulation_steps=2)
+    assert '--fused_backward_pass' not in advice(processes=2)  # it would be refused there
 
 
 def test_gradient_checkpointing_turns_off_autocasts_weight_cache(instance_dir, tmp_path):
