@@ -70,8 +70,10 @@ def environment() -> Dict[str, Optional[str]]:
 
 class PrecompiledFunction:
     """``fn`` compiled with ``mode`` once per call signature, saved under ``cache_dir`` and loaded from there in later
-    processes. A signature torch cannot compile whole (a graph break) or save makes ``fn`` fall back to a plain
-    ``torch.compile(fn, mode=mode, fullgraph=fullgraph)``, with a warning saying why."""
+    processes. Where torch cannot compile a signature whole (a graph break), cannot read back what it saved, or the
+    loaded graph fails its first call, ``fn`` falls back to a plain ``torch.compile(fn, mode=mode,
+    fullgraph=fullgraph)`` with a warning saying why: the fast path keeps working, a second start is then as slow
+    as without precompile."""
 
     def __init__(self, fn: Callable, mode: str, cache_dir: str, fullgraph: bool = True):
         self.fn, self.mode, self.cache_dir, self.fullgraph = fn, mode, cache_dir, fullgraph
@@ -91,10 +93,21 @@ class PrecompiledFunction:
                     self.loaded.insert(0, self.loaded.pop(i))
                 return compiled(*args, **kwargs)
         compiled = self._load_or_compile(args, kwargs)
-        if compiled is None:
-            return self.fallback(*args, **kwargs)
-        self.loaded = [compiled] + self.loaded[:MAX_LOADED - 1]
-        return compiled(*args, **kwargs)
+        if compiled is not None:
+            try:
+                result = compiled(*args, **kwargs)
+            except Exception as error:  # experimental in torch: the plain compile keeps the fast path working
+                self._fall_back(f'its precompiled graph failed its first call ({type(error).__name__}: '
+                                f'{str(error)[:500]})')
+            else:
+                self.loaded = [compiled] + self.loaded[:MAX_LOADED - 1]
+                return result
+        return self.fallback(*args, **kwargs)
+
+    def _fall_back(self, reason: str) -> None:
+        logger.warning('precompile=True: %s: %s; it is compiled in each process instead, as with precompile=False.',
+                       self.fn.__name__, reason)
+        self.fallback = torch.compile(self.fn, mode=self.mode, fullgraph=self.fullgraph)
 
     def path(self, args, kwargs) -> str:
         """The file for this call's signature."""
@@ -114,10 +127,7 @@ class PrecompiledFunction:
                                      options={**self.options, 'guard_filter_fn': savable_guards}).aot_compile(
                 (args, kwargs))
         except Exception as error:  # torch's precompile is experimental: keep the fast path, say why it is slower
-            logger.warning('precompile=True: %s cannot be precompiled (%s: %s); it is compiled in each process '
-                           'instead, as with precompile=False.', self.fn.__name__, type(error).__name__,
-                           str(error)[:500])
-            self.fallback = torch.compile(self.fn, mode=self.mode, fullgraph=self.fullgraph)
+            self._fall_back(f'cannot be precompiled ({type(error).__name__}: {str(error)[:500]})')
             return None
         try:
             os.makedirs(self.cache_dir, exist_ok=True)
@@ -133,10 +143,7 @@ class PrecompiledFunction:
             return self._read(path)
         except Exception as error:
             os.remove(path)
-            logger.warning('precompile=True: %s was compiled but its file does not load (%s: %s); it is compiled in '
-                           'each process instead, as with precompile=False.', self.fn.__name__, type(error).__name__,
-                           str(error)[:500])
-            self.fallback = torch.compile(self.fn, mode=self.mode, fullgraph=self.fullgraph)
+            self._fall_back(f'compiled, but its file does not load ({type(error).__name__}: {str(error)[:500]})')
             return None
 
     def _read(self, path):

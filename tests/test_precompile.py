@@ -132,8 +132,23 @@ def test_a_saved_file_that_does_not_load_is_removed_and_torch_compile_takes_over
     x = torch.randn(2, 4)
     with caplog.at_level(logging.WARNING, logger='modelscope_sd.precompile'), torch.inference_mode():
         assert torch.allclose(fn(module, x), module(x))
-    assert 'scaled_forward was compiled but its file does not load (RuntimeError: Missing' in caplog.text
+    assert 'scaled_forward: compiled, but its file does not load (RuntimeError: Missing' in caplog.text
     assert fn.fallback is not None and os.listdir(tmp_path) == []
+
+
+def test_a_precompiled_graph_that_fails_its_first_call_hands_over_to_torch_compile(module, tmp_path, caplog,
+                                                                                  monkeypatch):
+    class Failing:
+        def __call__(self, *args, **kwargs):
+            raise RuntimeError('CUDA graph capture failed')
+    monkeypatch.setattr(PrecompiledFunction, '_load_or_compile', lambda self, args, kwargs: Failing())
+    fn = PrecompiledFunction(scaled_forward, 'default', str(tmp_path))
+    x = torch.randn(2, 4)
+    with caplog.at_level(logging.WARNING, logger='modelscope_sd.precompile'), torch.inference_mode():
+        assert torch.allclose(fn(module, x), module(x))
+        assert torch.allclose(fn(module, x), module(x))
+    assert caplog.text.count('scaled_forward: its precompiled graph failed its first call (RuntimeError: CUDA') == 1
+    assert fn.loaded == []
 
 
 def test_a_function_with_a_graph_break_falls_back_to_torch_compile_with_a_warning(module, tmp_path, caplog):
@@ -142,7 +157,7 @@ def test_a_function_with_a_graph_break_falls_back_to_torch_compile_with_a_warnin
     with caplog.at_level(logging.WARNING, logger='modelscope_sd.precompile'), torch.inference_mode():
         assert torch.allclose(fn(module, x), module(x) + 1)
         assert torch.allclose(fn(module, x), module(x) + 1)
-    assert caplog.text.count('breaks_graph cannot be precompiled') == 1
+    assert caplog.text.count('breaks_graph: cannot be precompiled') == 1
     assert fn.fallback is not None and os.listdir(tmp_path) == []
 
 
