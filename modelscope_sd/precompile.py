@@ -104,6 +104,11 @@ class PrecompiledFunction:
                 return result
         return self.fallback(*args, **kwargs)
 
+    def __getstate__(self):
+        # torch's precompile pickles the attributes of the modules a graph guards on, and fast=True's compiled forward
+        # is one of them: a copy without graphs (their guard managers cannot be pickled), which nothing calls
+        return {**self.__dict__, 'loaded': [], 'fallback': None}
+
     def _fall_back(self, reason: str) -> None:
         logger.warning('precompile=True: %s: %s; it is compiled in each process instead, as with precompile=False.',
                        self.fn.__name__, reason)

@@ -112,6 +112,18 @@ def test_a_damaged_file_is_compiled_again_with_a_warning(module, tmp_path, caplo
         assert torch.allclose(PrecompiledFunction(scaled_forward, 'default', str(tmp_path))(module, x), expected)
 
 
+def test_a_module_holding_its_precompiled_forward_saves_later_signatures_too(module, tmp_path):
+    """fast=True puts the compiled forward on the module, and torch's precompile pickles the guarded module's
+    attributes with each new graph: the graphs already loaded (their guard managers cannot be pickled) stay out."""
+    fn = PrecompiledFunction(scaled_forward, 'default', str(tmp_path))
+    module.compiled_forward = fn
+    with torch.inference_mode():
+        fn(module, torch.randn(1, 4))
+        large = torch.randn(3, 4)
+        assert torch.allclose(fn(module, large), module(large))
+    assert fn.fallback is None and len(os.listdir(tmp_path)) == 2
+
+
 def test_a_folder_it_cannot_write_keeps_the_compiled_graph_for_this_process(module, tmp_path, caplog):
     blocked = tmp_path / 'a file, not a folder'
     blocked.write_text('')
