@@ -121,8 +121,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         self.device_name = device
         self.device = resolve_device(device)
         if precompile and not fast:
-            raise ValueError('precompile=True keeps the fast path\'s compiled functions on disk: pass fast=True with it, '
-                             'or leave precompile out.')
+            raise ValueError("precompile=True keeps the fast path's compiled functions on disk: pass fast=True with "
+                             'it, or leave precompile out.')
         if fast and self.device.type == 'mps':  # before minutes of loading
             raise ValueError("fast=True compiles for CUDA (and runs uncaptured on the CPU); it is not offered on "
                              "Apple's mps: leave fast out there.")

@@ -68,51 +68,79 @@ def environment() -> Dict[str, Optional[str]]:
     return info
 
 
+def _first_line(error: Exception) -> str:
+    """``Type: message`` of an error, its first line (dynamo's explanations and hints run on for many)."""
+    lines = str(error).strip().splitlines()
+    return f'{type(error).__name__}: {lines[0][:300] if lines else ""}'
+
+
+def _signature(value) -> Any:
+    """A cheap in-process key of a call's arguments (modules by identity), for the signatures left to the fallback."""
+    if torch.is_tensor(value):
+        return tuple(value.shape), value.dtype, value.device, value.stride()
+    if isinstance(value, torch.nn.Module):
+        return id(value)
+    if isinstance(value, (tuple, list)):
+        return tuple(_signature(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _signature(v)) for k, v in value.items()))
+    return value if isinstance(value, (int, float, bool, str, type(None))) else type(value)
+
+
 class PrecompiledFunction:
     """``fn`` compiled with ``mode`` once per call signature, saved under ``cache_dir`` and loaded from there in later
-    processes. Where torch cannot compile a signature whole (a graph break), cannot read back what it saved, or the
-    loaded graph fails its first call, ``fn`` falls back to a plain ``torch.compile(fn, mode=mode,
-    fullgraph=fullgraph)`` with a warning saying why: the fast path keeps working, a second start is then as slow
-    as without precompile."""
+    processes. A signature torch cannot compile whole (a graph break) or read back once saved runs a plain
+    ``torch.compile(fn, mode=mode, fullgraph=fullgraph)`` instead, with a warning saying why, and a note next to
+    where its file would be keeps later processes from trying again; so does, in this process, one whose loaded
+    graph fails its first call. The fast path keeps working; such a signature's second start is as slow as without
+    precompile."""
 
     def __init__(self, fn: Callable, mode: str, cache_dir: str, fullgraph: bool = True):
         self.fn, self.mode, self.cache_dir, self.fullgraph = fn, mode, cache_dir, fullgraph
         from torch._inductor import list_mode_options
         self.options = list_mode_options(mode)  # e.g. {'triton.cudagraphs': True}
         self.loaded: List[Any] = []  # AOTCompiledFunction, the latest used first
-        self.fallback: Optional[Callable] = None
+        self.unsupported = set()  # `_signature`s that run the fallback
+        self._fallback: Optional[Callable] = None
         source = inspect.getsource(inspect.getmodule(fn))
         self._code = hashlib.sha256(source.encode()).hexdigest()
 
     def __call__(self, *args, **kwargs):
-        if self.fallback is not None:
-            return self.fallback(*args, **kwargs)
         for i, compiled in enumerate(self.loaded):
             if compiled.guard_check(*args, **kwargs):
                 if i:
                     self.loaded.insert(0, self.loaded.pop(i))
                 return compiled(*args, **kwargs)
-        compiled = self._load_or_compile(args, kwargs)
-        if compiled is not None:
-            try:
-                result = compiled(*args, **kwargs)
-            except Exception as error:  # experimental in torch: the plain compile keeps the fast path working
-                self._fall_back(f'its precompiled graph failed its first call ({type(error).__name__}: '
-                                f'{str(error)[:500]})')
-            else:
-                self.loaded = [compiled] + self.loaded[:MAX_LOADED - 1]
-                return result
+        signature = _signature((args, kwargs))
+        if signature not in self.unsupported:
+            compiled = self._load_or_compile(args, kwargs)
+            if compiled is not None:
+                try:
+                    result = compiled(*args, **kwargs)
+                except Exception as error:  # experimental in torch: the plain compile keeps the fast path working
+                    logger.warning('precompile=True: %s', self._fallback_message(
+                        'its precompiled graph failed its first call', error))
+                else:
+                    self.loaded = [compiled] + self.loaded[:MAX_LOADED - 1]
+                    return result
+            self.unsupported.add(signature)
         return self.fallback(*args, **kwargs)
+
+    @property
+    def fallback(self) -> Callable:
+        """``fn`` under a plain ``torch.compile``, for the signatures that cannot be precompiled."""
+        if self._fallback is None:
+            self._fallback = torch.compile(self.fn, mode=self.mode, fullgraph=self.fullgraph)
+        return self._fallback
 
     def __getstate__(self):
         # torch's precompile pickles the attributes of the modules a graph guards on, and fast=True's compiled forward
         # is one of them: a copy without graphs (their guard managers cannot be pickled), which nothing calls
-        return {**self.__dict__, 'loaded': [], 'fallback': None}
+        return {**self.__dict__, 'loaded': [], 'unsupported': set(), '_fallback': None}
 
-    def _fall_back(self, reason: str) -> None:
-        logger.warning('precompile=True: %s: %s; it is compiled in each process instead, as with precompile=False.',
-                       self.fn.__name__, reason)
-        self.fallback = torch.compile(self.fn, mode=self.mode, fullgraph=self.fullgraph)
+    def _fallback_message(self, what: str, error: Exception) -> str:
+        return (f'{self.fn.__name__} with these arguments: {what} ({_first_line(error)}); it is compiled in each '
+                'process instead, as with precompile=False')
 
     def path(self, args, kwargs) -> str:
         """The file for this call's signature."""
@@ -122,7 +150,13 @@ class PrecompiledFunction:
         return os.path.join(self.cache_dir, f'{self.fn.__name__}-{digest}.bin')
 
     def _load_or_compile(self, args, kwargs):
+        """The signature's graph, loaded or compiled (and saved), or None where it cannot be precompiled."""
         path = self.path(args, kwargs)
+        note = f'{path}.unsupported'
+        if os.path.exists(note):
+            with open(note, encoding='utf-8') as f:
+                logger.info('precompile=True: %s (noted by an earlier run in %s)', f.read(), note)
+            return None
         compiled = self._load(path, args, kwargs)
         if compiled is not None:
             logger.info('Loaded the precompiled %s from %s.', self.fn.__name__, path)
@@ -132,24 +166,31 @@ class PrecompiledFunction:
                                      options={**self.options, 'guard_filter_fn': savable_guards}).aot_compile(
                 (args, kwargs))
         except Exception as error:  # torch's precompile is experimental: keep the fast path, say why it is slower
-            self._fall_back(f'cannot be precompiled ({type(error).__name__}: {str(error)[:500]})')
-            return None
+            return self._unsupported(note, self._fallback_message('cannot be precompiled', error))
         try:
             os.makedirs(self.cache_dir, exist_ok=True)
             partial = f'{path}.{os.getpid()}.partial'
             compiled.save_compiled_function(partial)
             os.replace(partial, path)  # another process never reads half a file
         except Exception as error:  # a full disk, a read-only folder, an object torch cannot save
-            logger.warning('precompile=True: could not save %s to %s (%s: %s); this process uses it, the next one '
-                           'compiles again.', self.fn.__name__, path, type(error).__name__, str(error)[:500])
+            logger.warning('precompile=True: could not save %s to %s (%s); this process uses it, the next one '
+                           'compiles again.', self.fn.__name__, path, _first_line(error))
             return compiled
         # what runs is what a later process loads: a file that does not load fails now, not in the next process
         try:
             return self._read(path)
         except Exception as error:
             os.remove(path)
-            self._fall_back(f'compiled, but its file does not load ({type(error).__name__}: {str(error)[:500]})')
-            return None
+            return self._unsupported(note, self._fallback_message('compiled, but its file does not load', error))
+
+    def _unsupported(self, note: str, message: str) -> None:
+        logger.warning('precompile=True: %s.', message)
+        try:
+            os.makedirs(self.cache_dir, exist_ok=True)
+            with open(note, 'w', encoding='utf-8') as f:
+                f.write(message)
+        except OSError:  # the next process tries again, and warns again
+            pass
 
     def _read(self, path):
         # the inductor options of the mode, CUDA graphs included, are applied as the graph is loaded
@@ -165,8 +206,7 @@ class PrecompiledFunction:
         try:
             compiled = self._read(path)
         except Exception as error:
-            logger.warning('precompile=True: could not load %s (%s: %s); compiling again.', path,
-                           type(error).__name__, str(error)[:500])
+            logger.warning('precompile=True: could not load %s (%s); compiling again.', path, _first_line(error))
             return None
         if not compiled.guard_check(*args, **kwargs):
             logger.info('The precompiled %s at %s was compiled for another state of the model; compiling again.',

@@ -29,12 +29,6 @@ def scaled_forward(module, x):
     return type(module).forward(module, x)
 
 
-def breaks_graph(module, x):
-    y = module(x)
-    print('', end='')  # a graph break: not one graph, so not precompilable
-    return y + 1
-
-
 @pytest.fixture
 def module():
     torch.manual_seed(0)
@@ -121,7 +115,7 @@ def test_a_module_holding_its_precompiled_forward_saves_later_signatures_too(mod
         fn(module, torch.randn(1, 4))
         large = torch.randn(3, 4)
         assert torch.allclose(fn(module, large), module(large))
-    assert fn.fallback is None and len(os.listdir(tmp_path)) == 2
+    assert not fn.unsupported and len(os.listdir(tmp_path)) == 2
 
 
 def test_a_folder_it_cannot_write_keeps_the_compiled_graph_for_this_process(module, tmp_path, caplog):
@@ -132,7 +126,7 @@ def test_a_folder_it_cannot_write_keeps_the_compiled_graph_for_this_process(modu
     with caplog.at_level(logging.WARNING, logger='modelscope_sd.precompile'), torch.inference_mode():
         assert torch.allclose(fn(module, x), module(x))
         assert torch.allclose(fn(module, x), module(x))
-    assert caplog.text.count('could not save scaled_forward') == 1 and fn.fallback is None and len(fn.loaded) == 1
+    assert caplog.text.count('could not save scaled_forward') == 1 and not fn.unsupported and len(fn.loaded) == 1
 
 
 def test_a_saved_file_that_does_not_load_is_removed_and_torch_compile_takes_over(module, tmp_path, caplog,
@@ -144,8 +138,9 @@ def test_a_saved_file_that_does_not_load_is_removed_and_torch_compile_takes_over
     x = torch.randn(2, 4)
     with caplog.at_level(logging.WARNING, logger='modelscope_sd.precompile'), torch.inference_mode():
         assert torch.allclose(fn(module, x), module(x))
-    assert 'scaled_forward: compiled, but its file does not load (RuntimeError: Missing' in caplog.text
-    assert fn.fallback is not None and os.listdir(tmp_path) == []
+    assert ('scaled_forward with these arguments: compiled, but its file does not load (RuntimeError: Missing'
+            in caplog.text)
+    assert len(fn.unsupported) == 1 and [name.split('.')[-1] for name in os.listdir(tmp_path)] == ['unsupported']
 
 
 def test_a_precompiled_graph_that_fails_its_first_call_hands_over_to_torch_compile(module, tmp_path, caplog,
@@ -159,18 +154,37 @@ def test_a_precompiled_graph_that_fails_its_first_call_hands_over_to_torch_compi
     with caplog.at_level(logging.WARNING, logger='modelscope_sd.precompile'), torch.inference_mode():
         assert torch.allclose(fn(module, x), module(x))
         assert torch.allclose(fn(module, x), module(x))
-    assert caplog.text.count('scaled_forward: its precompiled graph failed its first call (RuntimeError: CUDA') == 1
+    assert caplog.text.count('scaled_forward with these arguments: its precompiled graph failed its first call '
+                             '(RuntimeError: CUDA') == 1
     assert fn.loaded == []
 
 
-def test_a_function_with_a_graph_break_falls_back_to_torch_compile_with_a_warning(module, tmp_path, caplog):
-    x = torch.randn(2, 4)
-    fn = PrecompiledFunction(breaks_graph, 'default', str(tmp_path), fullgraph=False)
+def breaks_graph_when_large(module, x):
+    if x.shape[0] > 2:
+        print('', end='')  # a graph break for this signature only
+    return module(x)
+
+
+def test_a_signature_with_a_graph_break_runs_torch_compile_and_the_next_process_does_not_try_again(
+        module, tmp_path, caplog, monkeypatch):
+    fn = PrecompiledFunction(breaks_graph_when_large, 'default', str(tmp_path), fullgraph=False)
+    small, large = torch.randn(1, 4), torch.randn(3, 4)
     with caplog.at_level(logging.WARNING, logger='modelscope_sd.precompile'), torch.inference_mode():
-        assert torch.allclose(fn(module, x), module(x) + 1)
-        assert torch.allclose(fn(module, x), module(x) + 1)
-    assert caplog.text.count('breaks_graph: cannot be precompiled') == 1
-    assert fn.fallback is not None and os.listdir(tmp_path) == []
+        for x in (small, large, small, large):
+            assert torch.allclose(fn(module, x), module(x))
+    assert caplog.text.count('breaks_graph_when_large with these arguments: cannot be precompiled') == 1
+    assert len(fn.loaded) == 1 and len(fn.unsupported) == 1  # the small signature stays precompiled
+    assert sorted(name.split('.')[-1] for name in os.listdir(tmp_path)) == ['bin', 'unsupported']
+    aot_compiles = []
+    compile = torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda *a, **k: aot_compiles.append(k) or compile(*a, **k))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger='modelscope_sd.precompile'), torch.inference_mode():
+        fresh = PrecompiledFunction(breaks_graph_when_large, 'default', str(tmp_path), fullgraph=False)
+        for x in (small, large):
+            assert torch.allclose(fresh(module, x), module(x))
+    # the small one loaded, the large one went straight to the plain compile (no fullgraph attempt), silently
+    assert aot_compiles == [{'mode': 'default', 'fullgraph': False}] and caplog.text == ''
 
 
 def test_the_file_name_changes_with_the_libraries_and_the_arguments(module, monkeypatch, tmp_path):
@@ -196,7 +210,8 @@ def test_precompile_without_fast_is_refused_by_name(tiny_model_dir):
 NEW_PROCESS = '''
 import json, sys, numpy as np, torch
 from modelscope_sd import StableDiffusionText2ImagePipeline
-pipe = StableDiffusionText2ImagePipeline(sys.argv[1], device=sys.argv[2], progress_bar=False, fast=True, precompile=True)
+pipe = StableDiffusionText2ImagePipeline(sys.argv[1], device=sys.argv[2], progress_bar=False, fast=True,
+                                         precompile=True)
 image = pipe('a cat', num_inference_steps=4, seed=0)['output_imgs'][0]
 np.save(sys.argv[3], image)
 manager = None
@@ -208,10 +223,17 @@ print('RESULT', json.dumps({'traced_s': sum(torch._dynamo.utils.compilation_time
 '''
 
 
+def new_process_env(tmp_path):
+    """One cache folder, and one hash seed: with torch 2.13 the guards saved for CLIP's wrapped functions fail to
+    load under some seeds (of the saving or the loading process; 4 of 13 pairs of random seeds on our CPU), and the
+    text encoder then compiles again (the tests above hold that path)."""
+    return {**os.environ, 'TORCHINDUCTOR_CACHE_DIR': str(tmp_path / 'cache'), 'PYTHONHASHSEED': '0'}
+
+
 def run_in_new_processes(model_dir, device, tmp_path, runs=2):
     """The fast pipeline's first image in ``runs`` processes one after the other, with one cache folder: each one's
     image, dynamo's tracing seconds, and its CUDA-graph trees' roots."""
-    env = {**os.environ, 'TORCHINDUCTOR_CACHE_DIR': str(tmp_path / 'cache')}
+    env = new_process_env(tmp_path)
     results = []
     for run in range(runs):
         out = subprocess.run([sys.executable, '-c', NEW_PROCESS, model_dir, device, str(tmp_path / f'{run}.npy')],
@@ -234,3 +256,43 @@ def test_a_second_process_loads_step_decoder_and_text_encoder_and_draws_the_same
     assert np.array_equal(first['image'], second['image'])
     plain = sd_pipe('a cat', num_inference_steps=4, seed=0)['output_imgs'][0].astype(int)
     assert np.abs(first['image'] - plain).max() <= 1
+
+
+def every_kind_of_call():
+    """(prompt, options) of each kind of call with a graph of its own: AND, CFG cutoff, clip_skip, hires, a batch."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+    return [('a cat AND a dog :0.5', {}),
+            ('a cat', {'callback_on_step_end': SDCFGCutoffCallback(cutoff_step_ratio=0.5)}),
+            ('a cat', {'clip_skip': 1}), ('a cat', {'hr_scale': 1.5}), (['a cat', 'a dog'], {})]
+
+
+EVERY_KIND = '''
+import logging, sys, numpy as np
+sys.path.insert(0, sys.argv[3])
+from modelscope_sd import StableDiffusionText2ImagePipeline
+from test_precompile import every_kind_of_call
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format='LOG %(name)s %(message)s')
+pipe = StableDiffusionText2ImagePipeline(sys.argv[1], device='cpu', progress_bar=False, fast=True, precompile=True)
+np.savez(sys.argv[2], *[pipe(prompt, num_inference_steps=4, seed=0, **kw)['output_imgs'][0]
+                        for prompt, kw in every_kind_of_call()])
+'''
+
+
+@pytest.mark.slow
+def test_and_prompts_cfg_cutoff_clip_skip_hires_and_batches_precompile_or_fall_back_once(tiny_model_dir, sd_pipe,
+                                                                                          tmp_path):
+    """Every kind of fast call in two processes (a few minutes): the pictures of the plain path; what cannot be
+    precompiled (CLIP's hidden states for clip_skip, in transformers 5.25) is said once, in the first process."""
+    env = new_process_env(tmp_path)
+    runs = []
+    for run in range(2):
+        out = subprocess.run([sys.executable, '-c', EVERY_KIND, tiny_model_dir, str(tmp_path / f'{run}.npz'),
+                              os.path.dirname(__file__)], env=env, capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+        with np.load(tmp_path / f'{run}.npz') as images:
+            runs.append(([images[key].astype(int) for key in sorted(images.files)],
+                         [line for line in out.stdout.splitlines() if line.startswith('LOG modelscope_sd')]))
+    for (prompt, kw), first, second in zip(every_kind_of_call(), runs[0][0], runs[1][0]):
+        plain = sd_pipe(prompt, num_inference_steps=4, seed=0, **kw)['output_imgs'][0].astype(int)
+        assert np.abs(first - plain).max() <= 1 and np.array_equal(first, second), (prompt, kw)
+    assert all('cannot be precompiled' in line for line in runs[0][1]) and runs[1][1] == []
