@@ -2,8 +2,9 @@
 so that a new process loads it instead of tracing the model again.
 
 With warm inductor caches, `torch.compile` still runs dynamo over the model's Python code in every new process, and
-only then finds its kernels on disk: 8.3 s for SD1.5's denoising step on our 2-core CPU, 11.9 s with the text encoder
-and the decoder. torch's AOT precompile (``torch.compile(fullgraph=True).aot_compile``, experimental since torch 2.9)
+only then finds its kernels on disk: 6.2-6.7 s of bytecode tracing for SD1.5's step, text encoder and decoder on our
+2-core CPU, where a new process's first call took 21.2-21.7 s without precompile and 14.5-15.6 s with it. torch's AOT
+precompile (``torch.compile(fullgraph=True).aot_compile``, experimental since torch 2.9)
 writes dynamo's bytecode and guards, AOTAutograd's graph and inductor's kernels to one file, and
 ``torch.compiler.load_compiled_function`` reads it back.
 
