@@ -41,19 +41,27 @@ def savable_guards(entries) -> List[bool]:
     return [_guard_is_savable(entry) for entry in entries]
 
 
-def describe(value) -> Any:
-    """What of an argument a compiled graph is specialized on, as plain data for the file name."""
+def signature(value, module: Callable[[torch.nn.Module], Any]) -> Any:
+    """What of a call's arguments a compiled graph is specialized on, as hashable plain data: each tensor's shape,
+    dtype, strides and device, ``module(m)`` for each module, values of plain types, the type of anything else."""
     if torch.is_tensor(value):
-        return ('tensor', tuple(value.shape), str(value.dtype), value.stride(), value.device.type)
+        return 'tensor', tuple(value.shape), str(value.dtype), value.stride(), str(value.device)
     if isinstance(value, torch.nn.Module):
-        tensors = [*value.named_parameters(), *value.named_buffers()]
-        return ('module', type(value).__module__, type(value).__qualname__,
-                [(name, tuple(t.shape), str(t.dtype), t.stride()) for name, t in tensors])
+        return module(value)
     if isinstance(value, (tuple, list)):
-        return (type(value).__name__, [describe(v) for v in value])
+        return type(value).__name__, tuple(signature(v, module) for v in value)
     if isinstance(value, dict):
-        return ('dict', sorted((str(k), describe(v)) for k, v in value.items()))
-    return repr(value)
+        return 'dict', tuple(sorted((str(k), signature(v, module)) for k, v in value.items()))
+    if isinstance(value, (int, float, bool, str, type(None))):
+        return value
+    return f'{type(value).__module__}.{type(value).__qualname__}'
+
+
+def weights(module: torch.nn.Module) -> tuple:
+    """A module as the file name sees it: its class, and its weights' and buffers' names, shapes, dtypes and strides."""
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    return ('module', type(module).__module__, type(module).__qualname__,
+            tuple((name, tuple(t.shape), str(t.dtype), t.stride()) for name, t in tensors))
 
 
 def environment() -> Dict[str, Optional[str]]:
@@ -75,19 +83,6 @@ def _first_line(error: Exception) -> str:
     return f'{type(error).__name__}: {lines[0][:300] if lines else ""}'
 
 
-def _signature(value) -> Any:
-    """A cheap in-process key of a call's arguments (modules by identity), for the signatures left to the fallback."""
-    if torch.is_tensor(value):
-        return tuple(value.shape), value.dtype, value.device, value.stride()
-    if isinstance(value, torch.nn.Module):
-        return id(value)
-    if isinstance(value, (tuple, list)):
-        return tuple(_signature(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((str(k), _signature(v)) for k, v in value.items()))
-    return value if isinstance(value, (int, float, bool, str, type(None))) else type(value)
-
-
 class PrecompiledFunction:
     """``fn`` compiled with ``mode`` once per call signature, saved under ``cache_dir`` and loaded from there in later
     processes. A signature torch cannot compile whole (a graph break) or read back once saved runs a plain
@@ -101,7 +96,7 @@ class PrecompiledFunction:
         from torch._inductor import list_mode_options
         self.options = list_mode_options(mode)  # e.g. {'triton.cudagraphs': True}
         self.loaded: List[Any] = []  # AOTCompiledFunction, the latest used first
-        self.unsupported = set()  # `_signature`s that run the fallback
+        self.unsupported = set()  # signatures (modules by identity) that run the fallback
         self._fallback: Optional[Callable] = None
         source = inspect.getsource(inspect.getmodule(fn))
         self._code = hashlib.sha256(source.encode()).hexdigest()
@@ -112,8 +107,8 @@ class PrecompiledFunction:
                 if i:
                     self.loaded.insert(0, self.loaded.pop(i))
                 return compiled(*args, **kwargs)
-        signature = _signature((args, kwargs))
-        if signature not in self.unsupported:
+        key = signature((args, kwargs), id)
+        if key not in self.unsupported:
             compiled = self._load_or_compile(args, kwargs)
             if compiled is not None:
                 try:
@@ -124,7 +119,7 @@ class PrecompiledFunction:
                 else:
                     self.loaded = [compiled] + self.loaded[:MAX_LOADED - 1]
                     return result
-            self.unsupported.add(signature)
+            self.unsupported.add(key)
         return self.fallback(*args, **kwargs)
 
     @property
@@ -146,7 +141,7 @@ class PrecompiledFunction:
     def path(self, args, kwargs) -> str:
         """The file for this call's signature."""
         key = repr((self.fn.__module__, self.fn.__qualname__, self._code, self.mode, environment(),
-                    describe(args), describe(kwargs)))
+                    signature((args, kwargs), weights)))
         digest = hashlib.sha256(key.encode()).hexdigest()[:24]
         return os.path.join(self.cache_dir, f'{self.fn.__name__}-{digest}.bin')
 
@@ -176,6 +171,7 @@ class PrecompiledFunction:
         except Exception as error:  # a full disk, a read-only folder, an object torch cannot save
             logger.warning('precompile=True: could not save %s to %s (%s); this process uses it, the next one '
                            'compiles again.', self.fn.__name__, path, _first_line(error))
+            compiled.disable_guard_check()  # __call__ checks them before each call
             return compiled
         # what runs is what a later process loads: a file that does not load fails now, not in the next process
         try:
