@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from modelscope_sd.constants import DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION
+from modelscope_sd.fast import COMPILE_MODES, CUDA_GRAPH_MODES
 from modelscope_sd.loading import is_hub_id
 from modelscope_sd.prompts import CHUNK, check_syntax
 from modelscope_sd.schedulers import check_scheduler_name
@@ -87,6 +88,13 @@ class TrainConfig:
                                 'SD1.5), later ones run faster; an epoch\'s last, smaller batch compiles once more; '
                                 'validation runs eager; inductor caches make the next run start sooner',
                                 default=False)
+    torch_compile_mode: str = _help("with --torch_compile, torch.compile's mode: 'default'; 'reduce-overhead' also "
+                                    "replays each step's forward and backward as CUDA graphs, for runs whose GPU "
+                                    "waits on the host's kernel launches (LoRA at small batches on a fast GPU); it "
+                                    'needs --gradient_accumulation_steps 1, and its graphs keep memory of their own; '
+                                    "'max-autotune' (minutes of kernel tuning, and CUDA graphs) or "
+                                    "'max-autotune-no-cudagraphs'. Off CUDA, a mode compiles without CUDA graphs",
+                                    default='default')
     learning_rate: float = _help('peak learning rate', default=1e-4)
     text_encoder_lr: Optional[float] = _help("with --train_text_encoder, the text encoder's own peak learning rate "
                                              "(diffusers' and kohya's flag; usually a few times lower than the "
@@ -230,6 +238,7 @@ class TrainConfig:
             check_scheduler_name(self.validation_scheduler, 'validation_scheduler: ')
         if self.sample_prompts is not None:
             load_sample_prompts(self.sample_prompts)  # a bad line fails now, not at the first validation
+        _check_compile_mode(self)
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f'lr_scheduler={self.lr_scheduler!r} is not one of {LR_SCHEDULERS}.')
         if self.optimizer not in OPTIMIZERS:
@@ -252,6 +261,21 @@ class TrainConfig:
             raise ValueError(f'dataloader_num_workers={self.dataloader_num_workers} must be >= 0.')
         if self.report_to is not None:
             _check_tracker(self.report_to)
+
+
+def _check_compile_mode(config) -> None:
+    mode = config.torch_compile_mode
+    if mode not in COMPILE_MODES:
+        raise ValueError(f'torch_compile_mode={mode!r} is not one of {", ".join(COMPILE_MODES)}.')
+    if mode != 'default' and not config.torch_compile:
+        raise ValueError(f'torch_compile_mode={mode!r} is how --torch_compile compiles: pass --torch_compile too, or '
+                         'drop --torch_compile_mode.')
+    if config.torch_compile and mode in CUDA_GRAPH_MODES and config.gradient_accumulation_steps > 1:
+        # torch's CUDA-graph trees: a replayed backward writes its gradients where the last replay left them
+        raise ValueError(f"torch_compile_mode={mode!r} replays the backward as a CUDA graph, and each replay "
+                         'writes its gradients over the last one, so they cannot add up over '
+                         f'--gradient_accumulation_steps {config.gradient_accumulation_steps}: pass 1 (a larger '
+                         "--train_batch_size gives the same images per step), or --torch_compile_mode default.")
 
 
 def single_file_message(model: str, checkpoint: str) -> str:

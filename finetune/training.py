@@ -206,7 +206,9 @@ def prepare_models(accelerator, config, parts: dict, lora: bool, dataset: Option
         if config.train_text_encoder:
             text_encoder.gradient_checkpointing_enable()
     if config.torch_compile:
-        unet.compile()  # in place: the module, its hooks and its state-dict keys stay as they are
+        from modelscope_sd.fast import mode_for_device
+        # in place: the module, its hooks and its state-dict keys stay as they are
+        unet.compile(mode=mode_for_device(config.torch_compile_mode, accelerator.device, '--torch_compile'))
     return trained
 
 

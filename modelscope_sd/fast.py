@@ -34,6 +34,17 @@ COMPILE_MODES = ('reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'
 # scheduler up to 64 steps (128 model calls or draws) then shares one compiled graph
 MIN_HISTORY = 128
 _WITHOUT_CUDA_GRAPHS = {'reduce-overhead': 'default', 'max-autotune': 'max-autotune-no-cudagraphs'}
+CUDA_GRAPH_MODES = tuple(_WITHOUT_CUDA_GRAPHS)
+
+
+def mode_for_device(mode: str, device: torch.device, what: str) -> str:
+    """torch.compile's ``mode`` for ``device``: off CUDA a mode with CUDA graphs becomes the same mode without them
+    (said once in the log, as ``what`` on ``device``)."""
+    if torch.device(device).type != 'cuda' and mode in _WITHOUT_CUDA_GRAPHS:
+        logger.info('%s on %s: compiling with mode=%r (CUDA graphs need a CUDA device).', what, device,
+                    _WITHOUT_CUDA_GRAPHS[mode])
+        return _WITHOUT_CUDA_GRAPHS[mode]
+    return mode
 
 
 def _configure_inductor(cache_dir: str) -> str:
@@ -129,10 +140,7 @@ def enable_fast_inference(pipe, compile_mode: str = 'reduce-overhead', cache_dir
     ``precompile``: keep each compiled function whole in inductor's cache folder (`precompile.PrecompiledFunction`)."""
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f'compile_mode={compile_mode!r} is not one of {", ".join(COMPILE_MODES)}.')
-    if pipe.device.type != 'cuda' and compile_mode in _WITHOUT_CUDA_GRAPHS:
-        logger.info('fast=True on %s: compiling with mode=%r (CUDA graphs need a CUDA device).',
-                    pipe.device, _WITHOUT_CUDA_GRAPHS[compile_mode])
-        compile_mode = _WITHOUT_CUDA_GRAPHS[compile_mode]
+    compile_mode = mode_for_device(compile_mode, pipe.device, 'fast=True')
     cache_dir = _configure_inductor(cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'modelscope_sd',
                                                              'inductor'))
     compile = compiler(compile_mode, os.path.join(cache_dir, 'modelscope_sd_precompiled') if precompile else None)

@@ -740,6 +740,10 @@ def test_typo_flag_fails_instead_of_vanishing(capsys):
     (dict(output_name='x', use_dora=True), 'use_dora with export_kohya (output_name names that file)'),
     (dict(text_encoder_lr=5e-5), 'the text encoder trains only with --train_text_encoder: pass it too'),
     (dict(text_encoder_lr=0.0, train_text_encoder=True), 'text_encoder_lr=0.0 must be > 0'),
+    (dict(torch_compile=True, torch_compile_mode='max'), "torch_compile_mode='max' is not one of reduce-overhead, "),
+    (dict(torch_compile_mode='reduce-overhead'), 'is how --torch_compile compiles: pass --torch_compile too'),
+    (dict(torch_compile=True, torch_compile_mode='max-autotune', gradient_accumulation_steps=2),
+     'writes its gradients over the last one, so they cannot add up over --gradient_accumulation_steps 2: pass 1'),
 ])
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -1034,6 +1038,27 @@ def test_torch_compile_compiles_once_not_every_step(tiny_model_dir, csv_dataset,
                        center_crop=True, max_train_steps=steps, checkpointing_steps=None, lr_scheduler='cosine'))
         counts.append(len(graphs))
     assert counts[0] >= 1 and counts[1] == counts[0], counts
+
+
+@pytest.mark.parametrize('mode, compiled_as', [('default', 'default'), ('reduce-overhead', 'default'),
+                                               ('max-autotune', 'max-autotune-no-cudagraphs')])
+def test_torch_compile_mode_compiles_the_unet_without_cuda_graphs_off_cuda(tiny_model_dir, csv_dataset, tmp_path,
+                                                                          monkeypatch, mode, compiled_as):
+    """--torch_compile_mode reaches torch.compile; on the CPU a mode's CUDA graphs are left out (no CUDA-graph
+    tree to record into) and the rest of the mode stays. Gradient accumulation works in the mode without them."""
+    modes = []
+    real_compile = torch.nn.Module.compile
+
+    def recording_compile(self, **kwargs):
+        modes.append(kwargs.get('mode'))
+        real_compile(self, backend='eager')
+
+    monkeypatch.setattr(torch.nn.Module, 'compile', recording_compile)
+    torch._dynamo.reset()
+    accumulate = 2 if mode == 'default' else 1
+    _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'out', torch_compile=True, torch_compile_mode=mode,
+                   gradient_accumulation_steps=accumulate, max_train_steps=1, checkpointing_steps=None))
+    assert modes == [compiled_as]
 
 
 @pytest.mark.slow
