@@ -95,6 +95,6 @@ def test_the_training_rows_that_answer_the_goals_run_first(only):
     assert runs[4][3]['use_8bit_adam']
     assert len({(name, batch) for name, _, batch, _ in runs}) == len(runs)
     compiled_rows = [name for name, _, batch, options in runs if batch == 1 and (options or {}).get('torch_compile')]
-    assert len(compiled_rows) == 3 * compiled
+    assert len(compiled_rows) == 4 * compiled
     if compiled:
-        assert runs[1][3]['torch_compile_mode'] == 'reduce-overhead'
+        assert runs[1][3]['torch_compile_mode'] == runs[4][3]['torch_compile_mode'] == 'reduce-overhead'
