@@ -30,6 +30,15 @@ def _choice(flag: str, accepted: Tuple[str, ...], why: str):
     return check
 
 
+def _dynamo_backend(value):
+    """kohya's --dynamo_backend: inductor is --torch_compile here, no (kohya's default) changes nothing."""
+    table = {'inductor': {'torch_compile': True}, 'no': {}}
+    if value.lower() not in table:
+        raise ValueError(f'--dynamo_backend {value!r}: the UNet compiles with inductor here (--torch_compile): pass '
+                         'inductor or no.')
+    return table[value.lower()]
+
+
 def _switch(**values):
     """A kohya flag without a value that sets ours (``--flip_aug`` → --random_flip)."""
     return lambda value: values
@@ -47,6 +56,8 @@ FLAGS = {
     'caption_dropout_rate': ('proportion_empty_prompts', float),
     'max_data_loader_n_workers': ('dataloader_num_workers', int),
     'optimizer_type': (None, _optimizer),
+    'dynamo_backend': (None, _dynamo_backend),
+    'dynamo_mode': ('torch_compile_mode', None),
     'lr_scheduler_num_cycles': ('lr_num_cycles', int),
     'lr_scheduler_power': ('lr_power', float),
     'log_with': ('report_to', None),

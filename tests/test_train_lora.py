@@ -691,6 +691,9 @@ def test_more_kohya_flags_map_onto_ours_and_the_rest_are_refused_together_with_w
     config, _ = parse_args(LoraTrainConfig, ['--train_data_dir', str(tmp_path), '--lr_scheduler', 'polynomial',
                                              '--lr_scheduler_power', '2'], 'x')
     assert config.lr_power == 2.0
+    config, _ = parse_args(LoraTrainConfig, ['--train_data_dir', str(tmp_path), '--dynamo_backend', 'INDUCTOR',
+                                             '--dynamo_mode', 'reduce-overhead'], 'x')
+    assert (config.torch_compile, config.torch_compile_mode) == (True, 'reduce-overhead')
     with pytest.raises(SystemExit):
         parse_args(LoraTrainConfig, ['--train_data_dir', str(tmp_path), '--reg_data_dir', 'reg', '--color_aug',
                                      '--network_args', 'conv_dim=4', 'conv_alpha=1', '--network_dim', '8'], 'x')
@@ -699,7 +702,8 @@ def test_more_kohya_flags_map_onto_ours_and_the_rest_are_refused_together_with_w
             'the DreamBooth trainer') in err
     assert '; --color_aug: no color augmentation here' in err and '; --network_args: LoCon (conv_dim)' in err
     for flag, value, words in (('--bucket_reso_steps', '32', "bucket sides are multiples of 64"),
-                               ('--loss_type', 'huber', 'the loss is the mean squared error')):
+                               ('--loss_type', 'huber', 'the loss is the mean squared error'),
+                               ('--dynamo_backend', 'aot_eager', 'the UNet compiles with inductor here')):
         with pytest.raises(SystemExit):
             parse_args(LoraTrainConfig, ['--train_data_dir', str(tmp_path), flag, value], 'x')
         assert words in capsys.readouterr().err
