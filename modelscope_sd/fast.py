@@ -111,6 +111,26 @@ def text_encoder_forward(text_encoder, *args, **kwargs):
     return dict(type(text_encoder).forward(text_encoder, *args, **kwargs))
 
 
+def sort_output_capture_registry() -> None:
+    """Put transformers' registry of each model class's output-capture settings in key order. CLIP's ``forward``
+    reads it, and dynamo guards that dict by key position. Its order is the order in which the classes were first
+    built, which diffusers' loading makes depend on Python's hash seed (the safety checker before or after the text
+    encoder): a text encoder saved by ``precompile=True`` under one seed then failed to load under another (4 of 13
+    pairs of random seeds on our CPU, "Expected dict, got NoneType", torch 2.13 and transformers 5.25). Sorted, the
+    order is the same in every process that built the same models. Only reordered when out of order, so a
+    steady state changes nothing that a guard reads."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY as registry
+    except ImportError:  # transformers without output capturing: nothing to sort
+        return
+    keys = list(dict.keys(registry))
+    if keys != sorted(keys):
+        items = sorted(dict.items(registry))
+        dict.clear(registry)
+        for key, value in items:  # dict's own method: the registry's __setitem__ takes a model, not its key
+            dict.__setitem__(registry, key, value)
+
+
 def compile_text_encoder(text_encoder: torch.nn.Module, compile: Callable) -> None:
     """Compile CLIP's ``forward`` in place. It runs once per prompt and once per negative prompt before the first
     step; eager, each pass is some 200 small kernel launches, and in a profiled 10-step SD1.5 call on an H200
@@ -121,6 +141,7 @@ def compile_text_encoder(text_encoder: torch.nn.Module, compile: Callable) -> No
     compiled = compile(text_encoder_forward, fullgraph=False)
 
     def forward(*args, **kwargs):
+        sort_output_capture_registry()
         # CLIP's optional arguments all default to None: diffusers passes attention_mask=None, weighted prompts pass
         # nothing, and without the Nones both are one call signature, so one graph rather than a compile per caller
         fields = compiled(text_encoder, *args, **{key: value for key, value in kwargs.items() if value is not None})

@@ -369,3 +369,18 @@ def test_compiled_outputs_are_copied_out_of_the_graphs_memory():
                owned[2][0], owned[2][1][0]]
     assert all(t.data_ptr() not in (a.data_ptr(), b.data_ptr(), c.data_ptr()) for t in tensors)
     assert all(torch.equal(t, ref) for t, ref in zip(tensors, (a, a, b, c, a, a, b)))
+
+
+def test_transformers_output_capture_registry_is_put_in_key_order(monkeypatch):
+    """CLIP's forward reads this registry and dynamo guards it by key position: its order must not depend on which
+    model a process happened to build first (see sort_output_capture_registry)."""
+    from transformers.utils import output_capturing
+
+    from modelscope_sd.fast import sort_output_capture_registry
+    registry = output_capturing._CanRecordRegistry()
+    for key, value in (("<class 'b.SafetyChecker'>", None), ("<class 'a.TextModel'>", {'hidden_states': 'layer'})):
+        dict.__setitem__(registry, key, value)
+    monkeypatch.setattr(output_capturing, '_CAN_RECORD_REGISTRY', registry)
+    sort_output_capture_registry()
+    assert list(dict.items(registry)) == [("<class 'a.TextModel'>", {'hidden_states': 'layer'}),
+                                          ("<class 'b.SafetyChecker'>", None)]
