@@ -12,6 +12,8 @@ from typing import List, Optional
 import torch
 from tqdm.auto import tqdm
 
+from modelscope_sd.fast import mode_for_device
+
 from . import validation_images
 from .buckets import BucketBatchSampler
 from .checkpoint import (check_resume_settings, find_checkpoint, read_state, remove_partial_writes,
@@ -206,7 +208,6 @@ def prepare_models(accelerator, config, parts: dict, lora: bool, dataset: Option
         if config.train_text_encoder:
             text_encoder.gradient_checkpointing_enable()
     if config.torch_compile:
-        from modelscope_sd.fast import mode_for_device
         # in place: the module, its hooks and its state-dict keys stay as they are
         unet.compile(mode=mode_for_device(config.torch_compile_mode, accelerator.device, '--torch_compile'))
     return trained
