@@ -91,7 +91,8 @@ class TrainConfig:
     torch_compile_mode: str = _help("with --torch_compile, torch.compile's mode: 'default'; 'reduce-overhead' also "
                                     "replays each step's forward and backward as CUDA graphs, for runs whose GPU "
                                     "waits on the host's kernel launches (LoRA at small batches on a fast GPU); it "
-                                    'needs --gradient_accumulation_steps 1, and its graphs keep memory of their own; '
+                                    'needs --gradient_accumulation_steps 1, and its graphs keep memory of their own '
+                                    "(with --enable_bucket, graphs for each bucket's shape); "
                                     "'max-autotune' (minutes of kernel tuning, and CUDA graphs) or "
                                     "'max-autotune-no-cudagraphs'. Off CUDA, a mode compiles without CUDA graphs",
                                     default='default')
