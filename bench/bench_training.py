@@ -206,9 +206,10 @@ def plan_runs(only):
                     {'torch_compile': True, 'torch_compile_mode': 'reduce-overhead'})
     compiled_lora = ('ours LoRA r4 + --torch_compile', {'torch_compile': True})
     lora_goal = [('vanilla LoRA r4', None), graphed_lora if compiled else ours_lora]
+    lora_other_ways = [compiled_lora, ours_lora] if compiled else []  # after the goal row, at each batch
     # bf16 against vanilla's fp16 at batch 1: ours was 0.63x vanilla in the first H200 run of 2026-11-27 and 1.13x
     # in the second, while vanilla itself went from 6.97 to 4.35 it/s (host speed)
-    lora_more = ([compiled_lora, ours_lora] if compiled else []) + [
+    lora_more = lora_other_ways + [
         ('ours LoRA r4, fp16 like vanilla (cached latents, fused AdamW)', {'mixed_precision': 'fp16'})]
     # full-precision AdamW that never holds all its gradients nor all of autocast's bf16 weight copies (10.6 GiB
     # estimated on the CPU, against 13.4): a candidate for the 12 GiB goal, next to 8-bit AdamW, which ran at
@@ -234,7 +235,7 @@ def plan_runs(only):
                         ('ours DreamBooth full UNet (cached latents, bf16, fused AdamW)', {}),
                         ('ours DreamBooth full UNet + adafactor + gradient checkpointing',
                          {'optimizer': 'adafactor', 'gradient_checkpointing': True})]
-    lora_batched = lora_goal + ([compiled_lora, ours_lora] if compiled else [])
+    lora_batched = lora_goal + lora_other_ways
     order = [('lora', 1, lora_goal), ('dreambooth', 1, dreambooth_goal), ('lora', 1, lora_more),
              ('dreambooth', 1, dreambooth_more), ('lora', 4, lora_batched)]
     return [(name, mode, batch, options) for mode, batch, rows in order if mode in only for name, options in rows]

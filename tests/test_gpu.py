@@ -142,17 +142,13 @@ def test_lora_training_under_reduce_overhead_replays_cuda_graphs_and_learns_what
     from torch._dynamo.utils import counters
     from torch._inductor import cudagraph_trees
 
-    from finetune.config import LoraTrainConfig
-    from finetune.train_lora import main
-    from train_helpers import make_modelscope_csv_dataset, reset_accelerate
+    from test_train_lora import _config, _train
+    from train_helpers import make_modelscope_csv_dataset
     data = make_modelscope_csv_dataset(str(tmp_path / 'data'))
 
     def train(out, steps, **kwargs):
-        reset_accelerate()
-        return load_file(main(LoraTrainConfig(
-            pretrained_model_name_or_path=tiny_model_dir, dataset_name=data, output_dir=str(tmp_path / out),
-            resolution=32, max_train_steps=steps, checkpointing_steps=None, learning_rate=1e-3, seed=3,
-            mixed_precision='no', cache_latents=True, **kwargs)))
+        return load_file(_train(_config(tiny_model_dir, data, tmp_path / out, max_train_steps=steps,
+                                        checkpointing_steps=None, mixed_precision='no', cache_latents=True, **kwargs)))
 
     def recorded_graphs():
         manager = cudagraph_trees.get_manager(0, create_if_none_exists=False)
