@@ -158,9 +158,12 @@ class PrecompiledFunction:
             logger.info('Loaded the precompiled %s from %s.', self.fn.__name__, path)
             return compiled
         try:
-            compiled = torch.compile(self.fn, fullgraph=True, dynamic=False,
-                                     options={**self.options, 'guard_filter_fn': savable_guards}).aot_compile(
-                (args, kwargs))
+            # torch 2.9-2.12 attach .aot_compile only under this flag (the GPU image's torch 2.11 among them); 2.13 sets
+            # it by default
+            with torch._dynamo.config.patch(enable_aot_compile=True):
+                compiled = torch.compile(self.fn, fullgraph=True, dynamic=False,
+                                         options={**self.options, 'guard_filter_fn': savable_guards}).aot_compile(
+                    (args, kwargs))
         except Exception as error:  # torch's precompile is experimental: keep the fast path, say why it is slower
             return self._unsupported(note, self._fallback_message('cannot be precompiled', error))
         try:

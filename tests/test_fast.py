@@ -377,7 +377,7 @@ def test_transformers_output_capture_registry_is_put_in_key_order(monkeypatch):
     from transformers.utils import output_capturing
 
     from modelscope_sd.fast import sort_output_capture_registry
-    registry = output_capturing._CanRecordRegistry()
+    registry = getattr(output_capturing, '_CanRecordRegistry', dict)()  # a plain dict in transformers 5.17
     for key, value in (("<class 'b.SafetyChecker'>", None), ("<class 'a.TextModel'>", {'hidden_states': 'layer'})):
         dict.__setitem__(registry, key, value)
     monkeypatch.setattr(output_capturing, '_CAN_RECORD_REGISTRY', registry)

@@ -54,6 +54,15 @@ def test_a_new_instance_loads_the_saved_graph_without_compiling(module, tmp_path
         assert torch.allclose(PrecompiledFunction(scaled_forward, 'default', str(tmp_path))(module, x), expected)
 
 
+def test_precompiles_where_torch_leaves_aot_compile_off_by_default(module, tmp_path):
+    """torch 2.9-2.12 (the GPU image's 2.11 among them) give ``torch.compile(...)`` its ``aot_compile`` only under
+    ``enable_aot_compile``, off by default there; 2.13 turns it on. Without the flag the function fell back."""
+    x = torch.randn(2, 4)
+    with torch._dynamo.config.patch(enable_aot_compile=False), torch.inference_mode():
+        PrecompiledFunction(scaled_forward, 'default', str(tmp_path))(module, x)
+    assert [name.endswith('.bin') for name in os.listdir(tmp_path)] == [True]
+
+
 def test_guards_still_hold_a_changed_attribute_or_grad_mode_compiles_again(module, tmp_path):
     x = torch.randn(2, 4)
     fn = PrecompiledFunction(scaled_forward, 'default', str(tmp_path))
