@@ -3,6 +3,7 @@
     python bench/estimate_training_memory.py --optimizer adamw8bit     # SD1.5 UNet, 512x512, batch 1
     python bench/estimate_training_memory.py --optimizer vanilla       # diffusers' example: foreach AdamW
     python bench/estimate_training_memory.py --fused_backward_pass     # ours, stepping in backward
+    python bench/estimate_training_memory.py --full_bf16               # ours, bf16 weights, stochastic rounding
     python bench/estimate_training_memory.py --tiny                    # dry run on the tiny model
 
 The step is our trainer's (bf16 autocast over fp32 weights, loss, backward, gradient clipping, the optimizer
@@ -39,6 +40,8 @@ def parse_args(argv=None):
     parser.add_argument('--gradient_checkpointing', action='store_true')
     parser.add_argument('--fused_backward_pass', action='store_true',
                         help='the optimizer steps in groups during backward (finetune/fused_backward.py)')
+    parser.add_argument('--full_bf16', action='store_true',
+                        help='bf16 weights and gradients, stepped by finetune/stochastic_adamw.py (--optimizer adamw)')
     parser.add_argument('--batch', type=int, default=1)
     parser.add_argument('--tiny', action='store_true')
     return parser.parse_args(argv)
@@ -71,7 +74,7 @@ def make_step(parts, optimizer, batch: int, in_backward=None, autocast_cache: bo
     return step
 
 
-def make_optimizer_for(name: str, params):
+def make_optimizer_for(name: str, params, full_bf16: bool = False):
     if name == 'vanilla':  # on a GPU torch's AdamW defaults to foreach; on the CPU to a per-tensor loop
         return torch.optim.AdamW(params, lr=1e-6, foreach=True)
     from finetune.config import DreamBoothConfig
@@ -79,14 +82,14 @@ def make_optimizer_for(name: str, params):
     with tempfile.TemporaryDirectory(prefix='estimate_') as folder:  # the config checks that the folders exist
         config = DreamBoothConfig(pretrained_model_name_or_path='unused', output_dir=folder, instance_data_dir=folder,
                                   instance_prompt='a photo of sks thing', optimizer='adafactor' if name == 'adafactor'
-                                  else 'adamw', use_8bit_adam=name == 'adamw8bit')
+                                  else 'adamw', use_8bit_adam=name == 'adamw8bit', full_bf16=full_bf16)
     # the device only decides fused AdamW, which is what the trainer runs on a GPU
     return make_optimizer(config, params, torch.device('cuda' if name == 'adamw' else 'cpu'), 1e-6)
 
 
 def estimate(optimizer: str, gradient_checkpointing: bool = False, batch: int = 1, tiny: bool = False,
              fused_backward_pass: bool = False, group_bytes: Optional[int] = None,
-             autocast_cache: Optional[bool] = None) -> dict:
+             autocast_cache: Optional[bool] = None, full_bf16: bool = False) -> dict:
     """``group_bytes``: with ``fused_backward_pass``, the gradients per optimizer call (default: the trainer's);
     ``autocast_cache``: autocast's cache of cast weights (default: the trainer's, off with gradient checkpointing)."""
     from torch.distributed._tools.mem_tracker import MemTracker
@@ -96,8 +99,10 @@ def estimate(optimizer: str, gradient_checkpointing: bool = False, batch: int = 
     unet = parts['unet'].train().requires_grad_(True)
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if full_bf16:
+        torch.nn.Module.to(unet, dtype=torch.bfloat16)  # not diffusers' to(), which warns
     frozen = sum(p.numel() * 2 for name in ('vae', 'text_encoder') for p in parts[name].parameters())
-    opt = make_optimizer_for(optimizer, list(unet.parameters()))
+    opt = make_optimizer_for(optimizer, list(unet.parameters()), full_bf16)
     in_backward = (OptimizerInBackward(opt, unet.parameters(), 1.0, group_bytes) if fused_backward_pass
                    else contextlib.nullcontext())
     start = time.perf_counter()
@@ -117,7 +122,7 @@ def estimate(optimizer: str, gradient_checkpointing: bool = False, batch: int = 
     by_kind = {str(kind).split('.')[-1].lower(): round(nbytes / 2**30, 4) for kind, nbytes in peak.items()
                if nbytes and str(kind) != 'Total'}
     return {'optimizer': optimizer, 'gradient_checkpointing': gradient_checkpointing, 'batch': batch,
-            'fused_backward_pass': fused_backward_pass,
+            'fused_backward_pass': fused_backward_pass, 'full_bf16': full_bf16,
             'group_mib': in_backward.group_bytes / 2**20 if fused_backward_pass else None,
             'model': 'tiny' if tiny else 'SD1.5 UNet, 512x512', 'step_peak_gib_by_kind': by_kind,
             'frozen_vae_text_encoder_gib': round(frozen / 2**30, 3),
@@ -127,7 +132,8 @@ def estimate(optimizer: str, gradient_checkpointing: bool = False, batch: int = 
 
 def main(argv=None):
     args = parse_args(argv)
-    row = estimate(args.optimizer, args.gradient_checkpointing, args.batch, args.tiny, args.fused_backward_pass)
+    row = estimate(args.optimizer, args.gradient_checkpointing, args.batch, args.tiny, args.fused_backward_pass,
+                   full_bf16=args.full_bf16)
     print(json.dumps(row), flush=True)
     return row
 

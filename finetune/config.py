@@ -364,6 +364,11 @@ class DreamBoothConfig(LoraOptions, TrainConfig):
                                       '3.2 GiB of gradients are never held at once; gradients are clipped to '
                                       '--max_grad_norm per group (never more than together). One process, '
                                       '--gradient_accumulation_steps 1, bf16 or fp32', default=False)
+    full_bf16: bool = _help("kohya's flag, full fine-tune: the trained weights and their gradients in bf16 (half "
+                            'the memory of fp32, no casts in the forward), stepped by an AdamW that keeps fp32 '
+                            'moments and rounds each new weight stochastically, so that updates far below bf16\'s '
+                            'precision survive on average. Needs --mixed_precision bf16 and AdamW (not 8-bit)',
+                            default=False)
     output_dir: str = _help('where the model (or adapter), checkpoints and validation images go',
                             default='sd-dreambooth')
     learning_rate: Optional[float] = _help('peak learning rate (default 5e-6, or 1e-4 with --use_lora)',
@@ -387,6 +392,8 @@ class DreamBoothConfig(LoraOptions, TrainConfig):
                              'pass --export_kohya for an A1111/ComfyUI file instead.')
         if self.fused_backward_pass:
             check_fused_backward_pass(self, self.mixed_precision)
+        if self.full_bf16:
+            check_full_bf16(self, self.mixed_precision)
         source = self.instance_data_dir or self.dataset_name
         if not source:
             raise ValueError('No instance images: pass --instance_data_dir (a folder of subject photos) or '
@@ -454,6 +461,23 @@ def fused_backward_pass_conflict(config, mixed_precision: Optional[str], process
         return (f'with {processes} processes each would step on its own gradients before they are averaged: train on '
                 'one process')
     return None
+
+
+def check_full_bf16(config, mixed_precision: Optional[str]) -> None:
+    """What --full_bf16 cannot combine with; ``mixed_precision`` None: not known yet (accelerate's config decides,
+    checked again once the accelerator has it)."""
+    reason = None
+    if config.use_lora:
+        reason = "an adapter's weights are a few MB and train in fp32: train the whole UNet (no --use_lora)"
+    elif config.use_8bit_adam or config.optimizer != 'adamw':
+        flag = '--use_8bit_adam' if config.use_8bit_adam else f'--optimizer {config.optimizer}'
+        reason = (f'the bf16 weights step with an AdamW of their own (fp32 moments, stochastic rounding), not '
+                  f'{flag}: drop {flag}')
+    elif mixed_precision is not None and mixed_precision != 'bf16':
+        reason = (f'the weights compute in bf16, not under mixed precision {mixed_precision!r}: pass '
+                  '--mixed_precision bf16')
+    if reason:
+        raise ValueError(f'full_bf16: {reason}, or drop --full_bf16.')
 
 
 def target_module_list(target_modules: str) -> List[str]:

@@ -85,7 +85,7 @@ FLAGS = {
     'save_precision': (None, None),
     'save_state': (None, None),
     'full_fp16': (None, None),
-    'full_bf16': (None, None),
+    'full_bf16': (None, None),  # the LoRA trainer's; DreamBooth's full fine-tune has the flag
     'logging_dir': (None, None),
     'log_prefix': (None, None),
     'prior_loss_weight': (None, None),  # the LoRA trainer's; DreamBooth's is a flag of its own
@@ -105,7 +105,8 @@ IGNORED_REASONS = {
     'full_fp16': 'trained weights stay float32 under --mixed_precision (adapters are a few MB, so fp16 ones would '
                  'save little and round small updates away)',
     'full_bf16': 'trained weights stay float32 under --mixed_precision (adapters are a few MB, so bf16 ones would '
-                 'save little and round small updates away)',
+                 "save little and round small updates away); the DreamBooth trainer's full fine-tune takes "
+                 '--full_bf16',
     'logging_dir': 'logs go to OUTPUT_DIR/logs (tensorboard --logdir OUTPUT_DIR/logs)',
     'log_prefix': 'logs go to OUTPUT_DIR/logs under the run name modelscope-sd',
     'prior_loss_weight': 'the LoRA trainer has no class images; the DreamBooth trainer takes --prior_loss_weight '

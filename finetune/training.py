@@ -18,11 +18,12 @@ from . import validation_images
 from .buckets import BucketBatchSampler
 from .checkpoint import (check_resume_settings, find_checkpoint, read_state, remove_partial_writes,
                          save_checkpoint)
-from .config import check_fused_backward_pass, fused_backward_pass_conflict, target_module_list
+from .config import check_full_bf16, check_fused_backward_pass, fused_backward_pass_conflict, target_module_list
 from .data import EpochSampler, cache_dataset, collate
 from .diffusion import denoising_loss, pipeline_clip_skip
 from .fused_backward import OptimizerInBackward
 from .interrupt import StopRequests, TrainingInterrupted, ignore_stop_signals, restore_stop_signals
+from .stochastic_adamw import StochasticAdamW
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +55,8 @@ def resume_settings(config) -> dict:
     names = ['train_text_encoder', 'optimizer', 'use_8bit_adam', 'learning_rate', 'text_encoder_lr']
     if getattr(config, 'use_lora', True):  # the LoRA trainer, or DreamBooth --use_lora
         names += ['rank', 'lora_alpha', 'target_modules', 'use_dora']
-    if hasattr(config, 'use_lora'):
-        names.append('use_lora')
+    if hasattr(config, 'use_lora'):  # DreamBooth's
+        names += ['use_lora', 'full_bf16']
     settings = {name: getattr(config, name) for name in names}
     if 'target_modules' in settings:
         settings['target_modules'] = ','.join(sorted(target_module_list(config.target_modules)))
@@ -76,6 +77,8 @@ def start_run(config, notes=None):
     accelerator = make_accelerator(config)
     if getattr(config, 'fused_backward_pass', False):  # precision and processes may come from accelerate's config
         check_fused_backward_pass(config, accelerator.mixed_precision, accelerator.num_processes)
+    if getattr(config, 'full_bf16', False):
+        check_full_bf16(config, accelerator.mixed_precision)
     for note in notes or []:
         logger.info(note)
     return accelerator
@@ -109,11 +112,14 @@ def make_accelerator(config):
 
 
 def weight_dtype(accelerator) -> torch.dtype:
-    """Frozen weights are stored in the compute precision; trained ones stay fp32."""
+    """Frozen weights are stored in the compute precision; trained ones stay fp32 (bf16 with --full_bf16)."""
     return {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
 def make_optimizer(config, params, device: torch.device, lr: float):
+    if getattr(config, 'full_bf16', False):
+        return StochasticAdamW(params, lr=lr, betas=(config.adam_beta1, config.adam_beta2),
+                               weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, seed=config.seed)
     if config.optimizer == 'adafactor':
         from transformers.optimization import Adafactor
         # a fixed learning rate (the lr schedule still applies), as kohya's sd-scripts run it for SD fine-tunes
@@ -168,8 +174,8 @@ def warn_if_checkpoints_outgrow_the_disk(config, params, max_steps: int, every_e
 def prepare_models(accelerator, config, parts: dict, lora: bool, dataset: Optional[dict] = None
                    ) -> List[torch.nn.Module]:
     """Freeze, place and cast the parts; attach adapters (``lora``) or unfreeze the UNet for a full
-    fine-tune. Frozen weights live in the compute precision, trained ones in fp32 (``dataset``: what the adapter
-    files record of the data, `finetune.data.dataset_summary`). Returns what trains."""
+    fine-tune. Frozen weights live in the compute precision, trained ones in fp32 (in bf16 with --full_bf16)
+    (``dataset``: what the adapter files record of the data, `finetune.data.dataset_summary`). Returns what trains."""
     from accelerate.utils import set_seed
 
     from .models import TEXT_ENCODER_TARGETS, add_lora, register_lora_checkpoint_hooks, training_metadata
@@ -197,10 +203,11 @@ def prepare_models(accelerator, config, parts: dict, lora: bool, dataset: Option
     else:
         for module in trained:
             module.requires_grad_(True)
+    trained_dtype = torch.bfloat16 if getattr(config, 'full_bf16', False) else torch.float32
     for module in trained:
         for param in module.parameters():
             if param.requires_grad:
-                param.data = param.data.float()
+                param.data = param.data.to(trained_dtype)
     if lora and config.network_weights:  # a resume's checkpoint still replaces these
         load_network_weights(config, unet, text_encoder)
     if config.gradient_checkpointing:
@@ -450,9 +457,13 @@ def saved_on_out_of_memory(accelerator, config, where):
 def memory_advice(config, mixed_precision: str, processes: int = 1) -> List[str]:
     """The memory-saving flags this run (on ``processes`` processes) does not use yet, biggest saving first."""
     full = not getattr(config, 'use_lora', True)  # DreamBooth's full fine-tune: optimizer state is GiBs
+    full_bf16 = getattr(config, 'full_bf16', False)
     advice = [
         ('--mixed_precision bf16', mixed_precision == 'no'),
-        ('--use_8bit_adam or --optimizer adafactor', full and config.optimizer == 'adamw' and not config.use_8bit_adam),
+        ('--use_8bit_adam or --optimizer adafactor', full and config.optimizer == 'adamw' and not config.use_8bit_adam
+         and not full_bf16),
+        ('--full_bf16', full and not full_bf16 and mixed_precision == 'bf16' and config.optimizer == 'adamw'
+         and not config.use_8bit_adam),
         ('--use_lora', full),
         ('--fused_backward_pass', full and not config.fused_backward_pass
          and fused_backward_pass_conflict(config, mixed_precision, processes) is None),

@@ -194,8 +194,9 @@ def test_prior_loss_is_instance_mean_plus_weighted_class_mean():
 
 @pytest.mark.parametrize('optimizer, resumed', [
     (dict(optimizer='adamw'), {}), (dict(optimizer='adafactor'), {}), (dict(use_8bit_adam=True), {}),
-    (dict(fused_backward_pass=True), {}), ({}, dict(fused_backward_pass=True))],
-    ids=['adamw', 'adafactor', '8bit', 'fused backward', 'resumed with fused backward'])
+    (dict(fused_backward_pass=True), {}), ({}, dict(fused_backward_pass=True)),
+    (dict(full_bf16=True, mixed_precision='bf16'), {})],
+    ids=['adamw', 'adafactor', '8bit', 'fused backward', 'resumed with fused backward', 'full bf16'])
 def test_full_fine_tune_resume_matches_an_uninterrupted_run(tiny_model_dir, instance_dir, tmp_path, monkeypatch,
                                                             optimizer, resumed):
     settings = dict(max_train_steps=4, checkpointing_steps=2, learning_rate=1e-3, lr_scheduler='cosine', **optimizer)
@@ -266,6 +267,48 @@ def test_fused_backward_pass_is_refused_where_accelerates_config_sets_fp16_or_se
     assert training.start_run(config) is accelerator
 
 
+def test_full_bf16_trains_bf16_weights_as_the_fp32_weights_train(tiny_model_dir, instance_dir, tmp_path):
+    """--full_bf16: the UNet trains and is saved in bf16, its change that of the fp32 weights' run (both under bf16
+    autocast) but for the rounding; the saved model loads and draws. Rounding to nearest instead would keep most
+    weights where they were at this learning rate (test_stochastic_adamw.py)."""
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    settings = dict(max_train_steps=4, checkpointing_steps=None, learning_rate=1e-3, mixed_precision='bf16')
+    _train(_config(tiny_model_dir, instance_dir, tmp_path / 'fp32', **settings))
+    _train(_config(tiny_model_dir, instance_dir, tmp_path / 'bf16', full_bf16=True, **settings))
+    weights = 'unet/diffusion_pytorch_model.safetensors'
+    base = load_file(os.path.join(tiny_model_dir, weights))
+    changes = {}
+    for name in ('fp32', 'bf16'):
+        trained = load_file(str(tmp_path / name / weights))
+        assert {t.dtype for t in trained.values()} == {torch.float32 if name == 'fp32' else torch.bfloat16}
+        changes[name] = torch.cat([(trained[k].float() - base[k].float()).flatten() for k in base])
+    assert torch.nn.functional.cosine_similarity(changes['fp32'], changes['bf16'], dim=0) > 0.95
+    assert changes['bf16'].norm() == pytest.approx(changes['fp32'].norm().item(), rel=0.05)
+    pipe = StableDiffusionText2ImagePipeline(str(tmp_path / 'bf16'), device='cpu', progress_bar=False)
+    before = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False)
+    assert np.abs(_image(pipe) - _image(before)).max() > 0
+
+
+def test_full_bf16_is_refused_where_accelerates_config_sets_another_precision(instance_dir, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from finetune import training
+    config = _config('unused', instance_dir, tmp_path / 'out', full_bf16=True)  # precision from accelerate's config
+    for precision in ('no', 'fp16'):
+        monkeypatch.setattr(training, 'make_accelerator',
+                            lambda config: SimpleNamespace(mixed_precision=precision, num_processes=1))
+        with pytest.raises(ValueError, match=f"full_bf16: .*'{precision}': pass --mixed_precision bf16"):
+            training.start_run(config)
+
+
+def test_kohyas_full_bf16_is_a_dreambooth_flag(instance_dir, tmp_path):
+    from finetune.flags import parse_args
+    config, _ = parse_args(DreamBoothConfig, ['--instance_data_dir', instance_dir, '--instance_prompt', INSTANCE_PROMPT,
+                                              '--output_dir', str(tmp_path), '--mixed_precision', 'bf16',
+                                              '--full_bf16'], 'x')
+    assert config.full_bf16
+
+
 def test_kohyas_fused_backward_pass_is_a_dreambooth_flag_and_changes_nothing_for_an_adapter(instance_dir, tmp_path):
     from finetune.config import LoraTrainConfig
     from finetune.flags import parse_args
@@ -288,6 +331,9 @@ def test_out_of_memory_advice_names_the_fused_backward_pass_for_a_full_fine_tune
     assert '--fused_backward_pass' not in advice(use_lora=True)
     assert '--fused_backward_pass' not in advice(gradient_accumulation_steps=2)
     assert '--fused_backward_pass' not in advice(processes=2)  # it would be refused there
+    assert '--full_bf16' in advice()
+    assert '--full_bf16' not in advice(full_bf16=True) + advice(use_lora=True) + advice(use_8bit_adam=True)
+    assert '--use_8bit_adam or --optimizer adafactor' not in advice(full_bf16=True)  # refused together
 
 
 def test_gradient_checkpointing_turns_off_autocasts_weight_cache(instance_dir, tmp_path):
@@ -366,6 +412,11 @@ def test_modelscope_example_command_line_runs_unchanged(tiny_model_dir, instance
     (dict(fused_backward_pass=True, mixed_precision='fp16'), ValueError,
      'fused_backward_pass: .*--mixed_precision bf16'),
     (dict(fused_backward_pass=True, torch_compile=True), ValueError, "fused_backward_pass: a compiled UNet's backward"),
+    (dict(full_bf16=True, use_lora=True), ValueError, r'full_bf16: .*train the whole UNet \(no --use_lora\)'),
+    (dict(full_bf16=True, use_8bit_adam=True), ValueError, 'full_bf16: .*not --use_8bit_adam: drop --use_8bit_adam'),
+    (dict(full_bf16=True, optimizer='adafactor'), ValueError, 'full_bf16: .*drop --optimizer adafactor'),
+    (dict(full_bf16=True, mixed_precision='fp16'), ValueError,
+     "full_bf16: .*mixed precision 'fp16': pass --mixed_precision bf16, or drop --full_bf16"),
 ])
 def test_bad_config(instance_dir, tmp_path, kwargs, error, message):
     if kwargs.get('class_data_dir') == 'INSTANCE':
