@@ -168,3 +168,25 @@ def test_lora_training_under_reduce_overhead_replays_cuda_graphs_and_learns_what
     difference = torch.cat([(compiled[k].float() - eager[k].float()).flatten() for k in learned]).norm()
     size = torch.cat([eager[k].float().flatten() for k in learned]).norm()
     assert difference <= 0.02 * size, (difference, size)
+
+
+def test_full_bf16_optimizer_on_cuda_keeps_small_updates_and_is_adamw_on_fp32_weights():
+    """--full_bf16's AdamW with CUDA tensors and a CUDA generator for its random bits (test_stochastic_adamw.py
+    checks the same on the CPU)."""
+    from finetune.stochastic_adamw import StochasticAdamW
+    steps, lr = 200, 5e-6
+    weights = torch.nn.Parameter(torch.ones(50_000, dtype=torch.bfloat16, device='cuda'))
+    optimizer = StochasticAdamW([weights], lr=lr, weight_decay=0)
+    for _ in range(steps):
+        weights.grad = torch.ones_like(weights)
+        optimizer.step()
+    assert weights.float().mean().item() == pytest.approx(1 - steps * lr, abs=2e-5)
+    ours = torch.nn.Parameter(torch.randn(1000, 37, device='cuda'))
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    ours_optimizer, theirs_optimizer = StochasticAdamW([ours], lr=1e-2), torch.optim.AdamW([theirs], lr=1e-2)
+    for _ in range(5):
+        gradient = torch.randn_like(ours)
+        ours.grad, theirs.grad = gradient.clone(), gradient.clone()
+        ours_optimizer.step()
+        theirs_optimizer.step()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
