@@ -1,11 +1,11 @@
 """--full_bf16: AdamW for weights stored in bf16, written back with stochastic rounding.
 
-A full fine-tune keeps fp32 weights by default, and autocast casts each one to bf16 in every forward: 3.2 GiB of
-SD1.5 UNet weights, 3.2 GiB of gradients, and some 690 cast kernels each way per step. In bf16 the weights and
-gradients take half that and need no casts, but bf16 holds 8 significant bits: a step of DreamBooth's learning rate
-(5e-6) is far below half the spacing of bf16 numbers near a weight (2^-8 of it), so rounding to nearest drops every
-update and the weights never move. kohya's ``--full_bf16`` (with its stochastic-rounding optimizers) and OneTrainer
-round stochastically instead: up with the probability of the fraction dropped, so each update survives on average.
+A full fine-tune keeps fp32 weights by default, and autocast casts them to bf16 in every forward: 3.2 GiB of SD1.5
+UNet weights, 3.2 GiB of gradients, and 1,087 casts per forward and backward (counted on the CPU). In bf16 the
+weights and gradients take half that and leave 151 casts, but bf16 holds 8 significant bits: a step of DreamBooth's
+learning rate (5e-6) is far below half the spacing of bf16 numbers near a weight (2^-8 of it), so rounding to nearest
+drops every update and the weights never move. OneTrainer and kohya's sd-scripts (its fused Adafactor) round
+stochastically instead: up with the probability of the fraction dropped, so each update survives on average.
 
 Here Adam's moments stay fp32, the update is computed in fp32 a chunk of weights at a time (its temporaries
 bounded by ``CHUNK_BYTES``, a few kernels per chunk rather than per tensor), and only the weight is rounded. With
