@@ -202,8 +202,8 @@ def plan_runs(only):
     compiled = 'compile' in only
     ours_lora = ('ours LoRA r4 (cached latents, bf16, fused AdamW)', {})
     # forward and backward replayed as two CUDA graphs: the host's ~4,400 launches per step become a few
-    graphed_lora = ('ours LoRA r4 + --torch_compile --torch_compile_mode reduce-overhead',
-                    {'torch_compile': True, 'torch_compile_mode': 'reduce-overhead'})
+    graphs = {'torch_compile': True, 'torch_compile_mode': 'reduce-overhead'}
+    graphed_lora = ('ours LoRA r4 + --torch_compile --torch_compile_mode reduce-overhead', graphs)
     compiled_lora = ('ours LoRA r4 + --torch_compile', {'torch_compile': True})
     lora_goal = [('vanilla LoRA r4', None), graphed_lora if compiled else ours_lora]
     lora_other_ways = [compiled_lora, ours_lora] if compiled else []  # after the goal row, at each batch
@@ -211,29 +211,27 @@ def plan_runs(only):
     # in the second, while vanilla itself went from 6.97 to 4.35 it/s (host speed)
     lora_more = lora_other_ways + [
         ('ours LoRA r4, fp16 like vanilla (cached latents, fused AdamW)', {'mixed_precision': 'fp16'})]
+    # bf16 weights and gradients, fp32 AdamW moments, stochastic rounding: 10.4 GiB estimated on the CPU against
+    # 13.4 for fp32 weights, and 151 casts per forward and backward against 1,087
+    full_bf16 = {'full_bf16': True, 'mixed_precision': 'bf16'}
+    dreambooth_goal = [('vanilla DreamBooth full UNet', None), ('ours DreamBooth full UNet + --full_bf16', full_bf16)]
+    if compiled:  # and its forward and backward replayed as CUDA graphs: the launches left are the optimizer's chunks
+        dreambooth_goal.append(('ours DreamBooth full UNet + --full_bf16 + --torch_compile reduce-overhead',
+                                {**full_bf16, **graphs}))
     # full-precision AdamW that never holds all its gradients nor all of autocast's bf16 weight copies (10.6 GiB
-    # estimated on the CPU, against 13.4): a candidate for the 12 GiB goal, next to 8-bit AdamW, which ran at
-    # 0.85-0.94x vanilla's it/s on the H200
+    # estimated on the CPU), and 8-bit AdamW, which ran at 0.85-0.94x vanilla's it/s on the H200
     fused = {'fused_backward_pass': True}
-    # bf16 weights and gradients, fp32 AdamW moments, stochastic rounding: 10.3 GiB estimated on the CPU, and no
-    # autocast casts of the 686 weights in the forward and backward
-    dreambooth_goal = [('vanilla DreamBooth full UNet', None),
-                       ('ours DreamBooth full UNet + --full_bf16', {'full_bf16': True, 'mixed_precision': 'bf16'}),
-                       ('ours DreamBooth full UNet + --fused_backward_pass --gradient_checkpointing',
-                        {**fused, 'gradient_checkpointing': True})]
-    dreambooth_more = [('ours DreamBooth full UNet + --fused_backward_pass', fused)]
+    dreambooth_more = [('ours DreamBooth full UNet + --fused_backward_pass --gradient_checkpointing',
+                        {**fused, 'gradient_checkpointing': True}),
+                       ('ours DreamBooth full UNet + --fused_backward_pass', fused)]
     if importlib.util.find_spec('bitsandbytes'):
         eight_bit = ('ours DreamBooth full UNet + --use_8bit_adam', {'use_8bit_adam': True})
-        if compiled:
-            # fewer launches for the forward and backward, to pay for 8-bit AdamW's 686 per-tensor ones: replayed as
-            # CUDA graphs first, then compiled without them
-            dreambooth_goal.append(('ours DreamBooth full UNet + 8-bit AdamW + --torch_compile reduce-overhead',
-                                    {'use_8bit_adam': True, 'torch_compile': True,
-                                     'torch_compile_mode': 'reduce-overhead'}))
-            dreambooth_more += [('ours DreamBooth full UNet + 8-bit AdamW + --torch_compile',
-                                 {'use_8bit_adam': True, 'torch_compile': True}), eight_bit]
-        else:
-            dreambooth_goal.append(eight_bit)
+        if compiled:  # fewer launches for the forward and backward, to pay for 8-bit AdamW's 686 per-tensor ones
+            dreambooth_more += [('ours DreamBooth full UNet + 8-bit AdamW + --torch_compile reduce-overhead',
+                                 {'use_8bit_adam': True, **graphs}),
+                                ('ours DreamBooth full UNet + 8-bit AdamW + --torch_compile',
+                                 {'use_8bit_adam': True, 'torch_compile': True})]
+        dreambooth_more.append(eight_bit)
     dreambooth_more += [('ours DreamBooth full UNet + --optimizer adafactor', {'optimizer': 'adafactor'}),
                         ('ours DreamBooth full UNet (cached latents, bf16, fused AdamW)', {}),
                         ('ours DreamBooth full UNet + adafactor + gradient checkpointing',

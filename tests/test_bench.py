@@ -82,21 +82,18 @@ def test_a_profile_can_keep_its_timeline(tmp_path):
 @pytest.mark.parametrize('only', [('lora', 'dreambooth'), ('lora', 'dreambooth', 'compile')])
 def test_the_training_rows_that_answer_the_goals_run_first(only):
     """A GPU session's time limit cuts the rows at the end: each goal's vanilla row and ours come first, ours being
-    the compiled row where it is asked for (LoRA's replays CUDA graphs); DreamBooth's are --full_bf16, then
-    --fused_backward_pass with checkpointing, then 8-bit AdamW."""
+    the compiled row where it is asked for (LoRA's replays CUDA graphs); DreamBooth's is --full_bf16, then (asked
+    for) --full_bf16 replaying CUDA graphs."""
     from bench.bench_training import plan_runs
     runs = plan_runs(list(only))
-    first = [(mode, batch, options is None, bool(options and options.get('torch_compile')))
-             for _, mode, batch, options in runs[:6]]
     compiled = 'compile' in only
-    assert first == [('lora', 1, True, False), ('lora', 1, False, compiled), ('dreambooth', 1, True, False),
-                     ('dreambooth', 1, False, False), ('dreambooth', 1, False, False),
-                     ('dreambooth', 1, False, compiled)]
-    assert runs[3][3] == {'full_bf16': True, 'mixed_precision': 'bf16'}
-    assert runs[4][3] == {'fused_backward_pass': True, 'gradient_checkpointing': True}
-    assert runs[5][3]['use_8bit_adam']
+    first = [(mode, batch, options) for _, mode, batch, options in runs[:5]]
+    graphs = {'torch_compile': True, 'torch_compile_mode': 'reduce-overhead'}
+    full_bf16 = {'full_bf16': True, 'mixed_precision': 'bf16'}
+    assert first[:4] == [('lora', 1, None), ('lora', 1, graphs if compiled else {}), ('dreambooth', 1, None),
+                         ('dreambooth', 1, full_bf16)]
+    if compiled:
+        assert first[4] == ('dreambooth', 1, {**full_bf16, **graphs})
     assert len({(name, batch) for name, _, batch, _ in runs}) == len(runs)
     compiled_rows = [name for name, _, batch, options in runs if batch == 1 and (options or {}).get('torch_compile')]
-    assert len(compiled_rows) == 4 * compiled
-    if compiled:
-        assert runs[1][3]['torch_compile_mode'] == runs[5][3]['torch_compile_mode'] == 'reduce-overhead'
+    assert len(compiled_rows) == 5 * compiled  # LoRA's two, DreamBooth's --full_bf16 one and 8-bit AdamW's two
