@@ -365,7 +365,7 @@ class DreamBoothConfig(LoraOptions, TrainConfig):
                                       '--max_grad_norm per group (never more than together). One process, '
                                       '--gradient_accumulation_steps 1, bf16 or fp32', default=False)
     full_bf16: bool = _help("kohya's flag, full fine-tune: the trained weights and their gradients in bf16 (half "
-                            'the memory of fp32, no casts in the forward), stepped by an AdamW that keeps fp32 '
+                            'the memory of fp32, no weight casts in the forward), stepped by an AdamW that keeps fp32 '
                             'moments and rounds each new weight stochastically, so that updates far below bf16\'s '
                             'precision survive on average. Needs --mixed_precision bf16 and AdamW (not 8-bit)',
                             default=False)
