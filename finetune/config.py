@@ -466,18 +466,23 @@ def fused_backward_pass_conflict(config, mixed_precision: Optional[str], process
 def check_full_bf16(config, mixed_precision: Optional[str]) -> None:
     """What --full_bf16 cannot combine with; ``mixed_precision`` None: not known yet (accelerate's config decides,
     checked again once the accelerator has it)."""
-    reason = None
-    if config.use_lora:
-        reason = "an adapter's weights are a few MB and train in fp32: train the whole UNet (no --use_lora)"
-    elif config.use_8bit_adam or config.optimizer != 'adamw':
-        flag = '--use_8bit_adam' if config.use_8bit_adam else f'--optimizer {config.optimizer}'
-        reason = (f'the bf16 weights step with an AdamW of their own (fp32 moments, stochastic rounding), not '
-                  f'{flag}: drop {flag}')
-    elif mixed_precision is not None and mixed_precision != 'bf16':
-        reason = (f'the weights compute in bf16, not under mixed precision {mixed_precision!r}: pass '
-                  '--mixed_precision bf16')
+    reason = full_bf16_conflict(config, mixed_precision)
     if reason:
         raise ValueError(f'full_bf16: {reason}, or drop --full_bf16.')
+
+
+def full_bf16_conflict(config, mixed_precision: Optional[str]) -> Optional[str]:
+    """Why --full_bf16 cannot go with this run, with the fix; None where it can."""
+    if config.use_lora:
+        return "an adapter's weights are a few MB and train in fp32: train the whole UNet (no --use_lora)"
+    if config.use_8bit_adam or config.optimizer != 'adamw':
+        flag = '--use_8bit_adam' if config.use_8bit_adam else f'--optimizer {config.optimizer}'
+        return (f'the bf16 weights step with an AdamW of their own (fp32 moments, stochastic rounding), not {flag}: '
+                f'drop {flag}')
+    if mixed_precision is not None and mixed_precision != 'bf16':
+        return (f'the weights compute in bf16, not under mixed precision {mixed_precision!r}: pass '
+                '--mixed_precision bf16')
+    return None
 
 
 def target_module_list(target_modules: str) -> List[str]:

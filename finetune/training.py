@@ -18,7 +18,8 @@ from . import validation_images
 from .buckets import BucketBatchSampler
 from .checkpoint import (check_resume_settings, find_checkpoint, read_state, remove_partial_writes,
                          save_checkpoint)
-from .config import check_full_bf16, check_fused_backward_pass, fused_backward_pass_conflict, target_module_list
+from .config import (check_full_bf16, check_fused_backward_pass, full_bf16_conflict, fused_backward_pass_conflict,
+                     target_module_list)
 from .data import EpochSampler, cache_dataset, collate
 from .diffusion import denoising_loss, pipeline_clip_skip
 from .fused_backward import OptimizerInBackward
@@ -462,8 +463,7 @@ def memory_advice(config, mixed_precision: str, processes: int = 1) -> List[str]
         ('--mixed_precision bf16', mixed_precision == 'no'),
         ('--use_8bit_adam or --optimizer adafactor', full and config.optimizer == 'adamw' and not config.use_8bit_adam
          and not full_bf16),
-        ('--full_bf16', full and not full_bf16 and mixed_precision == 'bf16' and config.optimizer == 'adamw'
-         and not config.use_8bit_adam),
+        ('--full_bf16', full and not full_bf16 and full_bf16_conflict(config, mixed_precision) is None),
         ('--use_lora', full),
         ('--fused_backward_pass', full and not config.fused_backward_pass
          and fused_backward_pass_conflict(config, mixed_precision, processes) is None),

@@ -50,10 +50,14 @@ def test_stochastic_rounding_is_exact_on_average_and_keeps_bf16_numbers():
 
 
 def test_bf16_weights_keep_updates_that_rounding_to_nearest_drops():
+    keeps_updates_that_rounding_to_nearest_drops('cpu')
+
+
+def keeps_updates_that_rounding_to_nearest_drops(device):
     """DreamBooth's learning rate on weights near 1: each step moves a weight by about 5e-6, far below half of bf16's
     spacing there (2**-8): torch's AdamW on bf16 weights never moves them; ours moves them by the sum on average."""
     steps, lr = 200, 5e-6
-    ours, nearest = (torch.nn.Parameter(torch.ones(50_000, dtype=torch.bfloat16)) for _ in range(2))
+    ours, nearest = (torch.nn.Parameter(torch.ones(50_000, dtype=torch.bfloat16, device=device)) for _ in range(2))
     ours_optimizer = StochasticAdamW([ours], lr=lr, weight_decay=0)
     nearest_optimizer = torch.optim.AdamW([nearest], lr=lr, weight_decay=0)
     for _ in range(steps):
