@@ -36,12 +36,19 @@ class StochasticAdamW(torch.optim.Optimizer):
                  seed: int = 0):
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f'lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}: out of range.')
+        self._position = {}  # weight → its place in the order of groups, filled as groups are added
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, seed=seed))
-        dtypes = {p.dtype for g in self.param_groups for p in g['params']} - {torch.float32, torch.bfloat16}
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        params = self.param_groups[-1]['params']
+        dtypes = {p.dtype for p in params} - {torch.float32, torch.bfloat16}
         if dtypes:
+            del self.param_groups[-1]
             raise ValueError(f'StochasticAdamW rounds to bf16: weights of {sorted(map(str, dtypes))} are not bf16 or '
                              'fp32.')
-        self._position = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g['params'])}
+        for param in params:  # numbered once: a chunk's random bits are seeded with its first weight's number
+            self._position.setdefault(id(param), len(self._position))
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -87,3 +87,17 @@ def test_a_resumed_optimizer_repeats_the_uninterrupted_one_with_fp32_moments():
 def test_weights_it_cannot_round_to_are_refused():
     with pytest.raises(ValueError, match=r"StochasticAdamW rounds to bf16: weights of \['torch.float16'\]"):
         StochasticAdamW(_model(torch.float16).parameters())
+
+
+def test_a_group_added_later_steps_as_one_given_at_the_start():
+    at_start, added = _model(torch.bfloat16), _model(torch.bfloat16)
+    _steps(at_start, StochasticAdamW([{'params': at_start[0].parameters()}, {'params': at_start[1].parameters()}],
+                                     lr=1e-2, seed=3), 3)
+    optimizer = StochasticAdamW(added[0].parameters(), lr=1e-2, seed=3)
+    optimizer.add_param_group({'params': added[1].parameters()})
+    _steps(added, optimizer, 3)
+    for a, b in zip(at_start.parameters(), added.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"weights of \['torch.float16'\] are not bf16"):
+        optimizer.add_param_group({'params': torch.nn.Linear(2, 2).half().parameters()})
+    assert len(optimizer.param_groups) == 2
