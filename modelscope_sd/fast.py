@@ -298,8 +298,9 @@ class WholeStepDenoiser:
                  guidance_rescale: float = 0.0, output_type: str = 'np',
                  prompt_changes: Optional[Dict[int, Dict[str, Any]]] = None, composition=None, cfg_cutoff=None):
         """Text-to-image (``pipe``: the pipeline) or image-to-image (``pipe``: its img2img twin, ``image`` given)
-        through the whole-step loop. Returns float images in [0, 1] (N, H, W, 3) and the safety checker's
-        flags (``output_type='latent'``: the final latents and None), or None when the scheduler has no table (the
+        through the whole-step loop. Returns images in [0, 1] as diffusers' ``output_type`` gives them ('np':
+        N×H×W×3 floats, 'pt': N×3×H×W on the device) and the safety checker's flags (``output_type='latent'``: the
+        final latents and None), or None when the scheduler has no table (the
         caller then runs diffusers' loop). ``prompt_changes``: {UNet call: text inputs from that call on};
         ``composition``: A1111's AND (`prompts.Composition`; the prompt embeddings are then the subprompts');
         ``cfg_cutoff``: an ``SDCFGCutoffCallback`` (`cfg_cutoff.is_cfg_cutoff`)."""
@@ -357,4 +358,4 @@ class WholeStepDenoiser:
         decoded = pipe.vae.decode(final / pipe.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
         decoded, nsfw = pipe.run_safety_checker(decoded, device, dtype)
         denormalize = [True] * decoded.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
-        return pipe.image_processor.postprocess(decoded, output_type='np', do_denormalize=denormalize), nsfw
+        return pipe.image_processor.postprocess(decoded, output_type=output_type, do_denormalize=denormalize), nsfw

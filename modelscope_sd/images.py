@@ -6,6 +6,7 @@ import os
 from typing import Tuple
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
@@ -84,7 +85,9 @@ def target_size(image: Image.Image, height, width) -> Tuple[int, int]:
     return h, w
 
 
-def overlay(generated_rgb: np.ndarray, original: Image.Image, mask: Image.Image) -> np.ndarray:
-    """Keep the original outside the mask: the VAE round trip would otherwise shift unmasked pixels."""
-    m = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
-    return generated_rgb * m + (np.asarray(original, dtype=np.float32) / 255.0) * (1.0 - m)
+def overlay(generated: torch.Tensor, original: Image.Image, mask: Image.Image) -> torch.Tensor:
+    """Keep the original outside the mask: the VAE round trip would otherwise shift unmasked pixels. ``generated``
+    is N×3×H×W in [0, 1]; the blend is fp32, on its device."""
+    m = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0).to(generated.device)
+    kept = torch.from_numpy(np.asarray(original, dtype=np.float32) / 255.0).to(generated.device).permute(2, 0, 1)
+    return generated.float() * m + kept * (1.0 - m)

@@ -15,6 +15,19 @@ def _vanilla_bgr(vanilla_pipe, scheduler=None, seed=0, **kwargs):
     return (images[0] * 255).round().astype(np.uint8)[..., ::-1]
 
 
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16, torch.float32])
+def test_output_images_are_diffusers_pictures_in_bgr_for_every_dtype(dtype):
+    from diffusers.image_processor import VaeImageProcessor
+    from modelscope_sd.pipeline import to_bgr_uint8
+    images = torch.rand(2, 3, 40, 24, generator=torch.Generator().manual_seed(0)).to(dtype)
+    expected = [np.asarray(pil)[..., ::-1] for pil in
+                VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images))]
+    got = to_bgr_uint8(images)
+    assert [img.shape for img in got] == [(40, 24, 3)] * 2 and all(img.flags.c_contiguous for img in got)
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize('scheduler', [None, 'euler', 'dpm++_2m_karras', 'ddim'])
 def test_images_equal_vanilla_diffusers(sd_pipe, vanilla_pipe, scheduler):
     from modelscope_sd.schedulers import make_scheduler
