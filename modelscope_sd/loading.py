@@ -98,7 +98,8 @@ def is_hub_id(model: str) -> bool:
 def resolve_model_dir(model: str, revision: Optional[str] = None, local_files_only: bool = False,
                       allow_patterns: Optional[Sequence[str]] = None, cache_dir: Optional[str] = None) -> str:
     """A local folder as is; a ModelScope hub id through ModelScope's download cache
-    (``cache_dir``, by default ``MODELSCOPE_CACHE``). With ``local_files_only`` the hub is never asked."""
+    (``cache_dir``, by default ``MODELSCOPE_CACHE``). With ``local_files_only`` the hub is never asked; when the hub
+    cannot be reached, the cached copy is used, as huggingface_hub does."""
     if os.path.isdir(model):
         return model
     if not is_hub_id(model):
@@ -114,10 +115,52 @@ def resolve_model_dir(model: str, revision: Optional[str] = None, local_files_on
     except Exception as err:  # the hub client's cache-miss error type differs across modelscope versions
         if local_files_only:
             raise FileNotFoundError(
-                f'model={model!r} (revision {revision!r}) is not in the ModelScope cache '
-                f"({cache_dir or os.environ.get('MODELSCOPE_CACHE', '~/.cache/modelscope')}) and local_files_only=True: "
-                'download it once with network access, or pass a local folder.') from err
-        raise
+                f'model={model!r} (revision {revision!r}) is not in the ModelScope cache ({_cache(cache_dir)}) and '
+                'local_files_only=True: download it once with network access, or pass a local folder.') from err
+        if not hub_unreachable(err):
+            raise
+        try:
+            path = snapshot_download(model, revision=revision, local_files_only=True, cache_dir=cache_dir)
+        except Exception:  # noqa: BLE001 (not cached: the network is the problem to report)
+            raise ConnectionError(
+                f"model={model!r} (revision {revision!r}): ModelScope's hub could not be reached "
+                f'({_root_cause(err)}), and the model is not in the ModelScope cache ({_cache(cache_dir)}). Check '
+                'the network connection (or MODELSCOPE_ENDPOINT), or pass a local diffusers folder or a .safetensors '
+                'file.') from err
+        logger.warning("ModelScope's hub could not be reached (%s): %s (revision %s) comes from the ModelScope "
+                       'cache, %s. Pass local_files_only=True (--local_files_only) not to ask the hub.',
+                       _root_cause(err), model, revision, path)
+        return path
+
+
+def hub_unreachable(err: BaseException) -> bool:
+    """Whether ``err``, or an error behind it, says the hub could not be reached (no network, no name resolution,
+    refused, timed out), as opposed to an answer from the hub (no such model or revision, no permission)."""
+    import socket
+
+    import requests
+    kinds = (ConnectionError, TimeoutError, socket.gaierror, requests.exceptions.ConnectionError,
+             requests.exceptions.Timeout)
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kinds):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _root_cause(err: BaseException) -> str:
+    """The first error of ``err``'s chain, named: the hub client's own message runs to hundreds of characters."""
+    seen = set()
+    while (err.__cause__ or err.__context__) is not None and id(err) not in seen:
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return f'{type(err).__name__}: {err}'
+
+
+def _cache(cache_dir: Optional[str]) -> str:
+    return cache_dir or os.environ.get('MODELSCOPE_CACHE', '~/.cache/modelscope')
 
 
 def hub_ignore_patterns(model: str, revision: Optional[str], local_files_only: bool = False) -> List[str]:
@@ -133,6 +176,8 @@ def _unread_hub_files(model: str, revision: Optional[str]) -> List[str]:
     try:
         files = HubApi().get_model_files(model, revision=revision, recursive=True)
     except Exception as err:  # noqa: BLE001 (any hub client failure: the listing is only an optimisation)
+        if hub_unreachable(err):  # the download would wait out the same retries: on to the cache at once
+            raise
         logger.debug('No file list for %s (%s): downloading every weight file.', model, err)
         return []
     return unread_weight_files([f['Path'] for f in files if f.get('Type') != 'tree'])

@@ -200,6 +200,69 @@ def test_offline_mode_without_cache_names_the_fix(fake_hub, tmp_path):
                           cache_dir=str(tmp_path / 'empty'))
 
 
+def _unreachable_hub(monkeypatch, answer=None):
+    """ModelScope's client as it fails without a network (a name that does not resolve, under requests'
+    ConnectionError), or with ``answer``: the hub's own refusal. Returns the calls: 'list' for the file listing,
+    then local_files_only of each download."""
+    import importlib
+    import socket
+
+    import requests
+    from modelscope.hub import api
+    module = importlib.import_module('modelscope.hub.snapshot_download')  # the package's name is the function
+    calls, real = [], module.snapshot_download
+
+    def fail():
+        if answer is not None:
+            raise answer
+        try:
+            raise socket.gaierror(-2, 'Name or service not known')
+        except socket.gaierror as err:
+            raise requests.exceptions.ConnectionError("Failed to resolve 'modelscope.cn'") from err
+
+    def snapshot_download(model, *args, local_files_only=False, **kwargs):
+        calls.append(local_files_only)
+        return real(model, *args, local_files_only=True, **kwargs) if local_files_only else fail()
+
+    monkeypatch.setattr(module, 'snapshot_download', snapshot_download)
+    monkeypatch.setattr(api.HubApi, 'get_model_files', lambda *args, **kwargs: calls.append('list') or fail())
+    return calls
+
+
+def test_an_unreachable_hub_falls_back_to_the_cached_model_at_once(cached_model, monkeypatch, caplog):
+    from modelscope_sd.loading import resolve_model_dir
+    calls = _unreachable_hub(monkeypatch)
+    with caplog.at_level('WARNING', logger='modelscope_sd.loading'):
+        path = resolve_model_dir('AI-ModelScope/stable-diffusion-v1-5', 'v1.0.0')
+    assert os.path.samefile(path, cached_model)
+    assert calls == ['list', True]  # no download that would wait out the listing's retries again
+    assert "hub could not be reached (gaierror: [Errno -2] Name or service not known): " \
+           'AI-ModelScope/stable-diffusion-v1-5 (revision v1.0.0) comes from the ModelScope cache' in caplog.text
+
+
+def test_an_unreachable_hub_without_a_cached_model_says_so_once(monkeypatch, tmp_path, capsys):
+    from modelscope_sd.cli import main
+    from modelscope_sd.loading import resolve_model_dir
+    _unreachable_hub(monkeypatch)
+    with pytest.raises(ConnectionError, match=r"model='AI-ModelScope/stable-diffusion-v1-5' \(revision 'v1.0.0'\): "
+                                              r"ModelScope's hub could not be reached \(gaierror: \[Errno -2\] Name "
+                                              r"or service not known\), and the model is not in the ModelScope "
+                                              r'cache'):
+        resolve_model_dir('AI-ModelScope/stable-diffusion-v1-5', 'v1.0.0', cache_dir=str(tmp_path / 'empty'))
+    with pytest.raises(SystemExit) as exit:
+        main(['generate', '--prompt', 'a', '--model', 'someone/never-downloaded', '--device', 'cpu'])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.startswith("modelscope-sd generate: error: model='someone/never-downloaded' ")
+
+
+def test_the_hubs_own_refusal_is_not_taken_for_a_network_failure(cached_model, monkeypatch):
+    from modelscope_sd.loading import resolve_model_dir
+    calls = _unreachable_hub(monkeypatch, answer=ValueError('revision v9 does not exist'))
+    with pytest.raises(ValueError, match='revision v9 does not exist'):
+        resolve_model_dir('AI-ModelScope/stable-diffusion-v1-5', 'v9')
+    assert calls == ['list', False]
+
+
 def test_our_class_resolves_hub_ids_itself_offline(cached_model, fake_hub):
     from modelscope_sd import StableDiffusionText2ImagePipeline
     requests = len(fake_hub.requests)
