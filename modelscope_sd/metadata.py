@@ -8,7 +8,7 @@ import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from .hires import A1111_NAMES as A1111_UPSCALERS, DEFAULT_STRENGTH, MAX_SCALE, normalize_upscaler, target_size
@@ -229,8 +229,12 @@ def save_png(path: str, image_bgr: np.ndarray, parameters: str) -> str:
 
 
 def read_png(path: str) -> Dict[str, Any]:
-    with Image.open(path) as image:
-        text = image.text.get(PARAMETERS_KEY) if hasattr(image, 'text') else None
+    try:
+        with Image.open(path) as image:
+            text = image.text.get(PARAMETERS_KEY) if hasattr(image, 'text') else None
+    except UnidentifiedImageError:
+        raise ValueError(f'{path} is not an image: the settings come from a PNG written by modelscope-sd generate '
+                         'or by A1111.') from None
     if not text:
         raise ValueError(f'{path} carries no generation parameters (no "{PARAMETERS_KEY}" text chunk).')
     return parse_parameters(text)

@@ -115,6 +115,15 @@ def test_png_without_parameters_is_an_error(tmp_path):
         metadata.read_png(str(tmp_path / 'plain.png'))
 
 
+def test_from_png_of_a_file_that_is_no_image_is_an_error_without_traceback(tmp_path, capsys):
+    (tmp_path / 'notes.txt').write_text('a castle, oil painting')
+    with pytest.raises(SystemExit) as exit:
+        main(['generate', '--from_png', str(tmp_path / 'notes.txt')])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == (f"modelscope-sd generate: error: {tmp_path / 'notes.txt'} is not an image: the "
+                                       'settings come from a PNG written by modelscope-sd generate or by A1111.\n')
+
+
 def test_save_png_never_replaces_an_existing_image(tmp_path):
     first = metadata.save_png(str(tmp_path / '42.png'), np.zeros((8, 8, 3), np.uint8), 'a cat')
     second = metadata.save_png(str(tmp_path / '42.png'), np.full((8, 8, 3), 255, np.uint8), 'a dog')
