@@ -44,30 +44,13 @@ def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_
     for name, value in (('negative_prompt', negative_prompt), ('hr_prompt', hr_prompt),
                         ('hr_negative_prompt', hr_negative_prompt)):
         _check_prompt_option(name, value, len(prompts))
-    for name, value in (('height', height), ('width', width)):
-        if value is None:
-            continue
-        if not _is_int(value):
-            raise TypeError(f'{name} must be an int, got {value!r} ({type(value).__name__})')
-        if value <= 0 or value % 8:
-            raise ValueError(f'{name}={value} must be a positive multiple of 8 (e.g. 512, 576, 768).')
-    check_int('num_inference_steps', num_inference_steps, minimum=1)
-    check_int('num_images_per_prompt', num_images_per_prompt, minimum=1)
-    if batch_size is not None:
-        check_int('batch_size', batch_size, minimum=1)
-    check_number('guidance_scale', guidance_scale, minimum=0.0)
-    check_number('guidance_rescale', guidance_rescale, minimum=0.0)
-    if guidance_rescale > 1:
-        raise ValueError(f'guidance_rescale={guidance_rescale} must be between 0 (off) and 1; 0.7 is the usual '
-                         'value.')
+    check_numbers(height, width, num_inference_steps, num_images_per_prompt, batch_size, guidance_scale,
+                  guidance_rescale, eta, seed)
     if guidance_rescale and image is not None:
         raise ValueError('guidance_rescale applies to text-to-image only: diffusers\' image-to-image and '
                          'inpainting pipelines do not take it. Leave it out (0) with image=...')
-    check_number('eta', eta, minimum=0.0)
-    if seed is not None:
-        check_int('seed', seed, minimum=0, maximum=_MAX_SEED)
-        if generator is not None:
-            raise ValueError('Pass seed or generator, not both.')
+    if seed is not None and generator is not None:
+        raise ValueError('Pass seed or generator, not both.')
     if generator is not None and not (isinstance(generator, torch.Generator) or (
             isinstance(generator, list) and all(isinstance(g, torch.Generator) for g in generator))):
         raise TypeError(f'generator must be a torch.Generator or a list of them, got {type(generator).__name__}')
@@ -108,6 +91,35 @@ def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_
                          f'or seed=...')
     if latents is not None:
         _check_latents(pipeline, latents, n_images, height, width, image)
+
+
+NUMBER_OPTIONS = ('height', 'width', 'num_inference_steps', 'num_images_per_prompt', 'batch_size', 'guidance_scale',
+                  'guidance_rescale', 'eta', 'seed')
+
+
+def check_numbers(height, width, num_inference_steps, num_images_per_prompt, batch_size, guidance_scale,
+                  guidance_rescale, eta, seed) -> None:
+    """A call's sizes, counts, scales and seed (`NUMBER_OPTIONS`): they need no model, so the command line checks
+    them before it loads one."""
+    for name, value in (('height', height), ('width', width)):
+        if value is None:
+            continue
+        if not _is_int(value):
+            raise TypeError(f'{name} must be an int, got {value!r} ({type(value).__name__})')
+        if value <= 0 or value % 8:
+            raise ValueError(f'{name}={value} must be a positive multiple of 8 (e.g. 512, 576, 768).')
+    check_int('num_inference_steps', num_inference_steps, minimum=1)
+    check_int('num_images_per_prompt', num_images_per_prompt, minimum=1)
+    if batch_size is not None:
+        check_int('batch_size', batch_size, minimum=1)
+    check_number('guidance_scale', guidance_scale, minimum=0.0)
+    check_number('guidance_rescale', guidance_rescale, minimum=0.0)
+    if guidance_rescale > 1:
+        raise ValueError(f'guidance_rescale={guidance_rescale} must be between 0 (off) and 1; 0.7 is the usual '
+                         'value.')
+    check_number('eta', eta, minimum=0.0)
+    if seed is not None:
+        check_int('seed', seed, minimum=0, maximum=_MAX_SEED)
 
 
 def _check_prompt_option(name: str, value, n_prompts: int) -> None:

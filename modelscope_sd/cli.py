@@ -142,6 +142,8 @@ def generate(args) -> List[str]:
         raise ValueError(f'--batch_size {args.batch_size}: must be >= 1 (or left out: all images at once).')
     if args.num_images is not None and args.num_images < 1:  # the pipeline would name num_images_per_prompt
         raise ValueError(f'--num_images {args.num_images}: must be >= 1.')
+    calls = _line_calls(call, lines) if lines and any(len(line) > 1 for line in lines) else [call]
+    _check_numbers(calls)
     model = model or DEFAULT_MODEL_ID
     revision = args.model_revision or (DEFAULT_MODEL_REVISION if model == DEFAULT_MODEL_ID else None)
     pipe = StableDiffusionText2ImagePipeline(
@@ -150,7 +152,7 @@ def generate(args) -> List[str]:
         textual_inversion=embeddings or None, fast=args.fast, precompile=args.precompile, vae=vae)
     os.makedirs(args.output_dir, exist_ok=True)
     paths = []
-    for one_call in _line_calls(call, lines) if lines and any(len(line) > 1 for line in lines) else [call]:
+    for one_call in calls:
         for part in _batches(one_call, args.batch_size):
             output = pipe(part)
             texts = metadata.describe_outputs(pipe, part, output, model, loras, embeddings, vae)
@@ -159,6 +161,16 @@ def generate(args) -> List[str]:
                 paths.append(metadata.save_png(os.path.join(args.output_dir, name), image, text))
                 print(paths[-1])
     return paths
+
+
+def _check_numbers(calls: List[dict]) -> None:
+    """The pipeline's own checks of each call's sizes, counts, scales and seed, before the minutes of loading (or
+    downloading) the model that the call would otherwise wait for."""
+    from .checks import NUMBER_OPTIONS, check_numbers
+    from .pipeline import CALL_DEFAULTS
+    for one_call in calls:
+        options = {**CALL_DEFAULTS, **one_call}
+        check_numbers(**{name: options[name] for name in NUMBER_OPTIONS})
 
 
 def _line_calls(call: dict, lines: List[dict]) -> List[dict]:

@@ -219,6 +219,18 @@ def test_prompt_file_lines_with_kohyas_sample_options_are_each_their_own_call(ti
     assert "bad.txt' line 1: --cfg is not an option here; kohya's options are --n, --w" in capsys.readouterr().err
 
 
+def test_bad_numbers_are_refused_before_the_model_loads(tmp_path, capsys):
+    (tmp_path / 'prompts.txt').write_text('a dog --w 512\na cat --h 500\n', encoding='utf-8')
+    for args, message in ((['--prompt', 'a', '--height', '33'], 'height=33 must be a positive multiple of 8'),
+                          (['--prompt', 'a', '--num_inference_steps', '0'], 'num_inference_steps=0 is out of range'),
+                          (['--prompt', 'a', '--guidance_scale', 'nan'], 'guidance_scale=nan must be a finite'),
+                          (['--prompt_file', str(tmp_path / 'prompts.txt')], 'height=500 must be a positive')):
+        with pytest.raises(SystemExit) as exit_info:  # a model that loading could never find: never asked for
+            main(['generate', *args, '--model', str(tmp_path / 'no-such-model'), '--output_dir', str(tmp_path)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and 'no-such-model' not in err, err
+
+
 def test_bad_generate_options_are_one_line_errors(tiny_model_dir, tmp_path, capsys):
     for args, message in ((['--seed', '-1'], 'seed=-1 is out of range'), (['--batch_size', '0'], '--batch_size 0'),
                           (['--num_images', '0'], '--num_images 0: must be >= 1'),
