@@ -173,6 +173,9 @@ class TrainConfig:
         model = self.pretrained_model_name_or_path
         if isinstance(model, str) and os.path.isfile(model):
             raise ValueError(single_file_message(model, model))
+        if isinstance(model, str) and not (os.path.isdir(model) or is_hub_id(model)):
+            raise FileNotFoundError(f'pretrained_model_name_or_path={model!r}: no such folder, and not a ModelScope '
+                                    'model id (owner/name).')
         if self.vae is not None and not (os.path.exists(self.vae) or is_hub_id(self.vae)):
             raise ValueError(f'vae={self.vae!r}: no such file or folder, and not a hub id (owner/name).')
         if self.revision is None and self.pretrained_model_name_or_path == DEFAULT_MODEL_ID:
@@ -337,6 +340,9 @@ class LoraTrainConfig(LoraOptions, TrainConfig):
         check_lora_fields(self)
         if not self.dataset_name and not self.train_data_dir:
             raise ValueError('No training data: pass --dataset_name (ModelScope id or folder) or --train_data_dir.')
+        if self.train_data_dir and not os.path.isdir(self.train_data_dir):
+            raise FileNotFoundError(f'train_data_dir={self.train_data_dir!r}: no such folder.')
+        check_dataset_name(self.dataset_name)
 
 
 @dataclass
@@ -400,6 +406,7 @@ class DreamBoothConfig(LoraOptions, TrainConfig):
                              '--dataset_name.')
         if self.instance_data_dir and not os.path.isdir(self.instance_data_dir):
             raise FileNotFoundError(f'instance_data_dir={self.instance_data_dir!r}: no such folder.')
+        check_dataset_name(self.dataset_name)
         if not self.instance_prompt:
             raise ValueError("instance_prompt is required, e.g. --instance_prompt 'a photo of sks dog'.")
         if self.identifier and self.identifier not in self.instance_prompt.split():
@@ -508,6 +515,15 @@ def check_lora_fields(config) -> None:
                          'LoRA to start from would not keep its effect. Drop one of the two flags.')
     if config.network_weights is not None:
         check_network_weights(config)
+
+
+def check_dataset_name(name: Optional[str]) -> None:
+    """A folder, or what can be a ModelScope dataset id: a path that is not there fails now, not after a hub query."""
+    if not name or os.path.isdir(name) or is_hub_id(name):
+        return
+    if os.path.exists(name):
+        raise ValueError(f'dataset_name={name!r} is a file: pass a folder or a ModelScope dataset id.')
+    raise FileNotFoundError(f'dataset_name={name!r}: no such folder, and not a ModelScope dataset id (owner/name).')
 
 
 def check_network_weights(config) -> None:

@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageOps
 
 from modelscope_sd.images import to_rgb
+from modelscope_sd.loading import hub_unreachable, is_hub_id, root_cause
 from modelscope_sd.prompts import CHUNK, window_count_of, window_ids, window_layout
 
 from .buckets import assign_buckets, size_step
@@ -49,7 +50,7 @@ def load_records(source: str, split: str = 'train', caption: Optional[str] = Non
         records = _records_from_table(csv_path, os.path.dirname(csv_path))
     elif os.path.exists(source):
         raise ValueError(f'dataset={source!r} is a file: pass a folder or a ModelScope dataset id.')
-    elif source.count('/') != 1:
+    elif not is_hub_id(source):
         raise FileNotFoundError(f'dataset={source!r}: no such folder, and not a ModelScope dataset id (owner/name).')
     else:
         records = _records_from_msdataset(source, split)
@@ -91,6 +92,13 @@ def _records_from_msdataset(name: str, split: str) -> List[Record]:
         if split != 'train' and 'not found' in str(err):
             return []
         raise
+    except Exception as err:
+        if not hub_unreachable(err):
+            raise
+        raise ConnectionError(f"dataset={name!r}: ModelScope's hub could not be reached ({root_cause(err)}). Check "
+                              'the network connection (or MODELSCOPE_ENDPOINT), or train on a local folder: images '
+                              'with .txt captions (--train_data_dir), or a folder in the csv layout '
+                              '(--dataset_name FOLDER).') from err
     items = [dict(item) for item in dataset]
     if not items:
         if split != 'train':

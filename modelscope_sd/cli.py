@@ -288,7 +288,7 @@ def main(argv: Optional[List[str]] = None):
         if args.command == 'generate':
             return generate(args)
         print(_convert_model(args) if args.command == 'convert-model' else _convert(args))
-    except (ValueError, TypeError, FileNotFoundError, ConnectionError) as err:  # a bad option, file or network: no traceback
+    except (ValueError, TypeError, FileNotFoundError, ConnectionError) as err:  # bad option, file, network
         parser.exit(2, f'modelscope-sd {args.command}: error: {err}\n')
 
 

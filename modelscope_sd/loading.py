@@ -124,12 +124,12 @@ def resolve_model_dir(model: str, revision: Optional[str] = None, local_files_on
         except Exception:  # noqa: BLE001 (not cached: the network is the problem to report)
             raise ConnectionError(
                 f"model={model!r} (revision {revision!r}): ModelScope's hub could not be reached "
-                f'({_root_cause(err)}), and the model is not in the ModelScope cache ({_cache(cache_dir)}). Check '
+                f'({root_cause(err)}), and the model is not in the ModelScope cache ({_cache(cache_dir)}). Check '
                 'the network connection (or MODELSCOPE_ENDPOINT), or pass a local diffusers folder or a .safetensors '
                 'file.') from err
         logger.warning("ModelScope's hub could not be reached (%s): %s (revision %s) comes from the ModelScope "
                        'cache, %s. Pass local_files_only=True (--local_files_only) not to ask the hub.',
-                       _root_cause(err), model, revision, path)
+                       root_cause(err), model, revision, path)
         return path
 
 
@@ -150,7 +150,7 @@ def hub_unreachable(err: BaseException) -> bool:
     return False
 
 
-def _root_cause(err: BaseException) -> str:
+def root_cause(err: BaseException) -> str:
     """The first error of ``err``'s chain, named: the hub client's own message runs to hundreds of characters."""
     seen = set()
     while (err.__cause__ or err.__context__) is not None and id(err) not in seen:

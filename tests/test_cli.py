@@ -283,14 +283,14 @@ def test_convert_model_turns_a_single_file_into_the_folder_the_trainers_need(tin
     from modelscope_sd import StableDiffusionText2ImagePipeline
     with pytest.raises(ValueError, match='is a single-file checkpoint .*the trainers read a diffusers folder.*'
                                          'modelscope-sd convert-model'):
-        LoraTrainConfig(pretrained_model_name_or_path=tiny_single_file, dataset_name='unused')
+        LoraTrainConfig(pretrained_model_name_or_path=tiny_single_file, dataset_name='test/unused')
     out = str(tmp_path / 'from-file')
     main(['convert-model', tiny_single_file, out, '--config', tiny_model_dir, '--fp32'])
     assert os.path.isfile(os.path.join(out, 'configuration.json')) and not os.path.exists(out + '.partial')
     pipe = StableDiffusionText2ImagePipeline(out, device='cpu', progress_bar=False)
     args = dict(num_inference_steps=2, seed=0)
     assert np.array_equal(pipe('a cat', **args)['output_imgs'][0], sd_pipe('a cat', **args)['output_imgs'][0])
-    LoraTrainConfig(pretrained_model_name_or_path=out, dataset_name='unused')  # accepted now
+    LoraTrainConfig(pretrained_model_name_or_path=out, dataset_name='test/unused')  # accepted now
     main(['convert-model', tiny_single_file, str(tmp_path / 'half'), '--config', tiny_model_dir])
     with safe_open(str(tmp_path / 'half' / 'unet' / 'diffusion_pytorch_model.safetensors'), framework='pt') as f:
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16  # fp16 unless --fp32

@@ -98,6 +98,30 @@ def test_empty_hub_dataset_is_an_error(monkeypatch):
         load_records('someone/garbled', 'train')
 
 
+def test_a_path_is_never_taken_for_a_hub_dataset(monkeypatch, tmp_path):
+    from modelscope.msdatasets import MsDataset
+    monkeypatch.setattr(MsDataset, 'load', staticmethod(lambda *args, **kwargs: pytest.fail('the hub was asked')))
+    for path in (str(tmp_path / 'images'), '/no-such-folder', './data'):  # one '/' each but the first
+        with pytest.raises(FileNotFoundError, match=f"dataset={path!r}: no such folder, and not a ModelScope dataset"):
+            load_records(path, 'train')
+
+
+def test_an_unreachable_hub_dataset_names_the_network_and_local_folders(monkeypatch):
+    from modelscope.msdatasets import MsDataset
+
+    def load(name, split=None, **kwargs):
+        try:
+            raise ConnectionRefusedError(111, 'Connection refused')
+        except ConnectionRefusedError as err:
+            raise RuntimeError('the hub client gave up after its retries') from err
+
+    monkeypatch.setattr(MsDataset, 'load', staticmethod(load))
+    with pytest.raises(ConnectionError, match=r"dataset='someone/photos': ModelScope's hub could not be reached "
+                                              r"\(ConnectionRefusedError: \[Errno 111\] Connection refused\).*"
+                                              r'--train_data_dir'):
+        load_records('someone/photos', 'train')
+
+
 def test_sampler_order_is_a_function_of_seed_and_epoch():
     sampler = EpochSampler(10, seed=1)
     sampler.start_epoch(3)

@@ -195,8 +195,8 @@ def test_modelscope_old_trainer_bin_adapter_loads_with_allow_pickle(tiny_model_d
     from finetune.config import LoraTrainConfig
     with pytest.raises(ValueError, match=re.escape('is a pickle file (pytorch_lora_weights.bin)') + '.*'
                        + re.escape('convert-lora') + '.*--allow_pickle, then pass --network_weights'):
-        LoraTrainConfig(dataset_name='x', network_weights=str(tmp_path), rank=4)
-    assert LoraTrainConfig(dataset_name='x', network_weights=str(tmp_path / 'diffusers.safetensors'),
+        LoraTrainConfig(dataset_name='test/x', network_weights=str(tmp_path), rank=4)
+    assert LoraTrainConfig(dataset_name='test/x', network_weights=str(tmp_path / 'diffusers.safetensors'),
                            rank=4).network_weights
 
 

@@ -257,7 +257,7 @@ def test_fused_backward_pass_is_refused_where_accelerates_config_sets_fp16_or_se
     from types import SimpleNamespace
 
     from finetune import training
-    config = _config('unused', instance_dir, tmp_path / 'out', fused_backward_pass=True)
+    config = _config('test/unused', instance_dir, tmp_path / 'out', fused_backward_pass=True)
     for precision, processes, message in (('fp16', 1, '--mixed_precision bf16'), ('bf16', 2, 'with 2 processes')):
         accelerator = SimpleNamespace(mixed_precision=precision, num_processes=processes)
         monkeypatch.setattr(training, 'make_accelerator', lambda config: accelerator)
@@ -296,7 +296,7 @@ def test_full_bf16_is_refused_where_accelerates_config_sets_another_precision(in
     from types import SimpleNamespace
 
     from finetune import training
-    config = _config('unused', instance_dir, tmp_path / 'out', full_bf16=True)  # precision from accelerate's config
+    config = _config('test/unused', instance_dir, tmp_path / 'out', full_bf16=True)  # precision from accelerate's config
     for precision in ('no', 'fp16'):
         monkeypatch.setattr(training, 'make_accelerator',
                             lambda config: SimpleNamespace(mixed_precision=precision, num_processes=1))
@@ -327,7 +327,7 @@ def test_out_of_memory_advice_names_the_fused_backward_pass_for_a_full_fine_tune
     from finetune.training import memory_advice
 
     def advice(processes=1, **kwargs):
-        return memory_advice(_config('unused', instance_dir, tmp_path / 'out', **kwargs), 'bf16', processes)
+        return memory_advice(_config('test/unused', instance_dir, tmp_path / 'out', **kwargs), 'bf16', processes)
 
     assert '--fused_backward_pass' in advice()
     assert '--fused_backward_pass' not in advice(fused_backward_pass=True)
@@ -344,7 +344,7 @@ def test_gradient_checkpointing_turns_off_autocasts_weight_cache(instance_dir, t
     from finetune.training import make_accelerator
 
     def autocast_handler(checkpointing):
-        return make_accelerator(_config('unused', instance_dir, tmp_path, gradient_checkpointing=checkpointing)
+        return make_accelerator(_config('test/unused', instance_dir, tmp_path, gradient_checkpointing=checkpointing)
                                 ).autocast_handler
 
     assert autocast_handler(False) is None  # torch's default: cached
@@ -363,7 +363,7 @@ def test_memory_optimizers_keep_a_fraction_of_adamws_state(tiny_model_dir, insta
     state = {}
     options = {'adamw': {}, 'adafactor': {'optimizer': 'adafactor'}, '8bit': {'use_8bit_adam': True}}
     for name, option in options.items():
-        optimizer = make_optimizer(_config('unused', instance_dir, tmp_path, **option), params,
+        optimizer = make_optimizer(_config('test/unused', instance_dir, tmp_path, **option), params,
                                    torch.device('cpu'), 1e-4)
         for p in params:
             p.grad = torch.randn_like(p)
@@ -420,26 +420,30 @@ def test_modelscope_example_command_line_runs_unchanged(tiny_model_dir, instance
     (dict(full_bf16=True, optimizer='adafactor'), ValueError, 'full_bf16: .*drop --optimizer adafactor'),
     (dict(full_bf16=True, mixed_precision='fp16'), ValueError,
      "full_bf16: .*mixed precision 'fp16': pass --mixed_precision bf16, or drop --full_bf16"),
+    (dict(instance_data_dir=None, dataset_name='/no/such/photos'), FileNotFoundError,
+     "dataset_name='/no/such/photos': no such folder, and not a ModelScope dataset id"),
+    (dict(pretrained_model_name_or_path='./no-such-model'), FileNotFoundError,
+     "pretrained_model_name_or_path='./no-such-model': no such folder, and not a ModelScope model id"),
 ])
 def test_bad_config(instance_dir, tmp_path, kwargs, error, message):
     if kwargs.get('class_data_dir') == 'INSTANCE':
         kwargs = {**kwargs, 'class_data_dir': instance_dir + '/'}  # the same folder, spelled differently
     with pytest.raises(error, match=message):
-        _config('unused', instance_dir, tmp_path / 'out', **kwargs)
+        _config('test/unused', instance_dir, tmp_path / 'out', **kwargs)
 
 
 def test_output_name_names_the_file_for_a1111_a_checkpoint_or_an_adapter(instance_dir, tmp_path):
     from finetune.train_dreambooth import checkpoint_file_name
-    full = _config('unused', instance_dir, tmp_path / 'out', output_name='sks_dog')
+    full = _config('test/unused', instance_dir, tmp_path / 'out', output_name='sks_dog')
     assert (full.export_checkpoint, full.export_kohya, checkpoint_file_name(full)) == (True, False, 'sks_dog.safetensors')
-    assert checkpoint_file_name(_config('unused', instance_dir, tmp_path / 'out')) == 'out.safetensors'
-    lora = _config('unused', instance_dir, tmp_path / 'out', output_name='sks_dog', use_lora=True)
+    assert checkpoint_file_name(_config('test/unused', instance_dir, tmp_path / 'out')) == 'out.safetensors'
+    lora = _config('test/unused', instance_dir, tmp_path / 'out', output_name='sks_dog', use_lora=True)
     assert (lora.export_checkpoint, lora.export_kohya) == (False, True)
 
 
 def test_class_prompt_without_prior_preservation_is_reported(instance_dir, tmp_path, caplog):
     with caplog.at_level('WARNING', logger='finetune.config'):
-        _config('unused', instance_dir, tmp_path / 'out')  # class_prompt set, with_prior_preservation off
+        _config('test/unused', instance_dir, tmp_path / 'out')  # class_prompt set, with_prior_preservation off
     assert 'with_prior_preservation is off: no class images are used' in caplog.text
 
 

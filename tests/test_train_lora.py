@@ -145,7 +145,7 @@ def test_loss_goes_down_when_overfitting_one_image(tiny_model_dir, tmp_path):
                                            feature_extractor=None, requires_safety_checker=False)
             pipe.load_lora_weights(lora_dir)
         reset_accelerate()
-        config = _config(tiny_model_dir, 'unused', tmp_path, train_batch_size=1)
+        config = _config(tiny_model_dir, 'test/unused', tmp_path, train_batch_size=1)
         dataset = CaptionDataset(records * 8, parts['tokenizer'], 32, center_crop=True)
         return validation_loss(Accelerator(), config, parts, dataset)
 
@@ -594,24 +594,24 @@ def test_an_adapter_or_embedding_given_as_the_base_model_is_refused_as_what_it_i
         with pytest.raises(ValueError, match=f"is a LoRA adapter .*not a base model: pass the model it was trained on "
                                              f"\\({re.escape(tiny_model_dir)}\\)"):
             load_components(model, None) if os.path.isdir(model) else LoraTrainConfig(
-                pretrained_model_name_or_path=model, dataset_name='x')
+                pretrained_model_name_or_path=model, dataset_name='test/x')
     save_file({'emb_params': torch.zeros(2, 32)}, str(tmp_path / 'style.safetensors'))
     with pytest.raises(ValueError, match='is a textual-inversion embedding .*not a base model'):
-        LoraTrainConfig(pretrained_model_name_or_path=str(tmp_path / 'style.safetensors'), dataset_name='x')
+        LoraTrainConfig(pretrained_model_name_or_path=str(tmp_path / 'style.safetensors'), dataset_name='test/x')
 
 
 def test_report_to_a_tracker_that_cannot_log_is_refused(monkeypatch):
     import accelerate.tracking
     monkeypatch.setattr(accelerate.tracking, 'get_available_trackers', lambda: [])
     with pytest.raises(ValueError, match="report_to='tensorboard': tensorboard is not installed here. pip install"):
-        LoraTrainConfig(dataset_name='x', report_to='tensorboard')
+        LoraTrainConfig(dataset_name='test/x', report_to='tensorboard')
     with pytest.raises(ValueError, match="report_to='tensorbaord' is not one of"):
-        LoraTrainConfig(dataset_name='x', report_to='tensorbaord')
+        LoraTrainConfig(dataset_name='test/x', report_to='tensorbaord')
 
 
 def test_revision_defaults_to_the_model_cards_only_for_its_model():
-    assert LoraTrainConfig(dataset_name='x').revision == 'v1.0.0'
-    assert LoraTrainConfig(dataset_name='x', pretrained_model_name_or_path='someone/sd-finetune').revision is None
+    assert LoraTrainConfig(dataset_name='test/x').revision == 'v1.0.0'
+    assert LoraTrainConfig(dataset_name='test/x', pretrained_model_name_or_path='someone/sd-finetune').revision is None
     config, _ = parse_args(LoraTrainConfig, ['--model', 'someone/sd-finetune', '--model_revision', 'v2'], 'x')
     assert config.revision == 'v2'
 
@@ -751,12 +751,20 @@ def test_typo_flag_fails_instead_of_vanishing(capsys):
 ])
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        LoraTrainConfig(**{'dataset_name': 'x', **kwargs})
+        LoraTrainConfig(**{'dataset_name': 'test/x', **kwargs})
 
 
-def test_missing_dataset_folder(tiny_model_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match='no such folder'):
-        _train(_config(tiny_model_dir, str(tmp_path / 'no' / 'such' / 'data'), tmp_path / 'out'))
+def test_missing_folders_are_refused_with_the_options_before_training(tiny_model_dir, tmp_path):
+    missing = str(tmp_path / 'no' / 'such' / 'data')
+    for kwargs, message in ((dict(dataset_name=missing), f'dataset_name={missing!r}: no such folder, and not a '
+                                                         'ModelScope dataset id'),
+                            (dict(train_data_dir=missing), f'train_data_dir={missing!r}: no such folder'),
+                            (dict(pretrained_model_name_or_path=missing),
+                             f'pretrained_model_name_or_path={missing!r}: no such folder, and not a ModelScope model')):
+        with pytest.raises(FileNotFoundError, match=re.escape(message)):
+            _config(tiny_model_dir, 'test/photos', tmp_path / 'out', **kwargs)
+    with pytest.raises(ValueError, match=re.escape(f"dataset_name={__file__!r} is a file: pass a folder")):
+        _config(tiny_model_dir, __file__, tmp_path / 'out')
 
 
 def test_empty_dataset_folder(tiny_model_dir, tmp_path):
@@ -994,13 +1002,13 @@ def test_kohya_sample_prompts_render_what_the_pipeline_makes_each_epoch_and_befo
 
 
 def test_cache_latents_crops_centered_and_refuses_random_crops():
-    assert LoraTrainConfig(dataset_name='x').center_crop is False  # diffusers' default: random crops
-    assert LoraTrainConfig(dataset_name='x', cache_latents=True).center_crop is True  # kohya's --cache_latents
+    assert LoraTrainConfig(dataset_name='test/x').center_crop is False  # diffusers' default: random crops
+    assert LoraTrainConfig(dataset_name='test/x', cache_latents=True).center_crop is True  # kohya's --cache_latents
     with pytest.raises(ValueError, match='cache_latents needs center crops, and --center_crop false asks for random'):
-        LoraTrainConfig(dataset_name='x', cache_latents=True, center_crop=False, random_flip=True)
-    config, _ = parse_args(LoraTrainConfig, ['--dataset_name', 'x', '--cache_latents'], 'x')
+        LoraTrainConfig(dataset_name='test/x', cache_latents=True, center_crop=False, random_flip=True)
+    config, _ = parse_args(LoraTrainConfig, ['--dataset_name', 'test/x', '--cache_latents'], 'x')
     assert config.center_crop is True
-    config, notes = parse_args(LoraTrainConfig, ['--dataset_name', 'x', '--random_crop'], 'x')
+    config, notes = parse_args(LoraTrainConfig, ['--dataset_name', 'test/x', '--random_crop'], 'x')
     assert config.center_crop is False and '--random_crop true → --center_crop False' in notes
 
 
@@ -1089,16 +1097,16 @@ def test_checkpoints_that_would_outgrow_the_disk_are_warned_of_before_training(t
     free = {'bytes': 50_000}
     monkeypatch.setattr(training.shutil, 'disk_usage', lambda path: usage(0, 0, free['bytes']))
     params = [torch.zeros(1000)]  # fp32 weights + AdamW's two moments: 12,000 bytes a checkpoint
-    config = LoraTrainConfig(dataset_name='x', output_dir=str(tmp_path), checkpointing_steps=100)
+    config = LoraTrainConfig(dataset_name='test/x', output_dir=str(tmp_path), checkpointing_steps=100)
     training.warn_if_checkpoints_outgrow_the_disk(config, params, 1000, None)  # 10 checkpoints: 120,000 bytes
     assert '--checkpoints_total_limit 3' in caplog.text  # 3 kept + the one being written fit in 50,000
     caplog.clear()
-    config = LoraTrainConfig(dataset_name='x', output_dir=str(tmp_path), checkpointing_steps=100,
+    config = LoraTrainConfig(dataset_name='test/x', output_dir=str(tmp_path), checkpointing_steps=100,
                              checkpoints_total_limit=3)
     training.warn_if_checkpoints_outgrow_the_disk(config, params, 1000, None)
     assert not caplog.text
     conv = [torch.zeros(8, 8, 3, 3)]  # Adafactor: a row and a column of second moments per 3×3 kernel matrix
-    assert training.checkpoint_bytes(LoraTrainConfig(dataset_name='x', optimizer='adafactor'), conv) == 4 * (576 + 384)
+    assert training.checkpoint_bytes(LoraTrainConfig(dataset_name='test/x', optimizer='adafactor'), conv) == 4 * (576 + 384)
     free['bytes'] = 1  # and a training run says so before its first step
     _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'out', max_train_steps=1, checkpointing_steps=1))
     assert 'free space, or pass a --checkpointing_steps past --max_train_steps' in caplog.text
@@ -1161,11 +1169,11 @@ def test_network_weights_start_the_adapter_where_a_trained_one_ends(tiny_model_d
                               (dict(target_modules='to_q,to_k', **shape), r'adapts modules outside --target_modules '
                                                                           r'to_q,to_k \(to_out.0, to_v, e.g.')):
         with pytest.raises(ValueError, match=message):
-            LoraTrainConfig(dataset_name='x', network_weights=str(first), **settings)
+            LoraTrainConfig(dataset_name='test/x', network_weights=str(first), **settings)
     from safetensors.torch import save_file
     save_file({f'layer{i}.weight': torch.zeros(2, 2) for i in range(3)}, str(tmp_path / 'other.safetensors'))
     with pytest.raises(ValueError, match='holds no LoRA weights for the UNet or the text encoder'):
-        LoraTrainConfig(dataset_name='x', network_weights=str(tmp_path / 'other.safetensors'))
+        LoraTrainConfig(dataset_name='test/x', network_weights=str(tmp_path / 'other.safetensors'))
 
 
 def test_a_batch_size_past_the_dataset_is_said_to_hold_fewer_images(tiny_model_dir, tmp_path, caplog):

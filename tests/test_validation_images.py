@@ -83,38 +83,38 @@ def test_a_bad_sample_file_is_refused_by_place_and_value(tmp_path, name, text, m
 
 def test_a_missing_sample_file_fails_when_the_config_is_made(tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(f"sample_prompts='{tmp_path}/none.txt': no such file")):
-        LoraTrainConfig(dataset_name='x', sample_prompts=str(tmp_path / 'none.txt'))
+        LoraTrainConfig(dataset_name='test/x', sample_prompts=str(tmp_path / 'none.txt'))
     with pytest.raises(ValueError, match=re.escape("validation_scheduler: scheduler='eulr' is not known. Did you "
                                                    "mean 'euler'?")):
-        LoraTrainConfig(dataset_name='x', validation_scheduler='eulr')
+        LoraTrainConfig(dataset_name='test/x', validation_scheduler='eulr')
 
 
 def test_a_missing_file_on_the_command_line_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        parse_args(LoraTrainConfig, ['--dataset_name', 'x', '--sample_prompts', str(tmp_path / 'none.txt')], 'd')
+        parse_args(LoraTrainConfig, ['--dataset_name', 'test/x', '--sample_prompts', str(tmp_path / 'none.txt')], 'd')
     err = capsys.readouterr().err
     assert f"error: sample_prompts='{tmp_path}/none.txt': no such file." in err and 'Traceback' not in err
 
 
 def test_validation_renders_the_prompt_then_each_sample_at_the_runs_seed_and_sampler(tmp_path):
     path = _write(tmp_path, 'p.txt', 'a cat --d 9 --ss ddim\na dog\n')
-    config = LoraTrainConfig(dataset_name='x', validation_prompt='a house', num_validation_images=2, seed=4,
+    config = LoraTrainConfig(dataset_name='test/x', validation_prompt='a house', num_validation_images=2, seed=4,
                              sample_prompts=path, validation_scheduler='euler')
     assert validation_samples(config) == [
         SamplePrompt('a house', seed=4, scheduler='euler', num_images=2),
         SamplePrompt('a cat', seed=9, scheduler='ddim', name='sample00'),
         SamplePrompt('a dog', seed=4, scheduler='euler', name='sample01')]
-    assert validation_samples(LoraTrainConfig(dataset_name='x')) == []
+    assert validation_samples(LoraTrainConfig(dataset_name='test/x')) == []
 
 
 def test_kohyas_sample_flags_map_onto_the_validation_ones(tmp_path):
     path = _write(tmp_path, 'p.txt', 'a dog\n')
-    config, notes = parse_args(LoraTrainConfig, ['--dataset_name', 'x', '--sample_prompts', path,
+    config, notes = parse_args(LoraTrainConfig, ['--dataset_name', 'test/x', '--sample_prompts', path,
                                                  '--sample_every_n_epochs', '2', '--sample_sampler', 'k_dpm_2_a',
                                                  '--sample_at_first'], 'd')
     assert (config.sample_prompts, config.validation_epochs, config.validation_scheduler) == (path, 2, 'k_dpm_2_a')
     assert config.sample_at_first and config.validation_steps is None  # epochs only, as kohya samples
     assert '--sample_every_n_epochs 2 → --validation_epochs 2' in notes
-    config, _ = parse_args(LoraTrainConfig, ['--dataset_name', 'x', '--sample_every_n_steps', '50'], 'd')
+    config, _ = parse_args(LoraTrainConfig, ['--dataset_name', 'test/x', '--sample_every_n_steps', '50'], 'd')
     assert (config.validation_steps, config.validation_epochs) == (50, None)
-    assert LoraTrainConfig(dataset_name='x').validation_steps == 100
+    assert LoraTrainConfig(dataset_name='test/x').validation_steps == 100
