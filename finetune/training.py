@@ -46,7 +46,11 @@ def prepare_output_dir(config, resuming: bool) -> None:
             raise ValueError(f'output_dir={out!r} already holds a run ({sorted(held)[:4]}). Pass '
                              '--resume_from_checkpoint latest to continue it, --overwrite_output_dir to train '
                              'over it, or choose another output_dir.')
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as err:  # a parent that is a file, a read-only or missing mount: said before anything loads
+        raise ValueError(f'output_dir={out!r} cannot be created ({err.strerror}): pass a folder you can write '
+                         'to.') from err
     remove_partial_writes(out)
 
 

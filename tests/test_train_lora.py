@@ -790,6 +790,14 @@ def test_corrupt_images_fail_listed_or_are_skipped_and_counted(tiny_model_dir, t
     assert 'Skipping 1 unreadable image(s)' in caplog.text
 
 
+def test_an_output_dir_that_cannot_be_made_is_refused_before_loading(tiny_model_dir, csv_dataset, tmp_path):
+    (tmp_path / 'notes.txt').write_text('not a folder')
+    out = str(tmp_path / 'notes.txt' / 'run')
+    with pytest.raises(ValueError, match=re.escape(f'output_dir={out!r} cannot be created (Not a directory): pass a '
+                                                   'folder you can write to.')):
+        _train(_config(tiny_model_dir, csv_dataset, out))
+
+
 def test_output_dir_holding_a_run_is_refused(tiny_model_dir, csv_dataset, tmp_path):
     out = tmp_path / 'out'
     out.mkdir()
