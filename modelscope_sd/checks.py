@@ -4,14 +4,17 @@ what is allowed and the fix (diffusers' ``check_inputs``, for our options)."""
 import difflib
 import math
 import numbers
+import os
 from typing import Any, Dict, List
 
+import numpy as np
 import torch
 
 from . import hires
 from . import images as images_lib
 from . import lora as lora_utils
 from . import prompts as prompts_lib
+from .loading import is_hub_id
 from .prompt_editing import split_and
 
 _MAX_SEED = 2**63 - 1
@@ -245,6 +248,28 @@ def check_runs_a_step(pipe, num_inference_steps: int, strength: float, name: str
     least = math.ceil(100 / num_inference_steps) / 100
     raise ValueError(f'strength={strength} with {name}={num_inference_steps} runs no denoising step (diffusers runs '
                      f'int(strength × steps) of them): raise {fix}strength to {least} or more.')
+
+
+def check_sources(lora_dir, textual_inversion, vae) -> None:
+    """The adapter, embedding and VAE paths a pipeline is built with: a missing one fails before the minutes of
+    loading the model, not after (their loaders read and check them again; hub ids are left to them)."""
+    loras = lora_dir if isinstance(lora_dir, (list, tuple)) else [lora_dir]
+    for name, path in [('lora_dir', path) for path in loras] + [('vae', vae)]:
+        if isinstance(path, (str, os.PathLike)) and not (os.path.exists(path) or is_hub_id(os.fspath(path))):
+            raise FileNotFoundError(f'{name}={os.fspath(path)!r}: no such file or folder, and not a hub id '
+                                    '(owner/name).')
+    embeddings = (textual_inversion.values() if isinstance(textual_inversion, dict) else textual_inversion
+                  if isinstance(textual_inversion, (list, tuple)) else [textual_inversion])
+    for path in embeddings:
+        if isinstance(path, (str, os.PathLike)) and not os.path.isfile(path):
+            raise FileNotFoundError(f'textual_inversion={os.fspath(path)!r}: no such file.')
+
+
+def check_switches(**switches) -> None:
+    """On/off arguments are True or False: a string such as 'no' would otherwise switch them on."""
+    for name, value in switches.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f'{name} must be True or False, got {value!r} ({type(value).__name__}).')
 
 
 def check_int(name, value, minimum=None, maximum=None):

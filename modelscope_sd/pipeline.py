@@ -122,6 +122,12 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                 'fast', 'compile_mode', 'precompile', 'use_safetensors', 'vae']))
         if torch_type is not None and torch_dtype is not None:
             raise ValueError('Pass torch_dtype or its alias torch_type, not both.')
+        checks.check_switches(allow_pickle=allow_pickle, load_safety_checker=load_safety_checker,
+                              local_files_only=local_files_only, progress_bar=progress_bar, fuse_lora=fuse_lora,
+                              fast=fast, precompile=precompile, trust_remote_code=trust_remote_code)
+        checks.check_sources(lora_dir, textual_inversion, vae)
+        if fast and compile_mode not in fast_lib.COMPILE_MODES:  # before minutes of loading
+            raise ValueError(f'compile_mode={compile_mode!r} is not one of {", ".join(fast_lib.COMPILE_MODES)}.')
         # ModelScope's Pipeline.__init__ would build a ModelScope Model from configuration.json (and import
         # torchvision); the diffusers pipeline is our model, so only the attributes callers read are set.
         self.device_name = device

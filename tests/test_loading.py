@@ -1,6 +1,7 @@
 """Model sources and their failures: folders, files, dtypes."""
 
 import copy
+import re
 import shutil
 
 import pytest
@@ -165,3 +166,18 @@ def test_pickle_checkpoint_loads_when_the_caller_opts_in(tiny_single_file, tiny_
     pipe = StableDiffusionText2ImagePipeline(str(ckpt), config=tiny_model_dir, allow_pickle=True, device='cpu',
                                              progress_bar=False)
     assert pipe('a', num_inference_steps=1, seed=0)['output_imgs'][0].shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize('kwargs, error, message', [
+    (dict(fast='no'), TypeError, "fast must be True or False, got 'no' (str)."),
+    (dict(local_files_only=1), TypeError, 'local_files_only must be True or False, got 1 (int).'),
+    (dict(fast=True, compile_mode='reduce'), ValueError, "compile_mode='reduce' is not one of reduce-overhead"),
+    (dict(lora_dir=['/no/lora']), FileNotFoundError, "lora_dir='/no/lora': no such file or folder, and not a hub id"),
+    (dict(vae='./no-vae.safetensors'), FileNotFoundError, "vae='./no-vae.safetensors': no such file or folder"),
+    (dict(textual_inversion={'style': '/no/style.pt'}), FileNotFoundError,
+     "textual_inversion='/no/style.pt': no such file."),
+])
+def test_pipeline_arguments_are_checked_before_the_model_loads(tiny_model_dir, monkeypatch, kwargs, error, message):
+    monkeypatch.setattr('modelscope_sd.pipeline.load_pipeline', lambda *args, **kw: pytest.fail('the model loaded'))
+    with pytest.raises(error, match=re.escape(message)):
+        StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', **kwargs)
