@@ -84,6 +84,10 @@ def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_
     _check_image_inputs(pipeline, image, mask_image, strength, latents, hr_scale)
     _check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, hr_prompt, hr_negative_prompt, hr_scheduler, image,
                  guidance_rescale)
+    check_step_spacing(pipeline._scheduler(scheduler), num_inference_steps, 'num_inference_steps')
+    if hr_scale is not None:
+        check_step_spacing(pipeline._scheduler(hr_scheduler if hr_scheduler is not None else scheduler),
+                           hr_second_pass_steps or num_inference_steps, 'hr_second_pass_steps')
     _check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, mask_image)
     if any(split_and(text) for text in prompts + ([hr_prompt] if isinstance(hr_prompt, str) else hr_prompt or [])):
         _check_and(guidance_scale)
@@ -237,6 +241,22 @@ def _check_latents(pipeline, latents, n_images: int, height, width, image) -> No
     if given != expected:
         raise ValueError(f'latents has shape {given} but this call needs {expected} {layout}: one per image '
                          f'(prompts × num_images_per_prompt = {n_images}), at height={height}, width={width}.')
+
+
+def check_step_spacing(scheduler, steps: int, name: str) -> None:
+    """diffusers' 'leading' timestep spacing (PNDM, DDIM and DDPM under SD's scheduler config) takes every
+    ``num_train_timesteps // steps``-th timestep from 0, plus the offset: past half the training timesteps that is
+    every one, so 501 steps start at timestep 501 instead of near 999 (a noisy picture, silently), 1000 steps at
+    timestep 1000 (past the model's last: an IndexError), and PNDM's 1001 at timestep 1."""
+    total = scheduler.config.num_train_timesteps
+    if scheduler.config.get('timestep_spacing') == 'leading' and steps > total // 2:
+        first = (steps - 1) * (total // steps) + scheduler.config.get('steps_offset', 0)  # diffusers' formula
+        raise ValueError(
+            f"{name}={steps}: {type(scheduler).__name__} spaces its steps 'leading' (its timestep_spacing), which "
+            f'for more than {total // 2} steps does not start denoising near timestep {total - 1} but at timestep '
+            f'{first}, so the picture would stay noisy (or the call fail). Use at most {total // 2} steps with it, or '
+            "a scheduler whose steps span the whole schedule at any count, such as scheduler='euler' or "
+            "'dpm++_2m'.")
 
 
 def check_runs_a_step(pipe, num_inference_steps: int, strength: float, name: str) -> None:

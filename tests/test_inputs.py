@@ -67,6 +67,13 @@ import pytest
      ['callback_on_step_end_tensor_inputs', 'pass callback_on_step_end too']),
     (lambda p: p('a', callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=['noise_pred']),
      ValueError, ["callback_on_step_end_tensor_inputs=['noise_pred']", "'latents', 'prompt_embeds'"]),
+    # diffusers would start 501 steps at timestep 501 (noise drawn as if half denoised), fail at 1000
+    (lambda p: p('a', num_inference_steps=501), ValueError,
+     ['num_inference_steps=501', "PNDMScheduler spaces its steps 'leading'", 'at timestep 501', 'at most 500',
+      "scheduler='euler'"]),
+    (lambda p: p('a', num_inference_steps=1000, scheduler='ddim'), ValueError, ['DDIMScheduler', 'at timestep 1000']),
+    (lambda p: p('a', hr_scale=2, hr_second_pass_steps=600), ValueError,
+     ['hr_second_pass_steps=600', 'at timestep 600']),
 ])
 def test_bad_call_input(sd_pipe, call, error, words):
     with pytest.raises(error) as info:
@@ -98,3 +105,14 @@ def test_bad_compile_mode_is_refused(tiny_model_dir):
     from modelscope_sd import StableDiffusionText2ImagePipeline
     with pytest.raises(ValueError, match="compile_mode='fastest' is not one of reduce-overhead, max-autotune"):
         StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', fast=True, compile_mode='fastest')
+
+
+def test_step_counts_that_span_the_schedule_pass():
+    from diffusers import PNDMScheduler
+    from modelscope_sd.checks import check_step_spacing
+    from modelscope_sd.schedulers import make_scheduler
+    from tiny_sd import SD15_SCHEDULER_CONFIG
+    sd15 = PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)  # SD1.5's file names no spacing: PNDM's own, 'leading'
+    check_step_spacing(sd15, 500, 'num_inference_steps')  # every second timestep, from 999
+    for name in ('euler', 'dpm++_2m', 'unipc'):  # their own spacing: any count starts near 999
+        check_step_spacing(make_scheduler(name, sd15.config), 1000, 'num_inference_steps')
