@@ -9,7 +9,7 @@ from typing import Union
 import torch
 
 from .constants import PICKLE_SUFFIXES
-from .loading import check_safetensors, is_hub_id, resolve_model_dir
+from .loading import check_safetensors, resolve_model_dir
 
 
 def load_vae(vae, base, *, allow_pickle: bool = False, local_files_only: bool = False):
@@ -24,8 +24,6 @@ def load_vae(vae, base, *, allow_pickle: bool = False, local_files_only: bool = 
     elif os.path.isfile(vae):
         model = _single_file(os.fspath(vae), base, allow_pickle)
     else:
-        if not (os.path.isdir(vae) or is_hub_id(os.fspath(vae))):
-            raise FileNotFoundError(f'vae={vae!r}: no such file or folder, and not a hub id (owner/name).')
         folder = resolve_model_dir(os.fspath(vae), None, local_files_only)
         if os.path.isfile(os.path.join(folder, 'vae', 'config.json')):  # a whole diffusers model: its VAE
             model = AutoencoderKL.from_pretrained(folder, subfolder='vae')
