@@ -141,22 +141,22 @@ def hub_unreachable(err: BaseException) -> bool:
     import requests
     kinds = (ConnectionError, TimeoutError, socket.gaierror, requests.exceptions.ConnectionError,
              requests.exceptions.Timeout)
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, kinds):
-            return True
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return False
+    return any(isinstance(error, kinds) for error in _chain(err))
 
 
 def root_cause(err: BaseException) -> str:
     """The first error of ``err``'s chain, named: the hub client's own message runs to hundreds of characters."""
+    *_, first = _chain(err)
+    return f'{type(first).__name__}: {first}'
+
+
+def _chain(err: BaseException):
+    """``err``, then the errors it was raised from or while handling, back to the first."""
     seen = set()
-    while (err.__cause__ or err.__context__) is not None and id(err) not in seen:
+    while err is not None and id(err) not in seen:
         seen.add(id(err))
+        yield err
         err = err.__cause__ or err.__context__
-    return f'{type(err).__name__}: {err}'
 
 
 def _cache(cache_dir: Optional[str]) -> str:
