@@ -2,6 +2,7 @@
 what is allowed and the fix (diffusers' ``check_inputs``, for our options)."""
 
 import difflib
+import inspect
 import math
 import numbers
 import os
@@ -14,6 +15,7 @@ from . import hires
 from . import images as images_lib
 from . import lora as lora_utils
 from . import prompts as prompts_lib
+from . import schedulers as schedulers_lib
 from .loading import is_hub_id
 from .prompt_editing import split_and
 
@@ -84,6 +86,8 @@ def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_
     _check_image_inputs(pipeline, image, mask_image, strength, latents, hr_scale)
     _check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, hr_prompt, hr_negative_prompt, hr_scheduler, image,
                  guidance_rescale)
+    _check_eta(eta, pipeline._scheduler(scheduler),
+               pipeline._scheduler(hr_scheduler) if hr_scale is not None and hr_scheduler is not None else None)
     check_step_spacing(pipeline._scheduler(scheduler), num_inference_steps, 'num_inference_steps')
     if hr_scale is not None:
         check_step_spacing(pipeline._scheduler(hr_scheduler if hr_scheduler is not None else scheduler),
@@ -127,6 +131,17 @@ def check_numbers(height, width, num_inference_steps, num_images_per_prompt, bat
     check_number('eta', eta, minimum=0.0)
     if seed is not None:
         check_int('seed', seed, minimum=0, maximum=_MAX_SEED)
+
+
+def _check_eta(eta, scheduler, hr_scheduler=None) -> None:
+    """eta is DDIM's η: diffusers passes it only to a scheduler whose step takes it, and drops it silently for the
+    others (all the rest of ours)."""
+    used = [s for s in (scheduler, hr_scheduler) if s is not None]
+    if eta and not any('eta' in inspect.signature(s.step).parameters for s in used):
+        names = ' and '.join(repr(schedulers_lib.scheduler_name(s)) for s in used)
+        raise ValueError(f"eta={eta} is DDIM's η: with the {names} scheduler{'s' if len(used) > 1 else ''} "
+                         "diffusers drops it and it changes nothing. Pass scheduler='ddim' with it, or leave eta "
+                         "out.")
 
 
 def _check_prompt_option(name: str, value, n_prompts: int) -> None:

@@ -162,6 +162,10 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         self.lora_scales = lora_utils.check_scales(lora_scale, self.lora_names) if self.lora_names else []
         self.lora_fused = fuse_lora and lora_dir is not None
         self.embeddings = load_embeddings(self.sd, textual_inversion, allow_pickle)  # words to use in prompts
+        # prompts of any length are read here in 75-token windows, so transformers' warning that a long one "will
+        # result in indexing errors" (diffusers tokenizes the whole prompt to look for textual-inversion words)
+        # is wrong for this pipeline: mark it as said
+        self.sd.tokenizer.deprecation_warnings['sequence-length-is-longer-than-the-specified-maximum'] = True
         self.denoiser = None  # fast=True: the whole-step compiled text-to-image loop
         self._eager_denoiser = None  # the same loop uncompiled, for A1111's AND without fast=True
         # one call at a time: a call sets the shared scheduler's timesteps and state, the adapter scales, and

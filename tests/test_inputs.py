@@ -53,6 +53,10 @@ import pytest
     (lambda p: p({'text': 'a', 'seed': 1}, seed=2), ValueError, ["'seed'", 'both']),
     (lambda p: p('a', guidance_scale=float('nan')), ValueError, ['guidance_scale=nan', 'finite']),
     (lambda p: p('a', eta=float('inf')), ValueError, ['eta=inf', 'finite']),
+    # diffusers passes eta only to a scheduler whose step takes it (DDIM), and drops it for the others
+    (lambda p: p('a', eta=0.5), ValueError, ['eta=0.5', "DDIM's", "'pndm' scheduler", "scheduler='ddim'"]),
+    (lambda p: p('a', eta=0.5, hr_scale=2, hr_scheduler='euler_a'), ValueError,
+     ["'pndm' and 'euler_ancestral' schedulers"]),
     (lambda p: p('a', num_images_per_prompt=2, generator=[__import__('torch').Generator()]), ValueError,
      ['generator is a list of 1', '2 images']),
     (lambda p: p('a', latents=__import__('torch').randn(4, 16, 16)), ValueError, ['latents', '4-d', '(4, 16, 16)']),
@@ -81,6 +85,13 @@ def test_bad_call_input(sd_pipe, call, error, words):
     message = str(info.value).lower()
     for word in words:
         assert word.lower() in message, f'{word!r} not in {message!r}'
+
+
+def test_eta_is_taken_where_one_of_the_calls_schedulers_is_ddim(sd_pipe):
+    steps = dict(num_inference_steps=2, seed=0, height=32, width=32)
+    sd_pipe('a', eta=0.5, scheduler='ddim', **steps)
+    out = sd_pipe('a', eta=0.5, hr_scale=1.5, hr_scheduler='ddim', **steps)  # the hires fix's second pass
+    assert out['output_imgs'][0].shape == (48, 48, 3)
 
 
 def test_unknown_pipeline_argument_is_refused(tiny_model_dir):

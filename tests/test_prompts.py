@@ -136,6 +136,21 @@ def test_long_prompt_uses_tokens_past_77(sd_pipe):
     assert np.abs(full - cut).max() > 0
 
 
+def test_a_long_prompt_brings_no_warning_of_indexing_errors(tiny_model_dir, caplog):
+    """transformers warns, once per tokenizer, that a prompt past 77 tokens "will result in indexing errors"; this
+    pipeline reads it in windows (a fresh one: the shared pipeline's tokenizer may have warned already)."""
+    import logging
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    pipe = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False)
+    library = logging.getLogger('transformers')  # has a handler of its own and does not propagate
+    library.addHandler(caplog.handler)
+    try:
+        pipe(' '.join(['a quiet harbour at dawn'] * 10), **STEPS)
+    finally:
+        library.removeHandler(caplog.handler)
+    assert 'indexing errors' not in caplog.text
+
+
 def test_short_plain_prompt_takes_the_plain_path(sd_pipe, vanilla_pipe):
     ours = sd_pipe('a red hat', **STEPS)['output_imgs'][0].astype(int)
     image = vanilla_pipe('a red hat', num_inference_steps=2, output_type='np',
