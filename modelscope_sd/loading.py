@@ -73,9 +73,13 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
         return torch.device('mps')
     from modelscope.utils.device import create_device
     try:
-        return create_device(device)
-    except AssertionError as err:  # modelscope asserts on the device string
+        resolved = create_device(device)
+    except (AssertionError, ValueError) as err:  # modelscope asserts on the device string, int() reads its number
         raise ValueError(f"device={device!r} is not valid: use 'gpu', 'gpu:N', 'cuda:N', 'mps' or 'cpu'.") from err
+    if resolved.type == 'cuda' and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f'device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), '
+                         f"numbered from 0: use 'gpu:0' to 'gpu:{torch.cuda.device_count() - 1}'.")
+    return resolved
 
 
 def resolve_dtype(torch_dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
@@ -83,7 +87,7 @@ def resolve_dtype(torch_dtype: Union[str, torch.dtype, None], device: torch.devi
     otherwise."""
     if torch_dtype is None:
         return torch.float16 if device.type == 'cuda' else torch.float32
-    if isinstance(torch_dtype, torch.dtype):
+    if isinstance(torch_dtype, torch.dtype) and torch_dtype in _DTYPES.values():
         return torch_dtype
     if isinstance(torch_dtype, str) and torch_dtype.lower().replace('torch.', '') in _DTYPES:
         return _DTYPES[torch_dtype.lower().replace('torch.', '')]

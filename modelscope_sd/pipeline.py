@@ -126,6 +126,9 @@ class StableDiffusionText2ImagePipeline(Pipeline):
                               local_files_only=local_files_only, progress_bar=progress_bar, fuse_lora=fuse_lora,
                               fast=fast, precompile=precompile, trust_remote_code=trust_remote_code)
         checks.check_sources(lora_dir, textual_inversion, vae)
+        if lora_dir is None and lora_scale != 1.0:
+            raise ValueError(f'lora_scale={lora_scale!r} was given without lora_dir, so no adapter would take it: '
+                             'pass the adapter with lora_dir=..., or leave lora_scale out.')
         if fast and compile_mode not in fast_lib.COMPILE_MODES:  # before minutes of loading
             raise ValueError(f'compile_mode={compile_mode!r} is not one of {", ".join(fast_lib.COMPILE_MODES)}.')
         # ModelScope's Pipeline.__init__ would build a ModelScope Model from configuration.json (and import

@@ -100,16 +100,34 @@ def test_unknown_pipeline_argument_is_refused(tiny_model_dir):
         StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', lora_scal=0.5)
 
 
-def test_bad_torch_dtype_is_refused(tiny_model_dir):
+@pytest.mark.parametrize('torch_dtype', ['float8', __import__('torch').int8, __import__('torch').float8_e4m3fn])
+def test_bad_torch_dtype_is_refused(tiny_model_dir, torch_dtype):
     from modelscope_sd import StableDiffusionText2ImagePipeline
-    with pytest.raises(ValueError, match="torch_dtype='float8'"):
-        StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', torch_dtype='float8')
+    with pytest.raises(ValueError, match=f"torch_dtype={torch_dtype!r} is not supported"):
+        StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', torch_dtype=torch_dtype)
 
 
-def test_bad_device_is_refused(tiny_model_dir):
+@pytest.mark.parametrize('device', ['tpu', 'gpu:abc', 'cuda:1:2'])
+def test_bad_device_is_refused(tiny_model_dir, device):
     from modelscope_sd import StableDiffusionText2ImagePipeline
-    with pytest.raises(ValueError, match="device='tpu'"):
-        StableDiffusionText2ImagePipeline(tiny_model_dir, device='tpu')
+    with pytest.raises(ValueError, match=f"device='{device}' is not valid: use 'gpu', 'gpu:N'"):
+        StableDiffusionText2ImagePipeline(tiny_model_dir, device=device)
+
+
+def test_a_gpu_number_past_the_machines_gpus_is_refused(monkeypatch):
+    import torch
+    from modelscope_sd.loading import resolve_device
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    assert resolve_device('gpu:1') == torch.device('cuda:1')
+    with pytest.raises(ValueError, match="device='gpu:2': this machine has 2 CUDA device.*'gpu:0' to 'gpu:1'"):
+        resolve_device('gpu:2')
+
+
+def test_lora_scale_without_an_adapter_is_refused(tiny_model_dir):
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    with pytest.raises(ValueError, match="lora_scale=0.5 was given without lora_dir"):
+        StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', lora_scale=0.5)
 
 
 def test_bad_compile_mode_is_refused(tiny_model_dir):
