@@ -8,6 +8,7 @@ import numbers
 import os
 from typing import Any, Dict, List
 
+import diffusers
 import numpy as np
 import torch
 
@@ -35,7 +36,8 @@ def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_
                progress_bar, image, mask_image, strength, hr_scale, hr_upscaler, hr_second_pass_steps, hr_prompt,
                hr_negative_prompt, hr_scheduler, batch_size, callback_on_step_end, callback_on_step_end_tensor_inputs,
                subseed, subseed_strength) -> None:
-    """Every option of a call to ``pipeline`` (a `StableDiffusionText2ImagePipeline`), checked before any work."""
+    """Every option of a call to ``pipeline`` (a `StableDiffusionText2ImagePipeline`), checked before any work.
+    ``pipeline=None`` checks all that needs no model: the command line does so before it loads one."""
     if prompt is None:
         raise ValueError("The prompt is missing: call pipe('a photo of a cat') or pipe({'text': '...'}).")
     if isinstance(prompt, list):
@@ -63,10 +65,40 @@ def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_
         raise TypeError(f'latents must be a torch.Tensor, got {type(latents).__name__}')
     _check_variation(subseed, subseed_strength, latents, mask_image)
     if clip_skip is not None:
-        layers = pipeline.sd.text_encoder.config.num_hidden_layers
-        check_int('clip_skip', clip_skip, minimum=0, maximum=layers - 1)
+        check_int('clip_skip', clip_skip, minimum=0)
     if emphasis is not None:
         prompts_lib.emphasis_name(emphasis)
+    if progress_bar is not None and not isinstance(progress_bar, bool):
+        raise TypeError(f'progress_bar must be True or False, got {progress_bar!r}')
+    for name, value in (('scheduler', scheduler), ('hr_scheduler', hr_scheduler)):
+        if value is None:
+            continue
+        if pipeline is not None:
+            pipeline._scheduler(value, name)  # built once per name from the model's config; refuses unknown names
+        else:  # a name is known or not whatever the model's config
+            schedulers_lib.make_scheduler(value, diffusers.PNDMScheduler().config, name)
+    _check_image_inputs(image, mask_image, strength, latents, hr_scale)
+    _check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, hr_prompt, hr_negative_prompt, hr_scheduler, image,
+                 guidance_rescale)
+    _check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, mask_image)
+    if any(split_and(text) for text in prompts + ([hr_prompt] if isinstance(hr_prompt, str) else hr_prompt or [])):
+        _check_and(guidance_scale)
+    n_images = len(prompts) * num_images_per_prompt
+    if isinstance(generator, list) and len(generator) != n_images:
+        raise ValueError(f'generator is a list of {len(generator)} but this call makes {n_images} images '
+                         f'(prompts × num_images_per_prompt): pass one generator per image, one generator, '
+                         f'or seed=...')
+    if pipeline is not None:
+        _check_for_model(pipeline, num_inference_steps, eta, latents, scheduler, clip_skip, lora_scale, image,
+                         mask_image, hr_scale, hr_second_pass_steps, hr_scheduler, height, width, n_images)
+
+
+def _check_for_model(pipeline, num_inference_steps, eta, latents, scheduler, clip_skip, lora_scale, image,
+                     mask_image, hr_scale, hr_second_pass_steps, hr_scheduler, height, width, n_images) -> None:
+    """The checks that need the loaded model: its text encoder's depth, adapters, UNet and scheduler config."""
+    if clip_skip is not None:
+        layers = pipeline.sd.text_encoder.config.num_hidden_layers
+        check_int('clip_skip', clip_skip, minimum=0, maximum=layers - 1)
     if lora_scale is not None:
         if pipeline.lora_fused and pipeline.denoiser is not None:
             raise ValueError('lora_scale cannot change per call with fast=True: the compiled path fuses the '
@@ -78,40 +110,21 @@ def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_
         if not pipeline.adapters:
             raise ValueError('lora_scale was given but no LoRA is loaded: build the pipeline with lora_dir=...')
         lora_utils.check_scales(lora_scale, pipeline.adapters)
-    if progress_bar is not None and not isinstance(progress_bar, bool):
-        raise TypeError(f'progress_bar must be True or False, got {progress_bar!r}')
-    for name, value in (('scheduler', scheduler), ('hr_scheduler', hr_scheduler)):
-        if value is not None:
-            pipeline._scheduler(value, name)  # raises on unknown names
-    _check_image_inputs(pipeline, image, mask_image, strength, latents, hr_scale)
-    _check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, hr_prompt, hr_negative_prompt, hr_scheduler, image,
-                 guidance_rescale)
+    if pipeline.sd.unet.config.in_channels == 9 and mask_image is None:
+        raise ValueError('This is an inpainting model (9-channel UNet): pass image=... and mask_image=...')
     _check_eta(eta, pipeline._scheduler(scheduler),
                pipeline._scheduler(hr_scheduler) if hr_scale is not None and hr_scheduler is not None else None)
     check_step_spacing(pipeline._scheduler(scheduler), num_inference_steps, 'num_inference_steps')
     if hr_scale is not None:
         check_step_spacing(pipeline._scheduler(hr_scheduler if hr_scheduler is not None else scheduler),
                            hr_second_pass_steps or num_inference_steps, 'hr_second_pass_steps')
-    _check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, mask_image)
-    if any(split_and(text) for text in prompts + ([hr_prompt] if isinstance(hr_prompt, str) else hr_prompt or [])):
-        _check_and(guidance_scale)
-    n_images = len(prompts) * num_images_per_prompt
-    if isinstance(generator, list) and len(generator) != n_images:
-        raise ValueError(f'generator is a list of {len(generator)} but this call makes {n_images} images '
-                         f'(prompts × num_images_per_prompt): pass one generator per image, one generator, '
-                         f'or seed=...')
     if latents is not None:
         _check_latents(pipeline, latents, n_images, height, width, image)
 
 
-NUMBER_OPTIONS = ('height', 'width', 'num_inference_steps', 'num_images_per_prompt', 'batch_size', 'guidance_scale',
-                  'guidance_rescale', 'eta', 'seed')
-
-
 def check_numbers(height, width, num_inference_steps, num_images_per_prompt, batch_size, guidance_scale,
                   guidance_rescale, eta, seed) -> None:
-    """A call's sizes, counts, scales and seed (`NUMBER_OPTIONS`): they need no model, so the command line checks
-    them before it loads one."""
+    """A call's sizes, counts, scales and seed."""
     for name, value in (('height', height), ('width', width)):
         if value is None:
             continue
@@ -157,11 +170,9 @@ def _check_prompt_option(name: str, value, n_prompts: int) -> None:
         prompts_lib.check_syntax(name, text)
 
 
-def _check_image_inputs(pipeline, image, mask_image, strength, latents, hr_scale) -> None:
+def _check_image_inputs(image, mask_image, strength, latents, hr_scale) -> None:
     if mask_image is not None and image is None:
         raise ValueError('mask_image needs image: pass the picture to repaint as image=...')
-    if pipeline.sd.unet.config.in_channels == 9 and mask_image is None:
-        raise ValueError('This is an inpainting model (9-channel UNet): pass image=... and mask_image=...')
     if strength is not None:
         if image is None and hr_scale is None:
             raise ValueError('strength applies to image-to-image and inpainting (pass image=... as well) and to '

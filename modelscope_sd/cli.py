@@ -143,14 +143,17 @@ def generate(args) -> List[str]:
     if args.num_images is not None and args.num_images < 1:  # the pipeline would name num_images_per_prompt
         raise ValueError(f'--num_images {args.num_images}: must be >= 1.')
     calls = _line_calls(call, lines) if lines and any(len(line) > 1 for line in lines) else [call]
-    _check_numbers(calls)
+    _check_before_loading(calls)
+    try:  # before minutes of loading too
+        os.makedirs(args.output_dir, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f'--output_dir {args.output_dir!r} cannot be made: {err.strerror}.') from err
     model = model or DEFAULT_MODEL_ID
     revision = args.model_revision or (DEFAULT_MODEL_REVISION if model == DEFAULT_MODEL_ID else None)
     pipe = StableDiffusionText2ImagePipeline(
         model, model_revision=revision, device=args.device, local_files_only=args.local_files_only,
         lora_dir=[path for path, _ in loras] or None, lora_scale=[scale for _, scale in loras] or 1.0,
         textual_inversion=embeddings or None, fast=args.fast, precompile=args.precompile, vae=vae)
-    os.makedirs(args.output_dir, exist_ok=True)
     paths = []
     for one_call in calls:
         for part in _batches(one_call, args.batch_size):
@@ -163,14 +166,21 @@ def generate(args) -> List[str]:
     return paths
 
 
-def _check_numbers(calls: List[dict]) -> None:
-    """The pipeline's own checks of each call's sizes, counts, scales and seed, before the minutes of loading (or
-    downloading) the model that the call would otherwise wait for."""
-    from .checks import NUMBER_OPTIONS, check_numbers
+def _check_before_loading(calls: List[dict]) -> None:
+    """The pipeline's own checks of each call, all those that need no model, before the minutes of loading (or
+    downloading) one that the call would otherwise wait for. Image files are read here once: each call takes
+    them read."""
+    from . import images as images_lib
+    from .checks import check_call
     from .pipeline import CALL_DEFAULTS
     for one_call in calls:
+        for name, load in (('image', images_lib.load_image), ('mask_image', images_lib.load_mask)):
+            if isinstance(one_call.get(name), str):
+                one_call[name] = load(one_call[name], name)
         options = {**CALL_DEFAULTS, **one_call}
-        check_numbers(**{name: options[name] for name in NUMBER_OPTIONS})
+        if 'text' in options:  # ModelScope's name for the prompt
+            options['prompt'] = options.pop('text')
+        check_call(None, **options)
 
 
 def _line_calls(call: dict, lines: List[dict]) -> List[dict]:

@@ -62,7 +62,9 @@ def _read(data: bytes, where: str, name: str) -> Image.Image:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             return image.copy()
-    except (UnidentifiedImageError, OSError) as err:  # not an image, or a truncated one
+    except UnidentifiedImageError as err:
+        raise ValueError(f'{name}={where!r} is not an image (PNG, JPEG, WebP, ...) that PIL can read.') from err
+    except OSError as err:  # a truncated one
         raise ValueError(f'{name}={where!r} is not a readable image ({err}).') from err
 
 

@@ -219,14 +219,24 @@ def test_prompt_file_lines_with_kohyas_sample_options_are_each_their_own_call(ti
     assert "bad.txt' line 1: --cfg is not an option here; kohya's options are --n, --w" in capsys.readouterr().err
 
 
-def test_bad_numbers_are_refused_before_the_model_loads(tmp_path, capsys):
+def test_bad_options_are_refused_before_the_model_loads(tmp_path, capsys):
     (tmp_path / 'prompts.txt').write_text('a dog --w 512\na cat --h 500\n', encoding='utf-8')
+    (tmp_path / 'in.png').write_bytes(b'not a png')
+    Image.new('RGB', (32, 32)).save(tmp_path / 'good.png')
+    (tmp_path / 'a-file').write_text('')
     for args, message in ((['--prompt', 'a', '--height', '33'], 'height=33 must be a positive multiple of 8'),
                           (['--prompt', 'a', '--num_inference_steps', '0'], 'num_inference_steps=0 is out of range'),
                           (['--prompt', 'a', '--guidance_scale', 'nan'], 'guidance_scale=nan must be a finite'),
-                          (['--prompt_file', str(tmp_path / 'prompts.txt')], 'height=500 must be a positive')):
+                          (['--prompt_file', str(tmp_path / 'prompts.txt')], 'height=500 must be a positive'),
+                          (['--prompt', 'a', '--scheduler', 'eulr'], "scheduler='eulr' is not known"),
+                          (['--prompt', 'a', '--hr_scale', '2', '--hr_scheduler', 'x'], "hr_scheduler='x' is not"),
+                          (['--prompt', 'a', '--strength', '0.5'], 'strength applies to image-to-image'),
+                          (['--prompt', 'a', '--image', str(tmp_path / 'in.png')], "in.png' is not an image (PNG"),
+                          (['--prompt', 'a', '--image', str(tmp_path / 'good.png'), '--mask_image',
+                            str(tmp_path / 'nope.png')], "mask_image='" + str(tmp_path / 'nope.png')),
+                          (['--prompt', 'a', '--output_dir', str(tmp_path / 'a-file')], 'cannot be made: File exists')):
         with pytest.raises(SystemExit) as exit_info:  # a model that loading could never find: never asked for
-            main(['generate', *args, '--model', str(tmp_path / 'no-such-model'), '--output_dir', str(tmp_path)])
+            main(['generate', '--model', str(tmp_path / 'no-such-model'), '--output_dir', str(tmp_path), *args])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in err and 'no-such-model' not in err, err
 

@@ -121,7 +121,7 @@ def test_inpainting_model_with_nine_channel_unet(tmp_path, photo, mask):
      r'strength to 0.34 or more'),
     (dict(image='/no/such.png'), FileNotFoundError, "image='/no/such.png': no such file"),
     (dict(image=3), TypeError, 'image must be a file path or URL, a BGR numpy array or a PIL image'),
-    (dict(image=__file__), ValueError, r"image=.*test_image_to_image.py' is not a readable image"),
+    (dict(image=__file__), ValueError, r"image=.*test_image_to_image.py' is not an image \(PNG, JPEG"),
     (dict(image=np.zeros((4, 4, 3), np.float32)), ValueError, 'image as an array must be uint8'),
 ])
 def test_bad_image_inputs(sd_pipe, photo, options, error, message):
