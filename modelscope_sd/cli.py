@@ -215,15 +215,28 @@ def _batches(call: dict, batch_size: Optional[int]):
 
 
 def _convert(args) -> str:
+    """convert-lora: any adapter the pipeline loads as LoRA (a file, a training output_dir, a hub id) → a new
+    .safetensors file in the other format."""
     from finetune.models import export_kohya_lora, import_kohya_lora
-    if args.to == 'kohya' and not args.allow_pickle:
-        return export_kohya_lora(args.input, args.output)
-    if args.to == 'kohya':  # a pickle adapter: read as our file first, then written for kohya
-        import tempfile
-        with tempfile.TemporaryDirectory() as tmp:
-            ours = import_kohya_lora(args.input, os.path.join(tmp, 'adapter.safetensors'), allow_pickle=True)
-            return export_kohya_lora(ours, args.output)
-    return import_kohya_lora(args.input, args.output, args.allow_pickle)
+
+    from .constants import PICKLE_SUFFIXES
+    from .loading import check_safetensors
+    from .lora import locate_adapter
+    if not args.output.endswith('.safetensors'):
+        raise ValueError(f'{args.output!r}: adapters are written as .safetensors; name it *.safetensors.')
+    if os.path.exists(args.output):
+        raise ValueError(f'{args.output!r} exists: name a new file (convert-lora replaces nothing).')
+    folder, name = locate_adapter(args.input, args.allow_pickle)  # refuses models, embeddings, pickles by name
+    source = os.path.join(folder, name)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    if args.to == 'diffusers':
+        return import_kohya_lora(source, args.output, args.allow_pickle)
+    if not name.endswith(PICKLE_SUFFIXES) and any('.lora_A.' in k for k in check_safetensors(source)):
+        return export_kohya_lora(source, args.output)  # our (peft-key) files: their keys and trained alpha as they are
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:  # kohya keys, diffusers' older ones, the old trainer's .bin
+        ours = import_kohya_lora(source, os.path.join(tmp, 'adapter.safetensors'), allow_pickle=args.allow_pickle)
+        return export_kohya_lora(ours, args.output)
 
 
 def _convert_model(args) -> str:

@@ -315,13 +315,35 @@ def test_convert_lora_both_ways_keeps_the_effect(tiny_model_dir, tmp_path):
     original = make_random_lora(tiny_model_dir, str(tmp_path / 'a'), seed=4, text_encoder=True)
     main(['convert-lora', original, str(tmp_path / 'kohya.safetensors')])
     main(['convert-lora', str(tmp_path / 'kohya.safetensors'), str(tmp_path / 'back.safetensors'), '--to', 'diffusers'])
+    # the training output_dir as input, as lora_dir takes it; a new folder for the output; a kohya file again
+    main(['convert-lora', str(tmp_path / 'a'), str(tmp_path / 'new' / 'from-folder.safetensors')])
+    main(['convert-lora', str(tmp_path / 'kohya.safetensors'), str(tmp_path / 'kohya-again.safetensors')])
 
     def image(path):
         pipe = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False, lora_dir=path)
         return pipe('a cat', num_inference_steps=2, seed=0)['output_imgs'][0].astype(int)
     reference = image(original)
-    assert np.abs(image(str(tmp_path / 'kohya.safetensors')) - reference).max() <= 1
-    assert np.abs(image(str(tmp_path / 'back.safetensors')) - reference).max() <= 1
+    for converted in ('kohya', 'back', 'new/from-folder', 'kohya-again'):
+        assert np.abs(image(str(tmp_path / f'{converted}.safetensors')) - reference).max() <= 1, converted
+
+
+def test_convert_lora_refuses_what_it_cannot_write_or_read_in_one_line(tiny_model_dir, tmp_path, capsys):
+    from train_helpers import make_random_lora
+    original = make_random_lora(tiny_model_dir, str(tmp_path / 'a'))
+    (tmp_path / 'taken.safetensors').write_bytes(b'a file of the user')
+    (tmp_path / 'notes.safetensors').write_text('not an adapter')
+    for args, message in (([original, str(tmp_path / 'taken.safetensors')], 'taken.safetensors\' exists'),
+                          ([original, str(tmp_path / 'k.ckpt')], "name it *.safetensors"),
+                          ([original, str(tmp_path)], "name it *.safetensors"),
+                          ([tiny_model_dir, str(tmp_path / 'k.safetensors')], 'a whole Stable Diffusion model'),
+                          ([str(tmp_path / 'notes.safetensors'), str(tmp_path / 'k.safetensors')],
+                           'not a valid safetensors file')):
+        with pytest.raises(SystemExit) as exit_info:
+            main(['convert-lora', *args])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert (tmp_path / 'taken.safetensors').read_bytes() == b'a file of the user'
+    assert sorted(os.listdir(tmp_path)) == ['a', 'notes.safetensors', 'taken.safetensors']
 
 
 def test_train_lora_command(tiny_model_dir, tmp_path, fresh_accelerate):
