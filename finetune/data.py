@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageOps
 
 from modelscope_sd.images import to_rgb
-from modelscope_sd.loading import hub_unreachable, is_hub_id, root_cause
+from modelscope_sd.loading import hub_status, hub_unreachable, is_hub_id, root_cause
 from modelscope_sd.prompts import CHUNK, window_count_of, window_ids, window_layout
 
 from .buckets import assign_buckets, size_step
@@ -93,6 +93,12 @@ def _records_from_msdataset(name: str, split: str) -> List[Record]:
             return []
         raise
     except Exception as err:
+        if hub_status(err) in (401, 403, 404):  # the hub's answer, the same for a private dataset as for none
+            raise FileNotFoundError(
+                f"dataset_name={name!r} is not a dataset on ModelScope's hub or not open to you (HTTP "
+                f'{hub_status(err)}): check the id (owner/name, as in the dataset page\'s address), run `modelscope '
+                'login` for a private one, or train on a local folder (--train_data_dir, or --dataset_name '
+                'FOLDER).') from err
         if not hub_unreachable(err):
             raise
         raise ConnectionError(f"dataset={name!r}: ModelScope's hub could not be reached ({root_cause(err)}). Check "

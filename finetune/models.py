@@ -35,7 +35,7 @@ def load_components(model: str, revision: Optional[str], vae: Optional[str] = No
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    path = resolve_model_dir(model, revision)
+    path = resolve_model_dir(model, revision, argument='pretrained_model_name_or_path')
     checkpoint = lone_checkpoint(path)
     if checkpoint is not None:
         raise ValueError(single_file_message(model, checkpoint))

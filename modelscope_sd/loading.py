@@ -100,15 +100,17 @@ def is_hub_id(model: str) -> bool:
 
 
 def resolve_model_dir(model: str, revision: Optional[str] = None, local_files_only: bool = False,
-                      allow_patterns: Optional[Sequence[str]] = None, cache_dir: Optional[str] = None) -> str:
+                      allow_patterns: Optional[Sequence[str]] = None, cache_dir: Optional[str] = None,
+                      argument: str = 'model') -> str:
     """A local folder as is; a ModelScope hub id through ModelScope's download cache
     (``cache_dir``, by default ``MODELSCOPE_CACHE``). With ``local_files_only`` the hub is never asked; when the hub
-    cannot be reached, the cached copy is used, as huggingface_hub does."""
+    cannot be reached, the cached copy is used, as huggingface_hub does. ``argument``: the option that named it,
+    for errors."""
     if os.path.isdir(model):
         return model
     if not is_hub_id(model):
         raise FileNotFoundError(
-            f'model={model!r}: no such file or folder. Pass a ModelScope model id such as '
+            f'{argument}={model!r}: no such file or folder. Pass a ModelScope model id such as '
             f"'{DEFAULT_MODEL_ID}', a diffusers model folder, or a .safetensors checkpoint file.")
     from modelscope.hub.snapshot_download import snapshot_download
     try:
@@ -119,15 +121,23 @@ def resolve_model_dir(model: str, revision: Optional[str] = None, local_files_on
     except Exception as err:  # the hub client's cache-miss error type differs across modelscope versions
         if local_files_only:
             raise FileNotFoundError(
-                f'model={model!r} (revision {revision!r}) is not in the ModelScope cache ({_cache(cache_dir)}) and '
+                f'{argument}={model!r} (revision {revision!r}) is not in the ModelScope cache ({_cache(cache_dir)}) and '
                 'local_files_only=True: download it once with network access, or pass a local folder.') from err
+        status = hub_status(err)
+        if status in (401, 403, 404):  # the hub's answer, which says the same for a private model as for none
+            raise FileNotFoundError(
+                f"{argument}={model!r} (revision {revision!r}) is not on ModelScope's hub "
+                f"({os.environ.get('MODELSCOPE_ENDPOINT', 'https://modelscope.cn')}) or not open to you (HTTP "
+                f'{status}): check the id (owner/name, as in the model page\'s address) and the revision, run '
+                '`modelscope login` for a private model, or pass a local diffusers folder or a .safetensors '
+                'file.') from err
         if not hub_unreachable(err):
             raise
         try:
             path = snapshot_download(model, revision=revision, local_files_only=True, cache_dir=cache_dir)
         except Exception:  # noqa: BLE001 (not cached: the network is the problem to report)
             raise ConnectionError(
-                f"model={model!r} (revision {revision!r}): ModelScope's hub could not be reached "
+                f"{argument}={model!r} (revision {revision!r}): ModelScope's hub could not be reached "
                 f'({root_cause(err)}), and the model is not in the ModelScope cache ({_cache(cache_dir)}). Check '
                 'the network connection (or MODELSCOPE_ENDPOINT), or pass a local diffusers folder or a .safetensors '
                 'file.') from err
@@ -146,6 +156,16 @@ def hub_unreachable(err: BaseException) -> bool:
     kinds = (ConnectionError, TimeoutError, socket.gaierror, requests.exceptions.ConnectionError,
              requests.exceptions.Timeout)
     return any(isinstance(error, kinds) for error in _chain(err))
+
+
+def hub_status(err: BaseException) -> Optional[int]:
+    """The HTTP status of the hub's answer behind ``err`` (404: no such model or revision), or None."""
+    for error in _chain(err):
+        response = getattr(error, 'response', None)
+        status = getattr(error, 'status_code', None) or getattr(response, 'status_code', None)
+        if isinstance(status, int):
+            return status
+    return None
 
 
 def root_cause(err: BaseException) -> str:
@@ -361,7 +381,8 @@ def _load_single_file(path: str, config: Optional[str], allow_pickle: bool, dtyp
         config_dir = resolve_model_dir(DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION, local_files_only,
                                        allow_patterns=HUB_CONFIG_PATTERNS)
     else:
-        config_dir = resolve_model_dir(config, None, local_files_only, allow_patterns=HUB_CONFIG_PATTERNS)
+        config_dir = resolve_model_dir(config, None, local_files_only, allow_patterns=HUB_CONFIG_PATTERNS,
+                                       argument='config')
     return StableDiffusionPipeline.from_single_file(
         path, config=config_dir, **dtype_argument(dtype), local_files_only=True,
         safety_checker=None, requires_safety_checker=False)

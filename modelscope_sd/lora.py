@@ -25,7 +25,7 @@ def locate_adapter(path: str, allow_pickle: bool = False, lycoris: bool = False)
     if os.path.isfile(path):
         folder, name = os.path.split(os.path.abspath(path))
     elif os.path.isdir(path) or is_hub_id(path):
-        folder = resolve_model_dir(path)
+        folder = resolve_model_dir(path, argument='lora_dir')
         if os.path.isfile(os.path.join(folder, MODEL_INDEX)) and not os.path.isfile(os.path.join(folder, LORA_WEIGHT_NAME)):
             raise ValueError(f'lora_dir={path!r} is a whole Stable Diffusion model ({MODEL_INDEX}), not an adapter: '
                              'load it as the model, pipeline(task=..., model=...).')

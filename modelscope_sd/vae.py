@@ -24,7 +24,7 @@ def load_vae(vae, base, *, allow_pickle: bool = False, local_files_only: bool = 
     elif os.path.isfile(vae):
         model = _single_file(os.fspath(vae), base, allow_pickle)
     else:
-        folder = resolve_model_dir(os.fspath(vae), None, local_files_only)
+        folder = resolve_model_dir(os.fspath(vae), None, local_files_only, argument='vae')
         if os.path.isfile(os.path.join(folder, 'vae', 'config.json')):  # a whole diffusers model: its VAE
             model = AutoencoderKL.from_pretrained(folder, subfolder='vae')
         elif os.path.isfile(os.path.join(folder, 'config.json')):

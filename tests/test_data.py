@@ -122,6 +122,12 @@ def test_an_unreachable_hub_dataset_names_the_network_and_local_folders(monkeypa
         load_records('someone/photos', 'train')
 
 
+def test_a_dataset_the_hub_does_not_have_is_one_error_naming_the_flag(fake_hub):
+    with pytest.raises(FileNotFoundError, match=r"dataset_name='nobody/no-data' is not a dataset on ModelScope's hub "
+                                                r'or not open to you \(HTTP 404\).*--train_data_dir'):
+        load_records('nobody/no-data', 'train')
+
+
 def test_sampler_order_is_a_function_of_seed_and_epoch():
     sampler = EpochSampler(10, seed=1)
     sampler.start_epoch(3)

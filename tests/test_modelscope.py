@@ -263,6 +263,23 @@ def test_the_hubs_own_refusal_is_not_taken_for_a_network_failure(cached_model, m
     assert calls == ['list', False]
 
 
+def test_an_id_the_hub_does_not_have_is_one_error_naming_the_option(fake_hub, tiny_model_dir, tmp_path, capsys):
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    from modelscope_sd.cli import main
+    from modelscope_sd.loading import resolve_model_dir
+    with pytest.raises(FileNotFoundError, match=r"model='nobody/nothing' \(revision None\) is not on ModelScope's "
+                                                r'hub .* \(HTTP 404\): check the id'):
+        resolve_model_dir('nobody/nothing', cache_dir=str(tmp_path / 'cache'))
+    with pytest.raises(FileNotFoundError, match=r"lora_dir='nobody/no-lora' \(revision None\) is not on"):
+        StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', lora_dir='nobody/no-lora')
+    with pytest.raises(SystemExit) as exit:
+        main(['generate', '--prompt', 'a', '--model', 'nobody/nothing', '--device', 'cpu',
+              '--output_dir', str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("modelscope-sd generate: error: model='nobody/nothing' (revision None) is not on ")
+
+
 def test_our_class_resolves_hub_ids_itself_offline(cached_model, fake_hub):
     from modelscope_sd import StableDiffusionText2ImagePipeline
     requests = len(fake_hub.requests)
