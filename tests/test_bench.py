@@ -97,3 +97,12 @@ def test_the_training_rows_that_answer_the_goals_run_first(only):
     assert len({(name, batch) for name, _, batch, _ in runs}) == len(runs)
     compiled_rows = [name for name, _, batch, options in runs if batch == 1 and (options or {}).get('torch_compile')]
     assert len(compiled_rows) == 5 * compiled  # LoRA's two, DreamBooth's --full_bf16 one and 8-bit AdamW's two
+
+
+def test_flop_counts_split_by_kind_and_grow_with_the_batch():
+    from bench.count_flops import count
+    unet_1, unet_4, decoder = count(tiny=True, batches=(1, 4))
+    for row in (unet_1, unet_4, decoder):
+        assert row['tflop'] > 0 and set(row['tflop_by_kind']) == {'convolution', 'matmul', 'attention'}
+        assert sum(row['tflop_by_kind'].values()) == pytest.approx(row['tflop'], rel=1e-9)
+    assert unet_4['tflop'] == pytest.approx(4 * unet_1['tflop'], rel=1e-9)
