@@ -121,8 +121,8 @@ def resolve_model_dir(model: str, revision: Optional[str] = None, local_files_on
     except Exception as err:  # the hub client's cache-miss error type differs across modelscope versions
         if local_files_only:
             raise FileNotFoundError(
-                f'{argument}={model!r} (revision {revision!r}) is not in the ModelScope cache ({_cache(cache_dir)}) and '
-                'local_files_only=True: download it once with network access, or pass a local folder.') from err
+                f'{argument}={model!r} (revision {revision!r}) is not in the ModelScope cache ({_cache(cache_dir)}) '
+                'and local_files_only=True: download it once with network access, or pass a local folder.') from err
         status = hub_status(err)
         if status in (401, 403, 404):  # the hub's answer, which says the same for a private model as for none
             raise FileNotFoundError(
