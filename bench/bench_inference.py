@@ -111,7 +111,6 @@ def main(argv=None):
     from diffusers import StableDiffusionPipeline
 
     from modelscope_sd import StableDiffusionText2ImagePipeline
-    from modelscope_sd.pipeline import to_bgr_uint8
     results = []
     emit({'name': 'environment', **environment(), 'steps': args.steps, 'tiny': args.tiny}, args, results)
     dtype = torch.float16 if args.device.startswith('cuda') else torch.float32
@@ -122,8 +121,9 @@ def main(argv=None):
 
     def run_vanilla(n, seed):
         gens = [torch.Generator('cpu').manual_seed(seed + i) for i in range(n)]
-        return to_bgr_uint8(vanilla([PROMPT] * n, num_inference_steps=args.steps, generator=gens,
-                                    output_type='np').images)
+        images = vanilla([PROMPT] * n, num_inference_steps=args.steps, generator=gens, output_type='np').images
+        # diffusers' own host path, as its users get pictures: numpy_to_pil's rounding, then OpenCV's channel order
+        return [np.ascontiguousarray((image * 255).round().astype(np.uint8)[..., ::-1]) for image in images]
 
     reference = measure('vanilla diffusers', run_vanilla, args, results)[0]
     if args.profile:

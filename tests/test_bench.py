@@ -106,3 +106,13 @@ def test_flop_counts_split_by_kind_and_grow_with_the_batch():
         assert row['tflop'] > 0 and set(row['tflop_by_kind']) == {'convolution', 'matmul', 'attention'}
         assert sum(row['tflop_by_kind'].values()) == pytest.approx(row['tflop'], rel=1e-9)
     assert unet_4['tflop'] == pytest.approx(4 * unet_1['tflop'], rel=1e-9)
+
+
+def test_inference_bench_times_vanilla_and_ours_and_their_pictures_are_equal():
+    """The bench's vanilla and plain rows on the tiny model, as a GPU session would run them (without the compiled
+    rows, which test_fast.py covers): the bench's own conversions give vanilla's pixels and ours the same."""
+    from bench.bench_inference import main
+    rows = {row['name']: row for row in main(['--device', 'cpu', '--tiny', '--steps', '2', '--repeats', '1',
+                                              '--batch', '2', '--skip_fast'])}
+    assert rows['vanilla diffusers']['s_per_image_batch1'] > 0 and rows['ours']['images_per_s_batched'] > 0
+    assert rows['ours vs vanilla, same seed']['max_abs_pixel_diff_0_255'] == 0
