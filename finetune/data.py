@@ -3,6 +3,7 @@ and a sampler whose order is a function of (seed, epoch) so that a resumed run s
 
 import csv
 import glob
+import io
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from modelscope_sd.files import read_text
 from modelscope_sd.images import to_rgb
 from modelscope_sd.loading import hub_status, hub_unreachable, is_hub_id, root_cause
 from modelscope_sd.prompts import CHUNK, window_count_of, window_ids, window_layout
@@ -75,9 +77,9 @@ def _pick_columns(columns: Sequence[str], where: str) -> Tuple[str, str]:
 
 def _records_from_table(path: str, root: str) -> List[Record]:
     """Rows of a .csv, or of a .jsonl (one JSON object a line), with image paths relative to ``root``."""
-    with open(path, newline='', encoding='utf-8-sig') as f:
-        rows = (list(csv.DictReader(f)) if path.endswith('.csv')
-                else [json.loads(line) for line in f if line.strip()])
+    text = read_text(path, 'dataset table')
+    rows = (list(csv.DictReader(io.StringIO(text, newline=''))) if path.endswith('.csv')
+            else [json.loads(line) for line in text.splitlines() if line.strip()])
     if not rows:
         return []
     image, caption = _pick_columns(list(rows[0]), path)
@@ -175,8 +177,7 @@ def _folder_records(folder: str, caption: Optional[str], fallback: Optional[str]
         for extension in CAPTION_EXTENSIONS:
             caption_file = os.path.splitext(path)[0] + extension
             if text is None and os.path.isfile(caption_file):
-                with open(caption_file, encoding='utf-8-sig') as f:
-                    text = f.read().strip()
+                text = read_text(caption_file, 'caption file').strip()
         text = fallback if text is None else text
         if text is None:
             missing.append(os.path.relpath(path, folder))

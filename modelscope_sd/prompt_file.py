@@ -11,6 +11,7 @@ import os
 import shlex
 from typing import Any, Dict, List
 
+from .files import read_text
 from .prompts import check_syntax
 from .schedulers import check_scheduler_name
 
@@ -33,26 +34,26 @@ def read_prompt_file(path: str, name: str = 'prompt_file') -> List[Dict[str, Any
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{name}={path!r}: no such file.')
     ext = os.path.splitext(path)[1].lower()
-    with open(path, encoding='utf-8-sig') as f:
-        if ext == '.json':
-            entries = list(enumerate(_json_list(path, name, f), 1))
-        elif ext == '.toml':
-            entries = list(enumerate(_toml_entries(path, name, f), 1))
-        elif ext in ('.yaml', '.yml'):
-            raise ValueError(f'{name}={path!r}: a .txt file (one prompt a line), or a .json or .toml file as kohya '
-                             'writes them; YAML is not read.')
-        else:  # .txt, or any other name: lines of text
-            entries = [(n, line.strip()) for n, line in enumerate(f, 1)
-                       if line.strip() and not line.lstrip().startswith('#')]
+    text = read_text(path, name)
+    if ext == '.json':
+        entries = list(enumerate(_json_list(path, name, text), 1))
+    elif ext == '.toml':
+        entries = list(enumerate(_toml_entries(path, name, text), 1))
+    elif ext in ('.yaml', '.yml'):
+        raise ValueError(f'{name}={path!r}: a .txt file (one prompt a line), or a .json or .toml file as kohya '
+                         'writes them; YAML is not read.')
+    else:  # .txt, or any other name: lines of text
+        entries = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)
+                   if line.strip() and not line.lstrip().startswith('#')]
     if not entries:
         raise ValueError(f'{name}={path!r} holds no prompt.')
     where = 'entry' if ext in ('.json', '.toml') else 'line'
     return [_entry(f'{name}={path!r} {where} {n}', entry) for n, entry in entries]
 
 
-def _json_list(path, name, f) -> list:
+def _json_list(path, name, text: str) -> list:
     try:
-        data = json.load(f)
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f'{name}={path!r} is not valid JSON: {err}') from None
     if not isinstance(data, list):
@@ -60,13 +61,13 @@ def _json_list(path, name, f) -> list:
     return data
 
 
-def _toml_entries(path, name, f) -> list:
+def _toml_entries(path, name, text: str) -> list:
     try:
         import tomllib
     except ImportError:  # Python 3.10
         raise ValueError(f'{name}={path!r}: .toml needs Python 3.11 (tomllib); use a .txt or .json file.') from None
     try:
-        data = tomllib.loads(f.read())
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f'{name}={path!r} is not valid TOML: {err}') from None
     table = data.get('prompt')

@@ -188,6 +188,17 @@ def test_prompt_file_gives_each_prompt_its_images_and_seeds_batched_or_not(tiny_
         main(['generate', '--prompt_file', str(tmp_path / 'none.txt'), '--model', tiny_model_dir, '--device', 'cpu'])
 
 
+def test_prompt_files_saved_as_utf16_read_as_utf8_ones(tmp_path):
+    from modelscope_sd.prompt_file import read_prompt_file
+    expected = [{'prompt': '一只猫'}, {'prompt': 'a dog', 'seed': 7, 'negative_prompt': 'blurry'}]
+    (tmp_path / 'p.txt').write_text('一只猫\r\n# a comment\r\na dog --d 7 --n blurry\r\n', encoding='utf-16')
+    (tmp_path / 'p.json').write_text('["一只猫", {"prompt": "a dog", "seed": 7, "negative_prompt": "blurry"}]',
+                                     encoding='utf-16')
+    (tmp_path / 'p-utf8.txt').write_text('一只猫\na dog --d 7 --n blurry\n', encoding='utf-8')
+    for name in ('p.txt', 'p.json', 'p-utf8.txt'):
+        assert read_prompt_file(str(tmp_path / name)) == expected, name
+
+
 def test_prompt_file_lines_with_kohyas_sample_options_are_each_their_own_call(tiny_model_dir, tmp_path, capsys):
     """The trainers' --sample_prompts file renders here too: a line's options win over the flags for that line, a
     line without --d takes the seed of its place in the file."""

@@ -82,6 +82,22 @@ def test_captions_saved_with_a_byte_order_mark_read_clean(tmp_path):
     assert records_from_image_folder(str(tmp_path / 'jsonl'))[0].caption == 'a cat'
 
 
+def test_utf16_captions_and_tables_are_read_and_other_encodings_named(tmp_path):
+    """Notepad's "Unicode" is UTF-16 with a BOM; a GBK caption (Chinese Windows' default) is one error naming the
+    file, not a UnicodeDecodeError, nor a guess."""
+    make_images(str(tmp_path / 'txt'), count=1, captions=False)
+    (tmp_path / 'txt' / 'img0.txt').write_text('一只猫\r\n', encoding='utf-16')
+    make_images(str(tmp_path / 'csv'), count=1, captions=False)
+    (tmp_path / 'csv' / 'metadata.csv').write_text('file_name,text\r\nimg0.png,"a cat,\nsitting"\r\n',
+                                                   encoding='utf-16')
+    make_images(str(tmp_path / 'gbk'), count=1, captions=False)
+    (tmp_path / 'gbk' / 'img0.txt').write_bytes('一只橘色的猫坐在窗台上'.encode('gbk'))
+    assert records_from_image_folder(str(tmp_path / 'txt'))[0].caption == '一只猫'
+    assert records_from_image_folder(str(tmp_path / 'csv'))[0].caption == 'a cat,\nsitting'
+    with pytest.raises(ValueError, match=r"caption file '.*img0.txt' is not UTF-8 text .*save it as UTF-8"):
+        records_from_image_folder(str(tmp_path / 'gbk'))
+
+
 def test_hub_dataset_items_map_to_records(monkeypatch):
     """MsDataset items for buptwq/lora-stable-diffusion-finetune: {'Text', 'Target:FILE'} dicts."""
     from modelscope.msdatasets import MsDataset
