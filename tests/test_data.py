@@ -144,6 +144,20 @@ def test_a_dataset_the_hub_does_not_have_is_one_error_naming_the_flag(fake_hub):
         load_records('nobody/no-data', 'train')
 
 
+def test_images_training_would_upscale_more_than_twice_are_named(tmp_path, caplog):
+    from finetune.data import Record, check_images
+    big, small = make_images(str(tmp_path / 'big'), count=1, size=40) + make_images(str(tmp_path / 'small'), count=1,
+                                                                                    size=15)
+    records = [Record(big, 'a'), Record(small, 'b')]
+    with caplog.at_level('WARNING', logger='finetune.data'):
+        assert check_images(records, skip_bad=False, resolution=32) == records
+    assert '1 image(s) are less than half of --resolution 32 across' in caplog.text and 'img0.png (15x15)' in caplog.text
+    assert big not in caplog.text
+    caplog.clear()
+    check_images(records, skip_bad=False, resolution=30)  # 15 px is half of 30: upscaled 2x, not more
+    assert 'upscales' not in caplog.text
+
+
 def test_sampler_order_is_a_function_of_seed_and_epoch():
     sampler = EpochSampler(10, seed=1)
     sampler.start_epoch(3)
@@ -272,7 +286,7 @@ def test_kohyas_repeats_folders_repeat_their_images_and_caption_by_class_tokens(
         'tag_frequency': {'1_style': {'a photo of thing number 0': 1}, '3_sks dog': {'sks dog': 2, 'on grass': 1}},
         'dataset_dirs': {'1_style': {'n_repeats': 1, 'img_count': 1}, '3_sks dog': {'n_repeats': 3, 'img_count': 2}}}
     opened = []
-    monkeypatch.setattr(data, '_read_error', lambda path: opened.append(path))
+    monkeypatch.setattr(data, '_read', lambda path: opened.append(path) or (None, (40, 40)))
     assert len(data.check_images(records, skip_bad=False)) == 7 and len(opened) == 3
     # not kohya's layout: an image beside the folders, or a folder of images with another name; all read once
     make_images(str(tmp_path / 'years' / '2023_summer'), count=2)
