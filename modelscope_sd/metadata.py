@@ -13,7 +13,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from .hires import A1111_NAMES as A1111_UPSCALERS, DEFAULT_STRENGTH, MAX_SCALE, normalize_upscaler, target_size
 from .prompts import emphasis_name
-from .schedulers import SCHEDULE_TYPES, named_schedulers, scheduler_name
+from .schedulers import SCHEDULE_TYPES, check_scheduler_name, named_schedulers, scheduler_name
 
 PARAMETERS_KEY = 'parameters'
 # our scheduler names ↔ A1111's sampler names
@@ -169,6 +169,12 @@ def parse_parameters(text: str) -> Dict[str, Any]:
             call['hr_scheduler'] = _sampler(sampler, hires_schedule)
             not_applied += _schedule_not_applied('Hires schedule type', hires_schedule, call['hr_scheduler'])
     not_applied += _schedule_not_applied('Schedule type', params.get('Schedule type'), call['scheduler'])
+    for option, key, instead in (('scheduler', 'Sampler', "the model's own"),
+                                 ('hr_scheduler', 'Hires sampler', "the first pass's")):
+        if option in call and not _offered(call[option]):  # A1111's DPM++ 3M SDE, DPM fast, Restart, LCM, ...
+            not_applied.append(f'{key} {params.get(key, params["Sampler"])} (not offered here: {instead} runs '
+                               f'unless --{option} names one)')
+            del call[option]
     loras = [item.rsplit('=', 1) for item in params['Lora'].split('; ')] if params.get('Lora') else []
     embeddings = params['Textual inversion'].split('; ') if params.get('Textual inversion') else []
     return {'call': call, 'model': params.get('Model'), 'vae': params.get('VAE'), 'lora_dir': [p for p, _ in loras],
@@ -196,6 +202,14 @@ def _hires_scale(params: Dict[str, str], width: int, height: int) -> Optional[fl
         if target_size(height, width, scale) == wanted:
             return scale if 1 <= scale <= MAX_SCALE else None
     return None
+
+
+def _offered(name: str) -> bool:
+    try:
+        check_scheduler_name(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _schedule_not_applied(key: str, schedule: Optional[str], scheduler: str) -> List[str]:

@@ -104,6 +104,13 @@ def test_reads_a1111_19_schedule_type_and_the_hires_fix():
     assert parsed['not_applied'] == ['Schedule type SGM Uniform'] and parsed['call']['emphasis'] == 'No norm'
     assert parsed['vae'] == 'kl-f8-anime2.ckpt'  # generate loads it when it is there (see the --vae test)
     assert 'Emphasis Sharp' in metadata.parse_parameters(other.replace('No norm', 'Sharp'))['not_applied']
+    # A1111's samplers that no diffusers scheduler here runs: the model's own runs, named, instead of an error
+    parsed = metadata.parse_parameters(other.replace('Sampler: Euler, Schedule type: SGM Uniform', 'Sampler: DPM '
+                                                     'fast') + ', Hires upscale: 2, Hires sampler: Restart')
+    assert 'scheduler' not in parsed['call'] and 'hr_scheduler' not in parsed['call']
+    assert parsed['not_applied'] == [
+        "Sampler DPM fast (not offered here: the model's own runs unless --scheduler names one)",
+        "Hires sampler Restart (not offered here: the first pass's runs unless --hr_scheduler names one)"]
     # A1111 leaves its default out, and so does a PNG written here
     default = metadata.format_parameters('a', None, 20, 'pndm', 7.5, 1, 512, 512, 'm', emphasis='Original')
     assert 'Emphasis' not in default
