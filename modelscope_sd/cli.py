@@ -248,6 +248,8 @@ def _convert_model(args) -> str:
     if os.path.isfile(args.model):
         return _single_file_to_folder(args, dtype)
     check_output_path(args.output)  # before minutes of loading
+    if os.path.exists(args.output):
+        raise ValueError(f'{args.output!r} exists: name a new file (convert-model replaces nothing).')
     pipe = load_pipeline(args.model, revision=args.model_revision, device='cpu', torch_dtype=torch.float32,
                          load_safety_checker=False)
     return save_single_file(pipe, args.output, dtype, metadata={'modelscope_sd.source': args.model})

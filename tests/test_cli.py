@@ -301,6 +301,11 @@ def test_convert_model_writes_one_file_that_loads_with_the_same_images(tiny_mode
         main(['convert-model', tiny_model_dir, str(tmp_path / 'tiny.ckpt')])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("modelscope-sd convert-model: error: '")  # the path, then the fix
+    before = os.path.getmtime(path)
+    with pytest.raises(SystemExit) as exit_info:  # the file just written is not written over
+        main(['convert-model', tiny_model_dir, path])
+    assert exit_info.value.code == 2 and "tiny.safetensors' exists: name a new file" in capsys.readouterr().err
+    assert os.path.getmtime(path) == before
 
 
 def test_convert_model_turns_a_single_file_into_the_folder_the_trainers_need(tiny_model_dir, tiny_single_file,
