@@ -19,6 +19,8 @@ def main(argv=None) -> str:
     source = os.path.join(args.adapter, LORA_WEIGHT_NAME) if os.path.isdir(args.adapter) else args.adapter
     if not os.path.isfile(source):
         parser.error(f'adapter={args.adapter!r}: no {LORA_WEIGHT_NAME} there.')
+    if args.output is not None and os.path.exists(args.output):  # the default beside the input is this export's own
+        parser.error(f'output={args.output!r} exists: name a new file.')
     target = args.output or os.path.join(os.path.dirname(source), KOHYA_WEIGHT_NAME)
     export_kohya_lora(source, target)
     print(target)

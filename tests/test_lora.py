@@ -225,3 +225,7 @@ def test_export_command_writes_a_kohya_file_that_loads(tiny_model_dir, adapters,
     target = main([adapters[1], str(tmp_path / 'mine.safetensors')])
     assert np.abs(_image(_pipe(tiny_model_dir, lora_dir=target))
                   - _image(_pipe(tiny_model_dir, lora_dir=adapters[1]))).max() <= 1
+    with pytest.raises(SystemExit):  # a file named on the command line is never written over
+        main([adapters[0], target])
+    assert np.abs(_image(_pipe(tiny_model_dir, lora_dir=target))
+                  - _image(_pipe(tiny_model_dir, lora_dir=adapters[1]))).max() <= 1
