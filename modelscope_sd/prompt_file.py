@@ -34,14 +34,14 @@ def read_prompt_file(path: str, name: str = 'prompt_file') -> List[Dict[str, Any
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{name}={path!r}: no such file.')
     ext = os.path.splitext(path)[1].lower()
+    if ext in ('.yaml', '.yml'):
+        raise ValueError(f'{name}={path!r}: a .txt file (one prompt a line), or a .json or .toml file as kohya '
+                         'writes them; YAML is not read.')
     text = read_text(path, name)
     if ext == '.json':
         entries = list(enumerate(_json_list(path, name, text), 1))
     elif ext == '.toml':
         entries = list(enumerate(_toml_entries(path, name, text), 1))
-    elif ext in ('.yaml', '.yml'):
-        raise ValueError(f'{name}={path!r}: a .txt file (one prompt a line), or a .json or .toml file as kohya '
-                         'writes them; YAML is not read.')
     else:  # .txt, or any other name: lines of text
         entries = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)
                    if line.strip() and not line.lstrip().startswith('#')]
