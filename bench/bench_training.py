@@ -173,9 +173,13 @@ def measure(name, runner, args, batch, results):
         torch.cuda.reset_peak_memory_stats()
     baseline = torch.cuda.memory_allocated() / 2**30 if args.device.startswith('cuda') else None
     elapsed = timed(lambda: runner(args.warmup + args.steps), args.device)[0] - short
-    row = {'name': name, 'batch': batch, 'it_per_s': round(args.steps / elapsed, 2),
-           'images_per_s': round(args.steps * batch / elapsed, 2), 'peak_mem_gib': _peak(args.device),
+    row = {'name': name, 'batch': batch, 'it_per_s': round(args.steps / elapsed, 2) if elapsed > 0 else None,
+           'images_per_s': round(args.steps * batch / elapsed, 2) if elapsed > 0 else None,
+           'peak_mem_gib': _peak(args.device),
            'allocated_before_gib': round(baseline, 2) if baseline is not None else None}
+    if elapsed <= 0:  # a number would be the setup's noise, not the steps' speed
+        row['note'] = (f'the longer run took {-elapsed:.3f} s less than the shorter: its setup varied more than '
+                       f'{args.steps} steps take; pass more --steps')
     emit(row, args, results)
     if args.profile:
         # one step's share of two runs (ours: whole train_loop runs, whose setup cancels as in the timing)

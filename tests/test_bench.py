@@ -116,3 +116,14 @@ def test_inference_bench_times_vanilla_and_ours_and_their_pictures_are_equal():
                                               '--batch', '2', '--skip_fast'])}
     assert rows['vanilla diffusers']['s_per_image_batch1'] > 0 and rows['ours']['images_per_s_batched'] > 0
     assert rows['ours vs vanilla, same seed']['max_abs_pixel_diff_0_255'] == 0
+
+
+def test_a_training_row_whose_setup_noise_outweighs_its_steps_says_so_instead_of_a_negative_speed(monkeypatch):
+    import bench.bench_training as bench
+    from bench.bench_training import measure, parse_args
+    seconds = iter([2.0, 1.5])  # the short run, then the longer one, which came out faster
+    monkeypatch.setattr(bench, 'timed', lambda fn, device: (next(seconds), None))
+    rows = []
+    measure('row', lambda steps: None, parse_args(['--device', 'cpu', '--steps', '2']), 1, rows)
+    assert rows[0]['it_per_s'] is None and rows[0]['images_per_s'] is None
+    assert 'took 0.500 s less than the shorter' in rows[0]['note'] and 'pass more --steps' in rows[0]['note']
