@@ -109,6 +109,7 @@ def compare(reference, image):
 def main(argv=None):
     args = parse_args(argv)
     from diffusers import StableDiffusionPipeline
+    from diffusers.image_processor import VaeImageProcessor
 
     from modelscope_sd import StableDiffusionText2ImagePipeline
     results = []
@@ -122,8 +123,8 @@ def main(argv=None):
     def run_vanilla(n, seed):
         gens = [torch.Generator('cpu').manual_seed(seed + i) for i in range(n)]
         images = vanilla([PROMPT] * n, num_inference_steps=args.steps, generator=gens, output_type='np').images
-        # diffusers' own host path, as its users get pictures: numpy_to_pil's rounding, then OpenCV's channel order
-        return [np.ascontiguousarray((image * 255).round().astype(np.uint8)[..., ::-1]) for image in images]
+        # diffusers' own host path, as its users get pictures (its numpy_to_pil), in OpenCV's channel order
+        return [np.ascontiguousarray(np.asarray(image)[..., ::-1]) for image in VaeImageProcessor.numpy_to_pil(images)]
 
     reference = measure('vanilla diffusers', run_vanilla, args, results)[0]
     if args.profile:

@@ -95,10 +95,11 @@ def _records_from_msdataset(name: str, split: str) -> List[Record]:
             return []
         raise
     except Exception as err:
-        if hub_status(err) in (401, 403, 404):  # the hub's answer, the same for a private dataset as for none
+        status = hub_status(err)
+        if status in (401, 403, 404):  # the hub's answer, the same for a private dataset as for none
             raise FileNotFoundError(
                 f"dataset_name={name!r} is not a dataset on ModelScope's hub or not open to you (HTTP "
-                f'{hub_status(err)}): check the id (owner/name, as in the dataset page\'s address), run `modelscope '
+                f'{status}): check the id (owner/name, as in the dataset page\'s address), run `modelscope '
                 'login` for a private one, or train on a local folder (--train_data_dir, or --dataset_name '
                 'FOLDER).') from err
         if not hub_unreachable(err):

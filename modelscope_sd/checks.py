@@ -8,7 +8,6 @@ import numbers
 import os
 from typing import Any, Dict, List
 
-import diffusers
 import numpy as np
 import torch
 
@@ -75,8 +74,8 @@ def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_
             continue
         if pipeline is not None:
             pipeline._scheduler(value, name)  # built once per name from the model's config; refuses unknown names
-        else:  # a name is known or not whatever the model's config
-            schedulers_lib.make_scheduler(value, diffusers.PNDMScheduler().config, name)
+        else:
+            schedulers_lib.check_scheduler_name(value, argument=name)
     _check_image_inputs(image, mask_image, strength, latents, hr_scale)
     _check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, hr_prompt, hr_negative_prompt, hr_scheduler, image,
                  guidance_rescale)
@@ -112,12 +111,13 @@ def _check_for_model(pipeline, num_inference_steps, eta, latents, scheduler, cli
         lora_utils.check_scales(lora_scale, pipeline.adapters)
     if pipeline.sd.unet.config.in_channels == 9 and mask_image is None:
         raise ValueError('This is an inpainting model (9-channel UNet): pass image=... and mask_image=...')
-    _check_eta(eta, pipeline._scheduler(scheduler),
-               pipeline._scheduler(hr_scheduler) if hr_scale is not None and hr_scheduler is not None else None)
-    check_step_spacing(pipeline._scheduler(scheduler), num_inference_steps, 'num_inference_steps')
-    if hr_scale is not None:
-        check_step_spacing(pipeline._scheduler(hr_scheduler if hr_scheduler is not None else scheduler),
-                           hr_second_pass_steps or num_inference_steps, 'hr_second_pass_steps')
+    first = pipeline._scheduler(scheduler)
+    own_second = pipeline._scheduler(hr_scheduler) if hr_scale is not None and hr_scheduler is not None else None
+    _check_eta(eta, first, own_second)
+    check_step_spacing(first, num_inference_steps, 'num_inference_steps')
+    if hr_scale is not None:  # the hires fix's second pass: its own scheduler, or the first pass's
+        check_step_spacing(first if own_second is None else own_second, hr_second_pass_steps or num_inference_steps,
+                           'hr_second_pass_steps')
     if latents is not None:
         _check_latents(pipeline, latents, n_images, height, width, image)
 

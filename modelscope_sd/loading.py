@@ -125,9 +125,10 @@ def resolve_model_dir(model: str, revision: Optional[str] = None, local_files_on
                 'and local_files_only=True: download it once with network access, or pass a local folder.') from err
         status = hub_status(err)
         if status in (401, 403, 404):  # the hub's answer, which says the same for a private model as for none
+            from modelscope.hub.api import HubApi
             raise FileNotFoundError(
                 f"{argument}={model!r} (revision {revision!r}) is not on ModelScope's hub "
-                f"({os.environ.get('MODELSCOPE_ENDPOINT', 'https://modelscope.cn')}) or not open to you (HTTP "
+                f'({HubApi().endpoint}) or not open to you (HTTP '
                 f'{status}): check the id (owner/name, as in the model page\'s address) and the revision, run '
                 '`modelscope login` for a private model, or pass a local diffusers folder or a .safetensors '
                 'file.') from err

@@ -160,9 +160,10 @@ def make_scheduler(scheduler: Union[str, SchedulerMixin], base_config, argument:
     return cls.from_config(base_config, **{**resets, **overrides})
 
 
-def check_scheduler_name(name: str, place: str = '') -> None:
-    """Refuse a scheduler name the pipeline does not take, before any model loads (``place``: what named it)."""
+def check_scheduler_name(name: str, place: str = '', argument: str = 'scheduler') -> None:
+    """Refuse a scheduler name the pipeline does not take, before any model loads (``place``: where it was named,
+    ``argument``: the option that named it). Whether a name is known does not depend on the model's config."""
     try:
-        make_scheduler(name, diffusers.PNDMScheduler().config)
+        make_scheduler(name, diffusers.PNDMScheduler().config, argument)
     except ValueError as err:
         raise ValueError(f'{place}{err}') from None
