@@ -473,6 +473,7 @@ class CachedDataset(torch.utils.data.Dataset):
                 ids = self.empty['input_ids'][None].to(text_encoder.device)
                 self.empty['encoder_hidden_states'] = encode_prompt_ids(text_encoder, ids, clip_skip)[0]
             seen = {}  # a record listed again (kohya's repeats) is encoded once, its entry shared
+            finite = []  # per encoded image, on the device: read once at the end
             for index in range(len(dataset)):
                 record = dataset.records[index]
                 key = (record.image, record.caption, None if self.targets is None else self.targets[index])
@@ -484,6 +485,7 @@ class CachedDataset(torch.utils.data.Dataset):
                 entry = {'latent_params': vae.encode(pixels).latent_dist.parameters[0]}
                 if self.flipped:  # a mirrored crop is the crop mirrored: the same pixels prepare_image flips
                     entry['flipped_latent_params'] = vae.encode(pixels.flip(-1)).latent_dist.parameters[0]
+                finite.append((record.image, torch.stack([torch.isfinite(v).all() for v in entry.values()]).all()))
                 if not self.varying:  # varying captions are tokenized per item, in __getitem__
                     ids = dataset.tokenize(record.caption)
                     if text_encoder is None:
@@ -502,6 +504,7 @@ class CachedDataset(torch.utils.data.Dataset):
                     self.items = [host[id(it)] for it in self.items]
                 elif not on_device:
                     self.items[-1] = {k: v.cpu() for k, v in entry.items()}
+        _check_latents_finite(finite, vae.dtype)
 
     def __len__(self):
         return len(self.items)
@@ -520,6 +523,16 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def collate(self, examples):
         return collate(examples, self.empty)
+
+
+def _check_latents_finite(finite, dtype: torch.dtype) -> None:
+    """Images the VAE encoded to NaN or inf (an overflow in fp16) would make every step that draws them NaN."""
+    bad = [image for image, ok in finite if not bool(ok)]
+    if bad:
+        fix = ('Train with --mixed_precision bf16 (or no), whose VAE has the range fp16 lacks, or leave these images '
+               'out.' if dtype == torch.float16 else 'The VAE (its --vae, or the model\'s) may hold NaN: check it.')
+        raise ValueError(f'The VAE encoded {len(bad)} image(s) to NaN or inf in {str(dtype).replace("torch.", "")}: '
+                         f'{", ".join(map(str, bad[:5]))}{" …" if len(bad) > 5 else ""}. {fix}')
 
 
 def cache_dataset(dataset, vae, text_encoder=None, on_device: bool = False, clip_skip: Optional[int] = None):

@@ -22,6 +22,7 @@ from .config import (check_full_bf16, check_fused_backward_pass, full_bf16_confl
                      target_module_list)
 from .data import EpochSampler, cache_dataset, collate
 from .diffusion import denoising_loss, pipeline_clip_skip
+from .divergence import TrainingDiverged, check_finite
 from .fused_backward import OptimizerInBackward
 from .interrupt import StopRequests, TrainingInterrupted, ignore_stop_signals, restore_stop_signals
 from .stochastic_adamw import StochasticAdamW
@@ -373,9 +374,9 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
     fused = getattr(config, 'fused_backward_pass', False)
     in_backward = OptimizerInBackward(optimizer, params, config.max_grad_norm) if fused else contextlib.nullcontext()
     # Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit; out of memory: save the last step, say what helps
-    with StopRequests() as stop, saved_on_out_of_memory(accelerator, config, lambda: (global_step, last_saved,
-                                                                                       updating)), \
-            lora_inputs_uncast(trained, accelerator.native_amp), in_backward:
+    with StopRequests() as stop, saved_on_out_of_memory(accelerator, config, params, lambda: (
+            global_step, last_saved, updating)), lora_inputs_uncast(trained, accelerator.native_amp), in_backward, \
+            _closing_on(TrainingDiverged, accelerator, progress):
         for epoch in range(first_epoch, epochs):
             if global_step >= max_steps:
                 break
@@ -408,16 +409,19 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
                     continue
                 global_step += 1
                 progress.update(1)
-                if global_step % config.logging_steps == 0 or global_step == max_steps:
+                logging_due = global_step % config.logging_steps == 0 or global_step == max_steps
+                if logging_due:
                     # .item() waits for the GPU: only here, so between logs the CPU queues steps ahead
                     logs = {'loss': loss.detach().item(), 'lr': lr_scheduler.get_last_lr()[0]}
                     if config.text_encoder_lr is not None:
                         logs['lr_text_encoder'] = lr_scheduler.get_last_lr()[1]
                     progress.set_postfix(**logs)
                     accelerator.log(logs, step=global_step)
+                if logging_due or validation_due(global_step):  # (checkpoints check their own weights)
+                    check_finite(params, config, global_step, logs['loss'] if logging_due else None)
                 saved = None
                 if _due(global_step, config.checkpointing_steps) or _due(global_step, checkpoint_every_epochs):
-                    saved, last_saved = _checkpoint(accelerator, config, global_step), global_step
+                    saved, last_saved = _checkpoint(accelerator, config, global_step, params), global_step
                 if validation_due(global_step) and accelerator.is_main_process:
                     _validate(accelerator, config, parts, pipeline_for_validation, validation_dataset, samples,
                               global_step)
@@ -425,7 +429,7 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
                     break
                 if stop.agreed(accelerator):
                     progress.close()
-                    _stop(accelerator, config, global_step, stop.signum, saved)
+                    _stop(accelerator, config, global_step, stop.signum, saved, params)
     progress.close()
     accelerator.wait_for_everyone()
     final_validation_due = (samples or validation_dataset is not None) and not validation_due(global_step)
@@ -435,13 +439,16 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
     return global_step
 
 
-def _checkpoint(accelerator, config, step: int) -> str:
+def _checkpoint(accelerator, config, step: int, params) -> str:
+    """Save ``checkpoint-step``, unless the trained weights (``params``) went NaN or inf: a checkpoint is
+    always one to resume from, and the rotation never removes a good one for it."""
+    check_finite(params, config, step)
     return save_checkpoint(accelerator, config.output_dir, step,
                            {'global_step': step, 'settings': resume_settings(config)}, config.checkpoints_total_limit)
 
 
 @contextlib.contextmanager
-def saved_on_out_of_memory(accelerator, config, where):
+def saved_on_out_of_memory(accelerator, config, params, where):
     """GPU out of memory in the loop: save the last finished step (``where()`` gives it, the step last saved and
     whether the weights were being updated), then say which flags use less memory, before the error goes on.
     One process only: with several, the others wait in collectives and the save would hang."""
@@ -451,7 +458,7 @@ def saved_on_out_of_memory(accelerator, config, where):
         step, saved, updating = where()
         if accelerator.num_processes == 1 and step > saved and not updating:
             torch.cuda.empty_cache()
-            path = _checkpoint(accelerator, config, step)
+            path = _checkpoint(accelerator, config, step, params)
             logger.error('Out of memory after step %d; saved %s: --resume_from_checkpoint latest continues from '
                          'there.', step, path)
         logger.error('Out of GPU memory. Flags that use less: %s.',
@@ -480,13 +487,25 @@ def memory_advice(config, mixed_precision: str, processes: int = 1) -> List[str]
     return [flag for flag, applies in advice if applies]
 
 
-def _stop(accelerator, config, step: int, signum: Optional[int], saved: Optional[str]):
+def _stop(accelerator, config, step: int, signum: Optional[int], saved: Optional[str], params):
     """Save where the run stands (unless this step just did) and exit; resuming continues from here."""
-    path = saved or _checkpoint(accelerator, config, step)
+    path = saved or _checkpoint(accelerator, config, step, params)
     logger.warning('Stopped at step %d; saved %s. Run the same command with --resume_from_checkpoint latest to '
                    'continue.', step, path)
     accelerator.end_training()
     raise TrainingInterrupted(signum or signal.SIGTERM, step, path)  # processes that got no signal of their own
+
+
+@contextlib.contextmanager
+def _closing_on(error, accelerator, progress):
+    """On ``error``, end the progress bar's line and close the trackers (tensorboard writes its last events then)
+    before the error goes on."""
+    try:
+        yield
+    except error:
+        progress.close()
+        accelerator.end_training()
+        raise
 
 
 def _due(step: int, every: Optional[int]) -> bool:

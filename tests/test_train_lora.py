@@ -790,6 +790,21 @@ def test_corrupt_images_fail_listed_or_are_skipped_and_counted(tiny_model_dir, t
     assert 'Skipping 1 unreadable image(s)' in caplog.text
 
 
+def test_images_the_vae_encodes_to_nan_are_named_before_the_first_step(tiny_model_dir, tmp_path):
+    """An fp16 VAE that overflows, or a broken --vae: every step that draws such an image would be NaN."""
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(tiny_model_dir, subfolder='vae')
+    with torch.no_grad():
+        vae.encoder.conv_in.weight[0, 0, 0, 0] = float('nan')
+    vae.save_pretrained(tmp_path / 'broken-vae')
+    make_images(str(tmp_path / 'imgs'), count=2)
+    with pytest.raises(ValueError, match=r"The VAE encoded 2 image\(s\) to NaN or inf in float32: .*img0.png, "
+                                         r".*img1.png\. The VAE \(its --vae, or the model's\) may hold NaN"):
+        _train(_config(tiny_model_dir, str(tmp_path / 'imgs'), tmp_path / 'out', cache_latents=True,
+                       vae=str(tmp_path / 'broken-vae')))
+    assert not any(name.startswith('checkpoint-') for name in os.listdir(tmp_path / 'out'))
+
+
 def test_an_output_dir_that_cannot_be_made_is_refused_before_loading(tiny_model_dir, csv_dataset, tmp_path):
     (tmp_path / 'notes.txt').write_text('not a folder')
     out = str(tmp_path / 'notes.txt' / 'run')
@@ -1148,6 +1163,40 @@ class _OutOfMemoryInStep4(torch.optim.AdamW):
         if self.steps == 4:
             raise torch.OutOfMemoryError('CUDA out of memory in the optimizer step')
         return super().step(closure)
+
+
+def test_weights_gone_nan_stop_the_run_and_keep_the_last_good_checkpoint(tiny_model_dir, csv_dataset, tmp_path,
+                                                                          monkeypatch, caplog):
+    """A NaN step (a learning rate far too high, fp16 overflow) went on to the end: checkpoints of NaN weights
+    rotated the good ones away, and the final adapter was NaN, with exit status 0."""
+    import finetune.training as training
+    real_loss, calls = training.denoising_loss, []
+
+    def nan_at_step_3(*args, **kwargs):
+        calls.append(1)
+        losses = real_loss(*args, **kwargs)
+        return losses * float('nan') if len(calls) == 3 else losses
+
+    monkeypatch.setattr(training, 'denoising_loss', nan_at_step_3)
+    with pytest.raises(SystemExit, match=r'NaN or inf at step 4\. The last checkpoint, .*checkpoint-2, holds finite '
+                       r'weights.*--learning_rate 0\.001.*--network_weights .*checkpoint-2') as stopped:
+        _train(_config(tiny_model_dir, csv_dataset, tmp_path, max_train_steps=6, checkpoints_total_limit=1))
+    assert stopped.value.code != 0
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint-2']  # no NaN checkpoint-4, no final adapter
+    kept = load_file(tmp_path / 'checkpoint-2' / 'pytorch_lora_weights.safetensors')
+    assert all(torch.isfinite(value).all() for value in kept.values())
+
+
+def test_a_nan_loss_over_finite_weights_is_said_and_training_goes_on(caplog):
+    """fp16's loss scaler skips a step whose loss overflowed: the weights stay finite, so the run goes on."""
+    from types import SimpleNamespace
+
+    from finetune.divergence import TrainingDiverged, check_finite
+    config = SimpleNamespace(output_dir='unused', learning_rate=1e-4, text_encoder_lr=None, scale_lr=False)
+    check_finite([torch.ones(3)], config, 7, loss=float('inf'))
+    assert 'step 7: the loss is inf, but the trained weights are finite' in caplog.text
+    with pytest.raises(TrainingDiverged, match='No checkpoint was saved before'):
+        check_finite([torch.ones(3), torch.tensor([0.0, float('inf')])], config, 8, loss=1.0)
 
 
 def test_network_weights_start_the_adapter_where_a_trained_one_ends(tiny_model_dir, csv_dataset, tmp_path):
