@@ -7,7 +7,7 @@ import dataclasses
 import os
 import sys
 import typing
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from . import kohya_flags
 
@@ -121,3 +121,28 @@ def parse_args(config_cls, argv: Optional[List[str]], description: str,
         return config_cls(**values), notes
     except (ValueError, FileNotFoundError) as err:  # a missing file or folder is one line too, not a traceback
         parser.error(str(err))
+
+
+def run_trainer(main: Callable, config_cls, argv: Optional[List[str]], description: str, prog: str):
+    """A trainer's command line: flags → config → ``main(config, notes)``. A user error raised by this package's
+    own checks while it runs (a bad dataset, images the VAE cannot encode) ends in one line, as a bad flag does;
+    an error raised anywhere else keeps its traceback."""
+    config, notes = parse_args(config_cls, argv, description)
+    try:
+        return main(config, notes)
+    except (ValueError, FileNotFoundError) as err:
+        if not _raised_by_own_checks(err):
+            raise
+        print(f'{prog}: error: {err}', file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _raised_by_own_checks(err: BaseException) -> bool:
+    """Whether ``err`` was raised in finetune/ or modelscope_sd/ (where errors are written for users)."""
+    import modelscope_sd
+    here = tuple(os.path.dirname(os.path.abspath(module.__file__)) + os.sep
+                 for module in (sys.modules[__package__], modelscope_sd))
+    trace = err.__traceback__
+    while trace is not None and trace.tb_next is not None:
+        trace = trace.tb_next
+    return trace is not None and os.path.abspath(trace.tb_frame.f_code.co_filename).startswith(here)

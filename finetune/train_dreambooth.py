@@ -23,7 +23,7 @@ from finetune.config import DreamBoothConfig
 from finetune.data import (PriorPreservationDataset, check_images, dataset_summary, image_paths, load_records,
                            records_from_image_folder, training_dataset)
 from finetune.diffusion import pipeline_clip_skip
-from finetune.flags import parse_args
+from finetune.flags import run_trainer
 from finetune.models import kohya_file_name, load_components, save_lora, training_metadata
 from finetune.training import log_how_to_load, prepare_models, render_result, start_run, train_loop
 from finetune.validation_images import validation_pipeline_factory
@@ -218,4 +218,4 @@ def save_full_model(output_dir: str, base_dir: str, unet, text_encoder, vae=None
 
 if __name__ == '__main__':
     logging.basicConfig(format='%(asctime)s %(levelname)s %(name)s: %(message)s', level=logging.INFO)
-    main(*parse_args(DreamBoothConfig, sys.argv[1:], __doc__))
+    run_trainer(main, DreamBoothConfig, sys.argv[1:], __doc__, os.path.basename(__file__))

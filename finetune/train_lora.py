@@ -15,7 +15,7 @@ from typing import List, Optional
 
 from finetune.config import LoraTrainConfig
 from finetune.data import check_images, dataset_summary, load_records, training_dataset
-from finetune.flags import parse_args
+from finetune.flags import run_trainer
 from finetune.models import kohya_file_name, load_components, save_lora, training_metadata
 from finetune.training import log_how_to_load, prepare_models, render_result, start_run, train_loop
 from finetune.validation_images import validation_pipeline_factory
@@ -60,4 +60,4 @@ def main(config: LoraTrainConfig, notes: Optional[List[str]] = None) -> str:
 
 if __name__ == '__main__':
     logging.basicConfig(format='%(asctime)s %(levelname)s %(name)s: %(message)s', level=logging.INFO)
-    main(*parse_args(LoraTrainConfig, sys.argv[1:], __doc__))
+    run_trainer(main, LoraTrainConfig, sys.argv[1:], __doc__, os.path.basename(__file__))

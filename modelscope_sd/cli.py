@@ -322,7 +322,7 @@ def _train(command: str, argv: List[str]):
     import logging
 
     from finetune.config import DreamBoothConfig, LoraTrainConfig
-    from finetune.flags import parse_args
+    from finetune.flags import run_trainer
     logging.basicConfig(format='%(asctime)s %(levelname)s %(name)s: %(message)s', level=logging.INFO)
     if command == 'train-lora':
         from finetune import train_lora as trainer
@@ -330,7 +330,7 @@ def _train(command: str, argv: List[str]):
     else:
         from finetune import train_dreambooth as trainer
         config_cls = DreamBoothConfig
-    return trainer.main(*parse_args(config_cls, argv, trainer.__doc__))
+    return run_trainer(trainer.main, config_cls, argv, trainer.__doc__, f'modelscope-sd {command}')
 
 
 if __name__ == '__main__':

@@ -378,6 +378,32 @@ def test_train_lora_command(tiny_model_dir, tmp_path, fresh_accelerate):
     assert os.path.isfile(path)
 
 
+def test_a_trainers_own_check_failing_at_run_time_ends_in_one_line(tiny_model_dir, tmp_path, fresh_accelerate,
+                                                                   capsys):
+    """A bad dataset is found after the flags are read: it ended in a traceback, where a bad flag is one line."""
+    from train_helpers import make_images
+    make_images(str(tmp_path / 'imgs'), count=2)
+    (tmp_path / 'imgs' / 'img1.png').write_bytes(b'not a png')
+    with pytest.raises(SystemExit) as exit_info:
+        main(['train-lora', '--pretrained_model_name_or_path', tiny_model_dir, '--dataset_name',
+              str(tmp_path / 'imgs'), '--output_dir', str(tmp_path / 'out')])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith('modelscope-sd train-lora: error: 1 unreadable image(s)') and '--skip_bad_images' in err
+
+
+def test_an_error_raised_outside_the_package_keeps_its_traceback():
+    """Only the package's own checks speak to users; anything else is a bug to report, with its trace."""
+    from finetune.config import LoraTrainConfig
+    from finetune.flags import run_trainer
+
+    def main(config, notes):
+        return int('not a number')  # raised by Python, not by a check of ours
+
+    with pytest.raises(ValueError, match='invalid literal'):
+        run_trainer(main, LoraTrainConfig, ['--dataset_name', '.'], 'doc', 'prog')
+
+
 def test_console_script_is_installed_and_exits_0_when_it_made_the_images(tiny_model_dir, tmp_path):
     result = subprocess.run(['modelscope-sd', '--help'], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
