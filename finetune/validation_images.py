@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from modelscope_sd import prompts
+from modelscope_sd.nan_images import check_decodes
 from modelscope_sd.prompt_file import read_prompt_file
 
 STEPS = 25  # validation images' default denoising steps
@@ -93,6 +94,7 @@ def validation_pipeline_factory(accelerator, parts: dict):
             requires_safety_checker=False,
             scheduler=_inference_scheduler(parts['model_dir']))
         pipe.set_progress_bar_config(disable=True)
+        check_decodes(pipe.vae)  # as the pipeline's: an fp16 VAE that decodes NaN (black) images goes on in fp32
         return pipe
     return make
 

@@ -62,6 +62,8 @@ def check_call(pipeline, prompt, negative_prompt, num_inference_steps, guidance_
         raise TypeError(f'generator must be a torch.Generator or a list of them, got {type(generator).__name__}')
     if latents is not None and not isinstance(latents, torch.Tensor):
         raise TypeError(f'latents must be a torch.Tensor, got {type(latents).__name__}')
+    if latents is not None and latents.is_floating_point() and not bool(torch.isfinite(latents).all()):
+        raise ValueError('latents hold NaN or inf, which give black images: pass finite start latents.')
     _check_variation(subseed, subseed_strength, latents, mask_image)
     if clip_skip is not None:
         check_int('clip_skip', clip_skip, minimum=0)

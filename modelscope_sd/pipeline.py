@@ -23,6 +23,7 @@ from .cfg_cutoff import BatchCFGCutoff, is_cfg_cutoff
 from .composable import composed_call
 from .embeddings import load_embeddings
 from .loading import load_pipeline, resolve_device
+from .nan_images import check_decodes
 from .schedulers import make_scheduler, seeded
 from .vae import load_vae
 
@@ -148,6 +149,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             load_safety_checker=load_safety_checker, local_files_only=local_files_only, use_safetensors=use_safetensors)
         if vae is not None:  # before anything is built on the model's own (variants, the compiled decoder)
             self.sd.vae = load_vae(vae, self.sd.vae, allow_pickle=allow_pickle, local_files_only=local_files_only)
+        check_decodes(self.sd.vae)  # NaN (black) images: an fp16 VAE that overflows decodes in fp32, as in A1111
         self.model = self.sd
         self.models = [self.sd]
         self.has_multiple_models = False

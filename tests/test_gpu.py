@@ -107,6 +107,25 @@ def test_fast_denoising_loop_never_waits_for_the_gpu(gpu_pipes):
             torch.cuda.set_sync_debug_mode('default')
 
 
+def test_an_fp16_vae_that_overflows_decodes_in_fp32_on_both_paths(gpu_pipes):
+    """The compiled decoder's NaN images are decoded again by an eager fp32 copy, as the plain path's are."""
+    pipes = gpu_pipes
+    try:
+        for pipe in pipes:
+            with torch.no_grad():  # past fp16's 65504 after the decoder's first convolutions
+                pipe.sd.vae.post_quant_conv.weight.mul_(1e5)
+                pipe.sd.vae.post_quant_conv.bias.mul_(1e5)
+        plain, fast = (pipe('a cat', num_inference_steps=4, seed=0)['output_imgs'][0].astype(int) for pipe in pipes)
+        assert all(pipe.sd.vae.decode.fp32 is not None for pipe in pipes)
+    finally:
+        for pipe in pipes:
+            with torch.no_grad():
+                pipe.sd.vae.post_quant_conv.weight.div_(1e5)
+                pipe.sd.vae.post_quant_conv.bias.div_(1e5)
+            pipe.sd.vae.decode.fp32 = None
+    assert plain.std() > 10 and np.abs(plain - fast).max() <= 3
+
+
 def test_model_cpu_offload_on_pipe_sd_keeps_the_images(tiny_model_dir):
     """README's memory saver for small GPUs: models move to the GPU while they run, weighted prompts included."""
     from modelscope_sd import StableDiffusionText2ImagePipeline

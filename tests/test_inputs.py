@@ -60,6 +60,8 @@ import pytest
     (lambda p: p('a', num_images_per_prompt=2, generator=[__import__('torch').Generator()]), ValueError,
      ['generator is a list of 1', '2 images']),
     (lambda p: p('a', latents=__import__('torch').randn(4, 16, 16)), ValueError, ['latents', '4-d', '(4, 16, 16)']),
+    (lambda p: p('a', latents=__import__('torch').full((1, 4, 16, 16), float('nan'))), ValueError,
+     ['latents hold nan or inf', 'finite']),
     (lambda p: p(['a', 'b'], latents=__import__('torch').randn(1, 4, 16, 16)), ValueError,
      ['latents has shape (1, 4, 16, 16)', 'needs (2, 4, 16, 16)']),
     (lambda p: p('a', height=64, latents=__import__('torch').randn(1, 4, 16, 16)), ValueError,

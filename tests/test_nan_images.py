@@ -1,0 +1,66 @@
+"""Black (NaN) images: an fp16 VAE that overflows decodes again in fp32, as A1111 does; NaN latents are said."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from modelscope_sd import StableDiffusionText2ImagePipeline
+from train_helpers import make_random_lora
+
+ARGS = dict(num_inference_steps=3, seed=1)
+FP16_WARNING = 'decoding in fp32 from now on'
+
+
+def _overflowing(pipe):
+    """Scale the latents going into the decoder by 1e5: past fp16's largest value (65504), harmless in fp32, where
+    the decoder's GroupNorms take the scale out again (as VAEs that overflow in fp16 are fine in fp32)."""
+    with torch.no_grad():
+        pipe.sd.vae.post_quant_conv.weight.mul_(1e5)
+        pipe.sd.vae.post_quant_conv.bias.mul_(1e5)
+    return pipe
+
+
+def test_an_fp16_vae_that_overflows_decodes_in_fp32_from_then_on(tiny_model_dir, caplog):
+    fp16 = _overflowing(StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', torch_dtype='fp16',
+                                                          progress_bar=False))
+    fp32 = _overflowing(StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False))
+    expected = fp32('a red house', **ARGS)['output_imgs'][0].astype(int)
+    assert expected.std() > 10  # a picture, not a flat black one
+    first = fp16('a red house', **ARGS)['output_imgs'][0].astype(int)
+    assert np.abs(first - expected).max() <= 2  # the fp16 UNet's rounding, not black (0 everywhere before)
+    second = fp16('a red house', **ARGS)['output_imgs'][0].astype(int)
+    np.testing.assert_array_equal(second, first)
+    assert caplog.text.count(FP16_WARNING) == 1
+    assert 'came out NaN' not in caplog.text
+
+
+def test_a_vae_that_decodes_finite_images_is_left_as_it_is(sd_pipe, caplog):
+    sd_pipe('a red house', **ARGS)
+    assert sd_pipe.sd.vae.decode.fp32 is None
+    assert 'NaN' not in caplog.text
+
+
+def test_nan_latents_from_an_adapter_holding_nan_are_said_by_count(tiny_model_dir, tmp_path, caplog):
+    """A diverged adapter from another trainer: the images are black, and the warning says why."""
+    path = make_random_lora(tiny_model_dir, str(tmp_path / 'lora'))
+    weights = load_file(path)
+    first = sorted(weights)[0]
+    weights[first][0, 0] = float('nan')
+    save_file(weights, path)
+    pipe = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False,
+                                             lora_dir=os.path.dirname(path))
+    pipe(['a red house', 'a blue car'], **ARGS)
+    assert ('2 of the 2 image(s) came out NaN (black): their latents were NaN or inf after denoising in float32 '
+            '(an adapter or embedding holds NaN') in caplog.text
+    assert FP16_WARNING not in caplog.text
+
+
+@pytest.mark.parametrize('return_dict', [True, False])
+def test_the_checked_decode_keeps_diffusers_signature(sd_pipe, return_dict):
+    z = torch.randn(2, 4, 16, 16)
+    out = sd_pipe.sd.vae.decode(z, return_dict=return_dict)
+    images = out.sample if return_dict else out[0]
+    assert images.shape == (2, 3, 32, 32)
