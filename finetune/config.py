@@ -203,9 +203,16 @@ class TrainConfig:
         for name in ('adam_beta1', 'adam_beta2'):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f'{name}={getattr(self, name)} must be in [0, 1) (0.9 and 0.999 are usual).')
-        for name in ('adam_weight_decay', 'adam_epsilon', 'noise_offset'):
+        for name in ('adam_weight_decay', 'noise_offset'):
             if getattr(self, name) < 0:
                 raise ValueError(f'{name}={getattr(self, name)} must be >= 0.')
+        if self.adam_epsilon <= 0:  # AdamW divides by sqrt(v) + eps: 0/0 for a weight with no gradient yet
+            raise ValueError(f'adam_epsilon={self.adam_epsilon} must be > 0 (1e-8 is usual): with 0, a weight whose '
+                             "gradient is still zero (LoRA's A at the first step) gets 0/0, NaN.")
+        if self.seed < 0:
+            raise ValueError(f'seed={self.seed} must be >= 0: the seed decides the data order, augmentation and noise, '
+                             'so a resumed run repeats the uninterrupted one (A1111\'s -1 for a random seed is not '
+                             'taken here; any number will do).')
         if not 0 <= self.proportion_empty_prompts < 1:
             raise ValueError(f'proportion_empty_prompts={self.proportion_empty_prompts} must be in [0, 1) '
                              '(0.05-0.1 is usual; 0 keeps every caption).')

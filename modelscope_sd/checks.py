@@ -148,6 +148,11 @@ def check_numbers(height, width, num_inference_steps, num_images_per_prompt, bat
         check_int('seed', seed, minimum=0, maximum=_MAX_SEED)
 
 
+def is_minus_one(value) -> bool:
+    """A1111's seed of -1 (random): the int -1, not -1.0 or True."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value == -1
+
+
 def _check_eta(eta, scheduler, hr_scheduler=None) -> None:
     """eta is DDIM's η: diffusers passes it only to a scheduler whose step takes it, and drops it silently for the
     others (all the rest of ours)."""

@@ -52,7 +52,7 @@ def _generate_parser(sub):
                         help='text-to-image: 0 (off, default) to 1; 0.7 suits v-prediction models')
     parser.add_argument('--height', type=int)
     parser.add_argument('--width', type=int)
-    parser.add_argument('--seed', type=int, help='image i gets seed + i (default: random)')
+    parser.add_argument('--seed', type=int, help='image i gets seed + i (default, or -1 as in A1111: random)')
     parser.add_argument('--subseed', type=int, help="A1111's variation seed: image i's start noise turns towards "
                                                     'subseed + i\'s (default: random, with --subseed_strength)')
     parser.add_argument('--subseed_strength', type=float, help='how far: 0 (off, default) to 1')
@@ -127,8 +127,8 @@ def generate(args) -> List[str]:
                  'negative_prompt': args.negative_prompt,
                  'num_inference_steps': args.num_inference_steps, 'guidance_scale': args.guidance_scale,
                  'guidance_rescale': args.guidance_rescale,
-                 'height': args.height, 'width': args.width, 'seed': args.seed, 'scheduler': args.scheduler,
-                 'subseed': args.subseed, 'subseed_strength': args.subseed_strength,
+                 'height': args.height, 'width': args.width, 'seed': _seed(args.seed), 'scheduler': args.scheduler,
+                 'subseed': _seed(args.subseed), 'subseed_strength': args.subseed_strength,
                  'num_images_per_prompt': args.num_images, 'clip_skip': args.clip_skip, 'emphasis': args.emphasis,
                  'image': args.image,
                  'mask_image': args.mask_image, 'strength': args.strength, 'hr_scale': args.hr_scale,
@@ -315,6 +315,11 @@ def main(argv: Optional[List[str]] = None):
         print(_convert_model(args) if args.command == 'convert-model' else _convert(args))
     except (ValueError, TypeError, FileNotFoundError, ConnectionError) as err:  # bad option, file, network
         parser.exit(2, f'modelscope-sd {args.command}: error: {err}\n')
+
+
+def _seed(value: Optional[int]) -> Optional[int]:
+    """A1111's -1 is a random seed: None, drawn once, so that the lines of a prompt file count on from it."""
+    return None if value == -1 else value
 
 
 def _train(command: str, argv: List[str]):

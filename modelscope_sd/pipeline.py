@@ -235,6 +235,9 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         unknown = {k: v for k, v in options.items() if k not in CALL_DEFAULTS}
         if unknown:
             raise ValueError(checks.unknown_message('option', unknown, ['text'] + list(CALL_DEFAULTS)))
+        for key in ('seed', 'subseed'):  # A1111's -1: a random one, drawn as for None (the output names it)
+            if checks.is_minus_one(options.get(key)):
+                options[key] = None
         return {**CALL_DEFAULTS, **options}
 
     def _lora_tags(self, options: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[List[List[float]]]]:

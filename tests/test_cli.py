@@ -154,6 +154,14 @@ def test_generate_writes_pngs_that_recreate_themselves(tiny_model_dir, tmp_path)
     assert np.abs(first - second).max() <= 1  # made in a batch, re-made alone: at most a rounding apart
 
 
+def test_generate_takes_a1111s_seed_of_minus_one_as_random(tiny_model_dir, tmp_path):
+    paths = main(['generate', '--prompt', 'a cat', '--model', tiny_model_dir, '--num_inference_steps', '2',
+                  '--num_images', '2', '--seed', '-1', '--device', 'cpu', '--output_dir', str(tmp_path)])
+    seeds = [int(os.path.basename(p)[:-len('.png')]) for p in paths]
+    assert seeds[0] >= 0 and seeds[1] == seeds[0] + 1
+    assert metadata.read_png(paths[1])['call']['seed'] == seeds[1]
+
+
 def test_generate_in_batches_writes_each_batch_as_it_is_made(tiny_model_dir, tmp_path, monkeypatch):
     from modelscope_sd import StableDiffusionText2ImagePipeline
     args = ['generate', '--prompt', 'a cat', '--model', tiny_model_dir, '--num_inference_steps', '3',
@@ -260,7 +268,7 @@ def test_bad_options_are_refused_before_the_model_loads(tmp_path, capsys):
 
 
 def test_bad_generate_options_are_one_line_errors(tiny_model_dir, tmp_path, capsys):
-    for args, message in ((['--seed', '-1'], 'seed=-1 is out of range'), (['--batch_size', '0'], '--batch_size 0'),
+    for args, message in ((['--seed', '-2'], 'seed=-2 is out of range'), (['--batch_size', '0'], '--batch_size 0'),
                           (['--num_images', '0'], '--num_images 0: must be >= 1'),
                           (['--prompt_file', __file__], '--prompt or --prompt_file, not both'),
                           (['--precompile'], '--precompile keeps --fast'),

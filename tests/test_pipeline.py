@@ -128,6 +128,16 @@ def test_no_seed_draws_one_and_reports_it(sd_pipe):
     assert np.array_equal(out[OutputKeys.OUTPUT_IMGS][0], again[OutputKeys.OUTPUT_IMGS][0])
 
 
+def test_a1111s_seed_of_minus_one_draws_one_and_reports_it(sd_pipe):
+    out = sd_pipe('a cat', seed=-1, subseed=-1, subseed_strength=0.5, **FAST)
+    assert out['seeds'][0] >= 0 and out['subseeds'][0] >= 0
+    again = sd_pipe('a cat', seed=out['seeds'][0], subseed=out['subseeds'][0], subseed_strength=0.5, **FAST)
+    assert np.array_equal(out[OutputKeys.OUTPUT_IMGS][0], again[OutputKeys.OUTPUT_IMGS][0])
+    for other in (-2, -1.0, True):  # only A1111's -1 means random
+        with pytest.raises((ValueError, TypeError), match='seed'):
+            sd_pipe('a cat', seed=other, **FAST)
+
+
 def test_options_in_dict_and_keywords_mean_the_same(sd_pipe):
     a = sd_pipe({'text': 'a cat', 'seed': 1, 'height': 48, 'width': 40, **FAST})
     b = sd_pipe('a cat', seed=1, height=48, width=40, **FAST)
