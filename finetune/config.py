@@ -11,7 +11,7 @@ from typing import List, Optional
 
 from modelscope_sd.constants import DEFAULT_MODEL_ID, DEFAULT_MODEL_REVISION
 from modelscope_sd.fast import COMPILE_MODES, CUDA_GRAPH_MODES
-from modelscope_sd.loading import is_hub_id
+from modelscope_sd.loading import hub_id_hint, is_hub_id
 from modelscope_sd.prompts import CHUNK, check_syntax
 from modelscope_sd.schedulers import check_scheduler_name
 
@@ -175,9 +175,10 @@ class TrainConfig:
             raise ValueError(single_file_message(model, model))
         if isinstance(model, str) and not (os.path.isdir(model) or is_hub_id(model)):
             raise FileNotFoundError(f'pretrained_model_name_or_path={model!r}: no such folder, and not a ModelScope '
-                                    'model id (owner/name).')
+                                    f'model id (owner/name){hub_id_hint(model)}.')
         if self.vae is not None and not (os.path.exists(self.vae) or is_hub_id(self.vae)):
-            raise ValueError(f'vae={self.vae!r}: no such file or folder, and not a hub id (owner/name).')
+            raise ValueError(f'vae={self.vae!r}: no such file or folder, and not a hub id (owner/name)'
+                             f'{hub_id_hint(self.vae)}.')
         if self.revision is None and self.pretrained_model_name_or_path == DEFAULT_MODEL_ID:
             self.revision = DEFAULT_MODEL_REVISION  # the model card's revision; another repo may not have it
         _positive(self, 'resolution', 'train_batch_size', 'num_train_epochs', 'gradient_accumulation_steps',
@@ -530,7 +531,8 @@ def check_dataset_name(name: Optional[str]) -> None:
         return
     if os.path.exists(name):
         raise ValueError(f'dataset_name={name!r} is a file: pass a folder or a ModelScope dataset id.')
-    raise FileNotFoundError(f'dataset_name={name!r}: no such folder, and not a ModelScope dataset id (owner/name).')
+    raise FileNotFoundError(f'dataset_name={name!r}: no such folder, and not a ModelScope dataset id (owner/name)'
+                            f'{hub_id_hint(name)}.')
 
 
 def check_network_weights(config) -> None:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from modelscope_sd.constants import LORA_WEIGHT_NAME
 from modelscope_sd.files import save_safetensors
-from modelscope_sd.loading import check_model_dir, lone_checkpoint, resolve_model_dir
+from modelscope_sd.loading import check_model_dir, check_not_a_part, lone_checkpoint, resolve_model_dir
 from modelscope_sd.vae import load_vae
 
 from .checkpoint import TEMP_PREFIX
@@ -35,6 +35,7 @@ def load_components(model: str, revision: Optional[str], vae: Optional[str] = No
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    check_not_a_part(model, 'pretrained_model_name_or_path')
     path = resolve_model_dir(model, revision, argument='pretrained_model_name_or_path')
     checkpoint = lone_checkpoint(path)
     if checkpoint is not None:

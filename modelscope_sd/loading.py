@@ -46,6 +46,7 @@ for _name, _fragment in (('transformers.utils.import_utils', 'requires torchvisi
 
 REQUIRED_COMPONENTS = ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler')
 _HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
+_HUB_PAGE = re.compile(r'^https?://(?:www\.)?modelscope\.(?:cn|ai)/(?:models|datasets)/([A-Za-z0-9][\w.-]*/[\w.-]+)')
 _DTYPES = {
     'fp16': torch.float16, 'float16': torch.float16, 'half': torch.float16,
     'bf16': torch.bfloat16, 'bfloat16': torch.bfloat16,
@@ -109,9 +110,9 @@ def resolve_model_dir(model: str, revision: Optional[str] = None, local_files_on
     if os.path.isdir(model):
         return model
     if not is_hub_id(model):
-        raise FileNotFoundError(
-            f'{argument}={model!r}: no such file or folder. Pass a ModelScope model id such as '
-            f"'{DEFAULT_MODEL_ID}', a diffusers model folder, or a .safetensors checkpoint file.")
+        raise FileNotFoundError(f'{argument}={model!r}: no such file or folder{hub_id_hint(model)}. Pass a ModelScope '
+                                f"model id such as '{DEFAULT_MODEL_ID}', a diffusers model folder, or a .safetensors "
+                                'checkpoint file.')
     from modelscope.hub.snapshot_download import snapshot_download
     try:
         ignore = None if allow_patterns else hub_ignore_patterns(model, revision, local_files_only)
@@ -237,6 +238,39 @@ def check_safetensors(path: str) -> List[str]:
                          'incomplete: delete the file and download it again.') from err
 
 
+def hub_id_hint(model: str) -> str:
+    """For a hub page's address or an id with a trailing slash: the hub id it names, as a hint for an error."""
+    page = _HUB_PAGE.match(model)
+    meant = page.group(1) if page else model.rstrip('/') if _HUB_ID.match(model.rstrip('/')) else None
+    if meant:
+        return f' (the hub id in it is {meant!r}: pass that)'
+    return ' (a web address: pass the ModelScope id, owner/name)' if model.startswith(('http://', 'https://')) else ''
+
+
+def check_not_a_part(model, argument: str = 'model') -> None:
+    """Refuse a component folder such as ``unet/``, a file in one, or a folder's ``model_index.json`` by the model
+    folder to pass instead (loaded as a folder or a file, each fails with a message about something else). A
+    single-file checkpoint beside ``model_index.json`` (as SD1.5's repo holds one) is not a part."""
+    whole = _model_part(os.fspath(model))
+    if whole:
+        raise ValueError(f'{argument}={os.fspath(model)!r} is a part of the diffusers model in {whole!r}: pass that '
+                         'folder.')
+
+
+def _model_part(path: str) -> Optional[str]:
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        return None
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, MODEL_INDEX)):
+            return None
+        candidates = [os.path.dirname(path)]
+    else:
+        folder = os.path.dirname(path)
+        candidates = ([folder] if path.endswith(('.json', '.txt')) else []) + [os.path.dirname(folder)]
+    return next((c for c in candidates if os.path.isfile(os.path.join(c, MODEL_INDEX))), None)
+
+
 def check_model_dir(path: str) -> None:
     """A diffusers Stable Diffusion folder, or a clear error saying what is missing."""
     index_path = os.path.join(path, MODEL_INDEX)
@@ -293,7 +327,8 @@ def load_pipeline(model, *, revision: Optional[str] = None, torch_dtype=None, de
         return pipe
     elif not isinstance(model, (str, os.PathLike)):
         raise TypeError(f'model must be a hub id, a folder or a file path (str), got {type(model).__name__}')
-    elif os.path.isfile(model):
+    check_not_a_part(model)
+    if os.path.isfile(model):
         pipe = _load_single_file(os.fspath(model), config, allow_pickle, dtype, local_files_only)
     else:
         path = resolve_model_dir(os.fspath(model), revision, local_files_only)

@@ -16,6 +16,41 @@ def test_missing_folder(tmp_path):
         StableDiffusionText2ImagePipeline(str(tmp_path / 'nope'), device='cpu')
 
 
+@pytest.mark.parametrize('model, meant', [
+    ('https://modelscope.cn/models/AI-ModelScope/stable-diffusion-v1-5/summary', "'AI-ModelScope/stable-diffusion-v1-5'"),
+    ('owner/some-model/', "'owner/some-model'"),
+])
+def test_a_model_pages_address_or_an_id_with_a_trailing_slash_names_the_id(model, meant):
+    with pytest.raises(FileNotFoundError, match=re.escape(f'no such file or folder (the hub id in it is {meant}: pass '
+                                                          'that)')):
+        StableDiffusionText2ImagePipeline(model, device='cpu')
+
+
+@pytest.mark.parametrize('part', ['unet', 'unet/config.json', 'unet/diffusion_pytorch_model.safetensors',
+                                  'model_index.json'])
+def test_a_part_of_a_diffusers_model_names_the_folder_to_pass(tiny_model_dir, part):
+    """A component folder held one .safetensors, so it read as a single-file checkpoint 'with no UNet weights'."""
+    import os
+
+    from finetune.models import load_components
+    path = os.path.join(tiny_model_dir, part)
+    with pytest.raises(ValueError, match=re.escape(f'model={path!r} is a part of the diffusers model in '
+                                                   f'{tiny_model_dir!r}: pass that folder.')):
+        StableDiffusionText2ImagePipeline(path, device='cpu')
+    with pytest.raises(ValueError, match=re.escape(f'pretrained_model_name_or_path={path!r} is a part of')):
+        load_components(path, None)
+
+
+def test_a_single_file_beside_a_models_index_loads_as_that_file(tiny_model_dir, tiny_single_file, tmp_path, sd_pipe):
+    """SD1.5's hub repo holds v1-5-pruned-emaonly.safetensors beside model_index.json: a file to pass by name."""
+    folder = tmp_path / 'model'
+    shutil.copytree(tiny_model_dir, folder)
+    shutil.copy(tiny_single_file, folder / 'v1-5-pruned-emaonly.safetensors')
+    pipe = StableDiffusionText2ImagePipeline(str(folder / 'v1-5-pruned-emaonly.safetensors'), config=tiny_model_dir,
+                                             device='cpu', progress_bar=False)
+    assert pipe.sd.unet.config.in_channels == sd_pipe.sd.unet.config.in_channels
+
+
 def test_folder_that_is_not_a_sd_model(tmp_path):
     (tmp_path / 'readme.txt').write_text('hello')
     with pytest.raises(ValueError, match='not a Stable Diffusion model folder: model_index.json is missing'):

@@ -756,6 +756,18 @@ def test_bad_config(kwargs, message):
         LoraTrainConfig(**{'dataset_name': 'test/x', **kwargs})
 
 
+def test_a_hub_pages_address_names_the_id_to_pass():
+    for kwargs, message in (
+            (dict(dataset_name='https://modelscope.cn/datasets/buptwq/lora-stable-diffusion-finetune/summary'),
+             "dataset_name='https://modelscope.cn/datasets/buptwq/lora-stable-diffusion-finetune/summary': no such "
+             "folder, and not a ModelScope dataset id (owner/name) (the hub id in it is "
+             "'buptwq/lora-stable-diffusion-finetune': pass that)."),
+            (dict(dataset_name='test/x', pretrained_model_name_or_path='https://www.modelscope.cn/models/o/m'),
+             "(the hub id in it is 'o/m': pass that)")):
+        with pytest.raises(FileNotFoundError, match=re.escape(message)):
+            LoraTrainConfig(**kwargs)
+
+
 def test_missing_folders_are_refused_with_the_options_before_training(tiny_model_dir, tmp_path):
     missing = str(tmp_path / 'no' / 'such' / 'data')
     for kwargs, message in ((dict(dataset_name=missing), f'dataset_name={missing!r}: no such folder, and not a '
