@@ -447,6 +447,9 @@ class DreamBoothConfig(LoraOptions, TrainConfig):
                 and os.path.abspath(self.class_data_dir) == os.path.abspath(self.instance_data_dir)):
             raise ValueError(f'class_data_dir={self.class_data_dir!r} is the instance folder: generated class images '
                              'would mix with your subject photos. Leave class_data_dir unset or pick another folder.')
+        if self.with_prior_preservation and os.path.isfile(self.class_data_dir):
+            raise ValueError(f'class_data_dir={self.class_data_dir!r} is a file: pass a folder (it is made if missing, '
+                             'and missing class images are generated into it).')
 
 
 def check_fused_backward_pass(config, mixed_precision: Optional[str], processes: int = 1) -> None:

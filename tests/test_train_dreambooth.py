@@ -422,12 +422,17 @@ def test_modelscope_example_command_line_runs_unchanged(tiny_model_dir, instance
      "full_bf16: .*mixed precision 'fp16': pass --mixed_precision bf16, or drop --full_bf16"),
     (dict(instance_data_dir=None, dataset_name='/no/such/photos'), FileNotFoundError,
      "dataset_name='/no/such/photos': no such folder, and not a ModelScope dataset id"),
+    (dict(with_prior_preservation=True, class_prompt='a photo of dog', class_data_dir='FILE'), ValueError,
+     r"class_data_dir='.*notes.txt' is a file: pass a folder"),
     (dict(pretrained_model_name_or_path='./no-such-model'), FileNotFoundError,
      "pretrained_model_name_or_path='./no-such-model': no such folder, and not a ModelScope model id"),
 ])
 def test_bad_config(instance_dir, tmp_path, kwargs, error, message):
     if kwargs.get('class_data_dir') == 'INSTANCE':
         kwargs = {**kwargs, 'class_data_dir': instance_dir + '/'}  # the same folder, spelled differently
+    if kwargs.get('class_data_dir') == 'FILE':
+        (tmp_path / 'notes.txt').write_text('not a folder')
+        kwargs = {**kwargs, 'class_data_dir': str(tmp_path / 'notes.txt')}
     with pytest.raises(error, match=message):
         _config('test/unused', instance_dir, tmp_path / 'out', **kwargs)
 
