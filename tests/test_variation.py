@@ -84,7 +84,7 @@ def test_image_to_image_and_the_hires_second_pass_turn_the_noise_they_add(sd_pip
 
 @pytest.mark.parametrize('options, error, words', [
     (dict(subseed_strength=1.5), ValueError, ['subseed_strength=1.5', 'between 0']),
-    (dict(subseed=-1, subseed_strength=0.5), ValueError, ['subseed=-1']),
+    (dict(subseed=-2, subseed_strength=0.5), ValueError, ['subseed=-2']),
     (dict(subseed='3', subseed_strength=0.5), TypeError, ['subseed', 'str']),
     (dict(subseed_strength=0.5, latents=torch.zeros(1, 4, 16, 16)), ValueError, ['subseed_strength', 'latents=']),
     (dict(subseed_strength=0.5, image=np.zeros((32, 32, 3), np.uint8), mask_image=np.zeros((32, 32, 3), np.uint8)),
