@@ -558,6 +558,11 @@ def check_network_weights(config) -> None:
     ranks = {v.shape[0] for k, v in state.items() if '.lora_A.' in k}
     if not ranks:
         raise ValueError(f'network_weights={path!r} holds no LoRA weights for the UNet or the text encoder.')
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if broken:
+        raise ValueError(f'network_weights={path!r} holds NaN or inf in {len(broken)} of its {len(state)} weights '
+                         f'(e.g. {broken[0]}): the training that wrote it diverged. Start from an earlier checkpoint '
+                         'of it.')
     if ranks != {config.rank}:
         raise ValueError(f'network_weights={path!r} has rank {sorted(ranks)}, this run --rank {config.rank}: pass '
                          f'--rank {max(ranks)} to continue it.')

@@ -48,6 +48,9 @@ def read_embedding(path: str, allow_pickle: bool = False) -> torch.Tensor:
         raise ValueError(f'textual_inversion={path!r} holds {sorted(tensors)[:5]}: expected one embedding tensor '
                          "(A1111's emb_params, or diffusers' {word: tensor}).")
     embedding = next(iter(tensors.values()))
+    if embedding.is_floating_point() and not bool(torch.isfinite(embedding).all()):
+        raise ValueError(f'textual_inversion={path!r} holds NaN or inf: the training that wrote it diverged, and every '
+                         'image whose prompt uses it would come out black. Use an earlier version of the embedding.')
     return embedding[None] if embedding.ndim == 1 else embedding
 
 

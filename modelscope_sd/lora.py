@@ -144,6 +144,7 @@ def load_adapters(pipe, lora_dir, lora_scale: Union[float, Sequence[float]] = 1.
         if not _has_adapter(pipe, name):
             raise ValueError(f'lora_dir={path!r}: {weight_name} holds no LoRA weights for this model '
                              '(no UNet or text-encoder keys matched).')
+        _check_finite(pipe, name, path)
     pipe.set_adapters(names, adapter_weights=scales)
     if fuse:
         pipe.fuse_lora(adapter_names=names)
@@ -164,6 +165,18 @@ def _read_pickled_adapter(path: str) -> dict:
 
 def _has_adapter(pipe, name: str) -> bool:
     return any(name in getattr(model, 'peft_config', {}) for model in (pipe.unet, pipe.text_encoder))
+
+
+def _check_finite(pipe, name: str, path) -> None:
+    """Adapter ``name``'s weights as loaded, all finite: one NaN makes every image it touches black (NaN)."""
+    import torch
+    weights = [(key, param) for model in (pipe.unet, pipe.text_encoder)
+               for key, param in model.named_parameters() if name in key.split('.')]
+    broken = [key for key, param in weights if not bool(torch.isfinite(param).all())]
+    if broken:
+        raise ValueError(f'lora_dir={path!r} holds NaN or inf in {len(broken)} of its {len(weights)} weights (e.g. '
+                         f'{broken[0].replace(f".{name}", "")}): the training that wrote it diverged, and every image '
+                         'would come out black. Load an earlier checkpoint of that training.')
 
 
 def set_scales(pipe, adapters: Sequence[str], scales: Union[float, Sequence[float]]) -> None:

@@ -43,19 +43,30 @@ def test_a_vae_that_decodes_finite_images_is_left_as_it_is(sd_pipe, caplog):
     assert 'NaN' not in caplog.text
 
 
-def test_nan_latents_from_an_adapter_holding_nan_are_said_by_count(tiny_model_dir, tmp_path, caplog):
-    """A diverged adapter from another trainer: the images are black, and the warning says why."""
+def test_nan_latents_from_an_adapter_weighed_past_fp32s_range_are_said_by_count(tiny_model_dir, tmp_path, caplog):
+    """No VAE mends NaN latents: the images are black, and the warning says why."""
     path = make_random_lora(tiny_model_dir, str(tmp_path / 'lora'))
-    weights = load_file(path)
-    first = sorted(weights)[0]
-    weights[first][0, 0] = float('nan')
-    save_file(weights, path)
     pipe = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False,
-                                             lora_dir=os.path.dirname(path))
+                                             lora_dir=os.path.dirname(path), lora_scale=1e38)
     pipe(['a red house', 'a blue car'], **ARGS)
     assert ('2 of the 2 image(s) came out NaN (black): their latents were NaN or inf after denoising in float32 '
-            '(an adapter or embedding holds NaN') in caplog.text
+            '(an adapter or embedding holds NaN, or weights that large: check them).') in caplog.text
     assert FP16_WARNING not in caplog.text
+
+
+def test_an_adapter_or_embedding_holding_nan_is_refused_as_it_loads(tiny_model_dir, tmp_path):
+    """A diverged training's adapter made every image black, with no word of why."""
+    path = make_random_lora(tiny_model_dir, str(tmp_path / 'lora'))
+    weights = load_file(path)
+    weights[sorted(weights)[0]][0, 0] = float('nan')
+    save_file(weights, path)
+    with pytest.raises(ValueError, match=r"lora_dir='.*lora' holds NaN or inf in 1 of its \d+ weights \(e\.g\. "
+                                         r'.*lora_A\.weight\): the training that wrote it diverged'):
+        StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', lora_dir=os.path.dirname(path))
+    embedding = str(tmp_path / 'broken.safetensors')
+    save_file({'emb_params': torch.full((2, 32), float('nan'))}, embedding)
+    with pytest.raises(ValueError, match='broken.safetensors\' holds NaN or inf: the training that wrote it'):
+        StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', textual_inversion=embedding)
 
 
 @pytest.mark.parametrize('return_dict', [True, False])
