@@ -228,6 +228,8 @@ def _convert(args) -> str:
         raise ValueError(f'{args.output!r} exists: name a new file (convert-lora replaces nothing).')
     folder, name = locate_adapter(args.input, args.allow_pickle)  # refuses models, embeddings, pickles by name
     source = os.path.join(folder, name)
+    if not name.endswith(PICKLE_SUFFIXES):
+        _check_finite_file(source, args.input)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     if args.to == 'diffusers':
         return import_kohya_lora(source, args.output, args.allow_pickle)
@@ -237,6 +239,18 @@ def _convert(args) -> str:
     with tempfile.TemporaryDirectory() as tmp:  # kohya keys, diffusers' older ones, the old trainer's .bin
         ours = import_kohya_lora(source, os.path.join(tmp, 'adapter.safetensors'), allow_pickle=args.allow_pickle)
         return export_kohya_lora(ours, args.output)
+
+
+def _check_finite_file(path: str, given: str) -> None:
+    """A diverged training's adapter (NaN or inf) converted would be as broken in A1111 as it is here."""
+    from safetensors import safe_open
+    with safe_open(path, framework='pt') as f:
+        tensors = ((key, f.get_tensor(key)) for key in f.keys())
+        broken = [key for key, tensor in tensors if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+    if broken:
+        raise ValueError(f'{given!r} holds NaN or inf in {len(broken)} weight(s) (e.g. {broken[0]}): the training '
+                         'that wrote it diverged, and the converted file would make black images too. Convert an '
+                         'earlier checkpoint of that training.')
 
 
 def _convert_model(args) -> str:

@@ -363,7 +363,12 @@ def test_convert_lora_refuses_what_it_cannot_write_or_read_in_one_line(tiny_mode
     original = make_random_lora(tiny_model_dir, str(tmp_path / 'a'))
     (tmp_path / 'taken.safetensors').write_bytes(b'a file of the user')
     (tmp_path / 'notes.safetensors').write_text('not an adapter')
+    from safetensors.torch import load_file, save_file
+    diverged = {key: value * float('nan') for key, value in load_file(original).items()}
+    save_file(diverged, str(tmp_path / 'diverged.safetensors'))
     for args, message in (([original, str(tmp_path / 'taken.safetensors')], 'taken.safetensors\' exists'),
+                          ([str(tmp_path / 'diverged.safetensors'), str(tmp_path / 'k.safetensors')],
+                           'holds NaN or inf in'),
                           ([original, str(tmp_path / 'k.ckpt')], "name it *.safetensors"),
                           ([original, str(tmp_path)], "name it *.safetensors"),
                           ([tiny_model_dir, str(tmp_path / 'k.safetensors')], 'a whole Stable Diffusion model'),
@@ -374,7 +379,7 @@ def test_convert_lora_refuses_what_it_cannot_write_or_read_in_one_line(tiny_mode
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert (tmp_path / 'taken.safetensors').read_bytes() == b'a file of the user'
-    assert sorted(os.listdir(tmp_path)) == ['a', 'notes.safetensors', 'taken.safetensors']
+    assert sorted(os.listdir(tmp_path)) == ['a', 'diverged.safetensors', 'notes.safetensors', 'taken.safetensors']
 
 
 def test_train_lora_command(tiny_model_dir, tmp_path, fresh_accelerate):
