@@ -27,7 +27,7 @@ class CheckedDecode:
                 logger.warning('The VAE decoded NaN (black) images in fp16, as some VAEs do (NovelAI\'s, and models '
                                'that carry it): decoding in fp32 from now on, as A1111 does. A VAE made for fp16 '
                                "(vae=...) or torch_dtype='bf16' keeps the faster decode.")
-                self.fp32 = _fp32_copy(self.vae)
+                self.fp32 = _fp32_copy(self.vae, z.device)  # z's: under model offload the VAE waits on the CPU
                 images = self._decode(z, generator)
                 finite = _finite(images)
                 from_vae = ~finite & _finite(z)
@@ -51,11 +51,12 @@ def check_decodes(vae) -> None:
         vae.decode = CheckedDecode(vae)
 
 
-def _fp32_copy(vae):
-    """An eager fp32 copy of ``vae`` for decoding (the fast path compiles the fp16 VAE's decoder in place)."""
+def _fp32_copy(vae, device: torch.device):
+    """An eager fp32 copy of ``vae`` on ``device`` for decoding (the fast path compiles the fp16 VAE's decoder in
+    place)."""
     copy = type(vae).from_config(vae.config)
     copy.load_state_dict(vae.state_dict())
-    return torch.nn.Module.to(copy, vae.device, torch.float32).eval()  # torch's to(): diffusers' warns on casts
+    return torch.nn.Module.to(copy, device, torch.float32).eval()  # torch's to(): diffusers' warns on casts
 
 
 def _finite(batch: torch.Tensor) -> torch.Tensor:
