@@ -16,7 +16,7 @@ from . import images as images_lib
 from . import lora as lora_utils
 from . import prompts as prompts_lib
 from . import schedulers as schedulers_lib
-from .loading import is_hub_id
+from .loading import hub_id_hint, is_hub_id
 from .prompt_editing import split_and
 
 _MAX_SEED = 2**63 - 1
@@ -310,7 +310,7 @@ def check_sources(lora_dir, textual_inversion, vae) -> None:
     for name, path in [('lora_dir', path) for path in loras] + [('vae', vae)]:
         if isinstance(path, (str, os.PathLike)) and not (os.path.exists(path) or is_hub_id(os.fspath(path))):
             raise FileNotFoundError(f'{name}={os.fspath(path)!r}: no such file or folder, and not a hub id '
-                                    '(owner/name).')
+                                    f'(owner/name){hub_id_hint(os.fspath(path))}.')
     embeddings = (textual_inversion.values() if isinstance(textual_inversion, dict) else textual_inversion
                   if isinstance(textual_inversion, (list, tuple)) else [textual_inversion])
     for path in embeddings:

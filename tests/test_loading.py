@@ -209,6 +209,8 @@ def test_pickle_checkpoint_loads_when_the_caller_opts_in(tiny_single_file, tiny_
     (dict(fast=True, compile_mode='reduce'), ValueError, "compile_mode='reduce' is not one of reduce-overhead"),
     (dict(lora_dir=['/no/lora']), FileNotFoundError, "lora_dir='/no/lora': no such file or folder, and not a hub id"),
     (dict(vae='./no-vae.safetensors'), FileNotFoundError, "vae='./no-vae.safetensors': no such file or folder"),
+    (dict(lora_dir='https://www.modelscope.cn/models/me/my-lora/files'), FileNotFoundError,
+     "no such file or folder, and not a hub id (owner/name) (the hub id in it is 'me/my-lora': pass that)"),
     (dict(textual_inversion={'style': '/no/style.pt'}), FileNotFoundError,
      "textual_inversion='/no/style.pt': no such file."),
 ])
