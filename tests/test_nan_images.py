@@ -5,10 +5,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from modelscope_sd import StableDiffusionText2ImagePipeline
-from train_helpers import make_random_lora
+from train_helpers import break_weights, make_random_lora
 
 ARGS = dict(num_inference_steps=3, seed=1)
 FP16_WARNING = 'decoding in fp32 from now on'
@@ -56,10 +56,7 @@ def test_nan_latents_from_an_adapter_weighed_past_fp32s_range_are_said_by_count(
 
 def test_an_adapter_or_embedding_holding_nan_is_refused_as_it_loads(tiny_model_dir, tmp_path):
     """A diverged training's adapter made every image black, with no word of why."""
-    path = make_random_lora(tiny_model_dir, str(tmp_path / 'lora'))
-    weights = load_file(path)
-    weights[sorted(weights)[0]][0, 0] = float('nan')
-    save_file(weights, path)
+    path = break_weights(make_random_lora(tiny_model_dir, str(tmp_path / 'lora')))
     with pytest.raises(ValueError, match=r"lora_dir='.*lora' holds NaN or inf in 1 of its \d+ weights \(e\.g\. "
                                          r'.*lora_A\.weight\): the training that wrote it diverged'):
         StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', lora_dir=os.path.dirname(path))

@@ -1215,12 +1215,8 @@ def test_a_nan_loss_over_finite_weights_is_said_and_training_goes_on(caplog):
 
 def test_network_weights_holding_nan_are_refused_before_any_model_loads(tiny_model_dir, tmp_path):
     """The run would start from NaN and stop at its first log as 'diverged', blaming the learning rate."""
-    from train_helpers import make_random_lora
-    path = make_random_lora(tiny_model_dir, str(tmp_path / 'lora'))
-    weights = load_file(path)
-    weights[sorted(weights)[0]][0, 0] = float('inf')
-    from safetensors.torch import save_file
-    save_file(weights, path)
+    from train_helpers import break_weights, make_random_lora
+    break_weights(make_random_lora(tiny_model_dir, str(tmp_path / 'lora')), float('inf'))
     with pytest.raises(ValueError, match=r"network_weights=.* holds NaN or inf in 1 of its \d+ weights \(e\.g\. "
                                          r'unet\..*\): the training that wrote it diverged'):
         LoraTrainConfig(dataset_name='test/x', network_weights=str(tmp_path / 'lora'))

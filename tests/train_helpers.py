@@ -68,6 +68,16 @@ def make_random_lora(model_dir, out_dir, seed=0, rank=4, text_encoder=False, sca
     return save_lora(out_dir, unet, te)
 
 
+def break_weights(path, value=float('nan')):
+    """Write ``value`` (NaN, inf) into the first weight of the safetensors file at ``path``, as a diverged training
+    leaves its adapter."""
+    from safetensors.torch import load_file, save_file
+    weights = load_file(path)
+    weights[sorted(weights)[0]][0, 0] = value
+    save_file(weights, path)
+    return path
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
