@@ -3,6 +3,7 @@ what is allowed and the fix (diffusers' ``check_inputs``, for our options)."""
 
 import difflib
 import inspect
+import logging
 import math
 import numbers
 import os
@@ -19,6 +20,7 @@ from . import schedulers as schedulers_lib
 from .loading import hub_id_hint, is_hub_id
 from .prompt_editing import split_and
 
+logger = logging.getLogger(__name__)
 _MAX_SEED = 2**63 - 1
 
 
@@ -122,6 +124,24 @@ def _check_for_model(pipeline, num_inference_steps, eta, latents, scheduler, cli
                            'hr_second_pass_steps')
     if latents is not None:
         _check_latents(pipeline, latents, n_images, height, width, image)
+    _warn_of_a_large_image(pipeline, image, height, width)
+
+
+def _warn_of_a_large_image(pipeline, image, height, width) -> None:
+    """An input image sets the call's size (diffusers' image-to-image keeps it), and a phone photo's 4032x3024 is 46
+    times SD1.5's 512x512: minutes and GiBs where seconds were expected, and subjects repeated past twice the size
+    the model was trained at. Said once per call, with a size of the model's area that keeps the aspect ratio."""
+    if image is None or (height is not None and width is not None):
+        return
+    h, w = images_lib.target_size(image, height, width)
+    native = pipeline.sd.unet.config.sample_size * pipeline.sd.vae_scale_factor
+    if h * w <= 4 * native * native:
+        return
+    scale = native / math.sqrt(h * w)
+    logger.warning('image is %dx%d, so this call runs at %dx%d: %.0f times the %dx%d the model was trained at (slow, '
+                   'much memory, and repeated subjects). Pass height and width to resize it, e.g. height=%d, '
+                   'width=%d.', image.width, image.height, w, h, h * w / native ** 2, native, native,
+                   max(8, round(h * scale / 8) * 8), max(8, round(w * scale / 8) * 8))
 
 
 def check_numbers(height, width, num_inference_steps, num_images_per_prompt, batch_size, guidance_scale,

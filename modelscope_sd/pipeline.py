@@ -201,11 +201,19 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             except torch.OutOfMemoryError as err:
                 raise torch.OutOfMemoryError(f'{err}\n\n{self._memory_advice(**options)}') from err
 
-    def _memory_advice(self, prompt, num_images_per_prompt, height, width, batch_size, **_) -> str:
+    def _memory_advice(self, prompt, num_images_per_prompt, height, width, batch_size, image, hr_scale, **_) -> str:
         """What to change when a call runs out of GPU memory, in the order that costs least."""
         n_images = (len(prompt) if isinstance(prompt, list) else 1) * num_images_per_prompt
-        size = f'{width or "default"}x{height or "default"}'
-        advice = [f'Out of GPU memory making {n_images} image(s) at {size}.']
+        native = self.sd.unet.config.sample_size * self.sd.vae_scale_factor
+        if image is not None:
+            height, width = images_lib.target_size(image, height, width)
+        height, width = height or native, width or native
+        advice = [f'Out of GPU memory making {n_images} image(s) at {width}x{height}'
+                  + (f', then {hr_scale}x that (hires fix).' if hr_scale else '.')]
+        if height * width > 4 * native * native:
+            advice.append(f'That is {height * width / native ** 2:.0f} times the {native}x{native} the model was '
+                          'trained at: pass a smaller height and width' + (' (the input image is resized to them).'
+                                                                           if image is not None else '.'))
         if n_images > 1 and (batch_size or n_images) > 1:
             advice.append(f'Make them a few at a time with batch_size={max(1, (batch_size or n_images) // 2)}: '
                           'the same images, less memory.')

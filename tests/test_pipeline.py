@@ -286,6 +286,27 @@ def test_out_of_memory_says_what_to_change_and_the_next_call_runs(sd_pipe, monke
     assert len(sd_pipe('a cat', seed=0, **FAST)[OutputKeys.OUTPUT_IMGS]) == 1  # nothing was left locked
 
 
+def test_an_input_image_far_past_the_models_size_is_said_and_named_when_memory_runs_out(sd_pipe, monkeypatch,
+                                                                                          caplog):
+    """A phone photo sets image-to-image's size (46 times SD1.5's area): it was slow or out of memory with advice
+    about batches and VAE slicing, never the size."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    photo = np.zeros((150, 200, 3), np.uint8)  # the tiny model's 32x32 is SD1.5's 512x512
+    sd_pipe('a cat', image=photo, height=32, width=40, **FAST)
+    assert 'times the' not in caplog.text  # a size was given
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
+    monkeypatch.setattr(StableDiffusionImg2ImgPipeline, '__call__', out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError, match=r'(?s)making 1 image\(s\) at 200x144\. That is 28 times the '
+                                                     r'32x32 the model was trained at: pass a smaller height and width '
+                                                     r'\(the input image is resized to them\)'):
+        sd_pipe('a cat', image=photo, **FAST)
+    assert ('image is 200x150, so this call runs at 200x144: 28 times the 32x32 the model was trained at (slow, much '
+            'memory, and repeated subjects). Pass height and width to resize it, e.g. height=24, width=40.'
+            ) in caplog.text
+
+
 def test_diffusers_memory_savers_on_pipe_sd_keep_the_images(sd_pipe):
     before = sd_pipe(['a cat', 'a dog'], seed=0, **FAST)[OutputKeys.OUTPUT_IMGS]
     sd_pipe.sd.vae.enable_slicing()
