@@ -3,7 +3,7 @@
 import secrets
 import threading
 from contextlib import nullcontext
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -17,9 +17,11 @@ from . import fast as fast_lib
 from . import hires
 from . import images as images_lib
 from . import lora as lora_utils
+from . import lora_tags
 from . import prompts as prompts_lib
 from . import variation
-from .cfg_cutoff import BatchCFGCutoff, is_cfg_cutoff
+from .callbacks import step_end_arguments
+from .cfg_cutoff import is_cfg_cutoff
 from .composable import composed_call
 from .embeddings import load_embeddings
 from .loading import load_pipeline, resolve_device
@@ -187,7 +189,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         ``pipe({'text': ...}, num_inference_steps=20)``. A list of dicts gives a list of outputs."""
         if isinstance(input, list) and input and all(isinstance(item, dict) for item in input):
             return [self(item, **kwargs) for item in input]
-        options, prompt_scales = self._lora_tags(self._gather_options(input, kwargs))
+        options, prompt_scales = lora_tags.call_weights(self._gather_options(input, kwargs), self.lora_names,
+                                                        self.lora_scales, self.lora_fused)
         if options['image'] is not None:
             options['image'] = images_lib.load_image(options['image'], 'image')
         if options['mask_image'] is not None:
@@ -247,58 +250,6 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             if checks.is_minus_one(options.get(key)):
                 options[key] = None
         return {**CALL_DEFAULTS, **options}
-
-    def _lora_tags(self, options: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[List[List[float]]]]:
-        """A1111's ``<lora:name:weight>`` tags out of the prompts, as adapter weights: adapters a prompt does not
-        name keep theirs. Returns the options (with ``lora_scale`` when every prompt asks for the same weights) and,
-        when prompts ask for different ones (a weight sweep), the weights of each prompt."""
-        prompt = options['prompt']
-        prompts = prompt if isinstance(prompt, list) else [prompt]
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            return options, None  # check_inputs says what is wrong
-        texts, tags = zip(*(prompts_lib.lora_tags(p) for p in prompts))
-        options = self._hires_prompt_tags(options, tags)
-        if not any(tags):
-            return options, None
-        if options['lora_scale'] is not None:
-            raise ValueError('Give adapter weights in one place: <lora:name:weight> in the prompt, or lora_scale.')
-        for name in {name for named in tags for name in named}:
-            if self.lora_names.count(name) != 1:
-                found = 'two adapters' if name in self.lora_names else 'no adapter'
-                loaded = ', '.join(self.lora_names) or 'none'
-                raise ValueError(f'text: <lora:{name}:…> names {found} of those loaded (loaded: {loaded}). Load '
-                                 f"it with lora_dir='…/{name}.safetensors' when building the pipeline (modelscope-sd "
-                                 f'generate: --lora …/{name}.safetensors): a tag only sets the weight of an adapter '
-                                 'loaded there.')
-        scales = [[named.get(name, scale) for name, scale in zip(self.lora_names, self.lora_scales)] for named in tags]
-        options = dict(options, prompt=list(texts) if isinstance(prompt, list) else texts[0])
-        changed = [s for s in scales if s != self.lora_scales]
-        if changed and self.lora_fused:
-            raise ValueError(f'<lora:…> tags ask for adapter weights {changed[0]}, but the adapters were fused into '
-                             f'the model at {self.lora_scales} (fast=True or fuse_lora=True). Build the pipeline '
-                             f'with lora_scale={changed[0]}, or without fusing to vary the weights per call.')
-        if any(s != scales[0] for s in scales):
-            return options, scales
-        return (dict(options, lora_scale=scales[0]) if changed else options), None
-
-    @staticmethod
-    def _hires_prompt_tags(options: Dict[str, Any], tags) -> Dict[str, Any]:
-        """``hr_prompt`` without its ``<lora:…>`` tags, which must be its prompt's (``tags``, per prompt): the
-        adapter weights hold for both passes here, while A1111 would switch to the hires prompt's for the second
-        (turning off adapters it does not name)."""
-        hr_prompt = options['hr_prompt']
-        hr_prompts = [hr_prompt] * len(tags) if isinstance(hr_prompt, str) else hr_prompt
-        if not isinstance(hr_prompts, list) or len(hr_prompts) != len(tags) or not all(
-                isinstance(p, str) for p in hr_prompts):
-            return options  # None, or check_inputs says what is wrong
-        texts, hr_tags = zip(*(prompts_lib.lora_tags(p) for p in hr_prompts))
-        for own, theirs in zip(tags, hr_tags):
-            if own != theirs:
-                raise ValueError(f'hr_prompt: its <lora:…> tags {theirs or "(none)"} differ from the prompt\'s '
-                                 f'{own or "(none)"}. Adapter weights hold for both passes of the hires fix here (A1111 '
-                                 'would switch to the hires prompt\'s, turning off adapters it does not name): give '
-                                 'hr_prompt the prompt\'s tags.')
-        return dict(options, hr_prompt=texts[0] if isinstance(hr_prompt, str) else list(texts))
 
     def check_inputs(self, **options) -> None:
         """Every user-facing option, checked once, with what was given and what is allowed (`checks.check_call`)."""
@@ -504,7 +455,7 @@ class StableDiffusionText2ImagePipeline(Pipeline):
             result = pipe(**text_inputs, **extra, num_inference_steps=num_inference_steps,
                           guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, eta=eta,
                           generator=generator, output_type=output_type,
-                          **_step_end_arguments(*step_end, changes, num_images_per_prompt))
+                          **step_end_arguments(*step_end, changes, num_images_per_prompt))
         return result.images, result.nsfw_content_detected
 
     def _table_loop(self):
@@ -545,36 +496,6 @@ def _image_batches(n_images: int, batch_size: Optional[int], per_prompt: int, pr
             end = next((i for i in range(start, end) if prompt_scales[i // per_prompt] != weights), end)
         yield range(start, end)
         start = end
-
-
-def _step_end_arguments(callback, tensor_inputs, changes, num_images_per_prompt) -> Dict[str, Any]:
-    """diffusers' step-end callback arguments for the caller's callback and prompt editing's switch of embeddings,
-    chained: the caller's runs first and sees what it asked for; at a switch, the next call's embeddings win."""
-    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-    callbacks, wanted = [], []
-    if is_cfg_cutoff(callback):  # diffusers' own keeps one prompt row, which fails for a batch
-        callback = BatchCFGCutoff(callback)
-    elif isinstance(callback, MultiPipelineCallbacks) and any(is_cfg_cutoff(c) for c in callback.callbacks):
-        callback = MultiPipelineCallbacks([BatchCFGCutoff(c) if is_cfg_cutoff(c) else c for c in callback.callbacks])
-    if callback is not None:
-        # diffusers reads a PipelineCallback's own list; a plain function gets diffusers' default
-        own = isinstance(callback, (PipelineCallback, MultiPipelineCallbacks, BatchCFGCutoff))
-        wanted += callback.tensor_inputs if own else list(tensor_inputs or ['latents'])
-        callbacks.append(callback)
-    if changes:
-        switch = prompts_lib.SwitchEmbeddings(changes, num_images_per_prompt)
-        wanted += switch.tensor_inputs
-        callbacks.append(switch)
-    if not callbacks:
-        return {}
-
-    def step_end(pipe, step, timestep, callback_kwargs):
-        outputs = {}
-        for each in callbacks:
-            outputs.update(each(pipe, step, timestep, dict(callback_kwargs, **outputs)) or {})
-        return outputs
-
-    return {'callback_on_step_end': step_end, 'callback_on_step_end_tensor_inputs': list(dict.fromkeys(wanted))}
 
 
 def _turning(scheduler, turn):

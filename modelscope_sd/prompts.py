@@ -8,7 +8,7 @@ into 75-token windows, each encoded as its own 77-token CLIP sequence, and the r
 default comma backtracking). ``BREAK`` (in capitals, a word of its own) ends the window it is in, padded,
 and the text after it starts the next one, as in A1111. Each token's embedding is multiplied by its weight,
 then the window is rescaled to the mean it had before (A1111's default "Original" emphasis). A1111's
-``<lora:name:weight>`` tags are taken out for the pipeline to apply. A1111's prompt editing is read in
+``<lora:name:weight>`` tags are taken out in `lora_tags`. A1111's prompt editing is read in
 `prompt_editing`; the texts of each step are encoded here (`EditedPrompts`).
 """
 
@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 
 from . import prompt_editing as editing
+from .lora_tags import EXTRA_NETWORK
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,6 @@ COMMA_BACKTRACK = 20  # A1111's "comma_padding_backtrack" default
 _TOKEN = re.compile(r'\\[()\[\]]|\(|\)|\[|\]|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|[^\\()\[\]:]+|:|\\')
 _SYNTAX = re.compile(r'(?<!\\)[()\[\]]')
 _BREAK = re.compile(r'\s*\bBREAK\b\s*')
-_EXTRA_NETWORK = re.compile(r'<(\w+):([^>]+)>')  # A1111's pattern: <lora:name:weight>, <hypernet:name:weight>
 # A1111's "Emphasis" setting: weights applied and each window's mean restored (its default); applied only; brackets
 # read but weights left out; brackets (and BREAK) read as words
 EMPHASIS = ('Original', 'No norm', 'Ignore', 'None')
@@ -42,31 +42,9 @@ def emphasis_name(value) -> str:
     return names[value.strip().lower()]
 
 
-def lora_tags(text: str) -> Tuple[str, Dict[str, float]]:
-    """A1111's ``<lora:name:weight>`` tags (``<lyco:…>`` too; weight 1 when left out) taken out of ``text``, as
-    A1111 takes them out: 'a castle, <lora:detail:0.5>' → ('a castle, ', {'detail': 0.5})."""
-    tags: Dict[str, float] = {}
-    for match in _EXTRA_NETWORK.finditer(text):
-        kind, args = match.group(1), match.group(2).split(':')
-        if kind not in ('lora', 'lyco'):
-            raise ValueError(f'text: {match.group(0)} is an A1111 {kind} network, which this pipeline does not run; '
-                             'only <lora:name:weight> tags are read. Take it out of the prompt.')
-        if len(args) > 2:
-            raise ValueError(f'text: {match.group(0)} gives the text encoder and the UNet weights of their own, '
-                             'which this pipeline does not do: write one weight, <lora:name:0.8>.')
-        try:
-            weight = float(args[1]) if len(args) == 2 else 1.0
-        except ValueError:
-            raise ValueError(f'text: {match.group(0)}: the weight must be a number, as in <lora:name:0.8>.') from None
-        if tags.get(args[0], weight) != weight:
-            raise ValueError(f'text names <lora:{args[0]}:…> twice, with weights {tags[args[0]]} and {weight}.')
-        tags[args[0]] = weight
-    return _EXTRA_NETWORK.sub('', text), tags
-
-
 def check_syntax(name: str, text: str) -> None:
     """Refuse A1111 network tags outside the text of a call, which the encoding would otherwise read as words."""
-    tag = _EXTRA_NETWORK.search(text)
+    tag = EXTRA_NETWORK.search(text)
     if name != 'text' and tag:
         raise ValueError(f'{name}: {tag.group(0)}: A1111 network tags go in the text of a pipeline call, not here.')
 

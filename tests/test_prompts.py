@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from modelscope_sd import prompts
+from modelscope_sd import lora_tags, prompts
 
 STEPS = dict(num_inference_steps=2, seed=0)
 
@@ -24,10 +24,10 @@ def test_parse_weights(text, expected):
 
 
 def test_lora_tags_leave_the_prompt_as_in_a1111():
-    text, tags = prompts.lora_tags('a castle, <lora:detail:0.5>, <lyco:Style_v2> sky')
+    text, tags = lora_tags.parse('a castle, <lora:detail:0.5>, <lyco:Style_v2> sky')
     assert text == 'a castle, ,  sky' and tags == {'detail': 0.5, 'Style_v2': 1.0}
     with pytest.raises(ValueError, match='weight must be a number'):
-        prompts.lora_tags('<lora:detail:strong>')
+        lora_tags.parse('<lora:detail:strong>')
 
 
 def test_unbalanced_brackets_are_literal_with_a_warning(caplog):
