@@ -130,7 +130,7 @@ def run_trainer(main: Callable, config_cls, argv: Optional[List[str]], descripti
     config, notes = parse_args(config_cls, argv, description)
     try:
         return main(config, notes)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ConnectionError) as err:  # a bad dataset, a missing file, the hub
         if not _raised_by_own_checks(err):
             raise
         print(f'{prog}: error: {err}', file=sys.stderr)

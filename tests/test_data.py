@@ -136,6 +136,13 @@ def test_an_unreachable_hub_dataset_names_the_network_and_local_folders(monkeypa
                                               r"\(ConnectionRefusedError: \[Errno 111\] Connection refused\).*"
                                               r'--train_data_dir'):
         load_records('someone/photos', 'train')
+    # the trainers' command lines say it in one line
+    from finetune.config import LoraTrainConfig
+    from finetune.flags import run_trainer
+    with pytest.raises(SystemExit) as exit_info:
+        run_trainer(lambda config, notes: load_records(config.dataset_name, 'train'), LoraTrainConfig,
+                    ['--dataset_name', 'someone/photos'], 'doc', 'train_lora.py')
+    assert exit_info.value.code == 2
 
 
 def test_a_dataset_the_hub_does_not_have_is_one_error_naming_the_flag(fake_hub):
