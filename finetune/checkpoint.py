@@ -1,5 +1,6 @@
 """Resumable checkpoints that are never half-written: each is saved under a temporary name and renamed
-into place (an atomic step) only once complete; the newest K are kept."""
+into place (an atomic step) only once complete; the newest K are kept. Before a run, what its checkpoints will
+take of the disk."""
 
 import json
 import logging
@@ -98,3 +99,35 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, total_
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def checkpoint_bytes(config, params) -> int:
+    """About what a checkpoint holds: the fp32 trained weights and the optimizer's state for them (AdamW two fp32
+    moments, 8-bit AdamW two bytes, Adafactor one fp32 row and column of second moments per matrix: for a 3×3
+    convolution that is 2/3 of its size)."""
+    total = 0
+    for p in params:
+        if config.optimizer == 'adafactor':
+            state = 4 * (p.numel() // p.shape[-1] + p.numel() // p.shape[-2]) if p.dim() >= 2 else 4 * p.numel()
+        else:
+            state = p.numel() * (2 if config.use_8bit_adam else 8)
+        total += p.numel() * p.element_size() + state
+    return total
+
+
+def warn_if_checkpoints_outgrow_the_disk(config, params, max_steps: int, every_epochs: Optional[int]) -> None:
+    """A full fine-tune's checkpoint holds the fp32 UNet and its optimizer state (~10 GiB for SD1.5 with AdamW),
+    one every --checkpointing_steps: say so before the run fills the disk hours in, not when a save fails."""
+    size = checkpoint_bytes(config, params)
+    due = [every for every in (config.checkpointing_steps, every_epochs) if every]
+    count = sum(max_steps // every for every in due)  # an upper bound: both kinds may fall on one step
+    if config.checkpoints_total_limit:
+        count = min(count, config.checkpoints_total_limit + 1)  # the newest is written before the oldest goes
+    free = shutil.disk_usage(config.output_dir).free
+    if count and count * size > free:
+        fit = int(free // size) - 1
+        advice = (f'pass --checkpoints_total_limit {fit}, a larger --checkpointing_steps, or free space'
+                  if fit >= 1 else 'free space, or pass a --checkpointing_steps past --max_train_steps')
+        logger.warning('Checkpoints hold about %.1f GiB each (trained weights and optimizer state); the %d this run '
+                       'may write need %.1f GiB, but %s has %.1f GiB free: %s.', size / 2**30, count,
+                       count * size / 2**30, config.output_dir, free / 2**30, advice)

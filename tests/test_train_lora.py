@@ -1129,21 +1129,21 @@ def test_checkpoints_that_would_outgrow_the_disk_are_warned_of_before_training(t
                                                                               monkeypatch, caplog):
     import collections
 
-    import finetune.training as training
+    import finetune.checkpoint as checkpoint
     usage = collections.namedtuple('usage', 'total used free')
     free = {'bytes': 50_000}
-    monkeypatch.setattr(training.shutil, 'disk_usage', lambda path: usage(0, 0, free['bytes']))
+    monkeypatch.setattr(checkpoint.shutil, 'disk_usage', lambda path: usage(0, 0, free['bytes']))
     params = [torch.zeros(1000)]  # fp32 weights + AdamW's two moments: 12,000 bytes a checkpoint
     config = LoraTrainConfig(dataset_name='test/x', output_dir=str(tmp_path), checkpointing_steps=100)
-    training.warn_if_checkpoints_outgrow_the_disk(config, params, 1000, None)  # 10 checkpoints: 120,000 bytes
+    checkpoint.warn_if_checkpoints_outgrow_the_disk(config, params, 1000, None)  # 10 checkpoints: 120,000 bytes
     assert '--checkpoints_total_limit 3' in caplog.text  # 3 kept + the one being written fit in 50,000
     caplog.clear()
     config = LoraTrainConfig(dataset_name='test/x', output_dir=str(tmp_path), checkpointing_steps=100,
                              checkpoints_total_limit=3)
-    training.warn_if_checkpoints_outgrow_the_disk(config, params, 1000, None)
+    checkpoint.warn_if_checkpoints_outgrow_the_disk(config, params, 1000, None)
     assert not caplog.text
     conv = [torch.zeros(8, 8, 3, 3)]  # Adafactor: a row and a column of second moments per 3×3 kernel matrix
-    assert training.checkpoint_bytes(LoraTrainConfig(dataset_name='test/x', optimizer='adafactor'), conv) == 4 * (576 + 384)
+    assert checkpoint.checkpoint_bytes(LoraTrainConfig(dataset_name='test/x', optimizer='adafactor'), conv) == 4 * (576 + 384)
     free['bytes'] = 1  # and a training run says so before its first step
     _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'out', max_train_steps=1, checkpointing_steps=1))
     assert 'free space, or pass a --checkpointing_steps past --max_train_steps' in caplog.text
