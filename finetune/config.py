@@ -170,17 +170,7 @@ class TrainConfig:
                                   default=None)
 
     def __post_init__(self):
-        model = self.pretrained_model_name_or_path
-        if isinstance(model, str) and os.path.isfile(model):
-            raise ValueError(single_file_message(model, model))
-        if isinstance(model, str) and not (os.path.isdir(model) or is_hub_id(model)):
-            raise FileNotFoundError(f'pretrained_model_name_or_path={model!r}: no such folder, and not a ModelScope '
-                                    f'model id (owner/name){hub_id_hint(model)}.')
-        if self.vae is not None and not (os.path.exists(self.vae) or is_hub_id(self.vae)):
-            raise ValueError(f'vae={self.vae!r}: no such file or folder, and not a hub id (owner/name)'
-                             f'{hub_id_hint(self.vae)}.')
-        if self.revision is None and self.pretrained_model_name_or_path == DEFAULT_MODEL_ID:
-            self.revision = DEFAULT_MODEL_REVISION  # the model card's revision; another repo may not have it
+        _check_sources(self)
         _positive(self, 'resolution', 'train_batch_size', 'num_train_epochs', 'gradient_accumulation_steps',
                   'num_validation_images', 'logging_steps')
         _positive(self, 'max_train_steps', 'checkpointing_steps', 'checkpointing_epochs', 'checkpoints_total_limit',
@@ -188,79 +178,26 @@ class TrainConfig:
         if self.validation_steps is None and self.validation_epochs is None:
             self.validation_steps = 100
         _finite(self)
-        if self.lr_warmup_steps < 0:
-            raise ValueError(f'lr_warmup_steps={self.lr_warmup_steps} must be >= 0.')
-        if self.lr_num_cycles < 1:
-            raise ValueError(f'lr_num_cycles={self.lr_num_cycles} must be >= 1.')
-        if self.lr_power <= 0:
-            raise ValueError(f'lr_power={self.lr_power} must be > 0 (1.0 decays linearly).')
-        for name, default, schedule in (('lr_num_cycles', 1, 'cosine_with_restarts'), ('lr_power', 1.0, 'polynomial')):
-            if getattr(self, name) != default and self.lr_scheduler != schedule:
-                raise ValueError(f'{name}={getattr(self, name)} shapes the {schedule} schedule, and lr_scheduler is '
-                                 f'{self.lr_scheduler!r}: pass --lr_scheduler {schedule}, or drop {name}.')
+        _check_schedule(self)
         _check_buckets(self)
         if self.output_name is not None:
             _check_output_name(self.output_name)
-        for name in ('adam_beta1', 'adam_beta2'):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f'{name}={getattr(self, name)} must be in [0, 1) (0.9 and 0.999 are usual).')
-        for name in ('adam_weight_decay', 'noise_offset'):
-            if getattr(self, name) < 0:
-                raise ValueError(f'{name}={getattr(self, name)} must be >= 0.')
-        if self.adam_epsilon <= 0:  # AdamW divides by sqrt(v) + eps: 0/0 for a weight with no gradient yet
-            raise ValueError(f'adam_epsilon={self.adam_epsilon} must be > 0 (1e-8 is usual): with 0, a weight whose '
-                             "gradient is still zero (LoRA's A at the first step) gets 0/0, NaN.")
+        _check_optimizer(self)
         if self.seed < 0:
             raise ValueError(f'seed={self.seed} must be >= 0: the seed decides the data order, augmentation and noise, '
                              'so a resumed run repeats the uninterrupted one (A1111\'s -1 for a random seed is not '
                              'taken here; any number will do).')
-        if not 0 <= self.proportion_empty_prompts < 1:
-            raise ValueError(f'proportion_empty_prompts={self.proportion_empty_prompts} must be in [0, 1) '
-                             '(0.05-0.1 is usual; 0 keeps every caption).')
-        if self.keep_tokens < 0:
-            raise ValueError(f'keep_tokens={self.keep_tokens} must be >= 0 (the tags that stay first).')
-        if not 0 <= self.caption_tag_dropout_rate < 1:
-            raise ValueError(f'caption_tag_dropout_rate={self.caption_tag_dropout_rate} must be in [0, 1) (0.1 is '
-                             'usual; 0 keeps every tag).')
-        if self.keep_tokens and not (self.shuffle_caption or self.caption_tag_dropout_rate):
-            raise ValueError(f'keep_tokens={self.keep_tokens} keeps tags in place while --shuffle_caption (or '
-                             '--caption_tag_dropout_rate) changes the rest: pass one of those too, or drop '
-                             '--keep_tokens.')
-        if self.max_grad_norm <= 0:  # 0 would zero every gradient, a negative norm would flip them
-            raise ValueError(f'max_grad_norm={self.max_grad_norm} must be > 0 (1.0 is usual).')
-        if self.clip_skip is not None and self.clip_skip < 1:
-            raise ValueError(f'clip_skip={self.clip_skip} must be >= 1 (A1111\'s count: 1 is the last layer, 2 the '
-                             'second-to-last), or unset.')
-        if self.max_token_length < CHUNK or self.max_token_length % CHUNK:
-            raise ValueError(f'max_token_length={self.max_token_length} must be a multiple of {CHUNK} (75, 150, 225).')
+        _check_captions(self)
         if self.resolution % 8:
             raise ValueError(f'resolution={self.resolution} must be a multiple of 8 (e.g. 512 or 768).')
-        if self.learning_rate <= 0:
-            raise ValueError(f'learning_rate={self.learning_rate} must be > 0.')
-        if self.text_encoder_lr is not None:
-            if self.text_encoder_lr <= 0:
-                raise ValueError(f'text_encoder_lr={self.text_encoder_lr} must be > 0, or unset to use '
-                                 '--learning_rate.')
-            if not self.train_text_encoder:
-                raise ValueError('text_encoder_lr is the text encoder\'s learning rate, and the text encoder trains '
-                                 'only with --train_text_encoder: pass it too, or drop --text_encoder_lr.')
-        if self.validation_prompt:  # a <lora:…> tag would be read as words
-            check_syntax('validation_prompt', self.validation_prompt)
-        if self.validation_scheduler is not None:
-            check_scheduler_name(self.validation_scheduler, 'validation_scheduler: ')
-        if self.sample_prompts is not None:
-            load_sample_prompts(self.sample_prompts)  # a bad line fails now, not at the first validation
+        _check_validation(self)
         _check_compile_mode(self)
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            raise ValueError(f'lr_scheduler={self.lr_scheduler!r} is not one of {LR_SCHEDULERS}.')
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f'optimizer={self.optimizer!r} is not one of {OPTIMIZERS}.')
-        if self.use_8bit_adam and self.optimizer != 'adamw':
-            raise ValueError(f'use_8bit_adam applies to optimizer=adamw, not {self.optimizer!r}: drop one of the two.')
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f'mixed_precision={self.mixed_precision!r} is not one of {MIXED_PRECISION}.')
         if self.prediction_type not in (None, 'epsilon', 'v_prediction'):
             raise ValueError(f"prediction_type={self.prediction_type!r} must be 'epsilon' or 'v_prediction'.")
+        if self.noise_offset < 0:
+            raise ValueError(f'noise_offset={self.noise_offset} must be >= 0.')
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f'snr_gamma={self.snr_gamma} must be > 0 (5.0 is usual), or unset.')
         if self.center_crop is None:
@@ -273,6 +210,98 @@ class TrainConfig:
             raise ValueError(f'dataloader_num_workers={self.dataloader_num_workers} must be >= 0.')
         if self.report_to is not None:
             _check_tracker(self.report_to)
+
+
+
+
+def _check_sources(config) -> None:
+    """The base model and VAE: a folder, a file or a hub id each, said before anything loads."""
+    model = config.pretrained_model_name_or_path
+    if isinstance(model, str) and os.path.isfile(model):
+        raise ValueError(single_file_message(model, model))
+    if isinstance(model, str) and not (os.path.isdir(model) or is_hub_id(model)):
+        raise FileNotFoundError(f'pretrained_model_name_or_path={model!r}: no such folder, and not a ModelScope '
+                                f'model id (owner/name){hub_id_hint(model)}.')
+    if config.vae is not None and not (os.path.exists(config.vae) or is_hub_id(config.vae)):
+        raise ValueError(f'vae={config.vae!r}: no such file or folder, and not a hub id (owner/name)'
+                         f'{hub_id_hint(config.vae)}.')
+    if config.revision is None and config.pretrained_model_name_or_path == DEFAULT_MODEL_ID:
+        config.revision = DEFAULT_MODEL_REVISION  # the model card's revision; another repo may not have it
+
+
+def _check_schedule(config) -> None:
+    """The learning rates and the shape of their schedule."""
+    if config.learning_rate <= 0:
+        raise ValueError(f'learning_rate={config.learning_rate} must be > 0.')
+    if config.text_encoder_lr is not None:
+        if config.text_encoder_lr <= 0:
+            raise ValueError(f'text_encoder_lr={config.text_encoder_lr} must be > 0, or unset to use '
+                             '--learning_rate.')
+        if not config.train_text_encoder:
+            raise ValueError('text_encoder_lr is the text encoder\'s learning rate, and the text encoder trains '
+                             'only with --train_text_encoder: pass it too, or drop --text_encoder_lr.')
+    if config.lr_warmup_steps < 0:
+        raise ValueError(f'lr_warmup_steps={config.lr_warmup_steps} must be >= 0.')
+    if config.lr_num_cycles < 1:
+        raise ValueError(f'lr_num_cycles={config.lr_num_cycles} must be >= 1.')
+    if config.lr_power <= 0:
+        raise ValueError(f'lr_power={config.lr_power} must be > 0 (1.0 decays linearly).')
+    for name, default, schedule in (('lr_num_cycles', 1, 'cosine_with_restarts'), ('lr_power', 1.0, 'polynomial')):
+        if getattr(config, name) != default and config.lr_scheduler != schedule:
+            raise ValueError(f'{name}={getattr(config, name)} shapes the {schedule} schedule, and lr_scheduler is '
+                             f'{config.lr_scheduler!r}: pass --lr_scheduler {schedule}, or drop {name}.')
+    if config.lr_scheduler not in LR_SCHEDULERS:
+        raise ValueError(f'lr_scheduler={config.lr_scheduler!r} is not one of {LR_SCHEDULERS}.')
+
+
+def _check_optimizer(config) -> None:
+    """The optimizer and its settings."""
+    for name in ('adam_beta1', 'adam_beta2'):
+        if not 0 <= getattr(config, name) < 1:
+            raise ValueError(f'{name}={getattr(config, name)} must be in [0, 1) (0.9 and 0.999 are usual).')
+    if config.adam_weight_decay < 0:
+        raise ValueError(f'adam_weight_decay={config.adam_weight_decay} must be >= 0.')
+    if config.adam_epsilon <= 0:  # AdamW divides by sqrt(v) + eps: 0/0 for a weight with no gradient yet
+        raise ValueError(f'adam_epsilon={config.adam_epsilon} must be > 0 (1e-8 is usual): with 0, a weight whose '
+                         "gradient is still zero (LoRA's A at the first step) gets 0/0, NaN.")
+    if config.max_grad_norm <= 0:  # 0 would zero every gradient, a negative norm would flip them
+        raise ValueError(f'max_grad_norm={config.max_grad_norm} must be > 0 (1.0 is usual).')
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f'optimizer={config.optimizer!r} is not one of {OPTIMIZERS}.')
+    if config.use_8bit_adam and config.optimizer != 'adamw':
+        raise ValueError(f'use_8bit_adam applies to optimizer=adamw, not {config.optimizer!r}: drop one of the two.')
+
+
+def _check_captions(config) -> None:
+    """How captions are read: empty-prompt dropout, tags, token windows, clip skip."""
+    if not 0 <= config.proportion_empty_prompts < 1:
+        raise ValueError(f'proportion_empty_prompts={config.proportion_empty_prompts} must be in [0, 1) '
+                         '(0.05-0.1 is usual; 0 keeps every caption).')
+    if config.keep_tokens < 0:
+        raise ValueError(f'keep_tokens={config.keep_tokens} must be >= 0 (the tags that stay first).')
+    if not 0 <= config.caption_tag_dropout_rate < 1:
+        raise ValueError(f'caption_tag_dropout_rate={config.caption_tag_dropout_rate} must be in [0, 1) (0.1 is '
+                         'usual; 0 keeps every tag).')
+    if config.keep_tokens and not (config.shuffle_caption or config.caption_tag_dropout_rate):
+        raise ValueError(f'keep_tokens={config.keep_tokens} keeps tags in place while --shuffle_caption (or '
+                         '--caption_tag_dropout_rate) changes the rest: pass one of those too, or drop '
+                         '--keep_tokens.')
+    if config.clip_skip is not None and config.clip_skip < 1:
+        raise ValueError(f'clip_skip={config.clip_skip} must be >= 1 (A1111\'s count: 1 is the last layer, 2 the '
+                         'second-to-last), or unset.')
+    if config.max_token_length < CHUNK or config.max_token_length % CHUNK:
+        raise ValueError(f'max_token_length={config.max_token_length} must be a multiple of {CHUNK} (75, 150, 225).')
+
+
+def _check_validation(config) -> None:
+    """The validation prompt, sampler and kohya's sample file: a bad one fails now, not at the first validation."""
+    if config.validation_prompt:  # a <lora:…> tag would be read as words
+        check_syntax('validation_prompt', config.validation_prompt)
+    if config.validation_scheduler is not None:
+        check_scheduler_name(config.validation_scheduler, 'validation_scheduler: ')
+    if config.sample_prompts is not None:
+        load_sample_prompts(config.sample_prompts)  # a bad line fails now, not at the first validation
+
 
 
 def _check_compile_mode(config) -> None:
