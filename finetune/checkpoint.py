@@ -65,6 +65,21 @@ def read_state(checkpoint: str) -> dict:
         return json.load(f)
 
 
+def check_not_past(checkpoint: str, max_steps: int, lora: bool, limit: Optional[str] = None) -> None:
+    """A checkpoint past ``max_steps`` would be saved as the result at its own step, the smaller count silently
+    dropped: refused, with where the earlier steps' weights are. ``limit``: the flags that set ``max_steps``."""
+    step = read_state(checkpoint)['global_step']
+    if step > max_steps:
+        earlier = [path for path in list_checkpoints(os.path.dirname(checkpoint))
+                   if read_state(path)['global_step'] <= max_steps]
+        where = (f' The weights of an earlier step are in {earlier[-1]}' + (f" (lora_dir='{earlier[-1]}')." if lora
+                                                                            else '.') if earlier else '')
+        raise ValueError(f'resume_from_checkpoint: {checkpoint} is at step {step}, past '
+                         f'{limit or f"--max_train_steps {max_steps}"}, '
+                         f'so the run has nothing left to do. To go on training, pass a --max_train_steps above '
+                         f'{step}.{where}')
+
+
 def check_resume_settings(checkpoint: str, settings: dict) -> None:
     """Refuse, by flag name, to resume a checkpoint saved with settings that decide what it holds (adapter
     shape, which models train, optimizer state); loading it would fail deep in accelerate or torch."""

@@ -15,7 +15,7 @@ from modelscope_sd.fast import mode_for_device
 
 from . import validation_images
 from .buckets import BucketBatchSampler
-from .checkpoint import (check_resume_settings, find_checkpoint, read_state, remove_partial_writes,
+from .checkpoint import (check_not_past, check_resume_settings, find_checkpoint, read_state, remove_partial_writes,
                          save_checkpoint, warn_if_checkpoints_outgrow_the_disk)
 from .config import (check_full_bf16, check_fused_backward_pass, full_bf16_conflict, fused_backward_pass_conflict,
                      target_module_list)
@@ -76,6 +76,8 @@ def start_run(config, notes=None):
     prepare_output_dir(config, resuming=checkpoint is not None)
     if checkpoint:
         check_resume_settings(checkpoint, resume_settings(config))
+        if config.max_train_steps:  # else the step count comes from the dataset, known in train_loop
+            check_not_past(checkpoint, config.max_train_steps, getattr(config, 'use_lora', True))
     elif config.resume_from_checkpoint == 'latest':  # said here, once: train_loop looks the checkpoint up again
         logger.warning("resume_from_checkpoint='latest' but %s holds no checkpoint: starting a new run.",
                        config.output_dir)
@@ -318,6 +320,8 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
     global_step, first_epoch, skip_batches = 0, 0, 0
     checkpoint = find_checkpoint(config.output_dir, config.resume_from_checkpoint)
     if checkpoint:
+        check_not_past(checkpoint, max_steps, getattr(config, 'use_lora', True), None if config.max_train_steps else
+                       f'--num_train_epochs {config.num_train_epochs} ({max_steps} steps)')
         accelerator.load_state(checkpoint)
         global_step = read_state(checkpoint)['global_step']
         first_epoch = global_step // steps_per_epoch

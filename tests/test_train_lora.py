@@ -841,6 +841,24 @@ def test_output_dir_holding_a_run_is_refused(tiny_model_dir, csv_dataset, tmp_pa
     assert os.listdir(out) == ['pytorch_lora_weights.safetensors']
 
 
+def test_resuming_a_checkpoint_past_max_train_steps_is_refused_with_the_earlier_ones(tiny_model_dir, csv_dataset,
+                                                                                       tmp_path):
+    """It was saved as the result at the checkpoint's own step, the smaller --max_train_steps silently dropped."""
+    _train(_config(tiny_model_dir, csv_dataset, tmp_path))  # 4 steps, checkpoints at 2 and 4
+    saved = (tmp_path / 'pytorch_lora_weights.safetensors').read_bytes()
+    with pytest.raises(ValueError, match=re.escape(
+            f"checkpoint-4 is at step 4, past --max_train_steps 3, so the run has nothing left to do. To go on "
+            f"training, pass a --max_train_steps above 4. The weights of an earlier step are in {tmp_path}/"
+            f"checkpoint-2 (lora_dir='{tmp_path}/checkpoint-2').")):
+        _train(_config(tiny_model_dir, csv_dataset, tmp_path, max_train_steps=3, resume_from_checkpoint='latest'))
+    assert (tmp_path / 'pytorch_lora_weights.safetensors').read_bytes() == saved
+    # a count of epochs is known once the dataset is: 1 epoch of the 4 images is 4 steps, and checkpoint-6 is past it
+    _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'b', max_train_steps=6))
+    with pytest.raises(ValueError, match=re.escape('checkpoint-6 is at step 6, past --num_train_epochs 1 (4 steps), so')):
+        _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'b', max_train_steps=None, num_train_epochs=1,
+                       resume_from_checkpoint='latest'))
+
+
 def test_latest_with_no_checkpoint_starts_a_new_run_and_says_so_once(tiny_model_dir, csv_dataset, tmp_path, caplog):
     with caplog.at_level('WARNING', logger='finetune'):
         _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'new', resume_from_checkpoint='latest',
