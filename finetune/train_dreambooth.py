@@ -18,6 +18,7 @@ import sys
 import tempfile
 from typing import List, Optional, Tuple
 
+from finetune import run_lock
 from finetune.checkpoint import TEMP_PREFIX
 from finetune.config import DreamBoothConfig
 from finetune.data import (PriorPreservationDataset, check_images, dataset_summary, image_paths, load_records,
@@ -43,6 +44,7 @@ def checkpoint_file_name(config: DreamBoothConfig) -> str:
     return (config.output_name or os.path.basename(os.path.normpath(os.path.abspath(config.output_dir)))) + '.safetensors'
 
 
+@run_lock.releasing
 def main(config: DreamBoothConfig, notes: Optional[List[str]] = None) -> str:
     accelerator = start_run(config, notes)
     if config.with_prior_preservation:

@@ -13,6 +13,7 @@ import os
 import sys
 from typing import List, Optional
 
+from finetune import run_lock
 from finetune.config import LoraTrainConfig
 from finetune.data import check_images, dataset_summary, load_records, training_dataset
 from finetune.flags import run_trainer
@@ -25,6 +26,7 @@ logger = logging.getLogger('finetune.train_lora')
 RESULT_IMAGE = 'lora_result.png'
 
 
+@run_lock.releasing
 def main(config: LoraTrainConfig, notes: Optional[List[str]] = None) -> str:
     accelerator = start_run(config, notes)
     with accelerator.main_process_first():  # one process downloads dataset and model, the others read the cache

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from modelscope_sd.fast import mode_for_device
 
-from . import validation_images
+from . import run_lock, validation_images
 from .buckets import BucketBatchSampler
 from .checkpoint import (check_not_past, check_resume_settings, find_checkpoint, read_state, remove_partial_writes,
                          save_checkpoint, warn_if_checkpoints_outgrow_the_disk)
@@ -36,7 +36,23 @@ def prepare_output_dir(config, resuming: bool) -> None:
     out = config.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f'output_dir={out!r} is a file: pass a folder (it is created if missing).')
-    if os.path.isdir(out) and not resuming and not config.overwrite_output_dir:
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as err:  # a parent that is a file, a read-only or missing mount: said before anything loads
+        raise ValueError(f'output_dir={out!r} cannot be created ({err.strerror}): pass a folder you can write '
+                         'to.') from err
+    run_lock.hold(out)  # before anything in the folder is read or touched: it may be another run's
+    try:
+        _check_not_held(config, resuming)
+    except ValueError:
+        run_lock.release(out)
+        raise
+    remove_partial_writes(out)
+
+
+def _check_not_held(config, resuming: bool) -> None:
+    out = config.output_dir
+    if not resuming and not config.overwrite_output_dir:
         held = [n for n in os.listdir(out) if n in RUN_MARKERS or n.startswith('checkpoint-')]
         if held and config.resume_from_checkpoint:  # 'latest', but no complete checkpoint to continue from
             raise ValueError(f'resume_from_checkpoint={config.resume_from_checkpoint!r}: output_dir={out!r} holds a '
@@ -46,12 +62,6 @@ def prepare_output_dir(config, resuming: bool) -> None:
             raise ValueError(f'output_dir={out!r} already holds a run ({sorted(held)[:4]}). Pass '
                              '--resume_from_checkpoint latest to continue it, --overwrite_output_dir to train '
                              'over it, or choose another output_dir.')
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as err:  # a parent that is a file, a read-only or missing mount: said before anything loads
-        raise ValueError(f'output_dir={out!r} cannot be created ({err.strerror}): pass a folder you can write '
-                         'to.') from err
-    remove_partial_writes(out)
 
 
 def resume_settings(config) -> dict:

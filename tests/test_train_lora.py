@@ -859,6 +859,28 @@ def test_resuming_a_checkpoint_past_max_train_steps_is_refused_with_the_earlier_
                        resume_from_checkpoint='latest'))
 
 
+def test_a_second_run_into_the_folder_of_a_running_one_is_refused_and_touches_nothing(tiny_model_dir, csv_dataset,
+                                                                                       tmp_path):
+    """A job submitted twice: the second removed the first's half-written checkpoint and rotated its checkpoints."""
+    import fcntl
+
+    from finetune.run_lock import LOCK_NAME
+    _train(_config(tiny_model_dir, csv_dataset, tmp_path, max_train_steps=2))
+    assert not (tmp_path / LOCK_NAME).exists()  # a finished run leaves no lock file
+    (tmp_path / 'checkpoint-4.partial').mkdir()  # the running run's save in progress
+    with open(tmp_path / LOCK_NAME, 'w') as running:  # another process's open file: a lock of its own
+        fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        running.write('process 4242 on node7, started 2026-12-07 09:00:00')
+        running.flush()
+        with pytest.raises(ValueError, match=re.escape(
+                f"output_dir={str(tmp_path)!r} is in use by another training (process 4242 on node7, started "
+                '2026-12-07 09:00:00): wait for it to end or stop it')):
+            _train(_config(tiny_model_dir, csv_dataset, tmp_path, resume_from_checkpoint='latest'))
+        assert (tmp_path / 'checkpoint-4.partial').is_dir()
+    _train(_config(tiny_model_dir, csv_dataset, tmp_path, resume_from_checkpoint='latest'))  # it has ended
+    assert (tmp_path / 'checkpoint-4').is_dir() and not (tmp_path / 'checkpoint-4.partial').exists()
+
+
 def test_latest_with_no_checkpoint_starts_a_new_run_and_says_so_once(tiny_model_dir, csv_dataset, tmp_path, caplog):
     with caplog.at_level('WARNING', logger='finetune'):
         _train(_config(tiny_model_dir, csv_dataset, tmp_path / 'new', resume_from_checkpoint='latest',
