@@ -32,6 +32,9 @@ class CheckedDecode:
                 finite = _finite(images)
                 from_vae = ~finite & _finite(z)
             _warn(int((~finite & ~from_vae).sum()), int(from_vae.sum()), len(images), z.dtype)
+            # black, as such images came out before, but on every platform (a NaN's cast to uint8 is undefined) and
+            # without numpy's warning in the safety checker
+            images = torch.nan_to_num(images, nan=-1.0, posinf=1.0, neginf=-1.0)
         if not return_dict:
             return (images,)
         from diffusers.models.autoencoders.vae import DecoderOutput

@@ -48,7 +48,8 @@ def test_nan_latents_from_an_adapter_weighed_past_fp32s_range_are_said_by_count(
     path = make_random_lora(tiny_model_dir, str(tmp_path / 'lora'))
     pipe = StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', progress_bar=False,
                                              lora_dir=os.path.dirname(path), lora_scale=1e38)
-    pipe(['a red house', 'a blue car'], **ARGS)
+    images = pipe(['a red house', 'a blue car'], **ARGS)['output_imgs']
+    assert all(image.max() == 0 for image in images)  # black
     assert ('2 of the 2 image(s) came out NaN (black): their latents were NaN or inf after denoising in float32 '
             '(an adapter or embedding holds NaN, or weights that large: check them).') in caplog.text
     assert FP16_WARNING not in caplog.text
