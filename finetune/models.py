@@ -238,14 +238,25 @@ def save_lora(output_dir: str, unet, text_encoder=None, metadata: Optional[Dict[
             tmp, unet_lora_layers=lora_state_dict(unet),
             text_encoder_lora_layers=lora_state_dict(text_encoder) if text_encoder is not None and has_lora(
                 text_encoder) else None,
-            unet_lora_adapter_metadata=unet.peft_config['default'].to_dict(),
-            text_encoder_lora_adapter_metadata=(text_encoder.peft_config['default'].to_dict()
+            unet_lora_adapter_metadata=portable_config(unet.peft_config['default']),
+            text_encoder_lora_adapter_metadata=(portable_config(text_encoder.peft_config['default'])
                                                 if text_encoder is not None and has_lora(text_encoder) else None))
         path = os.path.join(output_dir, LORA_WEIGHT_NAME)
         _write_with_metadata(os.path.join(tmp, LORA_WEIGHT_NAME), path, metadata or {})
     if kohya_file:
         logger.info('kohya/A1111 file: %s', export_kohya_lora(path, os.path.join(output_dir, kohya_file)))
     return path
+
+
+def portable_config(config) -> Dict[str, object]:
+    """The adapter config for the file's metadata: the fields that differ from peft's defaults, and the rank, alpha
+    and modules always. diffusers' loader hands every field to the reader's ``LoraConfig``, and an older peft has no
+    field a newer one added (peft 0.21 fails on the astra_config that 0.22 writes), so a full dict would not load
+    there; a left-out field takes the reader's default, which is the value it had."""
+    from peft import LoraConfig
+    default = LoraConfig().to_dict()
+    return {key: value for key, value in config.to_dict().items()
+            if key in ('r', 'lora_alpha', 'target_modules') or default.get(key) != value}
 
 
 def _write_with_metadata(source: str, target: str, extra: Dict[str, str]) -> None:

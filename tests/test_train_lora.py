@@ -343,6 +343,31 @@ def test_sd2_style_v_prediction_model_trains_on_velocity_and_generates_as_diffus
     assert np.abs(tuned('a photo', **args)['output_imgs'][0].astype(int) - base['output_imgs'][0].astype(int)).max() > 0
 
 
+def test_an_adapter_loads_where_peft_is_older_than_the_one_that_wrote_it(tiny_model_dir, tmp_path, monkeypatch):
+    """diffusers hands every field of the file's adapter config to LoraConfig: peft 0.21 (the GPU image's) failed on
+    the astra_config that peft 0.22 writes, 'LoraConfig class could not be instantiated'."""
+    import json
+
+    import peft
+    from safetensors import safe_open
+
+    from modelscope_sd import StableDiffusionText2ImagePipeline
+    from train_helpers import make_random_lora
+    path = make_random_lora(tiny_model_dir, str(tmp_path / 'lora'), text_encoder=True)
+    with safe_open(path, 'pt') as f:
+        fields = {key.split('.', 1)[1] for key in json.loads(f.metadata()['lora_adapter_metadata'])}
+    assert fields == {'r', 'lora_alpha', 'target_modules', 'init_lora_weights'}  # the rest are peft's defaults
+
+    class Peft021LoraConfig(peft.LoraConfig):
+        def __init__(self, **kwargs):
+            if 'astra_config' in kwargs:  # the field peft 0.22 added
+                raise TypeError("LoraConfig.__init__() got an unexpected keyword argument 'astra_config'")
+            super().__init__(**kwargs)
+
+    monkeypatch.setattr(peft, 'LoraConfig', Peft021LoraConfig)
+    StableDiffusionText2ImagePipeline(tiny_model_dir, device='cpu', lora_dir=path)
+
+
 def test_every_checkpoint_holds_the_adapter_file_and_loads_with_lora_dir(tiny_model_dir, csv_dataset, tmp_path):
     """To compare steps, as diffusers' example allows: each checkpoint-N has pytorch_lora_weights.safetensors."""
     from modelscope_sd import StableDiffusionText2ImagePipeline
