@@ -242,8 +242,7 @@ def _check_schedule(config) -> None:
                              'only with --train_text_encoder: pass it too, or drop --text_encoder_lr.')
     if config.lr_warmup_steps < 0:
         raise ValueError(f'lr_warmup_steps={config.lr_warmup_steps} must be >= 0.')
-    if config.lr_num_cycles < 1:
-        raise ValueError(f'lr_num_cycles={config.lr_num_cycles} must be >= 1.')
+    _positive(config, 'lr_num_cycles')
     if config.lr_power <= 0:
         raise ValueError(f'lr_power={config.lr_power} must be > 0 (1.0 decays linearly).')
     for name, default, schedule in (('lr_num_cycles', 1, 'cosine_with_restarts'), ('lr_power', 1.0, 'polynomial')):
@@ -465,11 +464,9 @@ class DreamBoothConfig(LoraOptions, TrainConfig):
             if self.enable_bucket:
                 raise ValueError('enable_bucket does not combine with with_prior_preservation: each batch pairs '
                                  'an instance image with a class image of the same size. Drop one of the two.')
-        if self.num_class_images < 1:
-            raise ValueError(f'num_class_images={self.num_class_images} must be >= 1.')
+        _positive(self, 'num_class_images', 'sample_batch_size', 'class_inference_steps')
         if self.prior_loss_weight < 0:
             raise ValueError(f'prior_loss_weight={self.prior_loss_weight} must be >= 0.')
-        _positive(self, 'sample_batch_size', 'class_inference_steps')
         if self.class_data_dir is None:
             self.class_data_dir = os.path.join(self.output_dir, 'class_images')
         if (self.with_prior_preservation and self.instance_data_dir
