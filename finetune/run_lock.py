@@ -2,17 +2,14 @@
 twice, a second terminal, a resume while the first still runs) would remove its half-written checkpoint, save its
 own checkpoints between the first's and rotate them away. The main process holds an exclusive lock on a file in
 the folder while it runs, and removes the file when it ends; the OS releases the lock however the process ends
-(``kill -9`` included). A later run in the same process (a notebook's second cell, the tests) takes the lock it
-already holds."""
+(``kill -9`` included). The lock is the process's: a run started again in a process that holds it takes it
+again."""
 
 import datetime
 import functools
-import logging
 import os
 import socket
 from typing import Dict
-
-logger = logging.getLogger(__name__)
 
 LOCK_NAME = '.modelscope-sd.lock'
 _held: Dict[str, object] = {}  # output_dir (absolute) → its open lock file, in this process
