@@ -333,7 +333,9 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
         check_not_past(checkpoint, max_steps, getattr(config, 'use_lora', True), None if config.max_train_steps else
                        f'--num_train_epochs {config.num_train_epochs} ({max_steps} steps)')
         accelerator.load_state(checkpoint)
-        global_step = read_state(checkpoint)['global_step']
+        state = read_state(checkpoint)
+        _warn_of_another_batch_shape(accelerator, config, checkpoint, state)
+        global_step = state['global_step']
         first_epoch = global_step // steps_per_epoch
         skip_batches = (global_step % steps_per_epoch) * config.gradient_accumulation_steps
         logger.info('Resumed from %s at step %d (epoch %d).', checkpoint, global_step, first_epoch)
@@ -425,7 +427,26 @@ def _checkpoint(accelerator, config, step: int, params) -> str:
     always one to resume from, and the rotation never removes a good one for it."""
     check_finite(params, config, step)
     return save_checkpoint(accelerator, config.output_dir, step,
-                           {'global_step': step, 'settings': resume_settings(config)}, config.checkpoints_total_limit)
+                           {'global_step': step, 'settings': resume_settings(config),
+                            'batch': _batch_shape(accelerator, config)}, config.checkpoints_total_limit)
+
+
+def _batch_shape(accelerator, config) -> List[int]:
+    """Images per step, as train_batch_size, gradient_accumulation_steps and processes: what a data position counts."""
+    return [config.train_batch_size, config.gradient_accumulation_steps, accelerator.num_processes]
+
+
+def _warn_of_another_batch_shape(accelerator, config, checkpoint: str, state: dict) -> None:
+    """A resume goes on in this run's batches, and its place in the epoch is counted in them: with another shape
+    than the checkpoint's it reads some of the epoch's images again, or skips them, where the same shape resumes
+    exactly. Said, not refused: a larger batch or another GPU count is a fair way to go on."""
+    saved, now = state.get('batch'), _batch_shape(accelerator, config)
+    if saved is not None and saved != now:
+        logger.warning('%s was saved by a run of %s images per step (train_batch_size x gradient_accumulation_steps x '
+                       'processes); this run takes %s. It goes on from step %d, but counts its place in the epoch in '
+                       'the new batches, so it reads some of this epoch\'s images again or skips them. The same sizes '
+                       'resume exactly.', checkpoint, ' x '.join(map(str, saved)), ' x '.join(map(str, now)),
+                       state['global_step'])
 
 
 @contextlib.contextmanager

@@ -866,6 +866,19 @@ def test_output_dir_holding_a_run_is_refused(tiny_model_dir, csv_dataset, tmp_pa
     assert os.listdir(out) == ['pytorch_lora_weights.safetensors']
 
 
+def test_a_resume_in_batches_of_another_size_says_it_is_not_exact(tiny_model_dir, csv_dataset, tmp_path, caplog):
+    """It went on silently, reading some of the epoch's images again or skipping them."""
+    import shutil
+    _train(_config(tiny_model_dir, csv_dataset, tmp_path))  # 4 steps, checkpoints at 2 and 4
+    shutil.rmtree(tmp_path / 'checkpoint-4')
+    _train(_config(tiny_model_dir, csv_dataset, tmp_path, resume_from_checkpoint='latest'))
+    assert 'images per step' not in caplog.text  # the same sizes: exact, nothing to say
+    shutil.rmtree(tmp_path / 'checkpoint-4')
+    _train(_config(tiny_model_dir, csv_dataset, tmp_path, resume_from_checkpoint='latest', train_batch_size=2))
+    assert (f'{tmp_path}/checkpoint-2 was saved by a run of 1 x 1 x 1 images per step (train_batch_size x '
+            'gradient_accumulation_steps x processes); this run takes 2 x 1 x 1. It goes on from step 2') in caplog.text
+
+
 def test_resuming_a_checkpoint_past_max_train_steps_is_refused_with_the_earlier_ones(tiny_model_dir, csv_dataset,
                                                                                        tmp_path):
     """It was saved as the result at the checkpoint's own step, the smaller --max_train_steps silently dropped."""
