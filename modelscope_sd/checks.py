@@ -134,8 +134,8 @@ def _warn_of_a_large_image(pipeline, image, height, width) -> None:
     if image is None or (height is not None and width is not None):
         return
     h, w = images_lib.target_size(image, height, width)
-    native = pipeline.sd.unet.config.sample_size * pipeline.sd.vae_scale_factor
-    if h * w <= 4 * native * native:
+    native = images_lib.model_size(pipeline.sd)
+    if h * w <= images_lib.LARGE_AREA * native * native:
         return
     scale = native / math.sqrt(h * w)
     logger.warning('image is %dx%d, so this call runs at %dx%d: %.0f times the %dx%d the model was trained at (slow, '

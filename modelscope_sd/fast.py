@@ -23,6 +23,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from diffusers.utils.torch_utils import randn_tensor
 
 from .cfg_cutoff import guided_calls, prompt_rows
+from .images import model_size
 from .linear_steps import plan_scheduler
 from .precompile import PrecompiledFunction
 from .prompts import unet_embeds
@@ -341,7 +342,7 @@ class WholeStepDenoiser:
             batch = text_inputs['negative_prompt_embeds'].shape[0] * num_images_per_prompt
             mixing = composition.tensors(num_images_per_prompt, device)
         if image is None:
-            size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+            size = model_size(pipe)
             start = pipe.prepare_latents(batch, pipe.unet.config.in_channels, height or size, width or size, dtype,
                                          device, generator, latents)
         else:  # the image's latents, noised to the first remaining timestep by the scheduler (set in generate)

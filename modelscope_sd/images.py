@@ -10,6 +10,15 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
+LARGE_AREA = 4  # times the model's area past which a size is named as too large (SD1.5: past 1024x1024)
+
+
+def model_size(sd) -> int:
+    """The side, in pixels, that diffusers pipeline ``sd`` makes by default and its model was trained at: the UNet's
+    sample size times the VAE's factor (512 for SD1.5)."""
+    return sd.unet.config.sample_size * sd.vae_scale_factor
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Grey, 16-bit, palette and alpha images → 8-bit RGB (alpha composited on white)."""
     image = ImageOps.exif_transpose(image)

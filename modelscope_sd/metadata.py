@@ -12,6 +12,7 @@ from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from .hires import A1111_NAMES as A1111_UPSCALERS, DEFAULT_STRENGTH, MAX_SCALE, normalize_upscaler, target_size
+from .images import model_size
 from .prompts import emphasis_name
 from .schedulers import SCHEDULE_TYPES, check_scheduler_name, named_schedulers, scheduler_name
 
@@ -271,7 +272,7 @@ def describe_outputs(pipe, options: Dict[str, Any], output: Dict[str, Any], mode
     strength, first_pass = options.get('strength'), None
     if hires['hr_scale'] is not None:  # A1111 writes the first pass's size and the second pass's strength
         strength = DEFAULT_STRENGTH if strength is None else strength
-        size = pipe.sd.unet.config.sample_size * pipe.sd.vae_scale_factor
+        size = model_size(pipe.sd)
         first_pass = (options.get('height') or size, options.get('width') or size)
     subseeds, strength_of_variation = output.get('subseeds'), options.get('subseed_strength')
     for i, image in enumerate(output['output_imgs']):

@@ -207,13 +207,13 @@ class StableDiffusionText2ImagePipeline(Pipeline):
     def _memory_advice(self, prompt, num_images_per_prompt, height, width, batch_size, image, hr_scale, **_) -> str:
         """What to change when a call runs out of GPU memory, in the order that costs least."""
         n_images = (len(prompt) if isinstance(prompt, list) else 1) * num_images_per_prompt
-        native = self.sd.unet.config.sample_size * self.sd.vae_scale_factor
+        native = images_lib.model_size(self.sd)
         if image is not None:
             height, width = images_lib.target_size(image, height, width)
         height, width = height or native, width or native
         advice = [f'Out of GPU memory making {n_images} image(s) at {width}x{height}'
                   + (f', then {hr_scale}x that (hires fix).' if hr_scale else '.')]
-        if height * width > 4 * native * native:
+        if height * width > images_lib.LARGE_AREA * native * native:
             advice.append(f'That is {height * width / native ** 2:.0f} times the {native}x{native} the model was '
                           'trained at: pass a smaller height and width' + (' (the input image is resized to them).'
                                                                            if image is not None else '.'))

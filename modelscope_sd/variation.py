@@ -8,6 +8,8 @@ from typing import List, Optional
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from .images import model_size
+
 
 def slerp(val: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     """A1111's ``slerp`` of one image's noise (C, H, W): ``val`` 0 gives ``low``, 1 gives ``high``; the angle is
@@ -35,7 +37,7 @@ def start_latents(sd, height: Optional[int], width: Optional[int], generator, su
     """The start latents of a text-to-image call of diffusers pipeline ``sd`` with variation seeds: drawn from
     ``generator`` as its ``prepare_latents`` draws them (so the generator goes on as in a call without), each
     image's turned by ``strength`` towards the noise of its subseed."""
-    size, factor = sd.unet.config.sample_size * sd.vae_scale_factor, sd.vae_scale_factor
+    size, factor = model_size(sd), sd.vae_scale_factor
     shape = (len(subseeds), sd.unet.config.in_channels, (height or size) // factor, (width or size) // factor)
     return turned(randn_tensor(shape, generator=generator, device=sd.device, dtype=sd.unet.dtype), subseeds, strength)
 
