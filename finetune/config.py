@@ -572,7 +572,7 @@ def check_network_weights(config) -> None:
     if not os.path.exists(path):
         raise FileNotFoundError(f'network_weights={path!r}: no such file or folder.')
     from modelscope_sd.constants import PICKLE_SUFFIXES
-    from modelscope_sd.lora import locate_adapter
+    from modelscope_sd.lora import locate_adapter, nonfinite
     folder, name = locate_adapter(path, allow_pickle=True)
     if name.endswith(PICKLE_SUFFIXES):  # ModelScope's old trainer wrote pytorch_lora_weights.bin
         pickle_file = os.path.join(folder, name)
@@ -584,7 +584,7 @@ def check_network_weights(config) -> None:
     ranks = {v.shape[0] for k, v in state.items() if '.lora_A.' in k}
     if not ranks:
         raise ValueError(f'network_weights={path!r} holds no LoRA weights for the UNet or the text encoder.')
-    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    broken = nonfinite(state.items())
     if broken:
         raise ValueError(f'network_weights={path!r} holds NaN or inf in {len(broken)} of its {len(state)} weights '
                          f'(e.g. {broken[0]}): the training that wrote it diverged. Start from an earlier checkpoint '

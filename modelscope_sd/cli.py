@@ -244,9 +244,10 @@ def _convert(args) -> str:
 def _check_finite_file(path: str, given: str) -> None:
     """A diverged training's adapter (NaN or inf) converted would be as broken in A1111 as it is here."""
     from safetensors import safe_open
+
+    from .lora import nonfinite
     with safe_open(path, framework='pt') as f:
-        tensors = ((key, f.get_tensor(key)) for key in f.keys())
-        broken = [key for key, tensor in tensors if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+        broken = nonfinite((key, f.get_tensor(key)) for key in f.keys())
     if broken:
         raise ValueError(f'{given!r} holds NaN or inf in {len(broken)} weight(s) (e.g. {broken[0]}): the training '
                          'that wrote it diverged, and the converted file would make black images too. Convert an '

@@ -167,12 +167,17 @@ def _has_adapter(pipe, name: str) -> bool:
     return any(name in getattr(model, 'peft_config', {}) for model in (pipe.unet, pipe.text_encoder))
 
 
+def nonfinite(named) -> List[str]:
+    """The names of the (name, tensor) pairs of ``named`` whose floating-point values hold NaN or inf: what a
+    diverged training leaves in its adapter."""
+    return [key for key, tensor in named if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+
+
 def _check_finite(pipe, name: str, path) -> None:
     """Adapter ``name``'s weights as loaded, all finite: one NaN makes every image it touches black (NaN)."""
-    import torch
     weights = [(key, param) for model in (pipe.unet, pipe.text_encoder)
                for key, param in model.named_parameters() if name in key.split('.')]
-    broken = [key for key, param in weights if not bool(torch.isfinite(param).all())]
+    broken = nonfinite(weights)
     if broken:
         raise ValueError(f'lora_dir={path!r} holds NaN or inf in {len(broken)} of its {len(weights)} weights (e.g. '
                          f'{broken[0].replace(f".{name}", "")}): the training that wrote it diverged, and every image '
