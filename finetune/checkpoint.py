@@ -72,8 +72,10 @@ def check_not_past(checkpoint: str, max_steps: int, lora: bool, limit: Optional[
     if step > max_steps:
         earlier = [path for path in list_checkpoints(os.path.dirname(checkpoint))
                    if read_state(path)['global_step'] <= max_steps]
-        where = (f' The weights of an earlier step are in {earlier[-1]}' + (f" (lora_dir='{earlier[-1]}')." if lora
-                                                                            else '.') if earlier else '')
+        where = ''
+        if earlier:
+            where = f' The weights of an earlier step are in {earlier[-1]}' + (
+                f" (lora_dir='{earlier[-1]}')." if lora else '.')
         raise ValueError(f'resume_from_checkpoint: {checkpoint} is at step {step}, past '
                          f'{limit or f"--max_train_steps {max_steps}"}, '
                          f'so the run has nothing left to do. To go on training, pass a --max_train_steps above '

@@ -212,8 +212,6 @@ class TrainConfig:
             _check_tracker(self.report_to)
 
 
-
-
 def _check_sources(config) -> None:
     """The base model and VAE: a folder, a file or a hub id each, said before anything loads."""
     model = config.pretrained_model_name_or_path
@@ -300,7 +298,6 @@ def _check_validation(config) -> None:
         check_scheduler_name(config.validation_scheduler, 'validation_scheduler: ')
     if config.sample_prompts is not None:
         load_sample_prompts(config.sample_prompts)  # a bad line fails now, not at the first validation
-
 
 
 def _check_compile_mode(config) -> None:

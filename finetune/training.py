@@ -330,8 +330,9 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
     global_step, first_epoch, skip_batches = 0, 0, 0
     checkpoint = find_checkpoint(config.output_dir, config.resume_from_checkpoint)
     if checkpoint:
-        check_not_past(checkpoint, max_steps, getattr(config, 'use_lora', True), None if config.max_train_steps else
-                       f'--num_train_epochs {config.num_train_epochs} ({max_steps} steps)')
+        if not config.max_train_steps:  # start_run checked a given count; one of epochs is known only now
+            check_not_past(checkpoint, max_steps, getattr(config, 'use_lora', True),
+                           f'--num_train_epochs {config.num_train_epochs} ({max_steps} steps)')
         accelerator.load_state(checkpoint)
         state = read_state(checkpoint)
         _warn_of_another_batch_shape(accelerator, config, checkpoint, state)

@@ -63,6 +63,7 @@ def call_weights(options: Dict[str, Any], lora_names: List[str], lora_scales: Li
         return options, scales
     return (dict(options, lora_scale=scales[0]) if changed else options), None
 
+
 def _hires_prompt_tags(options: Dict[str, Any], tags) -> Dict[str, Any]:
     """``hr_prompt`` without its ``<lora:…>`` tags, which must be its prompt's (``tags``, per prompt): the
     adapter weights hold for both passes here, while A1111 would switch to the hires prompt's for the second
