@@ -16,13 +16,20 @@ from modelscope.utils.constant import Tasks
 from modelscope_sd import metadata
 
 
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f'{value} must be >= 1')
+    return number
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--prompt', required=True)
     parser.add_argument('--model', default=modelscope_sd.DEFAULT_MODEL_ID)
     parser.add_argument('--model_revision', default=None, help='hub revision (default: v1.0.0 for the default model)')
-    parser.add_argument('--num_inference_steps', type=int, default=50)
-    parser.add_argument('--num_images', type=int, default=1)
+    parser.add_argument('--num_inference_steps', type=positive_int, default=50)
+    parser.add_argument('--num_images', type=positive_int, default=1)
     parser.add_argument('--seed', type=int, default=None)
     parser.add_argument('--scheduler', default=None, help="e.g. 'ddim', 'euler_a', 'dpm++_2m_karras'")
     parser.add_argument('--lora_dir', default=None)
@@ -33,11 +40,14 @@ def main(argv=None):
     extra = {'lora_dir': args.lora_dir} if args.lora_dir else {}
     revision = args.model_revision or (modelscope_sd.DEFAULT_MODEL_REVISION
                                        if args.model == modelscope_sd.DEFAULT_MODEL_ID else None)
-    pipe = pipeline(task=Tasks.text_to_image_synthesis, model=args.model, model_revision=revision, device=args.device,
-                    pipeline_name=modelscope_sd.PIPELINE_NAME, **extra)
     call = {'text': args.prompt, 'seed': args.seed, 'num_inference_steps': args.num_inference_steps,
             'scheduler': args.scheduler, 'num_images_per_prompt': args.num_images}
-    output = pipe(call)
+    try:  # the pipeline's errors name the option and the fix: print them without a traceback
+        pipe = pipeline(task=Tasks.text_to_image_synthesis, model=args.model, model_revision=revision,
+                        device=args.device, pipeline_name=modelscope_sd.PIPELINE_NAME, **extra)
+        output = pipe(call)
+    except (ValueError, FileNotFoundError, ConnectionError) as err:
+        parser.exit(2, f'{parser.prog}: error: {err}\n')
 
     os.makedirs(args.output_dir, exist_ok=True)
     loras = [(args.lora_dir, 1.0)] if args.lora_dir else []

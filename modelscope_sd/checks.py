@@ -165,7 +165,15 @@ def check_numbers(height, width, num_inference_steps, num_images_per_prompt, bat
                          'value.')
     check_number('eta', eta, minimum=0.0)
     if seed is not None:
-        check_int('seed', seed, minimum=0, maximum=_MAX_SEED)
+        check_seed('seed', seed)
+
+
+def check_seed(name: str, value) -> None:
+    """A seed given (A1111's -1 has been drawn by now): the range torch's generator takes."""
+    check_int(name, value)
+    if not 0 <= value <= _MAX_SEED:
+        raise ValueError(f'{name}={value} is out of range: it must be between 0 and {_MAX_SEED}, or -1 for a random '
+                         'seed.')
 
 
 def is_minus_one(value) -> bool:
@@ -242,7 +250,7 @@ def _check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, hr_prompt, hr_nega
 def _check_variation(subseed, subseed_strength, latents, mask_image) -> None:
     """A1111's variation seeds: they turn text-to-image's start latents, or the noise image-to-image adds."""
     if subseed is not None:
-        check_int('subseed', subseed, minimum=0, maximum=_MAX_SEED)
+        check_seed('subseed', subseed)
     check_number('subseed_strength', subseed_strength, minimum=0.0)
     if subseed_strength > 1:
         raise ValueError(f'subseed_strength={subseed_strength} must be between 0 (off) and 1 (the subseed\'s noise).')

@@ -28,7 +28,7 @@ import pytest
     (lambda p: p('a', batch_size=0), ValueError, ['batch_size=0', '>= 1']),
     (lambda p: p('a', batch_size=2.0), TypeError, ['batch_size', 'int']),
     (lambda p: p('a', eta=-0.5), ValueError, ['eta=-0.5']),
-    (lambda p: p('a', seed=-2), ValueError, ['seed=-2']),
+    (lambda p: p('a', seed=-2), ValueError, ['seed=-2', '-1 for a random seed']),
     (lambda p: p('a', seed='42'), TypeError, ['seed', 'str']),
     (lambda p: p('a', seed=1, generator=__import__('torch').Generator()), ValueError, ['seed or generator']),
     (lambda p: p('a', generator=5), TypeError, ['generator']),
