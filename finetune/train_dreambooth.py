@@ -50,7 +50,8 @@ def main(config: DreamBoothConfig, notes: Optional[List[str]] = None) -> str:
     if config.with_prior_preservation:
         check_class_images(config)  # before any model loads
     with accelerator.main_process_first():  # one process downloads, the others then read the cache
-        instance = check_images(instance_records(config), config.skip_bad_images, config.resolution)
+        instance = check_images(instance_records(config), config.skip_bad_images, config.resolution,
+                                config.enable_bucket)
         parts = load_components(config.pretrained_model_name_or_path, config.revision, config.vae,
                                 config.clip_skip)  # checks the base
     if config.with_prior_preservation:

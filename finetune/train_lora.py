@@ -32,7 +32,7 @@ def main(config: LoraTrainConfig, notes: Optional[List[str]] = None) -> str:
     with accelerator.main_process_first():  # one process downloads dataset and model, the others read the cache
         # data first: a bad dataset fails before any model is loaded
         records = check_images(load_records(config.train_data_dir or config.dataset_name, 'train'),
-                               config.skip_bad_images, config.resolution)
+                               config.skip_bad_images, config.resolution, config.enable_bucket)
         validation = [] if config.train_data_dir else load_records(config.dataset_name, 'validation')
         parts = load_components(config.pretrained_model_name_or_path, config.revision, config.vae,
                                 config.clip_skip)

@@ -165,6 +165,24 @@ def test_images_training_would_upscale_more_than_twice_are_named(tmp_path, caplo
     assert 'upscales' not in caplog.text
 
 
+def test_a_long_image_is_named_for_the_crop_that_loses_most_of_it_unless_buckets_keep_it_whole(tmp_path, caplog):
+    from finetune.data import Record, check_images
+    records = []
+    for name, size in (('square.png', (40, 40)), ('wide.png', (100, 12)), ('tall.png', (30, 61))):
+        Image.new('RGB', size).save(tmp_path / name)
+        records.append(Record(str(tmp_path / name), 'a'))
+    with caplog.at_level('WARNING', logger='finetune.data'):
+        check_images(records, skip_bad=False, resolution=32)
+    assert "2 image(s) are more than twice as long as they are wide" in caplog.text and '--enable_bucket' in caplog.text
+    assert 'wide.png (100x12)' in caplog.text and 'tall.png (30x61)' in caplog.text and 'square.png' not in caplog.text
+    # a square crop scales the 12 px side to 32: more than 2x, though the image's area is that of a 35 px square
+    assert '1 image(s) are less than half of --resolution 32 across' in caplog.text
+    caplog.clear()
+    with caplog.at_level('WARNING', logger='finetune.data'):
+        check_images(records, skip_bad=False, resolution=32, buckets=True)
+    assert caplog.text == ''
+
+
 def test_sampler_order_is_a_function_of_seed_and_epoch():
     sampler = EpochSampler(10, seed=1)
     sampler.start_epoch(3)
