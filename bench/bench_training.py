@@ -132,15 +132,16 @@ def ours_step_runner(parts, mode, batch, device, records, resolution, options):
     from finetune.config import DreamBoothConfig, LoraTrainConfig
     from finetune.data import CaptionDataset
     from finetune.training import make_accelerator, prepare_models, train_loop
-    out = _temporary_folder('bench_out_')  # the models come in parts: the config only checks that folders exist
-    defaults = dict(pretrained_model_name_or_path=out, output_dir=out, resolution=resolution, center_crop=True,
+    # the models and images come in parts: the config only checks that these folders exist
+    folder, out = _temporary_folder('bench_in_'), _temporary_folder('bench_out_')
+    defaults = dict(pretrained_model_name_or_path=folder, output_dir=out, resolution=resolution, center_crop=True,
                     cache_latents=True, mixed_precision='bf16' if device.startswith('cuda') else 'no',
                     train_batch_size=batch, checkpointing_steps=None, validation_steps=10**9, logging_steps=10**9)
     common = {**defaults, **options}
     if mode == 'lora':
-        config = LoraTrainConfig(dataset_name=out, **common)
+        config = LoraTrainConfig(dataset_name=folder, **common)
     else:
-        config = DreamBoothConfig(instance_data_dir=out, instance_prompt='a photo of sks thing', **common)
+        config = DreamBoothConfig(instance_data_dir=folder, instance_prompt='a photo of sks thing', **common)
     accelerator = make_accelerator(config)
     parts = dict(parts, noise_scheduler=DDPMScheduler(beta_start=0.00085, beta_end=0.012,
                                                      beta_schedule='scaled_linear'), model_dir=None)

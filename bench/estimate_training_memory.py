@@ -80,7 +80,8 @@ def make_optimizer_for(name: str, params, full_bf16: bool = False):
     from finetune.config import DreamBoothConfig
     from finetune.training import make_optimizer
     with tempfile.TemporaryDirectory(prefix='estimate_') as folder:  # the config checks that the folders exist
-        config = DreamBoothConfig(pretrained_model_name_or_path=folder, output_dir=folder, instance_data_dir=folder,
+        config = DreamBoothConfig(pretrained_model_name_or_path=folder, output_dir=f'{folder}-out',
+                                  instance_data_dir=folder,
                                   instance_prompt='a photo of sks thing', optimizer='adafactor' if name == 'adafactor'
                                   else 'adamw', use_8bit_adam=name == 'adamw8bit', full_bf16=full_bf16)
     # the device only decides fused AdamW, which is what the trainer runs on a GPU

@@ -375,6 +375,7 @@ class LoraTrainConfig(LoraOptions, TrainConfig):
             raise ValueError('No training data: pass --dataset_name (ModelScope id or folder) or --train_data_dir.')
         if self.train_data_dir and not os.path.isdir(self.train_data_dir):
             raise FileNotFoundError(f'train_data_dir={self.train_data_dir!r}: no such folder.')
+        check_writes_outside('train_data_dir', self.train_data_dir, output_dir=self.output_dir)
         check_dataset_name(self.dataset_name)
 
 
@@ -466,13 +467,25 @@ class DreamBoothConfig(LoraOptions, TrainConfig):
             raise ValueError(f'prior_loss_weight={self.prior_loss_weight} must be >= 0.')
         if self.class_data_dir is None:
             self.class_data_dir = os.path.join(self.output_dir, 'class_images')
-        if (self.with_prior_preservation and self.instance_data_dir
-                and os.path.abspath(self.class_data_dir) == os.path.abspath(self.instance_data_dir)):
-            raise ValueError(f'class_data_dir={self.class_data_dir!r} is the instance folder: generated class images '
-                             'would mix with your subject photos. Leave class_data_dir unset or pick another folder.')
+        check_writes_outside('instance_data_dir', self.instance_data_dir, output_dir=self.output_dir,
+                             class_data_dir=self.class_data_dir if self.with_prior_preservation else None)
         if self.with_prior_preservation and os.path.isfile(self.class_data_dir):
             raise ValueError(f'class_data_dir={self.class_data_dir!r} is a file: pass a folder (it is made if missing, '
                              'and missing class images are generated into it).')
+
+
+def check_writes_outside(data_flag: str, data_dir: Optional[str], **written: Optional[str]) -> None:
+    """The folders a run writes images to (validation images, class images) must not lie in the image folder it
+    trains on: that folder is read with its subfolders, so a resume or the next run would train on them."""
+    if not data_dir or not os.path.isdir(data_dir):
+        return
+    data = os.path.realpath(data_dir)
+    for flag, path in written.items():
+        if path is not None and os.path.commonpath([data, os.path.realpath(path)]) == data:
+            where = 'is' if os.path.realpath(path) == data else 'is inside'
+            raise ValueError(f'{flag}={path!r} {where} {data_flag}={data_dir!r}: the images this run writes there '
+                             f'would be read as training images (subfolders are read too) on a resume or the next '
+                             f'run. Pass a --{flag} outside {data_dir!r}.')
 
 
 def check_fused_backward_pass(config, mixed_precision: Optional[str], processes: int = 1) -> None:

@@ -405,7 +405,10 @@ def test_modelscope_example_command_line_runs_unchanged(tiny_model_dir, instance
     (dict(optimizer='sgd'), ValueError, "optimizer='sgd' is not one of"),
     (dict(optimizer='adafactor', use_8bit_adam=True), ValueError, 'use_8bit_adam applies to optimizer=adamw'),
     (dict(use_lora=True, export_checkpoint=True), ValueError, 'pass --export_kohya'),
-    (dict(with_prior_preservation=True, class_data_dir='INSTANCE'), ValueError, 'is the instance folder'),
+    (dict(with_prior_preservation=True, class_data_dir='INSTANCE'), ValueError, 'is instance_data_dir='),
+    (dict(with_prior_preservation=True, class_data_dir='INSTANCE/dogs'), ValueError,
+     "class_data_dir='.*/dogs' is inside instance_data_dir=.*Pass a --class_data_dir outside"),
+    (dict(output_dir='INSTANCE/out'), ValueError, "output_dir='.*/out' is inside instance_data_dir="),
     (dict(with_prior_preservation=True, enable_bucket=True), ValueError, 'enable_bucket does not combine'),
     (dict(network_weights='some-lora'), ValueError, 'network_weights starts the LoRA adapters .*pass --use_lora'),
     (dict(use_lora=True, network_weights='/no/such/lora'), FileNotFoundError, 'network_weights=.*no such file'),
@@ -428,13 +431,14 @@ def test_modelscope_example_command_line_runs_unchanged(tiny_model_dir, instance
      "pretrained_model_name_or_path='./no-such-model': no such folder, and not a ModelScope model id"),
 ])
 def test_bad_config(instance_dir, tmp_path, kwargs, error, message):
+    kwargs = {k: v.replace('INSTANCE/', instance_dir + '/') if isinstance(v, str) else v for k, v in kwargs.items()}
     if kwargs.get('class_data_dir') == 'INSTANCE':
         kwargs = {**kwargs, 'class_data_dir': instance_dir + '/'}  # the same folder, spelled differently
     if kwargs.get('class_data_dir') == 'FILE':
         (tmp_path / 'notes.txt').write_text('not a folder')
         kwargs = {**kwargs, 'class_data_dir': str(tmp_path / 'notes.txt')}
     with pytest.raises(error, match=message):
-        _config('test/unused', instance_dir, tmp_path / 'out', **kwargs)
+        _config('test/unused', instance_dir, kwargs.pop('output_dir', tmp_path / 'out'), **kwargs)
 
 
 def test_output_name_names_the_file_for_a1111_a_checkpoint_or_an_adapter(instance_dir, tmp_path):

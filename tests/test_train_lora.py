@@ -781,6 +781,16 @@ def test_bad_config(kwargs, message):
         LoraTrainConfig(**{'dataset_name': 'test/x', **kwargs})
 
 
+def test_an_output_dir_inside_the_image_folder_is_refused(tmp_path):
+    """Its validation images would be read as training images (subfolders are read) on a resume."""
+    make_images(str(tmp_path / 'photos'))
+    for output_dir, where in ((tmp_path / 'photos' / 'out', 'is inside'), (tmp_path / 'photos', 'is')):
+        with pytest.raises(ValueError, match=re.escape(f"output_dir='{output_dir}' {where} train_data_dir=")
+                           + '.*Pass a --output_dir outside'):
+            LoraTrainConfig(train_data_dir=str(tmp_path / 'photos'), output_dir=str(output_dir))
+    LoraTrainConfig(train_data_dir=str(tmp_path / 'photos'), output_dir=str(tmp_path / 'photos-out'))
+
+
 def test_a_hub_pages_address_names_the_id_to_pass():
     for kwargs, message in (
             (dict(dataset_name='https://modelscope.cn/datasets/buptwq/lora-stable-diffusion-finetune/summary'),
