@@ -17,6 +17,7 @@ from . import images as images_lib
 from . import lora as lora_utils
 from . import prompts as prompts_lib
 from . import schedulers as schedulers_lib
+from .embeddings import embedding_file
 from .loading import hub_id_hint, is_hub_id
 from .prompt_editing import split_and
 
@@ -342,8 +343,8 @@ def check_sources(lora_dir, textual_inversion, vae) -> None:
     embeddings = (textual_inversion.values() if isinstance(textual_inversion, dict) else textual_inversion
                   if isinstance(textual_inversion, (list, tuple)) else [textual_inversion])
     for path in embeddings:
-        if isinstance(path, (str, os.PathLike)) and not os.path.isfile(path):
-            raise FileNotFoundError(f'textual_inversion={os.fspath(path)!r}: no such file.')
+        if isinstance(path, (str, os.PathLike)):
+            embedding_file(os.fspath(path))
 
 
 def check_switches(**switches) -> None:

@@ -69,7 +69,8 @@ def _generate_parser(sub):
                         help='LoRA adapter (diffusers or kohya), repeatable')
     parser.add_argument('--textual_inversion', action='append', default=[], metavar='PATH',
                         help='embedding file (A1111 or diffusers), used by writing its file name in the prompt or '
-                             'negative prompt; repeatable')
+                             "negative prompt; or diffusers' textual-inversion output folder, used by its trained "
+                             'word; repeatable')
     parser.add_argument('--image', help='start image (image-to-image)')
     parser.add_argument('--mask_image', help='mask (inpainting; white repaints)')
     parser.add_argument('--strength', type=float, help='image-to-image (default 0.8), inpainting (1.0), or the hires '

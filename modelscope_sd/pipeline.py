@@ -94,7 +94,8 @@ class StableDiffusionText2ImagePipeline(Pipeline):
         lora_dir: a LoRA adapter (folder or file, diffusers/peft or kohya/A1111 format), or a list of them.
         lora_scale: the adapter weight, or one weight per adapter.
         textual_inversion: embedding file(s) (A1111 or diffusers), each used by writing its file name in a prompt
-            (e.g. ``negative_prompt='EasyNegative'``), or {word: path}.
+            (e.g. ``negative_prompt='EasyNegative'``), or {word: path}. diffusers' textual-inversion output (its
+            folder or ``learned_embeds`` file) is used by the word stored in it.
         fuse_lora: merge the adapters into the weights once, for speed (scales are then fixed).
         fast: fused QKV, channels_last, and torch.compile of the whole denoising step, captured as CUDA
             graphs on CUDA (adapters are fused). The first call per size and batch compiles; later calls, other

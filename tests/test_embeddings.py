@@ -69,6 +69,28 @@ def test_an_embedding_that_does_not_fit_a_windows_rest_starts_the_next_window(ti
     assert len(fits) == prompts.CHUNK
 
 
+def test_diffusers_textual_inversion_output_loads_by_its_word_as_in_diffusers(tiny_model_dir, tmp_path):
+    """diffusers' textual_inversion.py writes OUTPUT_DIR/learned_embeds.safetensors, {'<cat-toy>': (1, width)}: its
+    word is the one stored, and the folder or the file can be given, as to diffusers' load_textual_inversion."""
+    from diffusers import StableDiffusionPipeline
+    folder = tmp_path / 'textual_inversion_cat'
+    folder.mkdir()
+    save_file({'<cat-toy>': torch.randn(1, WIDTH, generator=torch.Generator().manual_seed(2)) * 2},
+              str(folder / 'learned_embeds.safetensors'))
+    ours = _pipe(tiny_model_dir, textual_inversion=str(folder))
+    assert ours.embeddings == ['<cat-toy>']
+    vanilla = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    vanilla.load_textual_inversion(str(folder))
+    expected = vanilla('a <cat-toy> on a table', num_inference_steps=2, output_type='np',
+                       generator=[torch.Generator().manual_seed(0)]).images[0]
+    image = _image(ours, 'a <cat-toy> on a table')
+    assert np.abs(image - (expected * 255).round().astype(int)[..., ::-1]).max() <= 1
+    assert np.abs(image - _image(_pipe(tiny_model_dir), 'a <cat-toy> on a table')).max() > 0
+    by_file = _pipe(tiny_model_dir, textual_inversion=str(folder / 'learned_embeds.safetensors'))
+    assert by_file.embeddings == ['<cat-toy>']
+    assert _pipe(tiny_model_dir, textual_inversion={'cat': str(folder)}).embeddings == ['cat']
+
+
 def test_a1111_pickle_embedding_needs_allow_pickle(tiny_model_dir, tmp_path):
     path = str(tmp_path / 'oldstyle.pt')
     torch.save({'string_to_param': {'*': torch.randn(3, WIDTH)}, 'name': 'oldstyle', 'step': 1000}, path)
@@ -82,7 +104,9 @@ def test_a1111_pickle_embedding_needs_allow_pickle(tiny_model_dir, tmp_path):
     (lambda d: _embedding(d, key='clip_l'), ValueError, 'is an SDXL embedding'),
     (lambda d: {'a': _embedding(d)}, ValueError, "'a' is already a word of the tokenizer"),
     (lambda d: os.path.join(d, 'missing.safetensors'), FileNotFoundError, 'missing.safetensors.*no such file'),
-    (lambda d: 42, TypeError, 'textual_inversion must be a file path'),
+    (lambda d: d, FileNotFoundError, "is a folder without learned_embeds.safetensors or learned_embeds.bin .*pass the "
+                                     'embedding file'),
+    (lambda d: 42, TypeError, 'textual_inversion must be a path, a list of them'),
 ])
 def test_embeddings_that_cannot_fit_are_refused_by_name(tiny_model_dir, tmp_path, make, error, message):
     with pytest.raises(error, match=message):

@@ -212,7 +212,7 @@ def test_pickle_checkpoint_loads_when_the_caller_opts_in(tiny_single_file, tiny_
     (dict(lora_dir='https://www.modelscope.cn/models/me/my-lora/files'), FileNotFoundError,
      "no such file or folder, and not a hub id (owner/name) (the hub id in it is 'me/my-lora': pass that)"),
     (dict(textual_inversion={'style': '/no/style.pt'}), FileNotFoundError,
-     "textual_inversion='/no/style.pt': no such file."),
+     "textual_inversion='/no/style.pt': no such file or folder."),
 ])
 def test_pipeline_arguments_are_checked_before_the_model_loads(tiny_model_dir, monkeypatch, kwargs, error, message):
     monkeypatch.setattr('modelscope_sd.pipeline.load_pipeline', lambda *args, **kw: pytest.fail('the model loaded'))
