@@ -2,6 +2,7 @@
 (``vae-ft-mse-840000-ema-pruned.safetensors``) that civitai models ask for, as a single file in the original
 layout, a diffusers folder (an ``AutoencoderKL`` or a whole model's ``vae/``) or a ModelScope hub id."""
 
+import json
 import os
 import tempfile
 from typing import Union
@@ -28,12 +29,23 @@ def load_vae(vae, base, *, allow_pickle: bool = False, local_files_only: bool = 
         if os.path.isfile(os.path.join(folder, 'vae', 'config.json')):  # a whole diffusers model: its VAE
             model = AutoencoderKL.from_pretrained(folder, subfolder='vae')
         elif os.path.isfile(os.path.join(folder, 'config.json')):
+            _check_is_a_vae(vae, os.path.join(folder, 'config.json'))
             model = AutoencoderKL.from_pretrained(folder)
         else:
             raise ValueError(f'vae={vae!r} is neither a VAE file nor a diffusers VAE folder (config.json and '
                              'weights, or a model folder with vae/).')
     _check_fits(vae, model, base)
     return torch.nn.Module.to(model, base.device, base.dtype)  # torch's to(): diffusers' warns on every cast
+
+
+def _check_is_a_vae(vae, config_path: str) -> None:
+    """A folder's config.json names its diffusers class: a model's unet/ or text_encoder/ is not a VAE."""
+    with open(config_path, encoding='utf-8') as file:
+        config = json.load(file)
+    kind = config.get('_class_name') or ', '.join(config.get('architectures') or [])
+    if kind and kind != 'AutoencoderKL':
+        raise ValueError(f'vae={vae!r} holds a {kind} (its config.json), not an AutoencoderKL: pass the model folder '
+                         '(its vae/ is used), its vae/ folder, or a VAE file.')
 
 
 def _single_file(path: str, base, allow_pickle: bool):

@@ -1,5 +1,7 @@
 """vae=: another VAE in place of the model's own, from a single file, a folder or the hub, as A1111's VAE setting."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -82,6 +84,9 @@ def test_what_is_not_a_vae_for_this_model_is_refused_by_name(tiny_model_dir, tin
     cases = [(tmp_path / 'lora.safetensors', ValueError, 'holds no VAE weights'),
              (tmp_path / 'empty', ValueError, 'neither a VAE file nor a diffusers VAE folder'),
              (tmp_path / 'vae.bin.txt', FileNotFoundError, 'no such file or folder'),
+             (os.path.join(tiny_model_dir, 'unet'), ValueError,
+              r"unet' holds a UNet2DConditionModel \(its config.json\), not an AutoencoderKL: pass the model folder"),
+             (os.path.join(tiny_model_dir, 'text_encoder'), ValueError, 'holds a CLIPTextModel'),
              (wide, ValueError, '16-channel latents; this model\'s UNet takes 4'),
              (3, TypeError, 'vae must be a path')]
     for vae, error, words in cases:
