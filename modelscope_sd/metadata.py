@@ -244,6 +244,8 @@ def save_png(path: str, image_bgr: np.ndarray, parameters: str) -> str:
 
 
 def read_png(path: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'--from_png {path!r}: no such file.')
     try:
         with Image.open(path) as image:
             text = image.text.get(PARAMETERS_KEY) if hasattr(image, 'text') else None

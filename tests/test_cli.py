@@ -129,6 +129,10 @@ def test_from_png_of_a_file_that_is_no_image_is_an_error_without_traceback(tmp_p
     assert exit.value.code == 2
     assert capsys.readouterr().err == (f"modelscope-sd generate: error: {tmp_path / 'notes.txt'} is not an image: the "
                                        'settings come from a PNG written by modelscope-sd generate or by A1111.\n')
+    with pytest.raises(SystemExit):
+        main(['generate', '--from_png', str(tmp_path / 'missing.png')])
+    assert capsys.readouterr().err == (f"modelscope-sd generate: error: --from_png '{tmp_path / 'missing.png'}': no "
+                                       'such file.\n')
 
 
 def test_save_png_never_replaces_an_existing_image(tmp_path):
