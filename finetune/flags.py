@@ -65,9 +65,22 @@ def str2bool(value) -> bool:
     raise argparse.ArgumentTypeError(f'expected true or false, got {value!r}')
 
 
-def build_parser(config_cls, description: str, extra_flags: Dict[str, tuple]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+# a usage line that lists the ~100 flags would bury each error message under it; --help lists them
+USAGE = '%(prog)s [--FLAG VALUE ...]  (--help lists every flag)'
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default after its help, unless the help says it; the description (the trainer's docstring,
+    with its example command lines) as written."""
+
+    def _get_help_string(self, action):
+        return action.help if 'default' in (action.help or '') else super()._get_help_string(action)
+
+
+def build_parser(config_cls, description: str, extra_flags: Dict[str, tuple],
+                 prog: Optional[str] = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False, usage=USAGE,
+                                     formatter_class=_HelpFormatter)
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         kind = hints[f.name]
@@ -93,10 +106,10 @@ def build_parser(config_cls, description: str, extra_flags: Dict[str, tuple]) ->
 
 
 def parse_args(config_cls, argv: Optional[List[str]], description: str,
-               extra_flags: Optional[Dict[str, tuple]] = None) -> Tuple[object, List[str]]:
+               extra_flags: Optional[Dict[str, tuple]] = None, prog: Optional[str] = None) -> Tuple[object, List[str]]:
     """argv → (validated config, notes on each ModelScope or kohya flag that was mapped or ignored)."""
     extra_flags = {**MODELSCOPE_FLAGS, **kohya_flags.FLAGS} if extra_flags is None else extra_flags
-    parser = build_parser(config_cls, description, extra_flags)
+    parser = build_parser(config_cls, description, extra_flags, prog)
     namespace = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
     refused = [flag for flag in kohya_flags.REFUSED if namespace.get(f'refused:{flag}') is not None]
     if refused:  # all at once: a pasted kohya command line is fixed in one go
@@ -127,7 +140,7 @@ def run_trainer(main: Callable, config_cls, argv: Optional[List[str]], descripti
     """A trainer's command line: flags → config → ``main(config, notes)``. A user error raised by this package's
     own checks while it runs (a bad dataset, images the VAE cannot encode) ends in one line, as a bad flag does;
     an error raised anywhere else keeps its traceback."""
-    config, notes = parse_args(config_cls, argv, description)
+    config, notes = parse_args(config_cls, argv, description, prog=prog)
     try:
         return main(config, notes)
     except (ValueError, FileNotFoundError, ConnectionError) as err:  # a bad dataset, a missing file, the hub

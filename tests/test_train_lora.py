@@ -740,6 +740,23 @@ def test_typo_flag_fails_instead_of_vanishing(capsys):
     assert 'unrecognized arguments: --learning_rat' in capsys.readouterr().err
 
 
+def test_a_bad_flag_is_two_lines_and_help_keeps_the_docstrings_command_lines(capsys):
+    """Not the error under a usage of the ~100 flags; --help lists them, and keeps the example commands as written."""
+    for argv in (['--learning_rat', '1e-4'], ['--max_train_steps', '0']):
+        with pytest.raises(SystemExit):
+            parse_args(LoraTrainConfig, argv, 'x', prog='train_lora.py')
+        assert capsys.readouterr().err.splitlines()[0] == 'usage: train_lora.py [--FLAG VALUE ...]  (--help lists every flag)'
+    with pytest.raises(SystemExit):
+        parse_args(LoraTrainConfig, ['--max_train_steps', '0'], 'x', prog='train_lora.py')
+    assert capsys.readouterr().err.splitlines()[1:] == ['train_lora.py: error: max_train_steps=0 must be >= 1.']
+    from finetune import train_lora
+    with pytest.raises(SystemExit):
+        parse_args(LoraTrainConfig, ['--help'], train_lora.__doc__, prog='train_lora.py')
+    help_text = capsys.readouterr().out
+    assert '    accelerate launch finetune/train_lora.py --dataset_name ' in help_text
+    assert '--max_train_steps MAX_TRAIN_STEPS' in help_text and 'default: 512' in help_text
+
+
 @pytest.mark.parametrize('kwargs, message', [
     (dict(resolution=30), 'resolution=30 must be a multiple of 8'),
     (dict(rank=0), 'rank=0 must be >= 1'),
