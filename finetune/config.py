@@ -348,7 +348,8 @@ class LoraOptions:
     use_dora: bool = _help("DoRA (peft's use_dora, diffusers' flag): each adapted weight also learns its column "
                            'norms; the file loads in this pipeline and in diffusers, not as a kohya file',
                            default=False)
-    target_modules: str = _help('comma-separated UNet modules that get adapters',
+    target_modules: str = _help('comma-separated UNet modules that get adapters, matched as peft matches them (a '
+                                "layer's name or its end: attn2.to_k, ff.net.0.proj, conv1)",
                                 default='to_k,to_q,to_v,to_out.0')
     export_kohya: bool = _help('also write a kohya/A1111 .safetensors next to the diffusers file', default=False)
     training_comment: Optional[str] = _help("kohya's flag: a comment for the kohya file's ss_training_comment "

@@ -67,10 +67,44 @@ def add_lora(model, rank: int, alpha: Optional[int], dropout: float, target_modu
     """A peft LoRA (or DoRA) adapter named 'default'. Through peft itself rather than transformers'
     ``add_adapter``, which can demand a newer peft than the newest release (transformers 5.24 asks for peft 0.22)."""
     from peft import LoraConfig, inject_adapter_in_model
+    check_target_modules(model, target_modules)
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, init_lora_weights=init,
                         target_modules=list(target_modules), use_dora=use_dora)
     inject_adapter_in_model(config, model, adapter_name='default')
     model.peft_config = {'default': config}
+
+
+ADAPTABLE = (torch.nn.Linear, torch.nn.Conv2d)
+
+
+def check_target_modules(model, target_modules) -> None:
+    """Each name picks layers peft can adapt, as peft matches it (the module's name, or its end after a dot):
+    a typo is named with the names there are, before peft's error for the first layer it cannot adapt, or none."""
+    modules = dict(model.named_modules())
+
+    def matches(target):
+        return [module for name, module in modules.items() if name == target or name.endswith('.' + target)]
+
+    missing = [target for target in target_modules if not matches(target)]
+    other = {target: type(found[0]).__name__ for target in target_modules
+             for found in [[m for m in matches(target) if not isinstance(m, ADAPTABLE)]] if found}
+    if missing or other:
+        problems = ([f'{", ".join(missing)} name{"s" if len(missing) == 1 else ""} no layer of the '
+                     f'{type(model).__name__}'] if missing else [])
+        problems += [f'{target} is a {kind}, not a Linear or Conv2d layer' for target, kind in other.items()]
+        raise ValueError(f'--target_modules {",".join(target_modules)}: {"; ".join(problems)}. Layers that take '
+                         f'adapters here: {", ".join(_short_names(modules))}.')
+
+
+def _short_names(modules) -> List[str]:
+    """The shortest name that picks each adaptable layer kind: to_q, to_out.0, conv1, proj_in ..."""
+    names = set()
+    for name, module in modules.items():
+        if isinstance(module, ADAPTABLE):
+            parts = name.split('.')
+            start = next(i for i in range(len(parts) - 1, -1, -1) if not parts[i].isdigit())
+            names.add('.'.join(parts[start:]))
+    return sorted(names)
 
 
 @contextlib.contextmanager

@@ -808,6 +808,22 @@ def test_an_output_dir_inside_the_image_folder_is_refused(tmp_path):
     LoraTrainConfig(train_data_dir=str(tmp_path / 'photos'), output_dir=str(tmp_path / 'photos-out'))
 
 
+def test_target_modules_that_pick_no_layer_are_named_with_the_ones_there_are(tiny_model_dir):
+    """Before: peft's NoMatchingPeftModuleError traceback for a typo, or one with a ModuleList's repr for to_out."""
+    from diffusers import UNet2DConditionModel
+
+    from finetune.models import add_lora
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder='unet')
+    with pytest.raises(ValueError) as error:
+        add_lora(unet, 4, 4, 0.0, ['to_q', 'to_qq', 'to_out'])
+    assert str(error.value).startswith('--target_modules to_q,to_qq,to_out: to_qq names no layer of the '
+                                       'UNet2DConditionModel; to_out is a ModuleList, not a Linear or Conv2d layer. '
+                                       'Layers that take adapters here: conv, conv1,')
+    assert ' proj_in, proj_out, time_emb_proj, to_k, to_out.0, to_q, to_v.' in str(error.value)
+    assert not any('lora' in name for name, _ in unet.named_modules())  # refused before any adapter went in
+    add_lora(unet, 4, 4, 0.0, ['to_q', 'attn2.to_k', 'ff.net.0.proj', 'conv1'])
+
+
 def test_a_hub_pages_address_names_the_id_to_pass():
     for kwargs, message in (
             (dict(dataset_name='https://modelscope.cn/datasets/buptwq/lora-stable-diffusion-finetune/summary'),
