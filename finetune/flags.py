@@ -5,6 +5,7 @@ dropped."""
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import typing
 from typing import Callable, Dict, List, Optional, Tuple
@@ -116,7 +117,7 @@ def parse_args(config_cls, argv: Optional[List[str]], description: str,
         parser.error('kohya flags that this trainer does not follow: ' + '; '.join(
             f'--{flag}: {kohya_flags.REFUSED[flag]}' for flag in refused) + '. Drop them to train here.')
     values = {k: v for k, v in namespace.items() if not k.startswith(('ms:', 'refused:'))}
-    notes = []
+    notes, given_as = [], {}
     for flag, (target, convert) in extra_flags.items():
         raw = namespace.get(f'ms:{flag}')
         if raw is None:
@@ -129,11 +130,13 @@ def parse_args(config_cls, argv: Optional[List[str]], description: str,
         except ValueError as err:
             parser.error(str(err))
         values.update(mapped)
+        given_as.update({key: f'--{flag} {raw}' for key in mapped})
         notes.append(f'--{flag} {raw} → ' + (', '.join(f'--{k} {v}' for k, v in mapped.items()) or 'as here'))
     try:
         return config_cls(**values), notes
     except (ValueError, FileNotFoundError) as err:  # a missing file or folder is one line too, not a traceback
-        parser.error(str(err))
+        flags = [flag for key, flag in given_as.items() if re.search(rf'\b{key}\b', str(err))]
+        parser.error(''.join(f'{flag}: ' for flag in flags) + str(err))  # the flag typed, then ours it set
 
 
 def run_trainer(main: Callable, config_cls, argv: Optional[List[str]], description: str, prog: str):

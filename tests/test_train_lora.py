@@ -692,7 +692,10 @@ def test_kohya_command_line_flags_map_onto_ours_and_say_how(tmp_path, capsys):
                                ('--network_alpha', '0.5', 'LoRA alpha is a whole number here'),
                                ('--caption_extension', '.tags', 'captions are read from .txt files'),
                                ('--resolution', '512,768', "'512,768': training is square here; --enable_bucket"),
-                               ('--resolution', 'big', "'big': a size in pixels")):
+                               ('--resolution', 'big', "'big': a size in pixels"),
+                               ('--caption_dropout_rate', '1', 'error: --caption_dropout_rate 1: '
+                                                               'proportion_empty_prompts=1.0 must be in [0, 1)'),
+                               ('--max_epochs', '0', 'error: --max_epochs 0: num_train_epochs=0 must be >= 1.')):
         with pytest.raises(SystemExit):
             parse_args(LoraTrainConfig, ['--train_data_dir', str(tmp_path), flag, value], 'x')
         assert words in capsys.readouterr().err
