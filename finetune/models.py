@@ -85,13 +85,16 @@ def check_target_modules(model, target_modules) -> None:
     def matches(target):
         return [module for name, module in modules.items() if name == target or name.endswith('.' + target)]
 
+    problems = []
     missing = [target for target in target_modules if not matches(target)]
-    other = {target: type(found[0]).__name__ for target in target_modules
-             for found in [[m for m in matches(target) if not isinstance(m, ADAPTABLE)]] if found}
-    if missing or other:
-        problems = ([f'{", ".join(missing)} name{"s" if len(missing) == 1 else ""} no layer of the '
-                     f'{type(model).__name__}'] if missing else [])
-        problems += [f'{target} is a {kind}, not a Linear or Conv2d layer' for target, kind in other.items()]
+    if missing:
+        problems.append(f'{", ".join(missing)} name{"s" if len(missing) == 1 else ""} no layer of the '
+                        f'{type(model).__name__}')
+    for target in target_modules:
+        others = [type(module).__name__ for module in matches(target) if not isinstance(module, ADAPTABLE)]
+        if others:  # peft refuses the whole adapter for it
+            problems.append(f'{target} is a {others[0]}, not a Linear or Conv2d layer')
+    if problems:
         raise ValueError(f'--target_modules {",".join(target_modules)}: {"; ".join(problems)}. Layers that take '
                          f'adapters here: {", ".join(_short_names(modules))}.')
 
