@@ -45,6 +45,8 @@ for _name, _fragment in (('transformers.utils.import_utils', 'requires torchvisi
         _logger.addFilter(_IrrelevantAdvice(_fragment))
 
 REQUIRED_COMPONENTS = ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler')
+WEIGHTED_COMPONENTS = ('unet', 'vae', 'text_encoder')
+WEIGHT_PATTERNS = ('*.safetensors', '*.bin', '*.index.json')  # a single file, a variant, or a sharded one's index
 _HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
 _HUB_PAGE = re.compile(r'^https?://(?:www\.)?modelscope\.(?:cn|ai)/(?:models|datasets)/([A-Za-z0-9][\w.-]*/[\w.-]+)')
 _DTYPES = {
@@ -285,6 +287,11 @@ def check_model_dir(path: str) -> None:
                if name not in index or not os.path.isdir(os.path.join(path, name))]
     if missing:
         raise ValueError(f'model={path!r} is not a complete Stable Diffusion model: missing {missing}.')
+    empty = [f'{name}/' for name in WEIGHTED_COMPONENTS
+             if not any(glob.glob(os.path.join(path, name, pattern)) for pattern in WEIGHT_PATTERNS)]
+    if empty:
+        raise ValueError(f'model={path!r} holds no weights in {", ".join(empty)} (a .safetensors or .bin file): the '
+                         'download or copy is probably incomplete. Delete the folder and download or copy it again.')
     for weights in glob.glob(os.path.join(path, '*', '*.safetensors')):
         check_safetensors(weights)
 

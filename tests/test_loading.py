@@ -65,6 +65,16 @@ def test_folder_missing_a_component(tiny_model_dir, tmp_path):
         StableDiffusionText2ImagePipeline(str(folder), device='cpu')
 
 
+def test_a_component_folder_without_weights_is_named_as_an_incomplete_copy(tiny_model_dir, tmp_path):
+    """Before: diffusers' 'Error no file named diffusion_pytorch_model.bin found in directory', after loading half."""
+    folder = tmp_path / 'model'
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / 'unet' / 'diffusion_pytorch_model.safetensors').unlink()
+    with pytest.raises(ValueError, match=re.escape(f"model='{folder}' holds no weights in unet/ (a .safetensors or "
+                                                   '.bin file): the download or copy is probably incomplete.')):
+        StableDiffusionText2ImagePipeline(str(folder), device='cpu')
+
+
 def test_use_safetensors_refuses_a_component_saved_as_bin_which_loads_by_default(tiny_model_dir, tmp_path):
     """ModelScope's and diffusers' examples pass use_safetensors=True: it is taken, and means what it does there."""
     from diffusers import UNet2DConditionModel
