@@ -45,6 +45,10 @@ for _name, _fragment in (('transformers.utils.import_utils', 'requires torchvisi
         _logger.addFilter(_IrrelevantAdvice(_fragment))
 
 REQUIRED_COMPONENTS = ('unet', 'vae', 'text_encoder', 'tokenizer', 'scheduler')
+CONFIG_FILES = {'unet': 'config.json', 'vae': 'config.json', 'text_encoder': 'config.json',
+                'scheduler': 'scheduler_config.json'}
+_INCOMPLETE = ('The download or copy probably stopped part way: delete the folder and download or copy it '
+               'again.')
 WEIGHTED_COMPONENTS = ('unet', 'vae', 'text_encoder')
 WEIGHT_PATTERNS = ('*.safetensors', '*.bin', '*.index.json')  # a single file, a variant, or a sharded one's index
 _HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
@@ -281,17 +285,21 @@ def check_model_dir(path: str) -> None:
             f'model={path!r} is not a Stable Diffusion model folder: {MODEL_INDEX} is missing. Expected the '
             f"diffusers layout ({MODEL_INDEX}, {'/, '.join(REQUIRED_COMPONENTS)}/), as written by "
             "save_pretrained() or the trainers' output_dir; for a single checkpoint pass the .safetensors file.")
-    with open(index_path, encoding='utf-8') as f:
-        index = json.load(f)
+    try:
+        with open(index_path, encoding='utf-8') as f:
+            index = json.load(f)
+    except ValueError as err:
+        raise ValueError(f'model={path!r}: {MODEL_INDEX} is not valid JSON ({err}). {_INCOMPLETE}') from None
     missing = [name for name in REQUIRED_COMPONENTS
                if name not in index or not os.path.isdir(os.path.join(path, name))]
     if missing:
         raise ValueError(f'model={path!r} is not a complete Stable Diffusion model: missing {missing}.')
-    empty = [f'{name}/' for name in WEIGHTED_COMPONENTS
-             if not any(glob.glob(os.path.join(path, name, pattern)) for pattern in WEIGHT_PATTERNS)]
-    if empty:
-        raise ValueError(f'model={path!r} holds no weights in {", ".join(empty)} (a .safetensors or .bin file): the '
-                         'download or copy is probably incomplete. Delete the folder and download or copy it again.')
+    absent = [f'{name}/{file}' for name, file in CONFIG_FILES.items()
+              if not os.path.isfile(os.path.join(path, name, file))]
+    absent += [f'weights in {name}/ (a .safetensors or .bin file)' for name in WEIGHTED_COMPONENTS
+               if not any(glob.glob(os.path.join(path, name, pattern)) for pattern in WEIGHT_PATTERNS)]
+    if absent:
+        raise ValueError(f'model={path!r} has no {"; no ".join(absent)}. {_INCOMPLETE}')
     for weights in glob.glob(os.path.join(path, '*', '*.safetensors')):
         check_safetensors(weights)
 

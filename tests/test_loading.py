@@ -65,13 +65,19 @@ def test_folder_missing_a_component(tiny_model_dir, tmp_path):
         StableDiffusionText2ImagePipeline(str(folder), device='cpu')
 
 
-def test_a_component_folder_without_weights_is_named_as_an_incomplete_copy(tiny_model_dir, tmp_path):
+def test_a_model_folder_without_weights_configs_or_a_whole_index_is_named_as_an_incomplete_copy(tiny_model_dir, tmp_path):
     """Before: diffusers' 'Error no file named diffusion_pytorch_model.bin found in directory', after loading half."""
     folder = tmp_path / 'model'
     shutil.copytree(tiny_model_dir, folder)
     (folder / 'unet' / 'diffusion_pytorch_model.safetensors').unlink()
-    with pytest.raises(ValueError, match=re.escape(f"model='{folder}' holds no weights in unet/ (a .safetensors or "
-                                                   '.bin file): the download or copy is probably incomplete.')):
+    (folder / 'scheduler' / 'scheduler_config.json').unlink()
+    with pytest.raises(ValueError, match=re.escape(f"model='{folder}' has no scheduler/scheduler_config.json; no "
+                                                   'weights in unet/ (a .safetensors or .bin file). The download or '
+                                                   'copy probably stopped part way')):
+        StableDiffusionText2ImagePipeline(str(folder), device='cpu')
+    (folder / 'model_index.json').write_text('{"_class_name": ')
+    with pytest.raises(ValueError, match=re.escape(f"model='{folder}': model_index.json is not valid JSON (Expecting "
+                                                   'value: line 1 column 17 (char 16)). The download or copy')):
         StableDiffusionText2ImagePipeline(str(folder), device='cpu')
 
 
