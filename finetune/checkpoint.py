@@ -88,6 +88,12 @@ def check_resume_settings(checkpoint: str, settings: dict) -> None:
     saved = read_state(checkpoint).get('settings')
     if saved is None:  # written before settings were recorded
         return
+    held, wanted = saved.get('use_lora', 'rank' in saved), settings['use_lora']  # the LoRA trainer's once lacked it
+    if held != wanted:
+        what = {True: 'LoRA adapters', False: 'a whole UNet (a DreamBooth full fine-tune)'}
+        raise ValueError(f'resume_from_checkpoint: {checkpoint} holds {what[held]}, and this run trains '
+                         f'{what[wanted]}: resume it with the trainer and flags that saved it, or start a new run in '
+                         'another --output_dir.')
     changed = [f'--{name} {saved[name]!r} there, {value!r} now' for name, value in settings.items()
                if name in saved and saved[name] != value]
     if changed:

@@ -68,11 +68,12 @@ def resume_settings(config) -> dict:
     """The flags a checkpoint's contents depend on; a resumed run must match them."""
     # the learning rates are in the optimizer's and the lr schedule's state, which a resume restores
     names = ['train_text_encoder', 'optimizer', 'use_8bit_adam', 'learning_rate', 'text_encoder_lr']
-    if getattr(config, 'use_lora', True):  # the LoRA trainer, or DreamBooth --use_lora
+    lora = getattr(config, 'use_lora', True)  # the LoRA trainer, or DreamBooth --use_lora
+    if lora:
         names += ['rank', 'lora_alpha', 'target_modules', 'use_dora']
     if hasattr(config, 'use_lora'):  # DreamBooth's
-        names += ['use_lora', 'full_bf16']
-    settings = {name: getattr(config, name) for name in names}
+        names += ['full_bf16']
+    settings = {'use_lora': lora, **{name: getattr(config, name) for name in names}}
     if 'target_modules' in settings:
         settings['target_modules'] = ','.join(sorted(target_module_list(config.target_modules)))
     return settings

@@ -392,6 +392,34 @@ def test_modelscope_example_command_line_runs_unchanged(tiny_model_dir, instance
     assert Image.open(tmp_path / 'dreambooth_result.png').size == (32, 32)
 
 
+def test_a_checkpoint_of_the_other_kind_is_refused_by_what_it_holds(tiny_model_dir, instance_dir, tmp_path):
+    """Before: a LoRA trainer's checkpoint resumed as a full fine-tune (same learning rate) failed deep in accelerate
+    with "No such file or directory: .../pytorch_model.bin"."""
+    import json
+
+    from finetune.config import LoraTrainConfig
+    from finetune.train_lora import main as train_lora
+    make_images(str(tmp_path / 'captioned'))
+    lora = dict(pretrained_model_name_or_path=tiny_model_dir, train_data_dir=str(tmp_path / 'captioned'),
+                output_dir=str(tmp_path / 'lora'), resolution=32, learning_rate=5e-6)
+    reset_accelerate()
+    train_lora(LoraTrainConfig(**lora, max_train_steps=1, checkpointing_steps=1))
+    full = dict(resume_from_checkpoint='latest', learning_rate=5e-6)
+    with pytest.raises(ValueError, match=r'checkpoint-1 holds LoRA adapters, and this run trains a whole UNet \(a '
+                                         r'DreamBooth full fine-tune\): resume it with the trainer and flags that saved'):
+        _train(_config(tiny_model_dir, instance_dir, tmp_path / 'lora', **full))
+    state_file = tmp_path / 'lora' / 'checkpoint-1' / 'training_state.json'  # as saved before use_lora was recorded
+    state = json.loads(state_file.read_text())
+    del state['settings']['use_lora']
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match='checkpoint-1 holds LoRA adapters, and this run trains a whole UNet'):
+        _train(_config(tiny_model_dir, instance_dir, tmp_path / 'lora', **full))
+    with pytest.raises(ValueError, match='checkpoint-1 holds a whole UNet .*, and this run trains LoRA adapters'):
+        state['settings'] = {'use_lora': False, 'learning_rate': 5e-6}
+        state_file.write_text(json.dumps(state))
+        train_lora(LoraTrainConfig(**lora, max_train_steps=2, resume_from_checkpoint='latest'))
+
+
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize('kwargs, error, message', [
     (dict(instance_data_dir='/no/such/folder'), FileNotFoundError, 'instance_data_dir=.*no such folder'),
