@@ -540,6 +540,11 @@ def full_bf16_conflict(config, mixed_precision: Optional[str]) -> Optional[str]:
     return None
 
 
+def trains_lora(config) -> bool:
+    """Whether the run trains LoRA adapters: the LoRA trainer always, DreamBooth with --use_lora."""
+    return getattr(config, 'use_lora', True)
+
+
 def target_module_list(target_modules: str) -> List[str]:
     """``--target_modules to_q, to_k`` → ['to_q', 'to_k']."""
     return [m.strip() for m in target_modules.split(',') if m.strip()]

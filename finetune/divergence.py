@@ -10,6 +10,7 @@ from typing import List, Optional
 import torch
 
 from .checkpoint import list_checkpoints
+from .config import trains_lora
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def check_finite(params: List[torch.Tensor], config, step: int, loss: Optional[f
 
 def diverged_message(config, step: int) -> str:
     checkpoints = list_checkpoints(config.output_dir)
-    lora = getattr(config, 'use_lora', True)
+    lora = trains_lora(config)
     if checkpoints:
         kept = f'The last checkpoint, {checkpoints[-1]}, holds finite weights; nothing after it was saved.'
         again = (f' To keep its steps, start the new run from its adapter with --network_weights {checkpoints[-1]} '

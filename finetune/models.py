@@ -19,7 +19,7 @@ from modelscope_sd.loading import check_model_dir, check_not_a_part, lone_checkp
 from modelscope_sd.vae import load_vae
 
 from .checkpoint import TEMP_PREFIX
-from .config import single_file_message
+from .config import single_file_message, trains_lora
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def training_metadata(config, base_model_dir: str, dataset: Optional[Dict[str, d
     }
     if dataset is not None:
         metadata['modelscope_sd.dataset'] = json.dumps(dataset, ensure_ascii=False, sort_keys=True)
-    if getattr(config, 'use_lora', True):  # the LoRA trainer, or DreamBooth --use_lora
+    if trains_lora(config):
         metadata['modelscope_sd.rank'] = str(getattr(config, 'rank', ''))
         metadata['modelscope_sd.alpha'] = str(getattr(config, 'lora_alpha', None) or getattr(config, 'rank', ''))
     return metadata

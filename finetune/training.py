@@ -18,7 +18,7 @@ from .buckets import BucketBatchSampler
 from .checkpoint import (check_not_past, check_resume_settings, find_checkpoint, read_state, remove_partial_writes,
                          save_checkpoint, warn_if_checkpoints_outgrow_the_disk)
 from .config import (check_full_bf16, check_fused_backward_pass, full_bf16_conflict, fused_backward_pass_conflict,
-                     target_module_list)
+                     target_module_list, trains_lora)
 from .data import EpochSampler, cache_dataset, collate
 from .diffusion import denoising_loss, pipeline_clip_skip
 from .divergence import TrainingDiverged, check_finite
@@ -41,17 +41,8 @@ def prepare_output_dir(config, resuming: bool) -> None:
     except OSError as err:  # a parent that is a file, a read-only or missing mount: said before anything loads
         raise ValueError(f'output_dir={out!r} cannot be created ({err.strerror}): pass a folder you can write '
                          'to.') from err
-    run_lock.hold(out)  # before anything in the folder is read or touched: it may be another run's
-    try:
-        _check_not_held(config, resuming)
-    except ValueError:
-        run_lock.release(out)
-        raise
-    remove_partial_writes(out)
-
-
-def _check_not_held(config, resuming: bool) -> None:
-    out = config.output_dir
+    # before anything in the folder is read or touched, as it may be another run's; released however main ends
+    run_lock.hold(out)
     if not resuming and not config.overwrite_output_dir:
         held = [n for n in os.listdir(out) if n in RUN_MARKERS or n.startswith('checkpoint-')]
         if held and config.resume_from_checkpoint:  # 'latest', but no complete checkpoint to continue from
@@ -62,13 +53,14 @@ def _check_not_held(config, resuming: bool) -> None:
             raise ValueError(f'output_dir={out!r} already holds a run ({sorted(held)[:4]}). Pass '
                              '--resume_from_checkpoint latest to continue it, --overwrite_output_dir to train '
                              'over it, or choose another output_dir.')
+    remove_partial_writes(out)
 
 
 def resume_settings(config) -> dict:
     """The flags a checkpoint's contents depend on; a resumed run must match them."""
     # the learning rates are in the optimizer's and the lr schedule's state, which a resume restores
     names = ['train_text_encoder', 'optimizer', 'use_8bit_adam', 'learning_rate', 'text_encoder_lr']
-    lora = getattr(config, 'use_lora', True)  # the LoRA trainer, or DreamBooth --use_lora
+    lora = trains_lora(config)
     if lora:
         names += ['rank', 'lora_alpha', 'target_modules', 'use_dora']
     if hasattr(config, 'use_lora'):  # DreamBooth's
@@ -88,7 +80,7 @@ def start_run(config, notes=None):
     if checkpoint:
         check_resume_settings(checkpoint, resume_settings(config))
         if config.max_train_steps:  # else the step count comes from the dataset, known in train_loop
-            check_not_past(checkpoint, config.max_train_steps, getattr(config, 'use_lora', True))
+            check_not_past(checkpoint, config.max_train_steps, trains_lora(config))
     elif config.resume_from_checkpoint == 'latest':  # said here, once: train_loop looks the checkpoint up again
         logger.warning("resume_from_checkpoint='latest' but %s holds no checkpoint: starting a new run.",
                        config.output_dir)
@@ -332,7 +324,7 @@ def train_loop(accelerator, config, parts: dict, trained: List[torch.nn.Module],
     checkpoint = find_checkpoint(config.output_dir, config.resume_from_checkpoint)
     if checkpoint:
         if not config.max_train_steps:  # start_run checked a given count; one of epochs is known only now
-            check_not_past(checkpoint, max_steps, getattr(config, 'use_lora', True),
+            check_not_past(checkpoint, max_steps, trains_lora(config),
                            f'--num_train_epochs {config.num_train_epochs} ({max_steps} steps)')
         accelerator.load_state(checkpoint)
         state = read_state(checkpoint)
@@ -472,7 +464,7 @@ def saved_on_out_of_memory(accelerator, config, params, where):
 
 def memory_advice(config, mixed_precision: str, processes: int = 1) -> List[str]:
     """The memory-saving flags this run (on ``processes`` processes) does not use yet, biggest saving first."""
-    full = not getattr(config, 'use_lora', True)  # DreamBooth's full fine-tune: optimizer state is GiBs
+    full = not trains_lora(config)  # DreamBooth's full fine-tune: optimizer state is GiBs
     full_bf16 = getattr(config, 'full_bf16', False)
     advice = [
         ('--mixed_precision bf16', mixed_precision == 'no'),
