@@ -482,8 +482,11 @@ def check_writes_outside(data_flag: str, data_dir: Optional[str], **written: Opt
         return
     data = os.path.realpath(data_dir)
     for flag, path in written.items():
-        if path is not None and os.path.commonpath([data, os.path.realpath(path)]) == data:
-            where = 'is' if os.path.realpath(path) == data else 'is inside'
+        if path is None:
+            continue
+        real = os.path.realpath(path)
+        if os.path.commonpath([data, real]) == data:
+            where = 'is' if real == data else 'is inside'
             raise ValueError(f'{flag}={path!r} {where} {data_flag}={data_dir!r}: the images this run writes there '
                              f'would be read as training images (subfolders are read too) on a resume or the next '
                              f'run. Pass a --{flag} outside {data_dir!r}.')

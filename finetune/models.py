@@ -81,17 +81,15 @@ def check_target_modules(model, target_modules) -> None:
     """Each name picks layers peft can adapt, as peft matches it (the module's name, or its end after a dot):
     a typo is named with the names there are, before peft's error for the first layer it cannot adapt, or none."""
     modules = dict(model.named_modules())
-
-    def matches(target):
-        return [module for name, module in modules.items() if name == target or name.endswith('.' + target)]
-
+    picked = [(target, [module for name, module in modules.items() if name == target or name.endswith('.' + target)])
+              for target in target_modules]
     problems = []
-    missing = [target for target in target_modules if not matches(target)]
+    missing = [target for target, found in picked if not found]
     if missing:
         problems.append(f'{", ".join(missing)} name{"s" if len(missing) == 1 else ""} no layer of the '
                         f'{type(model).__name__}')
-    for target in target_modules:
-        others = [type(module).__name__ for module in matches(target) if not isinstance(module, ADAPTABLE)]
+    for target, found in picked:
+        others = [type(module).__name__ for module in found if not isinstance(module, ADAPTABLE)]
         if others:  # peft refuses the whole adapter for it
             problems.append(f'{target} is a {others[0]}, not a Linear or Conv2d layer')
     if problems:
