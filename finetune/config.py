@@ -592,7 +592,7 @@ def check_network_weights(config) -> None:
         raise FileNotFoundError(f'network_weights={path!r}: no such file or folder.')
     from modelscope_sd.constants import PICKLE_SUFFIXES
     from modelscope_sd.lora import locate_adapter, nonfinite
-    folder, name = locate_adapter(path, allow_pickle=True)
+    folder, name = locate_adapter(path, allow_pickle=True, argument='network_weights')
     if name.endswith(PICKLE_SUFFIXES):  # ModelScope's old trainer wrote pytorch_lora_weights.bin
         pickle_file = os.path.join(folder, name)
         raise ValueError(f'network_weights={path!r} is a pickle file ({name}), which can run code when loaded. If '

@@ -15,44 +15,48 @@ from .lycoris import LycorisError, load_lycoris, lycoris_kind
 LEGACY_WEIGHT_NAMES = ('pytorch_lora_weights.bin',)  # ModelScope's old trainer wrote this pickle
 
 
-def locate_adapter(path: str, allow_pickle: bool = False, lycoris: bool = False) -> Tuple[str, str]:
+def locate_adapter(path: str, allow_pickle: bool = False, lycoris: bool = False,
+                   argument: str = 'lora_dir') -> Tuple[str, str]:
     """``lora_dir`` (a folder, a .safetensors file or a ModelScope hub id) → (folder, weight file name). Pickle
     files (ModelScope's old trainer wrote ``pytorch_lora_weights.bin``) only with ``allow_pickle``; LyCORIS LoHa
-    and LoKr files only with ``lycoris`` (the pipeline loads them; the trainers and converters do not)."""
+    and LoKr files only with ``lycoris`` (the pipeline loads them; the trainers and converters do not). Errors name
+    ``argument``: the pipeline's ``lora_dir``, the trainers' ``network_weights``, convert-lora's ``input``."""
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f'lora_dir must be a path or a list of paths, got {type(path).__name__}')
+        raise TypeError(f'{argument} must be a path or a list of paths, got {type(path).__name__}')
     path = os.fspath(path)
+    given = f'{argument}={path!r}'
     if os.path.isfile(path):
         folder, name = os.path.split(os.path.abspath(path))
     elif os.path.isdir(path) or is_hub_id(path):
-        folder = resolve_model_dir(path, argument='lora_dir')
+        folder = resolve_model_dir(path, argument=argument)
         if os.path.isfile(os.path.join(folder, MODEL_INDEX)) and not os.path.isfile(os.path.join(folder, LORA_WEIGHT_NAME)):
-            raise ValueError(f'lora_dir={path!r} is a whole Stable Diffusion model ({MODEL_INDEX}), not an adapter: '
-                             'load it as the model, pipeline(task=..., model=...).')
-        name = _pick_weight_file(folder)
+            raise ValueError(f'{given} is a whole Stable Diffusion model ({MODEL_INDEX}), not a LoRA adapter: load '
+                             "it as the model (the pipeline's model=, the trainers' --pretrained_model_name_or_path).")
+        name = _pick_weight_file(folder, given, argument)
     else:
-        raise FileNotFoundError(f'lora_dir={path!r}: no such file or folder.')
+        raise FileNotFoundError(f'{given}: no such file or folder.')
     if name.endswith(PICKLE_SUFFIXES):
         if not allow_pickle:
-            raise ValueError(f'lora_dir={path!r} holds a pickle file ({name}), which can run code when loaded. '
-                             'Pass allow_pickle=True if you trust it (diffusers reads the attention-processor '
-                             'format of ModelScope\'s old trainer), or convert it to .safetensors.')
+            raise ValueError(f'{given} holds a pickle file ({name}), which can run code when loaded. '
+                             'Pass allow_pickle=True (on the command line --allow_pickle) if you trust it (diffusers '
+                             'reads the attention-processor format of ModelScope\'s old trainer), or convert it to '
+                             '.safetensors.')
         return folder, name
     keys = check_safetensors(os.path.join(folder, name))
-    _refuse_full_checkpoint(path, keys)
-    _refuse_lycoris(path, keys, allowed=set(LYCORIS_KINDS.values()) if lycoris else ())
+    _refuse_full_checkpoint(given, path, keys)
+    _refuse_lycoris(given, keys, allowed=set(LYCORIS_KINDS.values()) if lycoris else ())
     return folder, name
 
 
-def _refuse_full_checkpoint(path: str, keys: List[str]) -> None:
+def _refuse_full_checkpoint(given: str, path: str, keys: List[str]) -> None:
     """A single-file model (A1111's ``model.diffusion_model.…`` keys, no LoRA keys) or an embedding is not an
     adapter."""
     kind = checkpoint_kind(keys)
     if kind == 'model' and not any('lora' in k for k in keys):
-        raise ValueError(f'lora_dir={path!r} is a whole single-file model checkpoint, not a LoRA adapter: load it '
+        raise ValueError(f'{given} is a whole single-file model checkpoint, not a LoRA adapter: load it '
                          'as the model, pipeline(task=..., model=..., pipeline_name=modelscope_sd.PIPELINE_NAME).')
     if kind == 'embedding':
-        raise ValueError(f'lora_dir={path!r} holds {keys}, as a textual-inversion embedding does, not a LoRA '
+        raise ValueError(f'{given} holds {keys}, as a textual-inversion embedding does, not a LoRA '
                          f'adapter: pass it as textual_inversion={path!r}.')
 
 
@@ -62,16 +66,16 @@ LYCORIS_TYPES = {**LYCORIS_KINDS, '.on_input': '(IA)^3', '.a1.weight': 'GLoRA', 
                  '.oft_diag': 'OFT'}
 
 
-def _refuse_lycoris(path: str, keys: List[str], allowed: Sequence[str] = ()) -> None:
+def _refuse_lycoris(given: str, keys: List[str], allowed: Sequence[str] = ()) -> None:
     found = sorted({kind for k in keys for suffix, kind in LYCORIS_TYPES.items() if k.endswith(suffix)})
     if found and not set(found) <= set(allowed):
         loads = 'LoRA, LoCon, LoHa and LoKr' if allowed else 'LoRA and LoCon'
-        raise ValueError(f'lora_dir={path!r} is a LyCORIS {"/".join(found)} adapter; {loads} files load here. '
+        raise ValueError(f'{given} is a LyCORIS {"/".join(found)} adapter; {loads} files load here. '
                          'Merge it into a model with LyCORIS or kohya\'s tools and load that model, or use a LoRA '
                          'version of the adapter.')
 
 
-def _pick_weight_file(folder: str) -> str:
+def _pick_weight_file(folder: str, given: str, argument: str) -> str:
     if os.path.isfile(os.path.join(folder, LORA_WEIGHT_NAME)):
         return LORA_WEIGHT_NAME
     candidates = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, '*.safetensors')))
@@ -81,10 +85,9 @@ def _pick_weight_file(folder: str) -> str:
     if legacy:
         return legacy[0]
     if not candidates:
-        raise FileNotFoundError(f'lora_dir={folder!r} holds no LoRA adapter: expected {LORA_WEIGHT_NAME} '
-                                '(or one .safetensors file). Point lora_dir at a training output_dir.')
-    raise ValueError(f'lora_dir={folder!r} holds several .safetensors files {candidates}: '
-                     'pass the path of the one to load.')
+        raise FileNotFoundError(f'{given} holds no LoRA adapter: expected {LORA_WEIGHT_NAME} (or one '
+                                f'.safetensors file). Point {argument} at a training output_dir or an adapter file.')
+    raise ValueError(f'{given} holds several .safetensors files {candidates}: pass the path of the one to load.')
 
 
 def a1111_names(lora_dir) -> List[str]:

@@ -367,6 +367,7 @@ def test_convert_lora_refuses_what_it_cannot_write_or_read_in_one_line(tiny_mode
     original = make_random_lora(tiny_model_dir, str(tmp_path / 'a'))
     (tmp_path / 'taken.safetensors').write_bytes(b'a file of the user')
     (tmp_path / 'notes.safetensors').write_text('not an adapter')
+    (tmp_path / 'none').mkdir()
     from safetensors.torch import load_file, save_file
     diverged = {key: value * float('nan') for key, value in load_file(original).items()}
     save_file(diverged, str(tmp_path / 'diverged.safetensors'))
@@ -375,7 +376,9 @@ def test_convert_lora_refuses_what_it_cannot_write_or_read_in_one_line(tiny_mode
                            'holds NaN or inf in'),
                           ([original, str(tmp_path / 'k.ckpt')], "name it *.safetensors"),
                           ([original, str(tmp_path)], "name it *.safetensors"),
-                          ([tiny_model_dir, str(tmp_path / 'k.safetensors')], 'a whole Stable Diffusion model'),
+                          ([tiny_model_dir, str(tmp_path / 'k.safetensors')],
+                           f"input={tiny_model_dir!r} is a whole Stable Diffusion model"),
+                          ([str(tmp_path / 'none'), str(tmp_path / 'k.safetensors')], 'Point input at'),
                           ([str(tmp_path / 'notes.safetensors'), str(tmp_path / 'k.safetensors')],
                            'not a valid safetensors file')):
         with pytest.raises(SystemExit) as exit_info:
@@ -383,7 +386,8 @@ def test_convert_lora_refuses_what_it_cannot_write_or_read_in_one_line(tiny_mode
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert (tmp_path / 'taken.safetensors').read_bytes() == b'a file of the user'
-    assert sorted(os.listdir(tmp_path)) == ['a', 'diverged.safetensors', 'notes.safetensors', 'taken.safetensors']
+    assert sorted(os.listdir(tmp_path)) == ['a', 'diverged.safetensors', 'none', 'notes.safetensors',
+                                            'taken.safetensors']
 
 
 def test_train_lora_command(tiny_model_dir, tmp_path, fresh_accelerate):

@@ -140,7 +140,7 @@ def test_an_embedding_as_lora_dir_is_refused_by_name(tiny_model_dir, tmp_path):
 
 
 def test_a_whole_model_as_lora_dir_is_refused_by_name(tiny_model_dir, tiny_single_file):
-    with pytest.raises(ValueError, match='is a whole Stable Diffusion model.*not an adapter'):
+    with pytest.raises(ValueError, match='is a whole Stable Diffusion model.*not a LoRA adapter'):
         _pipe(tiny_model_dir, lora_dir=tiny_model_dir)
     with pytest.raises(ValueError, match='is a whole single-file model checkpoint, not a LoRA adapter'):
         _pipe(tiny_model_dir, lora_dir=tiny_single_file)

@@ -1378,6 +1378,14 @@ def test_network_weights_start_the_adapter_where_a_trained_one_ends(tiny_model_d
     save_file({f'layer{i}.weight': torch.zeros(2, 2) for i in range(3)}, str(tmp_path / 'other.safetensors'))
     with pytest.raises(ValueError, match='holds no LoRA weights for the UNet or the text encoder'):
         LoraTrainConfig(dataset_name='test/x', network_weights=str(tmp_path / 'other.safetensors'))
+    # the adapter finder's own refusals name this flag and the trainers' model flag, not the pipeline's lora_dir
+    with pytest.raises(ValueError, match=r"network_weights='.*' is a whole Stable Diffusion model.*"
+                                         r"--pretrained_model_name_or_path"):
+        LoraTrainConfig(dataset_name='test/x', network_weights=tiny_model_dir)
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(FileNotFoundError, match=r"network_weights='.*empty' holds no LoRA adapter.*"
+                                                r"Point network_weights at"):
+        LoraTrainConfig(dataset_name='test/x', network_weights=str(tmp_path / 'empty'))
 
 
 def test_a_batch_size_past_the_dataset_is_said_to_hold_fewer_images(tiny_model_dir, tmp_path, caplog):
