@@ -21,7 +21,8 @@ PARAMETERS_KEY = 'parameters'
 A1111_SAMPLERS = {
     'pndm': 'PLMS', 'ddim': 'DDIM', 'ddpm': 'DDPM', 'euler': 'Euler', 'euler_ancestral': 'Euler a', 'heun': 'Heun',
     'lms': 'LMS', 'lms_karras': 'LMS Karras', 'dpm++_2m': 'DPM++ 2M', 'dpm++_2m_karras': 'DPM++ 2M Karras',
-    'dpm++_2m_sde': 'DPM++ 2M SDE', 'dpm++_2m_sde_karras': 'DPM++ 2M SDE Karras', 'unipc': 'UniPC',
+    'dpm++_2m_sde': 'DPM++ 2M SDE', 'dpm++_2m_sde_karras': 'DPM++ 2M SDE Karras',
+    'dpm++_2m_sde_heun': 'DPM++ 2M SDE Heun', 'unipc': 'UniPC',
     'dpm2': 'DPM2', 'dpm2_karras': 'DPM2 Karras', 'dpm2_ancestral': 'DPM2 a', 'dpm2_ancestral_karras': 'DPM2 a Karras',
     'dpm++_sde': 'DPM++ SDE', 'dpm++_sde_karras': 'DPM++ SDE Karras',
 }

@@ -25,6 +25,7 @@ SCHEDULERS: Dict[str, Tuple[str, Dict[str, Any]]] = {
     'dpm++_2m_sde': ('DPMSolverMultistepScheduler', {'algorithm_type': 'sde-dpmsolver++'}),
     'dpm++_2m_sde_karras': ('DPMSolverMultistepScheduler', {
         'algorithm_type': 'sde-dpmsolver++', 'use_karras_sigmas': True}),
+    'dpm++_2m_sde_heun': ('DPMSolverMultistepScheduler', {'algorithm_type': 'sde-dpmsolver++', 'solver_type': 'heun'}),
     'unipc': ('UniPCMultistepScheduler', {}),
     'dpm2': ('KDPM2DiscreteScheduler', {}),
     'dpm2_karras': ('KDPM2DiscreteScheduler', {'use_karras_sigmas': True}),
@@ -37,6 +38,8 @@ SCHEDULERS: Dict[str, Tuple[str, Dict[str, Any]]] = {
 # DPM++ 2M Karras has use_karras_sigmas): each named scheduler resets those its overrides do not set.
 _SAMPLER_DEFAULTS = {'use_karras_sigmas': False, 'use_exponential_sigmas': False, 'use_beta_sigmas': False,
                      'algorithm_type': 'dpmsolver++'}
+# and those of one class: UniPC takes a solver_type too, of its own kind (bh1, bh2)
+_CLASS_DEFAULTS = {'DPMSolverMultistepScheduler': {'solver_type': 'midpoint'}}
 # A1111's schedule types (1.9+ writes them apart from the sampler) as diffusers' sigma options: each sampler whose
 # diffusers class takes the option is also named with its suffix ('euler_karras', 'dpm++_2m_sde_exponential')
 SCHEDULE_TYPES = {'karras': 'use_karras_sigmas', 'exponential': 'use_exponential_sigmas', 'beta': 'use_beta_sigmas'}
@@ -128,7 +131,7 @@ def scheduler_name(scheduler: Union[str, SchedulerMixin]) -> str:
     if isinstance(scheduler, str):
         return normalize_scheduler_name(scheduler)
     for name, (class_name, overrides) in named_schedulers().items():
-        settings = {**_SAMPLER_DEFAULTS, **overrides}
+        settings = _settings(class_name, overrides)
         if class_name == type(scheduler).__name__ and all(scheduler.config.get(k, v) == v for k, v in settings.items()):
             return name
     return type(scheduler).__name__
@@ -156,8 +159,12 @@ def make_scheduler(scheduler: Union[str, SchedulerMixin], base_config, argument:
     class_name, overrides = named[key]
     cls = DPMSolverSDEScheduler if class_name == 'DPMSolverSDEScheduler' else getattr(diffusers, class_name)
     accepted = inspect.signature(cls.__init__).parameters
-    resets = {k: v for k, v in _SAMPLER_DEFAULTS.items() if k in accepted}
-    return cls.from_config(base_config, **{**resets, **overrides})
+    return cls.from_config(base_config, **{k: v for k, v in _settings(class_name, overrides).items() if k in accepted})
+
+
+def _settings(class_name: str, overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """All that makes a named sampler the one it is: its overrides over the defaults it resets."""
+    return {**_SAMPLER_DEFAULTS, **_CLASS_DEFAULTS.get(class_name, {}), **overrides}
 
 
 def check_scheduler_name(name: str, place: str = '', argument: str = 'scheduler') -> None:

@@ -43,6 +43,7 @@ def test_reads_an_a1111_parameters_text():
     # A1111 1.9+'s DPM++ 2M SDE runs on exponential sigmas and says so; Uniform is a sampler's plain sigmas
     for sampler, schedule, ours, not_applied in (
             ('DPM++ 2M SDE', 'Exponential', 'dpm++_2m_sde_exponential', []), ('Euler', 'Karras', 'euler_karras', []),
+            ('DPM++ 2M SDE Heun', 'Exponential', 'dpm++_2m_sde_heun_exponential', []),
             ('Heun', 'Beta', 'heun_beta', []), ('DPM++ 2M', 'Uniform', 'dpm++_2m', []),
             ('Euler a', 'Karras', 'euler_ancestral', ['Schedule type Karras']),  # diffusers' Euler a has none
             ('DPM++ 2M', 'SGM Uniform', 'dpm++_2m', ['Schedule type SGM Uniform'])):

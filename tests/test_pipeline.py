@@ -207,6 +207,11 @@ def test_a_named_scheduler_is_that_sampler_whatever_the_models_default(sd_pipe):
     assert (plain.config.algorithm_type, plain.config.use_karras_sigmas) == ('dpmsolver++', False)
     assert (karras.config.algorithm_type, karras.config.use_karras_sigmas) == ('dpmsolver++', True)
     assert make_scheduler('pndm', base).config.steps_offset == base.steps_offset  # the model's own settings stay
+    # one whose own is DPM++ 2M SDE Heun: 'dpm++_2m_sde' is the midpoint solver, and UniPC keeps its own kind
+    heun = DPMSolverMultistepScheduler.from_config(base, solver_type='heun').config
+    assert make_scheduler('dpm++_2m_sde', heun).config.solver_type == 'midpoint'
+    assert make_scheduler('dpm++_2m_sde_heun', base).config.solver_type == 'heun'
+    assert make_scheduler('unipc', heun).config.solver_type == 'bh2'
 
 
 SDE = dict(scheduler='DPM++ SDE Karras', num_inference_steps=4, guidance_scale=7.5)
