@@ -87,7 +87,8 @@ def _generate_parser(sub):
                                                      '--negative_prompt)')
     parser.add_argument('--hr_scheduler', help="hires fix: the second pass's scheduler (A1111's Hires sampler; "
                                                'default --scheduler)')
-    parser.add_argument('--from_png', help='take every setting from a PNG written here (or by A1111)')
+    parser.add_argument('--from_png', help='take every setting from a PNG written here, or from an A1111 PNG, JPEG '
+                                           'or WEBP')
     parser.add_argument('--device', default='gpu')
     parser.add_argument('--fast', action='store_true', help='compiled fast path (CUDA graphs on CUDA); the first image compiles')
     parser.add_argument('--precompile', action='store_true',

@@ -245,17 +245,44 @@ def save_png(path: str, image_bgr: np.ndarray, parameters: str) -> str:
 
 
 def read_png(path: str) -> Dict[str, Any]:
+    """The settings an image carries: a PNG's ``parameters`` text chunk (ours and A1111's), or the EXIF
+    UserComment in which A1111 writes the same text into JPEG and WEBP files."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'--from_png {path!r}: no such file.')
     try:
         with Image.open(path) as image:
-            text = image.text.get(PARAMETERS_KEY) if hasattr(image, 'text') else None
+            text = (image.text.get(PARAMETERS_KEY) if hasattr(image, 'text') else None) or _exif_comment(image)
+            comfyui = hasattr(image, 'text') and bool(_COMFYUI_KEYS & set(image.text))
     except UnidentifiedImageError:
-        raise ValueError(f'{path} is not an image: the settings come from a PNG written by modelscope-sd generate '
-                         'or by A1111.') from None
+        raise ValueError(f'{path} is not an image: the settings come from a PNG written by modelscope-sd generate, '
+                         'or an A1111 PNG, JPEG or WEBP.') from None
+    if not text and comfyui:
+        raise ValueError(f'{path} is a ComfyUI image: its settings are a node graph, which is not read here. Pass '
+                         'the prompt, seed, steps, CFG and sampler of its KSampler node as flags.')
     if not text:
-        raise ValueError(f'{path} carries no generation parameters (no "{PARAMETERS_KEY}" text chunk).')
+        raise ValueError(f'{path} carries no generation parameters (no "{PARAMETERS_KEY}" text chunk in a PNG, no '
+                         'EXIF UserComment in a JPEG or WEBP, as A1111 writes them).')
     return parse_parameters(text)
+
+
+_COMFYUI_KEYS = {'prompt', 'workflow'}  # the text chunks of ComfyUI's SaveImage: its graph, as JSON
+_EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
+
+
+def _exif_comment(image: Image.Image) -> Optional[str]:
+    """EXIF's UserComment: an 8-byte character code, then the text. A1111 (through piexif) writes 'UNICODE' and
+    UTF-16 big-endian; some tools write little-endian under the same code, told apart here by where the zero bytes
+    of the text's ASCII fall."""
+    raw = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    if not isinstance(raw, bytes):
+        return raw or None
+    code, payload = raw[:8], raw[8:]
+    if code == b'UNICODE\0':
+        big_endian = payload[0::2].count(0) >= payload[1::2].count(0)
+        text = payload.decode('utf_16_be' if big_endian else 'utf_16_le', errors='replace')
+    else:  # ASCII, or the code left undefined: A1111 reads those as UTF-8
+        text = payload.decode('utf8', errors='replace')
+    return text.rstrip('\0') or None
 
 
 def describe_outputs(pipe, options: Dict[str, Any], output: Dict[str, Any], model: str,

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from diffusers import PNDMScheduler
 
@@ -123,13 +124,40 @@ def test_png_without_parameters_is_an_error(tmp_path):
         metadata.read_png(str(tmp_path / 'plain.png'))
 
 
+@pytest.mark.parametrize('suffix, encoding', [('jpg', 'utf_16_be'), ('webp', 'utf_16_be'), ('jpg', 'utf_16_le')])
+def test_a1111_jpeg_and_webp_carry_their_parameters_in_exif(tmp_path, suffix, encoding):
+    """A1111 saves JPEG and WEBP with the parameters text in EXIF's UserComment, as piexif's
+    UserComment.dump(text, encoding='unicode') writes it: b'UNICODE\\0', then UTF-16 big-endian (some tools
+    write little-endian under the same code)."""
+    text = '一只猫, (red hat:1.2)\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, ' \
+        'CFG scale: 7, Seed: 5, Size: 512x768, Model: m'
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = b'UNICODE\0' + text.encode(encoding)
+    Image.new('RGB', (8, 8)).save(tmp_path / f'a.{suffix}', exif=exif.tobytes())
+    assert metadata.read_png(str(tmp_path / f'a.{suffix}')) == metadata.parse_parameters(text)
+    Image.new('RGB', (8, 8)).save(tmp_path / f'plain.{suffix}')
+    with pytest.raises(ValueError, match='carries no generation parameters.*EXIF UserComment'):
+        metadata.read_png(str(tmp_path / f'plain.{suffix}'))
+
+
+def test_a_comfyui_png_is_named_as_one(tmp_path):
+    """ComfyUI writes its node graph ('prompt' and 'workflow' chunks), not A1111's parameters text."""
+    info = PngInfo()
+    info.add_text('prompt', '{"3": {"class_type": "KSampler", "inputs": {"seed": 5, "steps": 20}}}')
+    info.add_text('workflow', '{}')
+    Image.new('RGB', (8, 8)).save(tmp_path / 'comfy.png', pnginfo=info)
+    with pytest.raises(ValueError, match='is a ComfyUI image: its settings are a node graph.*KSampler'):
+        metadata.read_png(str(tmp_path / 'comfy.png'))
+
+
 def test_from_png_of_a_file_that_is_no_image_is_an_error_without_traceback(tmp_path, capsys):
     (tmp_path / 'notes.txt').write_text('a castle, oil painting')
     with pytest.raises(SystemExit) as exit:
         main(['generate', '--from_png', str(tmp_path / 'notes.txt')])
     assert exit.value.code == 2
     assert capsys.readouterr().err == (f"modelscope-sd generate: error: {tmp_path / 'notes.txt'} is not an image: the "
-                                       'settings come from a PNG written by modelscope-sd generate or by A1111.\n')
+                                       'settings come from a PNG written by modelscope-sd generate, or an A1111 '
+                                       'PNG, JPEG or WEBP.\n')
     with pytest.raises(SystemExit):
         main(['generate', '--from_png', str(tmp_path / 'missing.png')])
     assert capsys.readouterr().err == (f"modelscope-sd generate: error: --from_png '{tmp_path / 'missing.png'}': no "
