@@ -170,6 +170,7 @@ class TrainConfig:
                                   default=None)
 
     def __post_init__(self):
+        _expand_home(self)
         _check_sources(self)
         _positive(self, 'resolution', 'train_batch_size', 'num_train_epochs', 'gradient_accumulation_steps',
                   'num_validation_images', 'logging_steps')
@@ -210,6 +211,20 @@ class TrainConfig:
             raise ValueError(f'dataloader_num_workers={self.dataloader_num_workers} must be >= 0.')
         if self.report_to is not None:
             _check_tracker(self.report_to)
+
+
+# the flags that name files and folders
+PATH_FLAGS = ('pretrained_model_name_or_path', 'vae', 'output_dir', 'resume_from_checkpoint', 'sample_prompts',
+              'network_weights', 'dataset_name', 'train_data_dir', 'instance_data_dir', 'class_data_dir')
+
+
+def _expand_home(config) -> None:
+    """A leading ``~`` as the shell expands it. A quoted one reaches the trainer as it is (``OUTPUT_DIR="~/my-lora"``
+    in front of the shell script): the run would write into a folder named ``~`` under the working directory."""
+    for name in PATH_FLAGS:
+        value = getattr(config, name, None)
+        if isinstance(value, str) and value.startswith('~'):
+            setattr(config, name, os.path.expanduser(value))
 
 
 def _check_sources(config) -> None:

@@ -245,7 +245,10 @@ def check_safetensors(path: str) -> List[str]:
 
 
 def hub_id_hint(model: str) -> str:
-    """For a hub page's address or an id with a trailing slash: the hub id it names, as a hint for an error."""
+    """For a hub page's address or an id with a trailing slash: the hub id it names, as a hint for an error; for a
+    path that starts with ``~`` (Python does not expand it, nor does a shell within quotes): the path it means."""
+    if model.startswith('~') and os.path.exists(os.path.expanduser(model)):
+        return f" ('~' is not expanded here: pass {os.path.expanduser(model)!r})"
     page = _HUB_PAGE.match(model)
     meant = page.group(1) if page else model.rstrip('/') if _HUB_ID.match(model.rstrip('/')) else None
     if meant:

@@ -1,6 +1,7 @@
 """Model sources and their failures: folders, files, dtypes."""
 
 import copy
+import os
 import re
 import shutil
 
@@ -24,6 +25,15 @@ def test_a_model_pages_address_or_an_id_with_a_trailing_slash_names_the_id(model
     with pytest.raises(FileNotFoundError, match=re.escape(f'no such file or folder (the hub id in it is {meant}: pass '
                                                           'that)')):
         StableDiffusionText2ImagePipeline(model, device='cpu')
+
+
+def test_a_path_from_the_home_folder_names_the_path_it_means(tiny_model_dir, tmp_path, monkeypatch):
+    """Python does not expand '~' (nor does a shell within quotes)."""
+    monkeypatch.setenv('HOME', os.path.dirname(tiny_model_dir))
+    given = '~/' + os.path.basename(tiny_model_dir)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"model={given!r}: no such file or folder ('~' is not "
+                                                          f"expanded here: pass {tiny_model_dir!r})")):
+        StableDiffusionText2ImagePipeline(given, device='cpu')
 
 
 @pytest.mark.parametrize('part', ['unet', 'unet/config.json', 'unet/diffusion_pytorch_model.safetensors',

@@ -1,5 +1,6 @@
 """LoRA trainer on the tiny model: it learns, resumes exactly, survives kills, and refuses bad input."""
 
+import dataclasses
 import io
 import json
 import os
@@ -825,6 +826,19 @@ def test_target_modules_that_pick_no_layer_are_named_with_the_ones_there_are(tin
     assert ' proj_in, proj_out, time_emb_proj, to_k, to_out.0, to_q, to_v.' in str(error.value)
     assert not any('lora' in name for name, _ in unet.named_modules())  # refused before any adapter went in
     add_lora(unet, 4, 4, 0.0, ['to_q', 'attn2.to_k', 'ff.net.0.proj', 'conv1'])
+
+
+def test_a_quoted_home_folder_is_the_home_folder_not_a_folder_named_tilde(tmp_path, monkeypatch):
+    """OUTPUT_DIR="~/my-lora" bash finetune/run_train_lora.sh passes '~/my-lora' as it is: the run wrote into
+    ./~/my-lora."""
+    monkeypatch.setenv('HOME', str(tmp_path))
+    make_images(str(tmp_path / 'photos'))
+    config = LoraTrainConfig(train_data_dir='~/photos', output_dir='~/my-lora', dataset_name=None)
+    assert (config.train_data_dir, config.output_dir) == (str(tmp_path / 'photos'), str(tmp_path / 'my-lora'))
+    from finetune.config import PATH_FLAGS, DreamBoothConfig
+    fields = {f.name for config_class in (LoraTrainConfig, DreamBoothConfig)
+              for f in dataclasses.fields(config_class)}
+    assert set(PATH_FLAGS) <= fields  # a renamed flag would leave its '~' unexpanded
 
 
 def test_a_hub_pages_address_names_the_id_to_pass():
