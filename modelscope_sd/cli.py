@@ -228,7 +228,8 @@ def _convert(args) -> str:
         raise ValueError(f'{args.output!r}: adapters are written as .safetensors; name it *.safetensors.')
     if os.path.exists(args.output):
         raise ValueError(f'{args.output!r} exists: name a new file (convert-lora replaces nothing).')
-    folder, name = locate_adapter(args.input, args.allow_pickle, argument='input')  # refuses models, embeddings, pickles by name
+    # refuses models, embeddings and pickles by name
+    folder, name = locate_adapter(args.input, args.allow_pickle, argument='input')
     source = os.path.join(folder, name)
     if not name.endswith(PICKLE_SUFFIXES):
         _check_finite_file(source, args.input)
