@@ -251,8 +251,9 @@ def read_png(path: str) -> Dict[str, Any]:
         raise FileNotFoundError(f'--from_png {path!r}: no such file.')
     try:
         with Image.open(path) as image:
-            text = (image.text.get(PARAMETERS_KEY) if hasattr(image, 'text') else None) or _exif_comment(image)
-            comfyui = hasattr(image, 'text') and bool(_COMFYUI_KEYS & set(image.text))
+            chunks = getattr(image, 'text', {})  # a PNG's text chunks
+            text = chunks.get(PARAMETERS_KEY) or _exif_comment(image)
+            comfyui = bool(_COMFYUI_KEYS & set(chunks))
     except UnidentifiedImageError:
         raise ValueError(f'{path} is not an image: the settings come from a PNG written by modelscope-sd generate, '
                          'or an A1111 PNG, JPEG or WEBP.') from None
